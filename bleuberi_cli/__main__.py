@@ -1,0 +1,3 @@
+from bleuberi_cli.app import main
+
+main()

@@ -1,0 +1,43 @@
+"""The `bleuberi` command: a thin typer shell over the `stages` library."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bleuberi_cli import score_cmd, select_cmd
+from bleuberi_cli.common import State
+
+app = typer.Typer(
+    name="bleuberi",
+    help=(
+        "Align language models to follow instructions with BLEU against reference answers as the GRPO reward. "
+        "Subcommands read and write JSONL (stdin/stdout by default) so they pipe: "
+        "generate | score | select | train."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks with errors.")] = False,
+) -> None:
+    State.verbose = verbose
+
+
+app.command("score", help=score_cmd.HELP, no_args_is_help=False)(score_cmd.score)
+app.command("select", help=select_cmd.HELP)(select_cmd.select)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

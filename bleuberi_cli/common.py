@@ -1,0 +1,117 @@
+"""What every subcommand shares: the stderr console, option aliases, the error boundary, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from stages.errors import BleuberiError, OutputClosed
+from stages.records import ReadStats
+
+# Progress, logs and summaries go to stderr; stdout carries only records.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class State:
+    verbose = False
+
+
+InputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-i",
+        "--input",
+        metavar="FILE",
+        help="JSONL input (.jsonl or .jsonl.gz). Default: stdin ('-').",
+        show_default=False,
+    ),
+]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="JSONL output; written to a temporary file and renamed on success ('.gz' compresses). Default: stdout.",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or summary on stderr (errors still show).")]
+SkipInvalidOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid", help="Skip records that fail validation (counted in the summary) instead of stopping."
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Random seed: same seed, same result.")]
+
+
+def say(message: str, *, quiet: bool = False) -> None:
+    """One line of human information on stderr (never markup-interpreted)."""
+    if not quiet:
+        console.print(message, markup=False)
+
+
+@contextlib.contextmanager
+def boundary() -> Iterator[None]:
+    """Turn library errors into one line on stderr and an exit code (1 input/runtime, 2 usage).
+
+    A closed stdout (`| head`) ends the command quietly with status 0. `--verbose` adds tracebacks.
+    """
+    try:
+        yield
+    except (OutputClosed, BrokenPipeError):
+        raise typer.Exit(0) from None
+    except BleuberiError as error:
+        if State.verbose:
+            traceback.print_exc(file=sys.stderr)
+        sys.stderr.write(f"bleuberi: error: {error}\n")
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("bleuberi: interrupted\n")
+        raise typer.Exit(130) from None
+
+
+def report_reading(stats: ReadStats, *, quiet: bool) -> None:
+    """Mention skipped records (always: skipping data silently would hide problems)."""
+    if stats.skipped:
+        sys.stderr.write(f"bleuberi: skipped {stats.skipped} invalid record(s); first: {stats.first_errors[0]}\n")
+        for more in stats.first_errors[1:]:
+            say(f"  also: {more}", quiet=quiet)
+
+
+@contextlib.contextmanager
+def progress(
+    description: str, *, quiet: bool, total: int | None = None, unit: str = "records"
+) -> Iterator[Callable[[int], None]]:
+    """A live progress bar on stderr when it is a terminal; otherwise nothing. Yields `advance(n)`."""
+    if quiet or not console.is_terminal:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start = time.perf_counter()
+    count = [0]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    ]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(n: int = 1) -> None:
+            count[0] += n
+            rate = count[0] / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:,.0f} {unit}/s")
+
+        yield advance

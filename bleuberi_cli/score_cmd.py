@@ -1,0 +1,96 @@
+"""`bleuberi score`: add per-completion metric scores and a per-record aggregate."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from bleuberi_cli.common import (
+    InputOpt,
+    OutputOpt,
+    QuietOpt,
+    SkipInvalidOpt,
+    boundary,
+    progress,
+    report_reading,
+    say,
+)
+from stages.jsonl import JsonlWriter
+from stages.metrics import METRICS
+from stages.records import NORMALISATION_HELP, ReadStats, read_records
+from stages.score import Aggregate, Scorer, score_records
+
+METRIC_LIST = "\n".join(f"  {name:<14} {cls.description}" for name, cls in METRICS.items())
+
+HELP = f"""Score each record's `completions` against its `references` (all references at once).
+
+Adds `scores` ({{metric: [one float per completion]}}, 0..1), `score` (the record's aggregate) and
+`scoring` (metric signatures). Streams: records are written as soon as they are scored, in order.
+
+\b
+Metrics:
+{METRIC_LIST}
+
+\b
+Examples:
+  bleuberi score -i generated.jsonl --metric bleu --metric bleu-paper
+  bleuberi generate -i pool.jsonl | bleuberi score -m bleu:1 -m rouge-l:0.5 | bleuberi select -n 100
+
+{NORMALISATION_HELP}
+"""
+
+
+def score(
+    input: InputOpt = None,
+    output: OutputOpt = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-m",
+            "--metric",
+            metavar="NAME[:WEIGHT]",
+            help="Metric to compute; repeat for several. With weights, `scores.combined` holds the weighted sum.",
+            show_default="bleu",
+        ),
+    ] = None,
+    weight: Annotated[
+        list[float] | None,
+        typer.Option(
+            "-w",
+            "--weight",
+            metavar="W",
+            help="Weight for the metric in the same position (alternative to NAME:WEIGHT).",
+        ),
+    ] = None,
+    aggregate: Annotated[
+        Aggregate, typer.Option("--aggregate", help="How a record's completions make its `score`.")
+    ] = "mean",
+    jobs: Annotated[
+        int, typer.Option("-j", "--jobs", metavar="N", help="Worker processes for large streams (0 = all cores).")
+    ] = 0,
+    skip_invalid: SkipInvalidOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    with boundary():
+        scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate)
+        stats = ReadStats()
+        records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats)
+        start = time.perf_counter()
+        completions = 0
+        total = 0.0
+        with JsonlWriter(output) as writer, progress("scoring", quiet=quiet) as advance:
+            for record in score_records(records, scorer, jobs=jobs):
+                writer.write(record)
+                completions += len(record["completions"])
+                total += record["score"]
+                advance(1)
+        report_reading(stats, quiet=quiet)
+        seconds = time.perf_counter() - start
+        mean = total / writer.count if writer.count else float("nan")
+        say(
+            f"scored {writer.count} records ({completions} completions) in {seconds:.2f}s; "
+            f"mean {scorer.score_key} {scorer.aggregate} = {mean:.4f}",
+            quiet=quiet,
+        )

@@ -1,0 +1,86 @@
+"""`bleuberi select`: keep the N hardest (or easiest, middle, random) records of a scored pool."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bleuberi_cli.common import (
+    InputOpt,
+    OutputOpt,
+    QuietOpt,
+    SeedOpt,
+    SkipInvalidOpt,
+    boundary,
+    console,
+    report_reading,
+)
+from stages.jsonl import JsonlWriter
+from stages.records import ReadStats, read_records
+from stages.select import Mode, quantiles, select_records
+
+HELP = """Pick N records by their `score` (from `bleuberi score`).
+
+Modes: hard = the N lowest scores (the BLEUBERI recipe: train where the model is weakest), easy = the
+N highest, medium = N around the median, random = a seeded sample (needs no scores). Ties are broken
+by a seeded hash of the id, so the choice does not depend on input order. Selected records keep their
+input order and gain a `selection` field {mode, rank, pool_size, seed}.
+
+Reads the whole pool into memory (selection needs to see every score).
+
+\b
+Examples:
+  bleuberi score -i pool.jsonl | bleuberi select --mode hard -n 5000 > hard.jsonl
+  bleuberi select -i scored.jsonl --fraction 0.1 --plot scores.png
+"""
+
+
+def select(
+    input: InputOpt = None,
+    output: OutputOpt = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="Which records to keep (see above).")] = "hard",
+    num: Annotated[
+        int | None, typer.Option("-n", "--num", metavar="N", help="How many records to keep.", show_default=False)
+    ] = None,
+    fraction: Annotated[
+        float | None,
+        typer.Option("--fraction", metavar="F", help="Share of the pool to keep, in (0, 1].", show_default=False),
+    ] = None,
+    seed: SeedOpt = 42,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", metavar="FILE.png", help="Write a histogram of pool scores with the selection marked."),
+    ] = None,
+    skip_invalid: SkipInvalidOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    with boundary():
+        stats = ReadStats()
+        require = () if mode == "random" else ("score",)
+        pool = list(read_records(input, require=require, skip_invalid=skip_invalid, stats=stats))
+        selection = select_records(pool, mode=mode, num=num, fraction=fraction, seed=seed)
+        if plot:
+            from stages.select import plot_histogram
+
+            plot_histogram(selection, plot, mode)
+        with JsonlWriter(output) as writer:
+            for record in selection.chosen:
+                writer.write(record)
+        report_reading(stats, quiet=quiet)
+        if not quiet:
+            _summary(len(pool), selection, mode, plot)
+
+
+def _summary(pool_size: int, selection, mode: str, plot: str | None) -> None:
+    from rich.table import Table
+
+    console.print(f"selected {len(selection.chosen)} of {pool_size} records (mode {mode})", markup=False)
+    if selection.pool_scores:
+        table = Table("score", "min", "p25", "median", "p75", "max", box=None, pad_edge=False)
+        for name, values in (("pool", selection.pool_scores), ("selected", selection.chosen_scores)):
+            q = quantiles(values)
+            table.add_row(name, *(f"{q[k]:.4f}" for k in ("min", "p25", "median", "p75", "max")) if q else ["-"] * 5)
+        console.print(table)
+    if plot:
+        console.print(f"histogram written to {plot}", markup=False)

@@ -1,0 +1,45 @@
+"""Typed errors raised by the library. Only the CLI turns them into messages and exit codes."""
+
+from __future__ import annotations
+
+
+class BleuberiError(Exception):
+    """Base class: a failure the user can act on (bad input, bad config, missing model...)."""
+
+    exit_code = 1
+
+
+class InputError(BleuberiError):
+    """A record that cannot be used, located by source, line and field."""
+
+    def __init__(self, source: str, line: int | None, message: str, field: str | None = None) -> None:
+        self.source = source
+        self.line = line
+        self.field = field
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        what = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class ConfigError(BleuberiError):
+    """A configuration value (flag, environment variable or config file key) that cannot be used."""
+
+
+class UsageError(BleuberiError):
+    """Options that contradict each other; the CLI exits with code 2 like any usage error."""
+
+    exit_code = 2
+
+
+class ModelError(BleuberiError):
+    """A model or adapter that cannot be found or loaded."""
+
+
+class OutputClosed(BleuberiError):
+    """The reader of our stdout went away (`| head`). Not a failure: the CLI exits quietly."""
+
+    exit_code = 0

@@ -1,0 +1,186 @@
+"""JSONL streams: stdin or files (plain or .gz) in, stdout or atomically written files out.
+
+Every stage reads and writes through this module so that `-`/nothing means stdin/stdout, `.gz` is
+transparent, errors name the source and line, and a failed run never leaves a truncated output file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import orjson
+
+from stages.errors import InputError, OutputClosed
+
+STDIN_NAME = "<stdin>"
+STDOUT_NAME = "<stdout>"
+
+
+def is_std_stream(path: str | os.PathLike[str] | None) -> bool:
+    return path is None or str(path) == "-"
+
+
+def source_name(path: str | os.PathLike[str] | None) -> str:
+    return STDIN_NAME if is_std_stream(path) else str(path)
+
+
+def _open_binary(path: str | os.PathLike[str] | None) -> BinaryIO:
+    if is_std_stream(path):
+        stream: BinaryIO = sys.stdin.buffer
+        # gzip data piped in is recognised by its magic bytes, so `zcat` is optional.
+        if isinstance(stream, io.BufferedReader) and stream.peek(2)[:2] == b"\x1f\x8b":
+            return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+        return stream
+    name = str(path)
+    try:
+        if name.endswith(".gz"):
+            return gzip.open(name, "rb")  # type: ignore[return-value]
+        return open(name, "rb")
+    except FileNotFoundError:
+        raise InputError(name, None, "no such file") from None
+    except IsADirectoryError:
+        raise InputError(name, None, "is a directory, not a JSONL file") from None
+    except PermissionError:
+        raise InputError(name, None, "permission denied") from None
+
+
+def iter_json_lines(path: str | os.PathLike[str] | None) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON value) for every non-blank line.
+
+    A line that is not JSON yields an InputError (naming source and line) in place of the value, so
+    the caller decides whether to raise it or skip it; an unreadable file raises.
+    """
+    source = source_name(path)
+    stream = _open_binary(path)
+    try:
+        line_no = 0
+        try:
+            for line_no, raw in enumerate(stream, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    value = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    value = InputError(source, line_no, f"not valid JSON ({exc.args[0]})")
+                yield line_no, value
+        except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
+            raise InputError(source, line_no + 1, f"cannot read: {exc}") from None
+    finally:
+        if not is_std_stream(path):
+            stream.close()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def dumps(record: Any) -> bytes:
+    """One JSONL line. Keys keep their order; non-ASCII text is written as UTF-8."""
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+
+
+class JsonlWriter:
+    """Writes records to stdout, or to a file through a temporary file that is renamed on success.
+
+    Use as a context manager. If the block raises, the temporary file is removed and any earlier
+    file at the target path is left untouched. With `flush_each=True` every record reaches the
+    reader at once (useful for slow producers such as generation).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        flush_each: bool = False,
+        tolerate_closed_stdout: bool = False,
+    ) -> None:
+        self.path = None if is_std_stream(path) else Path(path)  # type: ignore[arg-type]
+        self.flush_each = flush_each
+        self.tolerate_closed_stdout = tolerate_closed_stdout
+        self.count = 0
+        self.closed_stdout = False
+        self._tmp_path: Path | None = None
+        self._raw: IO[bytes] | None = None
+        self._stream: IO[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return STDOUT_NAME if self.path is None else str(self.path)
+
+    def __enter__(self) -> JsonlWriter:
+        if self.path is None:
+            self._stream = sys.stdout.buffer
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._tmp_path = Path(tmp)
+        self._raw = os.fdopen(fd, "wb")
+        if self.path.name.endswith(".gz"):
+            self._stream = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0)  # type: ignore[assignment]
+        else:
+            self._stream = self._raw
+        return self
+
+    def write(self, record: Any) -> None:
+        if self.closed_stdout:
+            return
+        assert self._stream is not None, "JsonlWriter used outside its `with` block"
+        try:
+            self._stream.write(dumps(record))
+            if self.flush_each:
+                self._stream.flush()
+        except BrokenPipeError:
+            self._on_broken_pipe()
+        self.count += 1
+
+    def _on_broken_pipe(self) -> None:
+        # Point fd 1 at /dev/null so the interpreter's own final flush cannot raise again.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        self.closed_stdout = True
+        if not self.tolerate_closed_stdout:
+            raise OutputClosed("the reader of stdout closed the pipe")
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.path is None:
+            if not self.closed_stdout:
+                try:
+                    sys.stdout.buffer.flush()
+                except BrokenPipeError:
+                    if exc_type is None:
+                        self._on_broken_pipe()
+            return
+        assert self._stream is not None and self._raw is not None and self._tmp_path is not None
+        if exc_type is None:
+            if self._stream is not self._raw:
+                self._stream.close()  # writes the gzip trailer; leaves the raw file open
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self._tmp_path, self.path)
+        else:
+            with contextlib.suppress(Exception):
+                self._raw.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp_path.unlink()

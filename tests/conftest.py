@@ -1,0 +1,29 @@
+"""Shared fixtures. Unit tests build tiny models themselves; only tests marked `slow` load the real default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "wb") as f:
+        for row in rows:
+            f.write(row if isinstance(row, bytes) else orjson.dumps(row))
+            f.write(b"\n")
+    return path
+
+
+def read_jsonl_text(text: str) -> list[dict]:
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]

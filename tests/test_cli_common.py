@@ -1,0 +1,122 @@
+"""Checks every subcommand must pass: --help, empty input, a bad line, atomic output, pipes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from bleuberi_cli.app import app
+from tests.conftest import EXAMPLES, ROOT, write_jsonl
+
+SAMPLE = EXAMPLES / "sample.jsonl"
+
+# Each stage with the extra arguments it needs to run on a valid record set.
+STAGES: dict[str, list[str]] = {
+    "score": [],
+    "select": ["-n", "1"],
+}
+VALID = {"id": "a", "prompt": "p", "references": ["r"], "completions": ["c"], "score": 0.5}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_help(runner, stage) -> None:
+    result = runner.invoke(app, [stage, "--help"])
+    assert result.exit_code == 0
+    assert "Usage: bleuberi" in result.stdout and "--input" in result.stdout
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_empty_input_gives_empty_output(runner, stage, tmp_path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    result = runner.invoke(app, [stage, "-i", str(empty), "-q", *STAGES[stage]])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(b"{oops", "not valid JSON"), (b"[1, 2]", "expected a JSON object"), (b'{"prompt": "p"}', "field 'references'")],
+)
+def test_bad_line_exits_1_naming_file_and_line(runner, stage, bad, message, tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [VALID, bad])
+    result = runner.invoke(app, [stage, "-i", str(path), *STAGES[stage]])
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bleuberi: error: {path}:2: ") and message in last
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stdin_errors_name_stdin(runner, stage) -> None:
+    result = runner.invoke(app, [stage, *STAGES[stage]], input=orjson.dumps(VALID) + b"\nnope\n")
+    assert result.exit_code == 1
+    assert "bleuberi: error: <stdin>:2: not valid JSON" in result.stderr
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_skip_invalid_counts_what_it_skipped(runner, stage, tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [VALID, b"{oops", VALID | {"id": "b"}])
+    result = runner.invoke(app, [stage, "-i", str(path), "--skip-invalid", *STAGES[stage]])
+    assert result.exit_code == 0
+    assert "skipped 1 invalid record(s); first: " in result.stderr and f"{path}:2" in result.stderr
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_failed_run_leaves_existing_output_untouched(runner, stage, tmp_path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"previous": true}\n')
+    path = write_jsonl(tmp_path / "in.jsonl", [VALID] * 3 + [b"{broken"])
+    result = runner.invoke(app, [stage, "-i", str(path), "-o", str(out), *STAGES[stage]])
+    assert result.exit_code == 1
+    assert out.read_bytes() == b'{"previous": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def _bleuberi(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bleuberi_cli", *args]
+
+
+def test_real_pipe_score_into_select(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    score = subprocess.Popen(
+        _bleuberi("score", "-i", str(SAMPLE), "-m", "bleu", "-m", "bleu-paper"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    select = subprocess.run(
+        _bleuberi("select", "--mode", "hard", "-n", "10", "-q"),
+        stdin=score.stdout,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    score.stdout.close()
+    assert score.wait(timeout=60) == 0
+    assert select.returncode == 0, select.stderr
+    rows = [orjson.loads(line) for line in select.stdout.splitlines()]
+    assert len(rows) == 10
+    assert all(r["selection"]["mode"] == "hard" for r in rows)
+    assert b"scored 20 records" in score.stderr.read()
+
+
+def test_broken_pipe_is_quiet(tmp_path) -> None:
+    rows = [orjson.loads(line) for line in SAMPLE.read_bytes().splitlines()]
+    big = write_jsonl(tmp_path / "big.jsonl", [dict(rows[i % 20], id=str(i)) for i in range(4000)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        _bleuberi("score", "-i", str(big), "-j", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    first = proc.stdout.readline()
+    time.sleep(0.2)
+    proc.stdout.close()  # what `| head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert orjson.loads(first)["id"] == "0"
+    assert proc.returncode == 0
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

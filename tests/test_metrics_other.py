@@ -1,0 +1,87 @@
+"""chrF and ROUGE-L parity with their reference implementations; the combined metric; the registry."""
+
+from __future__ import annotations
+
+import pytest
+import sacrebleu
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import CHRF
+
+from stages.errors import UsageError
+from stages.metrics import METRICS, get_metric
+
+WORDS = st.sampled_from(
+    ["the", "The", "cat", "sat", "on", "mat", "a", "dog", "ran", "naïve", "東京", "3.5", ",", ".", "-", "ünï"]
+)
+TEXT = st.one_of(st.lists(WORDS, max_size=30).map(" ".join), st.text(max_size=50))
+REFS = st.lists(TEXT, min_size=1, max_size=4)
+
+chrf = get_metric("chrf")
+rouge = get_metric("rouge-l")
+combo = get_metric("bleu-rouge-f1")
+bleu = get_metric("bleu")
+_rouge_ref = rouge_scorer.RougeScorer(["rougeL"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(TEXT, REFS)
+def test_chrf_equals_sacrebleu(hypothesis: str, references: list[str]) -> None:
+    expected = sacrebleu.sentence_chrf(hypothesis, references).score / 100
+    assert abs(chrf.sentence_score(hypothesis, references) - expected) <= 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(TEXT, st.lists(TEXT, min_size=2, max_size=2)), min_size=1, max_size=5))
+def test_chrf_corpus_equals_sacrebleu(pairs) -> None:
+    hyps = [h for h, _ in pairs]
+    refs = [r for _, r in pairs]
+    streams = [[r[k] for r in refs] for k in range(2)]
+    expected = CHRF().corpus_score(hyps, streams).score / 100
+    assert abs(chrf.corpus_score(hyps, refs) - expected) <= 1e-12
+
+
+@settings(max_examples=1500, deadline=None)
+@given(TEXT, REFS)
+def test_rouge_l_equals_rouge_score(hypothesis: str, references: list[str]) -> None:
+    expected = _rouge_ref.score_multi(references, hypothesis)["rougeL"].fmeasure
+    assert abs(rouge.sentence_score(hypothesis, references) - expected) <= 1e-12
+
+
+def test_rouge_l_long_texts_use_the_bit_parallel_lcs_correctly() -> None:
+    hyp = " ".join(f"w{(i * 7) % 131}" for i in range(900))
+    ref = " ".join(f"w{(i * 5) % 127}" for i in range(1100))
+    expected = _rouge_ref.score(ref, hyp)["rougeL"].fmeasure
+    assert abs(rouge.sentence_score(hyp, [ref]) - expected) <= 1e-12
+
+
+@settings(max_examples=500, deadline=None)
+@given(TEXT, REFS)
+def test_bleu_rouge_f1_is_the_harmonic_mean(hypothesis: str, references: list[str]) -> None:
+    b = bleu.sentence_score(hypothesis, references)
+    r = rouge.sentence_score(hypothesis, references)
+    expected = 2 * b * r / (b + r) if b + r > 0 else 0.0
+    assert combo.sentence_score(hypothesis, references) == expected
+
+
+def test_all_metrics_are_on_a_zero_to_one_scale() -> None:
+    refs = ["The quick brown fox jumps over the lazy dog."]
+    for name in METRICS:
+        metric = get_metric(name)
+        assert metric.sentence_score(refs[0], refs) == pytest.approx(1.0)
+        assert metric.sentence_score("", refs) == 0.0
+        assert 0.0 <= metric.sentence_score("a quick fox", refs) < 1.0
+        assert name in metric.signature()
+
+
+def test_unknown_metric_is_a_usage_error_listing_choices() -> None:
+    with pytest.raises(UsageError, match="bleu-paper"):
+        get_metric("meteor")
+
+
+def test_references_must_be_a_list() -> None:
+    with pytest.raises(TypeError):
+        bleu.sentence_score("x", "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        bleu.sentence_score("x", [])
