@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli import score_cmd, select_cmd
+from bleuberi_cli import generate_cmd, score_cmd, select_cmd
 from bleuberi_cli.common import State
 
 app = typer.Typer(
@@ -31,7 +31,8 @@ def _root(
     State.verbose = verbose
 
 
-app.command("score", help=score_cmd.HELP, no_args_is_help=False)(score_cmd.score)
+app.command("generate", help=generate_cmd.HELP)(generate_cmd.generate)
+app.command("score", help=score_cmd.HELP)(score_cmd.score)
 app.command("select", help=select_cmd.HELP)(select_cmd.select)
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -94,6 +95,41 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@dataclass
+class ResumeState:
+    ids: set[str]
+    dropped_partial_line: bool
+
+
+def prepare_resume(path: str | os.PathLike[str]) -> ResumeState:
+    """Read the ids already in an output file and cut off a last line left half-written by a kill.
+
+    Complete lines that are not JSON objects with an `id` are errors: appending after them would hide
+    a damaged file.
+    """
+    target = Path(path)
+    if not target.exists():
+        return ResumeState(set(), False)
+    data = target.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    dropped = cut < len(data)
+    if dropped:
+        with open(target, "r+b") as f:
+            f.truncate(cut)
+    ids: set[str] = set()
+    for line_no, raw in enumerate(data[:cut].splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InputError(str(target), line_no, "not valid JSON; cannot resume after a damaged line") from None
+        if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+            raise InputError(str(target), line_no, "a record without a string id; cannot resume", "id")
+        ids.add(value["id"])
+    return ResumeState(ids, dropped)
+
+
 def dumps(record: Any) -> bytes:
     """One JSONL line. Keys keep their order; non-ASCII text is written as UTF-8."""
     return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
@@ -104,7 +140,8 @@ class JsonlWriter:
 
     Use as a context manager. If the block raises, the temporary file is removed and any earlier
     file at the target path is left untouched. With `flush_each=True` every record reaches the
-    reader at once (useful for slow producers such as generation).
+    reader at once (useful for slow producers such as generation). With `append=True` records are
+    appended to the file as they come (for resumable runs; see `prepare_resume`).
     """
 
     def __init__(
@@ -113,9 +150,11 @@ class JsonlWriter:
         *,
         flush_each: bool = False,
         tolerate_closed_stdout: bool = False,
+        append: bool = False,
     ) -> None:
         self.path = None if is_std_stream(path) else Path(path)  # type: ignore[arg-type]
-        self.flush_each = flush_each
+        self.append = append and self.path is not None
+        self.flush_each = flush_each or self.append
         self.tolerate_closed_stdout = tolerate_closed_stdout
         self.count = 0
         self.closed_stdout = False
@@ -132,6 +171,11 @@ class JsonlWriter:
             self._stream = sys.stdout.buffer
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.append:
+            if self.path.name.endswith(".gz"):
+                raise InputError(str(self.path), None, "cannot append to a .gz file; resume needs plain JSONL")
+            self._raw = self._stream = open(self.path, "ab")
+            return self
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self._tmp_path = Path(tmp)
         self._raw = os.fdopen(fd, "wb")
@@ -171,7 +215,11 @@ class JsonlWriter:
                     if exc_type is None:
                         self._on_broken_pipe()
             return
-        assert self._stream is not None and self._raw is not None and self._tmp_path is not None
+        assert self._stream is not None and self._raw is not None
+        if self.append:
+            self._raw.close()  # what was written stays: that is what resuming continues from
+            return
+        assert self._tmp_path is not None
         if exc_type is None:
             if self._stream is not self._raw:
                 self._stream.close()  # writes the gzip trailer; leaves the raw file open

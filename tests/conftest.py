@@ -27,3 +27,23 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def read_jsonl_text(text: str) -> list[dict]:
     return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint folder (built once per session)."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    from tests.tiny_model import make_lora_adapter
+
+    return make_lora_adapter(tiny_model, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+def demo_records(name: str = "heldout", count: int | None = None) -> list[dict]:
+    rows = [orjson.loads(line) for line in (EXAMPLES / "data" / f"{name}.jsonl").read_bytes().splitlines()]
+    return rows[:count] if count else rows

