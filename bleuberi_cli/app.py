@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
 
-from bleuberi_cli import generate_cmd, score_cmd, select_cmd
+from bleuberi_cli import generate_cmd, score_cmd, select_cmd, train_cmd
 from bleuberi_cli.common import State
 
 app = typer.Typer(
@@ -34,9 +35,12 @@ def _root(
 app.command("generate", help=generate_cmd.HELP)(generate_cmd.generate)
 app.command("score", help=score_cmd.HELP)(score_cmd.score)
 app.command("select", help=select_cmd.HELP)(select_cmd.select)
+app.command("train", help=train_cmd.HELP)(train_cmd.train)
 
 
 def main() -> None:
+    # peft still calls a transformers property that transformers 5 renamed; the warning is not actionable.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     app()
 
 

@@ -25,19 +25,27 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0, vocab_size: int = 400) -> Path:
+def build_tiny_model(folder: Path, *, seed: int = 0, vocab_size: int = 400, words: list[str] | None = None) -> Path:
+    """With `words`, the tokenizer is word-level over just those words (for learning tests where random
+    outputs must hit reference words often enough to give a reward signal)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(CORPUS * 4, trainer)
+    if words:
+        vocab = {token: i for i, token in enumerate(specials + sorted(set(words)))}
+        bpe = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+        bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        bpe.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    else:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        bpe.train_from_iterator(CORPUS * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",
@@ -61,6 +69,11 @@ def build_tiny_model(folder: Path, *, seed: int = 0, vocab_size: int = 400) -> P
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # At the default init (std 0.02) the tied output embeddings are so small that even a perfectly
+        # aligned final hidden state gives logits within about +-0.6: no distribution can become peaked.
+        # Real models have no such limit; scale up so a LoRA can actually learn to prefer tokens.
+        model.get_input_embeddings().weight.mul_(6.0)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

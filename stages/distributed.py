@@ -1,0 +1,71 @@
+"""Data parallelism with plain torch.distributed: launched by `torchrun`, a no-op otherwise.
+
+Each rank samples and scores its own share of the prompts; groups never straddle ranks. After the
+backward passes, the LoRA gradients (small: a few million numbers) are summed across ranks in one
+all-reduce. Loss denominators are global counts, so the summed gradient is exactly the gradient of the
+whole batch. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend=backend)
+        return cls(rank, world, local_rank)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of a few numbers over ranks."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.enabled:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads):
+            count = grad.numel()
+            param.grad = flat[offset : offset + count].view_as(grad).to(grad.dtype)
+            offset += count
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,151 @@
+"""The GRPO objective: group-relative advantages and the clipped, KL-regularised policy loss.
+
+Everything here is plain tensor math on one micro-batch, so it can be checked by hand (see the tests).
+Notation, per completion i of a group g (the G samples of one prompt) and completion token t:
+
+    A_i     = (r_i - mean_g(r)) / (std_g(r) + 1e-4)            scale_rewards="group" (std is unbiased)
+              (r_i - mean_g(r)) / (std_batch(r) + 1e-4)        scale_rewards="batch"
+              r_i - mean_g(r)                                  scale_rewards="none"
+    ratio   = exp(logp_t - logp_old_t)                         importance_sampling_level="token"
+              exp(mean_t(logp - logp_old)) for the sequence    importance_sampling_level="sequence" (GSPO)
+    L_t     = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)
+              + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)          (k3 estimate of KL(pi || ref))
+
+and the per-token losses L_t over active tokens (mask) are aggregated by `loss_type`:
+
+    grpo     sum_i [ mean_t L_it ] / n_sequences               (mean per sequence, then over sequences)
+    bnpo     sum_it L_it / n_tokens_local                      (token mean over this rank's batch)
+    dapo     sum_it L_it / n_tokens_global                     (token mean over the whole step, all ranks)
+    dr_grpo  sum_it L_it / (n_sequences * max_completion_length)
+
+The denominators count the whole optimizer step (every micro-batch and, except bnpo, every rank), so
+summing the micro-batch losses and the ranks' gradients gives exactly the loss of the full batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none"]
+ImportanceLevel = Literal["token", "sequence"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: LossType = "dapo"
+    importance_sampling_level: ImportanceLevel = "token"
+
+
+@dataclass(frozen=True)
+class Denominator:
+    """What a micro-batch's summed loss is divided by (see the module docstring)."""
+
+    value: float
+
+    @staticmethod
+    def for_step(
+        loss_type: LossType,
+        *,
+        n_sequences: int,
+        n_tokens_global: int,
+        n_tokens_local: int,
+        world_size: int,
+        max_completion_length: int,
+    ) -> Denominator:
+        """n_sequences and n_tokens_global count the whole step on all ranks; n_tokens_local this rank."""
+        if loss_type == "grpo":
+            return Denominator(max(n_sequences, 1))
+        if loss_type == "bnpo":
+            # a token mean per rank, then the ranks' results are averaged (gradients are summed)
+            return Denominator(max(n_tokens_local, 1) * world_size)
+        if loss_type == "dapo":
+            return Denominator(max(n_tokens_global, 1))
+        if loss_type == "dr_grpo":
+            return Denominator(max(n_sequences, 1) * max_completion_length)
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group") -> torch.Tensor:
+    """Advantages for rewards laid out group after group (shape [n_groups * group_size]).
+
+    With scale="batch" the std is taken over `rewards` as given: pass the whole batch.
+    """
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else None
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else None
+    else:
+        raise ValueError(f"unknown scale_rewards {scale!r}; choose group, batch or none")
+    if std is None:  # a single sample has no spread: nothing to learn from it
+        return torch.zeros_like(rewards)
+    return centred / (std + 1e-4)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A boolean per group: True where all rewards of the group are equal (no learning signal)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # the scalar to backpropagate (already divided by the step's denominator)
+    kl_sum: float  # sum of per-token KL over active tokens (0 when beta == 0)
+    clipped_tokens: float  # active tokens where the clipped term was the one that counted
+    active_tokens: float
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: LossConfig,
+    denominator: Denominator,
+) -> LossParts:
+    """The clipped surrogate + KL penalty for one micro-batch.
+
+    logp, old_logp, ref_logp, mask: [rows, completion_len]; advantages: [rows]. `mask` is 1 on the
+    completion tokens that count (up to and including the first end-of-sequence token).
+    """
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    if config.importance_sampling_level == "sequence":  # GSPO: one length-normalised ratio per sequence
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.epsilon_high)
+    adv = advantages.unsqueeze(-1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if config.beta != 0.0:
+        assert ref_logp is not None, "beta > 0 needs reference log-probs"
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + config.beta * kl
+    per_token = per_token.expand_as(mask)
+
+    if config.loss_type == "grpo":
+        summed = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    else:
+        summed = (per_token * mask).sum()
+    with torch.no_grad():
+        took_clip = ((clipped * adv) < (ratio * adv)).expand_as(mask).to(mask.dtype)
+        stats = (
+            float((kl * mask).sum()) if kl is not None else 0.0,
+            float((took_clip * mask).sum()),
+            float(mask.sum()),
+        )
+    return LossParts(summed / denominator.value, *stats)

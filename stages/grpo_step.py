@@ -1,0 +1,145 @@
+"""One GRPO step: sample, score, update, and the metrics that describe it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from stages.distributed import Distributed
+from stages.generate import Generator
+from stages.grpo import LossConfig
+from stages.policy_update import UpdateStats, micro_batches, policy_update
+from stages.rollout import Rollout, TrainPrompt, sample_rollout, score_rollout
+from stages.sampling import SamplingParams
+from stages.score import Scorer
+from stages.train_config import TrainConfig
+
+
+def grpo_step(
+    model: Any,
+    generator: Generator,
+    scorer: Scorer,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    prompts: list[TrainPrompt],
+    positions: list[int],
+    *,
+    step: int,
+    config: TrainConfig,
+    loss_config: LossConfig,
+    params_sampling: SamplingParams,
+    dist: Distributed,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[None]],
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with autocast():
+        samples = sample_rollout(
+            generator,
+            prompts,
+            positions,
+            step=step,
+            seed=config.seed,
+            group_size=config.num_generations,
+            params=params_sampling,
+            prompts_per_batch=config.per_device_train_batch_size // config.num_generations,
+        )
+    t1 = time.perf_counter()
+    rollout = score_rollout(
+        generator,
+        scorer,
+        prompts,
+        samples,
+        group_size=config.num_generations,
+        scale_rewards=config.scale_rewards,
+        skip_zero_std=config.skip_zero_std,
+        dist=dist,
+    )
+    t2 = time.perf_counter()
+    batches = micro_batches(
+        rollout,
+        size=config.micro_batch or config.per_device_train_batch_size,
+        pad_id=generator.pad_id,
+        device=device,
+        mask_truncated=config.mask_truncated,
+    )
+    update = None
+    if batches:
+        update = policy_update(
+            model,
+            params,
+            optimizer,
+            batches,
+            loss_config=loss_config,
+            num_iterations=config.num_iterations,
+            temperature=config.temperature,
+            max_grad_norm=config.max_grad_norm,
+            max_completion_length=config.max_completion_length,
+            dist=dist,
+            device=device,
+            autocast=autocast,
+        )
+    t3 = time.perf_counter()
+    return _grpo_metrics(rollout, update, dist, device, sample_s=t1 - t0, score_s=t2 - t1, update_s=t3 - t2)
+
+
+def _mean_std(values: list[float], dist: Distributed, device: torch.device) -> tuple[float, float]:
+    total, total_sq, count = dist.sum([sum(values), sum(v * v for v in values), float(len(values))], device)
+    if count == 0:
+        return 0.0, 0.0
+    mean = total / count
+    variance = max(total_sq - total * mean, 0.0) / (count - 1) if count > 1 else 0.0
+    return mean, math.sqrt(variance)
+
+
+def _grpo_metrics(
+    rollout: Rollout, update: UpdateStats | None, dist: Distributed, device: torch.device, **seconds: float
+) -> dict[str, Any]:
+    rewards = rollout.rewards.tolist()
+    reward_mean, reward_std = _mean_std(rewards, dist, device)
+    per_metric = {}
+    for name, values in rollout.reward_parts.items():
+        mean, std = _mean_std(values, dist, device)
+        per_metric[name] = {"mean": round(mean, 6), "std": round(std, 6)}
+    lengths = [float(len(s.token_ids)) for s in rollout.samples]
+    truncated = [0.0 if s.finished else 1.0 for s in rollout.samples]
+    n, length_sum, trunc_sum, zero_groups, groups, new_tokens = dist.sum(
+        [
+            float(len(lengths)),
+            sum(lengths),
+            sum(truncated),
+            float(rollout.zero_std.sum()),
+            float(rollout.zero_std.numel()),
+            sum(lengths),
+        ],
+        device,
+    )
+    length_max = max(lengths) if lengths else 0.0
+    if dist.enabled:
+        tensor = torch.tensor([length_max], device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        length_max = float(tensor)
+    _, adv_std = _mean_std(rollout.advantages.tolist(), dist, device)
+    total_seconds = sum(seconds.values())
+    return {
+        "reward_mean": round(reward_mean, 6),
+        "reward_std": round(reward_std, 6),
+        "rewards": per_metric,
+        "advantage_std": round(adv_std, 6),
+        "zero_std_groups": round(zero_groups / max(groups, 1), 4),
+        "kl": round(update.kl, 8) if update else 0.0,
+        "loss": round(update.loss, 8) if update else 0.0,
+        "clip_fraction": round(update.clip_fraction, 6) if update else 0.0,
+        "grad_norm": round(update.grad_norm, 6) if update else 0.0,
+        "completion_length_mean": round(length_sum / max(n, 1), 2),
+        "completion_length_max": int(length_max),
+        "truncation_rate": round(trunc_sum / max(n, 1), 4),
+        "sample_seconds": round(seconds["sample_s"], 4),
+        "update_seconds": round(seconds["update_s"], 4),
+        "tokens_per_second": round(new_tokens / max(total_seconds, 1e-9), 1),
+    }

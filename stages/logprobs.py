@@ -1,0 +1,139 @@
+"""Log-probabilities of chosen tokens without materialising full-vocabulary log-softmax for a batch.
+
+A policy-gradient step needs log p(token) only for the sampled completion tokens. Computing
+`log_softmax(logits)` for the whole batch costs rows x vocabulary floats (for 8 x 512 tokens and a
+150k vocabulary, 2.5 GB in fp32) and as much again for its gradient. Here the language-model head is
+applied to the decoder's hidden states in chunks of rows: each chunk's logits live only long enough
+to take a logsumexp and pick the chosen logit, and the backward pass recomputes them chunk by chunk
+(the gradient of log p w.r.t. the logits is onehot - softmax). Only completion positions are ever
+projected, never prompt positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Rows of logits alive at once: chunk_rows x vocab fp32 values (4096 x 32k = 0.5 GB at most).
+CHUNK_ELEMENTS = 2**27
+
+
+class _ChosenLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ W.T / T)[target], chunked over rows, recomputed in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk: int,
+    ) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias).float() / temperature
+            lse = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(-1, targets[rows, None])[:, 0] - lse
+            lse_all[rows] = lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias).float() / temperature
+            # d log p(target) / d logits = onehot(target) - softmax(logits), scaled by the incoming grad.
+            grad_logits = -torch.exp(logits - lse_all[rows, None])
+            grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
+            grad_logits *= grad_out[rows, None] / temperature
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ hidden[rows]).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chosen_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature) at `targets`, for hidden [N, H] and targets [N]."""
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    return _ChosenLogProbs.apply(hidden, head.weight, head.bias, targets, temperature, chunk)
+
+
+@dataclass
+class PackedBatch:
+    """Prompt + completion rows: prompts left-padded to width P, completions right-padded to width C."""
+
+    input_ids: torch.Tensor  # [R, P + C]
+    attention_mask: torch.Tensor  # [R, P + C]
+    completion_ids: torch.Tensor  # [R, C]
+    completion_mask: torch.Tensor  # [R, C]: 1 on real completion tokens
+    prompt_width: int
+
+
+def pack(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> PackedBatch:
+    rows = len(prompts)
+    width_p = max(len(p) for p in prompts)
+    width_c = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((rows, width_p + width_c), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width_p + width_c), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        attention[row, width_p - len(prompt) : width_p + len(completion)] = 1
+    completion_mask = attention[:, width_p:].clone()
+    return PackedBatch(
+        input_ids.to(device),
+        attention.to(device),
+        input_ids[:, width_p:].to(device),
+        completion_mask.to(device),
+        width_p,
+    )
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The transformer body and the output projection of a causal LM (looking through PEFT wrappers)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(base).__name__}: need get_decoder() and a linear output head")
+    if getattr(base.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(base).__name__} soft-caps its logits, which the chunked head does not reproduce")
+    return decoder, head
+
+
+def completion_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log p of each completion token under softmax(logits / temperature): [R, C], 0 where masked."""
+    decoder, head = decoder_and_head(model)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
+    ).last_hidden_state
+    # the hidden state at position j predicts token j + 1
+    width_c = batch.completion_ids.shape[1]
+    hidden = hidden[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width_c]
+    active = batch.completion_mask.bool()
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=hidden.device)
+    out[active] = chosen_logprobs(hidden[active], head, batch.completion_ids[active], temperature)
+    return out

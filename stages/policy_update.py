@@ -1,0 +1,113 @@
+"""The loss pass of a GRPO step: reference log-probs, then `num_iterations` clipped policy updates."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages.distributed import Distributed
+from stages.grpo import Denominator, LossConfig, grpo_loss
+from stages.logprobs import PackedBatch, completion_logprobs, pack
+from stages.rollout import Rollout
+
+
+@dataclass
+class MicroBatch:
+    rows: list[int]
+    batch: PackedBatch
+    advantages: torch.Tensor
+    sampled_logp: torch.Tensor  # log-probs recorded while sampling (old policy for num_iterations > 1)
+    ref_logp: torch.Tensor | None = None
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    kl: float = 0.0
+    clip_fraction: float = 0.0
+    grad_norm: float = 0.0
+    active_tokens: int = 0
+    sequences: int = 0
+    updates: int = 0
+
+
+def micro_batches(
+    rollout: Rollout, *, size: int, pad_id: int, device: torch.device, mask_truncated: bool
+) -> list[MicroBatch]:
+    batches = []
+    for start in range(0, len(rollout.keep), size):
+        rows = rollout.keep[start : start + size]
+        samples = [rollout.samples[r] for r in rows]
+        batch = pack(
+            [rollout.prompts[r // rollout.group_size].ids for r in rows], [s.token_ids for s in samples], pad_id, device
+        )
+        if mask_truncated:  # a completion cut at the length limit says nothing about how it would have ended
+            finished = torch.tensor([s.finished for s in samples], device=device)
+            batch.completion_mask = batch.completion_mask * finished[:, None]
+        sampled = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+        for i, sample in enumerate(samples):
+            sampled[i, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
+        batches.append(MicroBatch(rows, batch, rollout.advantages[rows].to(device), sampled.to(device)))
+    return batches
+
+
+def policy_update(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    batches: list[MicroBatch],
+    *,
+    loss_config: LossConfig,
+    num_iterations: int,
+    temperature: float,
+    max_grad_norm: float,
+    max_completion_length: int,
+    dist: Distributed,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[None]],
+) -> UpdateStats:
+    """Reference log-probs once (when beta > 0), then num_iterations optimizer updates on the same rollout."""
+    local_tokens = sum(int(mb.batch.completion_mask.sum()) for mb in batches)
+    sequences, global_tokens = dist.sum([float(sum(len(mb.rows) for mb in batches)), float(local_tokens)], device)
+    denominator = Denominator.for_step(
+        loss_config.loss_type,
+        n_sequences=int(sequences),
+        n_tokens_global=int(global_tokens),
+        n_tokens_local=local_tokens,
+        world_size=dist.world_size,
+        max_completion_length=max_completion_length,
+    )
+    if loss_config.beta != 0.0:
+        with torch.no_grad(), model.disable_adapter(), autocast():
+            for mb in batches:
+                mb.ref_logp = completion_logprobs(model, mb.batch, temperature)
+
+    stats = UpdateStats(active_tokens=local_tokens, sequences=sum(len(mb.rows) for mb in batches))
+    model.train()
+    for _ in range(num_iterations):
+        totals = [0.0, 0.0, 0.0]  # loss, kl sum, clipped tokens
+        for mb in batches:
+            with autocast():
+                logp = completion_logprobs(model, mb.batch, temperature)
+            # one iteration: the policy that sampled is the current one, so the ratio is exactly 1
+            old = logp.detach() if num_iterations == 1 else mb.sampled_logp
+            parts = grpo_loss(logp, old, mb.ref_logp, mb.advantages, mb.batch.completion_mask, loss_config, denominator)
+            parts.loss.backward()
+            totals[0] += float(parts.loss.detach())
+            totals[1] += parts.kl_sum
+            totals[2] += parts.clipped_tokens
+        dist.sum_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss, kl_sum, clipped = dist.sum(totals, device)
+        stats.loss += loss / num_iterations
+        stats.kl += kl_sum / max(global_tokens, 1) / num_iterations
+        stats.clip_fraction += clipped / max(global_tokens, 1) / num_iterations
+        stats.grad_norm += float(grad_norm) / num_iterations
+        stats.updates += 1
+    return stats

@@ -1,0 +1,128 @@
+"""Every option of `train`, with its default and the reason for it where the reason is not obvious.
+
+Names follow TRL's GRPOConfig where the meaning is the same. Batch sizes count completions, as in
+TRL: one step samples `per_device_train_batch_size * grad_accum` completions per device, that is
+`per_device_train_batch_size * grad_accum / num_generations` prompts, each sampled
+`num_generations` times. A step is one such rollout followed by `num_iterations` optimizer updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from stages.errors import UsageError
+from stages.grpo import LOSS_TYPES, ImportanceLevel, LossType, ScaleRewards
+
+Algo = Literal["grpo", "sft"]
+Schedule = Literal["constant_with_warmup", "linear", "cosine"]
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "smollm2-135m"
+    algo: Algo = "grpo"
+    reward: list[str] = field(default_factory=lambda: ["bleu"])  # NAME[:WEIGHT], summed
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    # 0 keeps the training forward identical to the sampling forward (on-policy ratios are exactly 1).
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # sampling (paper: G=8, temperature 0.9, 512/512)
+    num_generations: int = 8
+    temperature: float = 0.9
+    top_p: float = 1.0
+    max_prompt_length: int = 512
+    max_completion_length: int = 512
+    drop_long: bool = False  # drop prompts over max_prompt_length instead of cutting them from the left
+    # batch and schedule
+    per_device_train_batch_size: int = 8  # completions per device per sampling batch
+    grad_accum: int = 1  # sampling batches per optimizer step
+    micro_batch: int | None = None  # completions per forward/backward (default: per_device_train_batch_size)
+    max_steps: int | None = None  # default: enough steps for num_train_epochs
+    num_train_epochs: float = 1.0
+    # The paper's 1e-6 is for full fine-tuning. LoRA's best learning rate is about ten times the full
+    # fine-tuning one (Schulman et al., "LoRA Without Regret", 2025), hence 1e-5.
+    learning_rate: float = 1e-5
+    lr_scheduler_type: Schedule = "constant_with_warmup"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.2
+    # GRPO (paper: beta 0.04; TRL's current loss default is dapo)
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # default: epsilon
+    loss_type: LossType = "dapo"
+    scale_rewards: ScaleRewards = "group"
+    importance_sampling_level: ImportanceLevel = "token"
+    num_iterations: int = 1
+    mask_truncated: bool = False
+    skip_zero_std: bool = False
+    # hardware
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU (where it only costs time)
+    # bookkeeping
+    seed: int = 42
+    save_steps: int = 50
+    save_total_limit: int | None = 3
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.grad_accum
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Per device. SFT has no sampling: one example per completion slot."""
+        if self.algo == "sft":
+            return self.completions_per_step
+        return self.completions_per_step // self.num_generations
+
+    def validate(self) -> None:
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise UsageError(message)
+
+        need(self.algo in ("grpo", "sft"), f"unknown algo {self.algo!r}; choose grpo or sft")
+        need(self.num_generations >= 2 or self.algo == "sft", "num_generations must be >= 2 (GRPO compares samples)")
+        need(self.per_device_train_batch_size >= 1 and self.grad_accum >= 1, "batch sizes must be >= 1")
+        if self.algo == "grpo":
+            need(
+                self.per_device_train_batch_size % self.num_generations == 0,
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts completions and must be "
+                f"a multiple of num_generations ({self.num_generations})",
+            )
+        need(self.micro_batch is None or self.micro_batch >= 1, "micro_batch must be >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        need(self.num_train_epochs > 0, "num_train_epochs must be > 0")
+        need(self.learning_rate > 0, "learning_rate must be > 0")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        need(self.beta >= 0, "beta must be >= 0")
+        need(0 < self.epsilon < 1 and self.eps_high > 0, "epsilon must be in (0, 1) and epsilon_high > 0")
+        need(self.loss_type in LOSS_TYPES, f"unknown loss_type {self.loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+        need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none")
+        need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence")
+        need(self.num_iterations >= 1, "num_iterations must be >= 1")
+        need(self.temperature > 0, "temperature must be > 0 for training (sampling needs randomness)")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        need(self.max_prompt_length >= 1 and self.max_completion_length >= 1, "length limits must be >= 1")
+        need(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "bad LoRA settings")
+        need(bool(self.reward), "at least one --reward is needed")
+        need(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
