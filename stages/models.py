@@ -106,8 +106,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         # Left in, this makes transformers treat the folder as gguf-quantised and refuse to train it.
         config = json.loads((staging / "config.json").read_text())
         config.pop("quantization_config", None)
+        config.setdefault("architectures", [type(model).__name__])  # GGUF configs lack it; trainers expect it
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        (staging / "bleuberi-source.json").write_text(json.dumps({"gguf": str(gguf), "bytes": gguf.stat().st_size}))
+        (staging / "bleuberi-source.json").write_text(json.dumps(_source_stamp(gguf)))
         publish_folder(staging, target)
     finally:
         if staging.exists():
@@ -138,6 +139,14 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
+# Bump when the converted folder's layout changes, so old caches are converted again.
+CONVERSION_FORMAT = 2
+
+
+def _source_stamp(gguf: Path) -> dict[str, object]:
+    return {"gguf": str(gguf), "bytes": gguf.stat().st_size, "format": CONVERSION_FORMAT}
+
+
 def embedded_model_dir(name: str) -> Path:
     """The checkpoint folder of an embedded model, converting it on first use."""
     spec = EMBEDDED[name]
@@ -145,8 +154,7 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_root() / "models" / name
     marker = target / "bleuberi-source.json"
     if marker.is_file():
-        source = json.loads(marker.read_text())
-        if source.get("bytes") == gguf.stat().st_size:
+        if json.loads(marker.read_text()) == _source_stamp(gguf):
             return target
         shutil.rmtree(target, ignore_errors=True)  # the package changed under us: convert again
     _convert_gguf(gguf, target)
