@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli import generate_cmd, score_cmd, select_cmd, train_cmd
+from bleuberi_cli import eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, train_cmd
 from bleuberi_cli.common import State
 
 app = typer.Typer(
@@ -36,6 +36,8 @@ app.command("generate", help=generate_cmd.HELP)(generate_cmd.generate)
 app.command("score", help=score_cmd.HELP)(score_cmd.score)
 app.command("select", help=select_cmd.HELP)(select_cmd.select)
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
+app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_command)
+app.command("run", help=run_cmd.HELP)(run_cmd.run_command)
 
 
 def main() -> None:

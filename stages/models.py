@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,7 +301,10 @@ def attach_adapter(model: PreTrainedModel, adapter: str, *, merge: bool) -> Any:
 
     folder = check_adapter(adapter)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft reads a transformers property that transformers 5 renamed; nothing for a user to act on.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise ModelError(f"cannot load adapter {adapter!r}: {_first_line(error)}") from None
     return peft_model.merge_and_unload() if merge else peft_model

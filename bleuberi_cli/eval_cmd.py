@@ -1,0 +1,181 @@
+"""`bleuberi eval`: base model vs adapters on held-out records; or metric-human agreement on pairs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bleuberi_cli.common import (
+    InputOpt,
+    OutputOpt,
+    QuietOpt,
+    SeedOpt,
+    SkipInvalidOpt,
+    boundary,
+    console,
+    progress,
+    report_reading,
+    say,
+)
+from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
+from stages.metrics import METRICS
+
+HELP = f"""Measure whether training helped: generate held-out answers with the base model and each
+--adapter, score them against the references, and compare each system with the base.
+
+Per system: every --metric as a mean with a seeded bootstrap 95% interval, answer length (tokens and
+words), truncation rate, and the per-prompt win / tie / loss share against the base. stdout gets one
+record per prompt with an `evaluation` field ({{system: completion, scores, tokens, ...}}); the summary
+table goes to stderr and, with --report, to a file (.md: Markdown tables; else JSON). Generation is
+greedy by default. Reads all records into memory.
+
+Judges (both off by default): --judge-model PATH, a local sequence-classification reward model
+(win rate by reward); --judge-url URL, an OpenAI-compatible endpoint asked for a pairwise verdict
+(answer order randomised per pair, retries with backoff, verdicts cached on disk).
+
+With --agreement the input is instead pairs {{id, prompt, response_a, response_b, winner,
+references}} (winner a|b|tie, or Arena's model_a|model_b|tie; `tie (bothbad)` pairs are dropped and
+counted): how often each metric, a `longer` baseline and a seeded `random` baseline pick the human
+winner, in total and using the first k references.
+
+Metrics: {", ".join(METRICS)} (default: bleu, bleu-paper, chrf, rouge-l).
+
+\b
+Examples:
+  bleuberi eval -i examples/data/heldout.jsonl --adapter runs/x/adapter --report report.md > answers.jsonl
+  bleuberi eval -i heldout.jsonl --adapter runs/bleu/adapter=bleu --adapter runs/sft/adapter=sft
+  bleuberi eval --agreement -i examples/pairs.jsonl --report agreement.md > pairs.scored.jsonl
+"""
+
+
+def eval_command(
+    input: InputOpt = None,
+    output: OutputOpt = None,
+    model: ModelOpt = "smollm2-135m",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", metavar="PATH[=NAME]", help="A LoRA adapter to compare with the base; repeatable."),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("-m", "--metric", metavar="NAME", help="Metric to report; repeatable.", show_default=False),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="Answer length limit.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", metavar="T", help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", metavar="P", help="Nucleus sampling mass.")] = 1.0,
+    seed: SeedOpt = 42,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Prompts per generation batch.")] = 8,
+    max_prompt_length: Annotated[
+        int | None, typer.Option("--max-prompt-length", metavar="N", help="Cut longer prompts from the left.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    system_prompt: SystemPromptOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    bootstrap_resamples: Annotated[
+        int, typer.Option("--bootstrap-resamples", metavar="N", help="Resamples for the 95% intervals.")
+    ] = 1000,
+    report: Annotated[
+        str | None,
+        typer.Option("--report", metavar="FILE", help="Write the summary: FILE.md as Markdown tables, else JSON."),
+    ] = None,
+    agreement: Annotated[
+        bool, typer.Option("--agreement", help="Input is human preference pairs: measure metric agreement.")
+    ] = False,
+    judge_model: Annotated[
+        str | None, typer.Option("--judge-model", metavar="PATH", help="Local reward model folder to score answers.")
+    ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option("--judge-url", metavar="URL", help="OpenAI-compatible endpoint (…/v1) for pairwise verdicts."),
+    ] = None,
+    judge_url_model: Annotated[
+        str, typer.Option("--judge-url-model", metavar="NAME", help="The `model` sent to --judge-url.")
+    ] = "judge",
+    judge_key_env: Annotated[
+        str | None,
+        typer.Option("--judge-key-env", metavar="VAR", help="Environment variable holding the endpoint's API key."),
+    ] = None,
+    judge_timeout: Annotated[float, typer.Option("--judge-timeout", metavar="S", help="Seconds per request.")] = 60.0,
+    judge_retries: Annotated[int, typer.Option("--judge-retries", metavar="N", help="Retries per request.")] = 3,
+    judge_cache: Annotated[
+        str | None,
+        typer.Option("--judge-cache", metavar="DIR", help="Verdict cache (default: $BLEUBERI_CACHE/judge)."),
+    ] = None,
+    skip_invalid: SkipInvalidOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    with boundary():
+        from stages.eval_report import agreement_tables, eval_tables, print_tables, write_report
+        from stages.jsonl import JsonlWriter
+
+        metrics = metric or ["bleu", "bleu-paper", "chrf", "rouge-l"]
+        if agreement:
+            from stages.agreement import PairStats, measure_agreement, read_pairs
+
+            pair_stats = PairStats()
+            pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=pair_stats))
+            result = measure_agreement(
+                pairs, metrics, seed=seed, resamples=bootstrap_resamples, dropped_both_bad=pair_stats.dropped_both_bad
+            )
+            report_reading(pair_stats, quiet=quiet)
+            tables = agreement_tables(result.summary)
+        else:
+            from stages.evaluate import EvalConfig, evaluate
+            from stages.judges import HttpJudge, RewardModelJudge
+            from stages.records import ReadStats, read_records
+
+            config = EvalConfig(
+                model=model,
+                adapters=adapter or [],
+                metrics=metrics,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                batch_size=batch_size,
+                max_prompt_length=max_prompt_length,
+                device=device,
+                dtype=dtype,
+                system_prompt=system_prompt,
+                trust_remote_code=trust_remote_code,
+                resamples=bootstrap_resamples,
+            )
+            http_judge = None
+            if judge_url:
+                http_judge = HttpJudge(
+                    judge_url,
+                    model=judge_url_model,
+                    key_env=judge_key_env,
+                    timeout=judge_timeout,
+                    retries=judge_retries,
+                    cache_dir=judge_cache,
+                    seed=seed,
+                )
+            stats = ReadStats()
+            records = list(read_records(input, skip_invalid=skip_invalid, stats=stats))
+            report_reading(stats, quiet=quiet)
+            if not records:
+                say("no records: nothing to evaluate", quiet=quiet)
+                return
+            reward_judge = RewardModelJudge(judge_model, device=device) if judge_model else None
+            total = len(records) * len(config.systems)
+            with progress("generating", quiet=quiet, total=total, unit="answers") as advance:
+                result = evaluate(
+                    records,
+                    config,
+                    reward_judge=reward_judge,
+                    http_judge=http_judge,
+                    on_progress=lambda _system, n: advance(n),
+                    on_message=lambda m: say(m, quiet=quiet),
+                )
+            tables = eval_tables(result.summary)
+        with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
+            for record in result.records:
+                writer.write(record)
+        if not quiet:
+            print_tables(tables, console)
+        if report:
+            write_report(report, result.summary, tables)
+            say(f"report written to {report}", quiet=quiet)

@@ -1,0 +1,84 @@
+"""`bleuberi run`: select, train and evaluate in one command, from a config file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bleuberi_cli.common import QuietOpt, boundary, console, progress, say
+
+HELP = """Run the BLEUBERI recipe end to end in one run folder:
+
+\b
+  1. select  the base model answers the pool; the hardest N answers by BLEU are kept
+  2. train   GRPO + LoRA with BLEU against the references as the reward
+  3. eval    base vs trained on the held-out set: metrics, bootstrap intervals, win rate
+
+With no CONFIG it runs the demo: the embedded model (smollm2-135m) and demo data, sized to finish
+in about 10 minutes on a 2-core CPU. Precedence: --set KEY=VALUE > CONFIG > built-in defaults;
+unknown keys and wrong types are errors. A rerun skips the stages whose configuration and inputs are
+unchanged (hashes in RUN_DIR/stages.json) and continues an interrupted stage where it stopped.
+
+Outputs in the run folder: config.toml (resolved), stages.json, pool.generated.jsonl,
+pool.scored.jsonl, selected.jsonl, train/ (adapter/, checkpoints/, metrics.jsonl, reward.png),
+eval/ (records.jsonl, report.md, report.json). stdout gets one JSON record: the eval summary.
+
+\b
+Examples:
+  bleuberi run                                          # the demo, into runs/demo
+  bleuberi run --print-config > my.toml                 # every option, with comments
+  bleuberi run my.toml -o runs/mine --set train.max_steps=100 --set select.num=500
+"""
+
+
+def run_command(
+    config: Annotated[
+        Path | None, typer.Argument(metavar="[CONFIG.toml]", help="Run configuration; default: the demo.")
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output-dir", metavar="DIR", help="Run folder. Default: runs/<config name>, or runs/demo."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override one option, e.g. train.max_steps=10; repeatable."),
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved configuration as commented TOML and exit.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    with boundary():
+        from stages.run_config import load_config, to_toml
+        from stages.train_config import TRAIN_HELP
+
+        resolved = load_config(config, set_ or [])
+        if print_config:
+            sys.stdout.write(to_toml(resolved, TRAIN_HELP))
+            return
+        from bleuberi_cli.train_cmd import _StepProgress
+        from stages.eval_report import eval_tables, print_tables
+        from stages.jsonl import JsonlWriter
+        from stages.run import headline, run_recipe
+
+        run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
+        say(f"run folder: {run_dir}", quiet=quiet)
+        with _StepProgress(quiet) as show_step, progress("eval", quiet=quiet, unit="answers") as advance:
+            result = run_recipe(
+                resolved,
+                run_dir,
+                say=lambda m: say(m, quiet=quiet),
+                on_train_metrics=show_step,
+                on_eval_progress=lambda _system, n: advance(n),
+            )
+        with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
+            stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
+        if not quiet:
+            print_tables(eval_tables(result.summary), console)
+        # The headline is the point of the demo: shown even with --quiet.
+        console.print(headline(result.summary), markup=False)

@@ -1,0 +1,268 @@
+"""The `eval` stage: did training help? Generate held-out answers with the base model and each adapter,
+score them against the references, and compare every system with the base prompt by prompt.
+
+Library use:
+
+    config = EvalConfig(adapters=["runs/x/adapter=bleuberi"], max_new_tokens=128)
+    result = evaluate(records, config)            # result.records: per prompt; result.summary: per system
+
+The base model (no adapter) is always the first system and the baseline. Generation is greedy unless
+a temperature is given, and goes through the generate stage's engine; each system is loaded in turn
+(adapters merged into a fresh copy of the base), so only one model is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.errors import UsageError
+from stages.metrics import get_metric
+from stages.models import DEFAULT_MODEL
+from stages.sampling import SamplingParams
+from stages.stats import DEFAULT_RESAMPLES, WinRate, mean_with_ci
+
+if TYPE_CHECKING:
+    from stages.judges import HttpJudge, RewardModelJudge
+
+BASE = "base"
+DEFAULT_EVAL_METRICS = ["bleu", "bleu-paper", "chrf", "rouge-l"]
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    adapter: str | None
+
+
+def parse_systems(adapter_specs: Sequence[str]) -> list[System]:
+    """`PATH[=NAME]` specs -> systems, the base first. A default name is the adapter's folder name
+    (or the run folder's, for `.../adapter`)."""
+    systems = [System(BASE, None)]
+    for spec in adapter_specs:
+        path, sep, name = spec.partition("=")
+        if not path or (sep and not name):
+            raise UsageError(f"bad --adapter {spec!r}: expected PATH or PATH=NAME")
+        if not name:
+            folder = Path(path.rstrip("/"))
+            name = folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+        if name in {s.name for s in systems}:
+            raise UsageError(f"two systems are named {name!r}; name them with --adapter PATH=NAME")
+        systems.append(System(name, path))
+    return systems
+
+
+@dataclass
+class EvalConfig:
+    model: str = DEFAULT_MODEL
+    adapters: list[str] = field(default_factory=list)  # PATH[=NAME]
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_METRICS))
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # greedy: the answer a user would get
+    top_p: float = 1.0
+    seed: int = 42
+    batch_size: int = 8
+    max_prompt_length: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+    resamples: int = DEFAULT_RESAMPLES
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise UsageError("at least one --metric is needed")
+        for name in self.metrics:
+            get_metric(name)  # unknown names fail here, before any model is loaded
+        if self.resamples < 1:
+            raise UsageError("--bootstrap-resamples must be >= 1")
+        self.sampling  # noqa: B018 - validates the sampling parameters early
+
+    @property
+    def systems(self) -> list[System]:
+        return parse_systems(self.adapters)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        try:
+            return SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+
+@dataclass
+class EvalResult:
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+Progress = Callable[[str, int], None]  # (system name, prompts done in this call)
+
+
+def generate_answers(
+    records: Sequence[dict[str, Any]], config: EvalConfig, system: System, on_progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """One answer per record from one system: text, token count, finish reason."""
+    from stages.generate import Generator
+
+    generator = Generator.load(
+        config.model,
+        adapter=system.adapter,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        system_prompt=config.system_prompt,
+        max_prompt_length=config.max_prompt_length,
+    )
+    answers = []
+    for _record, [sample] in generator.generate(
+        records, config.sampling, n=1, seed=config.seed, batch_size=config.batch_size
+    ):
+        text = generator.decode(sample.token_ids)
+        answers.append(
+            {
+                "completion": text,
+                "tokens": sum(1 for t in sample.token_ids if t not in generator.stop_ids),
+                "words": len(text.split()),
+                "finish_reason": "stop" if sample.finished else "length",
+            }
+        )
+        if on_progress:
+            on_progress(system.name, 1)
+    del generator
+    _free_accelerator_memory()
+    return answers
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(
+    records: Sequence[dict[str, Any]],
+    config: EvalConfig,
+    *,
+    reward_judge: RewardModelJudge | None = None,
+    http_judge: HttpJudge | None = None,
+    on_progress: Progress | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Generate, score and compare. Adds `evaluation` ({system: answer and scores}) to each record."""
+    say = on_message or (lambda message: None)
+    systems = config.systems
+    metrics = [get_metric(name) for name in config.metrics]
+    for record in records:
+        record["evaluation"] = {}
+    for system in systems:
+        say(f"generating with {system.name}" + (f" ({system.adapter})" if system.adapter else ""))
+        for record, answer in zip(records, generate_answers(records, config, system, on_progress)):
+            answer["scores"] = {m.name: m.sentence_score(answer["completion"], record["references"]) for m in metrics}
+            record["evaluation"][system.name] = answer
+    if reward_judge is not None:
+        say(f"scoring answers with the reward model {reward_judge.name}")
+        for system in systems:
+            rewards = reward_judge.score([(r, r["evaluation"][system.name]["completion"]) for r in records])
+            for record, reward in zip(records, rewards):
+                record["evaluation"][system.name]["judge_reward"] = reward
+    if http_judge is not None:
+        for system in systems[1:]:
+            say(f"asking {http_judge.url} to compare {system.name} with {BASE}")
+            for record in records:
+                answers = record["evaluation"]
+                verdict = http_judge.compare(record, answers[system.name]["completion"], answers[BASE]["completion"])
+                answers[system.name]["judge_verdict"] = verdict
+    summary = summarise(records, systems, config, reward_judge=reward_judge, http_judge=http_judge)
+    return EvalResult(list(records), summary)
+
+
+def summarise(
+    records: Sequence[dict[str, Any]],
+    systems: Sequence[System],
+    config: EvalConfig,
+    *,
+    reward_judge: RewardModelJudge | None = None,
+    http_judge: HttpJudge | None = None,
+) -> dict[str, Any]:
+    """Per system: metric means with bootstrap intervals, lengths, truncation, and wins against the base."""
+    from stages.sampling import derive_seed
+
+    def ci_seed(*parts: object) -> int:
+        return derive_seed(config.seed, *parts) % 2**32
+
+    def column(system: str, pick: Callable[[dict[str, Any]], float]) -> list[float]:
+        return [pick(r["evaluation"][system]) for r in records]
+
+    out: dict[str, Any] = {}
+    for system in systems:
+        name = system.name
+        tokens, words = column(name, lambda a: a["tokens"]), column(name, lambda a: a["words"])
+        entry: dict[str, Any] = {
+            "adapter": system.adapter,
+            "metrics": {
+                m: mean_with_ci(
+                    column(name, lambda a, m=m: a["scores"][m]), seed=ci_seed(name, m), resamples=config.resamples
+                )
+                for m in config.metrics
+            },
+            "length": {
+                "tokens_mean": statistics.fmean(tokens) if tokens else None,
+                "tokens_median": statistics.median(tokens) if tokens else None,
+                "words_mean": statistics.fmean(words) if words else None,
+                "words_median": statistics.median(words) if words else None,
+            },
+            "truncation_rate": (
+                sum(1 for r in records if r["evaluation"][name]["finish_reason"] == "length") / len(records)
+                if records
+                else None
+            ),
+        }
+        if name != BASE:
+            entry["vs_base"] = {
+                m: WinRate.count(
+                    column(name, lambda a, m=m: a["scores"][m]), column(BASE, lambda a, m=m: a["scores"][m])
+                ).rates()
+                for m in config.metrics
+            }
+        if reward_judge is not None:
+            rewards = column(name, lambda a: a["judge_reward"])
+            entry["judge_reward"] = mean_with_ci(rewards, seed=ci_seed(name, "judge"), resamples=config.resamples)
+            if name != BASE:
+                entry["judge_reward_vs_base"] = WinRate.count(
+                    rewards, column(BASE, lambda a: a["judge_reward"])
+                ).rates()
+        if http_judge is not None and name != BASE:
+            entry["judge_vs_base"] = http_judge_rates([r["evaluation"][name]["judge_verdict"] for r in records])
+        out[name] = entry
+    summary: dict[str, Any] = {
+        "model": config.model,
+        "prompts": len(records),
+        "generation": {
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "seed": config.seed,
+        },
+        "metrics": list(config.metrics),
+        "signatures": {m: get_metric(m).signature() for m in config.metrics},
+        "bootstrap": {"resamples": config.resamples, "confidence": 0.95, "seed": config.seed},
+        "systems": out,
+    }
+    if reward_judge is not None:
+        summary["judge_model"] = reward_judge.name
+    if http_judge is not None:
+        summary["judge_url"] = {"url": http_judge.url, "model": http_judge.model, **http_judge.stats()}
+    return summary
+
+
+def http_judge_rates(verdicts: Sequence[str | None]) -> dict[str, float | int | None]:
+    """Shares of win/tie/loss among valid verdicts; `invalid` counts replies that could not be read."""
+    valid = [v for v in verdicts if v is not None]
+    rates = WinRate(valid.count("win"), valid.count("tie"), valid.count("loss")).rates()
+    rates["invalid"] = len(verdicts) - len(valid)
+    return rates

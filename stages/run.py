@@ -1,0 +1,277 @@
+"""`bleuberi run`: the whole BLEUBERI recipe in one run folder.
+
+  1. select: the base model answers every pool prompt; the answers are scored against the references
+     and the hardest N records are kept (pool.generated.jsonl, pool.scored.jsonl, selected.jsonl);
+  2. train: GRPO with a LoRA on them (train/: adapter, checkpoints, metrics, reward curve);
+  3. eval: base vs trained on the held-out set (eval/records.jsonl, eval/report.md, eval/report.json).
+
+Each stage's configuration (with the hash of its inputs and of the stage before it) is hashed and
+recorded in stages.json when the stage starts and when it finishes. A rerun skips finished stages
+whose hash is unchanged, continues an unfinished one where it stopped (generation appends, training
+resumes from its newest checkpoint), and redoes a stage, and all after it, whose hash changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from stages.errors import ConfigError
+from stages.jsonl import JsonlWriter, atomic_path, prepare_resume
+from stages.records import read_records
+from stages.run_config import RunConfig, to_toml
+from stages.train_config import TRAIN_HELP
+
+STAGES = ("select", "train", "eval")
+DEMO_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+Say = Callable[[str], None]
+
+
+def data_path(name: str) -> Path:
+    """`demo:pool` / `demo:heldout` -> the embedded demo files; anything else is a path."""
+    if name.startswith("demo:"):
+        path = DEMO_DATA / f"{name.removeprefix('demo:')}.jsonl"
+        if not path.is_file():
+            raise ConfigError(
+                f"{name}: the demo data ships in the source tree (examples/data/); install bleuberi from a "
+                "clone with `pip install -e .`, or point data.pool / data.heldout at your own files"
+            )
+        return path
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name}: no such data file")
+    return path
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageLedger:
+    """stages.json: {stage: {"hash", "done", "seconds"}}, rewritten atomically at every change."""
+
+    path: Path
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: Path) -> StageLedger:
+        path = run_dir / "stages.json"
+        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
+
+    def status(self, stage: str, digest: str) -> str:
+        """done (skip), partial (continue), or new (start afresh)."""
+        entry = self.entries.get(stage)
+        if not entry or entry.get("hash") != digest:
+            return "new"
+        return "done" if entry.get("done") else "partial"
+
+    def mark(self, stage: str, digest: str, *, done: bool, seconds: float | None = None) -> None:
+        self.entries[stage] = {"hash": digest, "done": done, **({"seconds": round(seconds, 1)} if seconds else {})}
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.entries, indent=2) + "\n")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    ran: list[str]
+    skipped: list[str]
+
+
+def _shared(config: RunConfig) -> dict[str, Any]:
+    # device changes numerics only in the last bits; a run moved from CPU to GPU keeps its stages.
+    return {k: getattr(config, k) for k in ("model", "seed", "dtype", "system_prompt", "trust_remote_code")}
+
+
+def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    return records[:limit] if limit > 0 else records
+
+
+def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> None:
+    from stages.generate import Generator, generate_records
+    from stages.sampling import SamplingParams
+    from stages.score import Scorer, score_records
+    from stages.select import select_records
+
+    pool = _head(list(read_records(data_path(config.data.pool))), config.data.max_pool)
+    generated = run_dir / "pool.generated.jsonl"
+    done = prepare_resume(generated).ids if resume else set()
+    if not resume:
+        generated.unlink(missing_ok=True)
+    todo = [r for r in pool if r["id"] not in done]
+    if todo:
+        say(f"select: the base model answers {len(todo)} pool prompts" + (f" ({len(done)} done)" if done else ""))
+        generator = Generator.load(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            system_prompt=config.system_prompt,
+            max_prompt_length=config.train.max_prompt_length,
+        )
+        params = SamplingParams(config.select.max_new_tokens, config.select.temperature)
+        with JsonlWriter(generated, append=True) as writer:
+            for record in generate_records(
+                todo, generator, params, n=1, seed=config.seed, batch_size=config.select.batch_size
+            ):
+                writer.write(record)
+        del generator
+    answered = {r["id"]: r for r in read_records(generated, require=("completions",))}
+    scorer = Scorer.from_names([config.select.metric])
+    scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=1))
+    _write_jsonl(run_dir / "pool.scored.jsonl", scored)
+    selection = select_records(scored, mode=config.select.mode, num=config.select.num, seed=config.seed)
+    _write_jsonl(run_dir / "selected.jsonl", selection.chosen)
+    mean = sum(selection.chosen_scores) / max(1, len(selection.chosen_scores))
+    pool_mean = sum(selection.pool_scores) / max(1, len(selection.pool_scores))
+    say(
+        f"select: kept {len(selection.chosen)} of {len(scored)} records ({config.select.mode}) "
+        f"(mean {config.select.metric} {mean:.4f}; pool {pool_mean:.4f})"
+    )
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with JsonlWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def run_train(
+    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_metrics: Callable[[dict], None] | None
+) -> None:
+    from stages.checkpoint import list_checkpoints
+    from stages.train import train
+
+    out = run_dir / "train"
+    can_resume = resume and bool(list_checkpoints(out / "checkpoints"))
+    if not can_resume and out.exists():
+        shutil.rmtree(out)  # a different configuration, or nothing saved yet: start clean
+    records = list(read_records(run_dir / "selected.jsonl"))
+    train(
+        records,
+        config.train_config(),
+        out,
+        resume="latest" if can_resume else None,
+        on_metrics=on_metrics,
+        on_message=lambda m: say(f"train: {m}"),
+    )
+
+
+def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callable[[str, int], None] | None) -> None:
+    from stages.eval_report import eval_tables, write_report
+    from stages.evaluate import EvalConfig, evaluate
+
+    records = _head(list(read_records(data_path(config.data.heldout))), config.data.max_heldout)
+    eval_config = EvalConfig(
+        model=config.model,
+        adapters=[f"{run_dir / 'train' / 'adapter'}=trained"],
+        metrics=config.eval.metrics,
+        max_new_tokens=config.eval.max_new_tokens,
+        temperature=config.eval.temperature,
+        seed=config.seed,
+        batch_size=config.eval.batch_size,
+        max_prompt_length=config.train.max_prompt_length,
+        device=config.device,
+        dtype=config.dtype,
+        system_prompt=config.system_prompt,
+        trust_remote_code=config.trust_remote_code,
+        resamples=config.eval.bootstrap_resamples,
+    )
+    result = evaluate(records, eval_config, on_progress=on_progress, on_message=lambda m: say(f"eval: {m}"))
+    folder = run_dir / "eval"
+    _write_jsonl(folder / "records.jsonl", result.records)
+    tables = eval_tables(result.summary)
+    write_report(folder / "report.json", result.summary, tables)
+    write_report(folder / "report.md", result.summary, tables)
+
+
+def run_recipe(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    say: Say = lambda message: None,
+    on_train_metrics: Callable[[dict], None] | None = None,
+    on_eval_progress: Callable[[str, int], None] | None = None,
+) -> RunResult:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.toml") as tmp:
+        tmp.write_text(to_toml(config, TRAIN_HELP))
+    ledger = StageLedger.open(run_dir)
+    shared = _shared(config)
+    select_digest = stage_hash(
+        "select",
+        shared,
+        file_digest(data_path(config.data.pool)),
+        config.data.max_pool,
+        asdict(config.select),
+        config.train.max_prompt_length,
+    )
+    train_digest = stage_hash("train", select_digest, shared, config.train.to_dict())
+    eval_digest = stage_hash(
+        "eval",
+        train_digest,
+        shared,
+        file_digest(data_path(config.data.heldout)),
+        config.data.max_heldout,
+        asdict(config.eval),
+        config.train.max_prompt_length,
+    )
+    steps: dict[str, tuple[str, Callable[[bool], None]]] = {
+        "select": (select_digest, lambda resume: run_select(config, run_dir, resume=resume, say=say)),
+        "train": (
+            train_digest,
+            lambda resume: run_train(config, run_dir, resume=resume, say=say, on_metrics=on_train_metrics),
+        ),
+        "eval": (eval_digest, lambda resume: run_eval(config, run_dir, say=say, on_progress=on_eval_progress)),
+    }
+    ran, skipped = [], []
+    for stage in STAGES:
+        digest, action = steps[stage]
+        status = ledger.status(stage, digest)
+        if status == "done":
+            say(f"{stage}: up to date (stage hash {digest}), skipped")
+            skipped.append(stage)
+            continue
+        if status == "partial":
+            say(f"{stage}: continuing an interrupted run (stage hash {digest})")
+        ledger.mark(stage, digest, done=False)
+        start = time.perf_counter()
+        action(status == "partial")
+        ledger.mark(stage, digest, done=True, seconds=time.perf_counter() - start)
+        ran.append(stage)
+    summary = orjson.loads((run_dir / "eval" / "report.json").read_bytes())
+    return RunResult(run_dir, summary, ran, skipped)
+
+
+def headline(summary: dict[str, Any], metric: str = "bleu") -> str:
+    """One line: base vs trained on the held-out set, and the trained model's per-prompt win rate."""
+    systems = summary["systems"]
+    base, trained = systems["base"]["metrics"].get(metric), systems["trained"]["metrics"].get(metric)
+    if base is None or trained is None:
+        metric = summary["metrics"][0]
+        base, trained = systems["base"]["metrics"][metric], systems["trained"]["metrics"][metric]
+    wins = systems["trained"]["vs_base"][metric]
+    return (
+        f"held-out {metric} ({summary['prompts']} prompts): base {base['mean']:.4f} -> trained {trained['mean']:.4f}; "
+        f"trained wins {wins['win']:.0%}, ties {wins['tie']:.0%}, loses {wins['loss']:.0%} of prompts against base"
+    )

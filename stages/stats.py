@@ -1,0 +1,73 @@
+"""Small statistics shared by `eval` and `eval --agreement`: seeded bootstrap intervals and win rates."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_RESAMPLES = 1000
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, seed: int, resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean: resample `values` with replacement `resamples` times.
+
+    Seeded, so the same values and seed give the same interval. None for an empty sample.
+    """
+    import numpy as np
+
+    if not values:
+        return None
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mean_with_ci(values: Sequence[float], *, seed: int, resamples: int = DEFAULT_RESAMPLES) -> dict[str, object]:
+    """{"mean", "ci95": [low, high], "n"}: how every averaged figure is reported."""
+    interval = bootstrap_ci(values, seed=seed, resamples=resamples)
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "ci95": list(interval) if interval else None,
+        "n": len(values),
+    }
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """Per-prompt comparison of a system against the base: higher is a win."""
+
+    win: int
+    tie: int
+    loss: int
+
+    @classmethod
+    def count(cls, system: Sequence[float], base: Sequence[float]) -> WinRate:
+        pairs = list(zip(system, base, strict=True))
+        return cls(
+            sum(1 for s, b in pairs if s > b),
+            sum(1 for s, b in pairs if s == b),
+            sum(1 for s, b in pairs if s < b),
+        )
+
+    @property
+    def total(self) -> int:
+        return self.win + self.tie + self.loss
+
+    def rates(self) -> dict[str, float | int | None]:
+        """Shares of prompts won, tied and lost, and the win rate counting a tie as half a win."""
+        n = self.total
+        if not n:
+            return {"win": None, "tie": None, "loss": None, "win_rate": None, "n": 0}
+        return {
+            "win": self.win / n,
+            "tie": self.tie / n,
+            "loss": self.loss / n,
+            "win_rate": (self.win + 0.5 * self.tie) / n,
+            "n": n,
+        }
