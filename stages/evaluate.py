@@ -195,19 +195,21 @@ def summarise(
     def ci_seed(*parts: object) -> int:
         return derive_seed(config.seed, *parts) % 2**32
 
-    def column(system: str, pick: Callable[[dict[str, Any]], float]) -> list[float]:
-        return [pick(r["evaluation"][system]) for r in records]
+    def column(system: str, key: str) -> list[Any]:
+        return [r["evaluation"][system][key] for r in records]
 
+    def scores(system: str, metric: str) -> list[float]:
+        return [r["evaluation"][system]["scores"][metric] for r in records]
+
+    judged = reward_judge is not None
     out: dict[str, Any] = {}
     for system in systems:
         name = system.name
-        tokens, words = column(name, lambda a: a["tokens"]), column(name, lambda a: a["words"])
+        tokens, words = column(name, "tokens"), column(name, "words")
         entry: dict[str, Any] = {
             "adapter": system.adapter,
             "metrics": {
-                m: mean_with_ci(
-                    column(name, lambda a, m=m: a["scores"][m]), seed=ci_seed(name, m), resamples=config.resamples
-                )
+                m: mean_with_ci(scores(name, m), seed=ci_seed(name, m), resamples=config.resamples)
                 for m in config.metrics
             },
             "length": {
@@ -216,28 +218,17 @@ def summarise(
                 "words_mean": statistics.fmean(words) if words else None,
                 "words_median": statistics.median(words) if words else None,
             },
-            "truncation_rate": (
-                sum(1 for r in records if r["evaluation"][name]["finish_reason"] == "length") / len(records)
-                if records
-                else None
-            ),
+            "truncation_rate": column(name, "finish_reason").count("length") / len(records) if records else None,
         }
-        if name != BASE:
-            entry["vs_base"] = {
-                m: WinRate.count(
-                    column(name, lambda a, m=m: a["scores"][m]), column(BASE, lambda a, m=m: a["scores"][m])
-                ).rates()
-                for m in config.metrics
-            }
-        if reward_judge is not None:
-            rewards = column(name, lambda a: a["judge_reward"])
+        if judged:
+            rewards = column(name, "judge_reward")
             entry["judge_reward"] = mean_with_ci(rewards, seed=ci_seed(name, "judge"), resamples=config.resamples)
-            if name != BASE:
-                entry["judge_reward_vs_base"] = WinRate.count(
-                    rewards, column(BASE, lambda a: a["judge_reward"])
-                ).rates()
-        if http_judge is not None and name != BASE:
-            entry["judge_vs_base"] = http_judge_rates([r["evaluation"][name]["judge_verdict"] for r in records])
+        if name != BASE:
+            entry["vs_base"] = {m: WinRate.count(scores(name, m), scores(BASE, m)).rates() for m in config.metrics}
+            if judged:
+                entry["judge_reward_vs_base"] = WinRate.count(rewards, column(BASE, "judge_reward")).rates()
+            if http_judge is not None:
+                entry["judge_vs_base"] = http_judge_rates(column(name, "judge_verdict"))
         out[name] = entry
     summary: dict[str, Any] = {
         "model": config.model,

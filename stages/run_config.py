@@ -164,7 +164,7 @@ def check_value(value: Any, hint: Any) -> str | None:
 
 def _unknown(key: str, known: list[str], source: str) -> ConfigError:
     name = key.rpartition(".")[2]
-    close = difflib.get_close_matches(name, known, n=1)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     if name in SHARED:
         hint = f" ({name} is set at the top level, for every stage)"

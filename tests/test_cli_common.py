@@ -20,6 +20,7 @@ STAGES: dict[str, list[str]] = {
     "generate": ["--model", "{model}", "--max-new-tokens", "2"],
     "score": [],
     "select": ["-n", "1"],
+    "eval": ["--model", "{model}", "--max-new-tokens", "2", "--bootstrap-resamples", "10"],
 }
 
 

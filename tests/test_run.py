@@ -1,0 +1,189 @@
+"""`bleuberi run`: configuration (precedence, errors that name the key), stage skipping and resuming."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+
+from bleuberi_cli.app import app
+from stages.errors import ConfigError, UsageError
+from stages.run import run_recipe
+from stages.run_config import RunConfig, load_config, to_toml
+from stages.train_config import TRAIN_HELP, TrainConfig
+from tests.conftest import EXAMPLES, read_jsonl_text
+
+
+def test_every_train_option_is_documented_for_print_config() -> None:
+    assert set(TRAIN_HELP) == {f.name for f in fields(TrainConfig)}
+
+
+def test_demo_toml_is_the_default_configuration() -> None:
+    assert load_config(EXAMPLES / "configs" / "demo.toml") == RunConfig()
+    assert (EXAMPLES / "configs" / "demo.toml").read_text() == to_toml(RunConfig(), TRAIN_HELP)
+
+
+def test_paper_config_carries_the_papers_settings() -> None:
+    config = load_config(EXAMPLES / "configs" / "paper-qwen2.5-7b.toml")
+    train = config.train_config()
+    assert (config.select.num, config.select.mode, config.select.metric) == (5000, "hard", "bleu")
+    assert (train.num_generations, train.max_prompt_length, train.max_completion_length) == (8, 512, 512)
+    assert (train.temperature, train.beta, train.max_grad_norm, train.reward) == (0.9, 0.04, 0.2, ["bleu"])
+
+
+def test_print_config_round_trips_with_overrides(runner, tmp_path) -> None:
+    result = runner.invoke(app, ["run", "--print-config", "--set", "train.max_steps=7", "--set", "model=/m/x"])
+    assert result.exit_code == 0, result.stderr
+    assert "max_steps = 7  # optimizer steps" in result.stdout and "# micro_batch =   # not set" in result.stdout
+    path = tmp_path / "mine.toml"
+    path.write_text(result.stdout)
+    config = load_config(path)
+    assert config.train.max_steps == 7 and config.model == "/m/x"
+    assert config == load_config(None, ["train.max_steps=7", "model=/m/x"])
+
+
+def test_precedence_set_over_file_over_default(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('seed = 3\n[train]\nmax_steps = 5\nlearning_rate = 1e-4\n[eval]\nmetrics = ["chrf"]\n')
+    config = load_config(path, ["train.max_steps=9", "select.num=2", 'system_prompt="Be brief."'])
+    assert (config.seed, config.train.max_steps, config.train.learning_rate) == (3, 9, 1e-4)
+    assert config.select.num == 2 and config.eval.metrics == ["chrf"] and config.system_prompt == "Be brief."
+    assert config.train.num_generations == RunConfig().train.num_generations  # untouched: the default
+    assert config.train_config().seed == 3 and config.train_config().system_prompt == "Be brief."
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[train]\nlearnig_rate = 1e-4\n", "unknown key 'train.learnig_rate' (did you mean 'learning_rate'?)"),
+        ('[train]\nmax_steps = "ten"\n', "key 'train.max_steps': expected an integer, got a string 'ten'"),
+        ('[train]\nmodel = "x"\n', "unknown key 'train.model' (model is set at the top level"),
+        ('[select]\nmode = "hardest"\n', "key 'select.mode': expected one of 'hard', 'easy', 'medium', 'random'"),
+        ('[eval]\nmetrics = "bleu"\n', "key 'eval.metrics': expected a list of str"),
+        ("seed = true\n", "key 'seed': expected an integer, got a boolean"),
+        ("[evaluation]\nx = 1\n", "unknown key 'evaluation' (did you mean 'eval'?)"),
+        ("select = 3\n", "key 'select': expected a table ([select])"),
+        ("[train]\nbeta = -1.0\n", "[train]: beta must be >= 0"),
+        ('[select]\nmetric = "blue"\n', "unknown metric 'blue'"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_key(runner, tmp_path, text, message) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config(path)
+    assert message in str(error.value)
+    result = runner.invoke(app, ["run", str(path), "--print-config"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("bleuberi: error: ") and message in result.stderr
+
+
+def test_bad_overrides_are_usage_errors(runner) -> None:
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        load_config(None, ["train.max_steps"])
+    result = runner.invoke(app, ["run", "--print-config", "--set", "train.max_step=3"])
+    assert result.exit_code == 2
+    assert "--set: unknown key 'train.max_step' (did you mean 'max_steps'?)" in result.stderr
+    missing = runner.invoke(app, ["run", "/no/such.toml"])
+    assert missing.exit_code == 1 and "/no/such.toml: no such config file" in missing.stderr
+
+
+def tiny_overrides(model) -> list[str]:
+    return [
+        f"model={model}",
+        "device=cpu",
+        "data.max_pool=6",
+        "data.max_heldout=3",
+        "select.num=2",
+        "select.max_new_tokens=4",
+        "train.max_steps=3",
+        "train.save_steps=1",
+        "train.per_device_train_batch_size=4",
+        "train.max_completion_length=4",
+        "eval.max_new_tokens=4",
+        "eval.bootstrap_resamples=20",
+    ]
+
+
+def test_rerun_skips_finished_stages_and_redoes_changed_ones(runner, tiny_model, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["run", "-o", str(run_dir)]
+    for item in tiny_overrides(tiny_model):
+        args += ["--set", item]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    [record] = read_jsonl_text(first.stdout)
+    assert record["ran"] == ["select", "train", "eval"] and set(record["systems"]) == {"base", "trained"}
+    assert "held-out bleu (3 prompts): base " in first.stderr
+    names = {"config.toml", "stages.json", "pool.generated.jsonl", "pool.scored.jsonl", "selected.jsonl"}
+    assert names | {"train", "eval"} <= {p.name for p in run_dir.iterdir()}
+    assert len(read_jsonl_text((run_dir / "selected.jsonl").read_text())) == 2
+    assert {p.name for p in (run_dir / "eval").iterdir()} == {"records.jsonl", "report.md", "report.json"}
+    ledger = json.loads((run_dir / "stages.json").read_text())
+    assert all(entry["done"] for entry in ledger.values())
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in [run_dir / "selected.jsonl", run_dir / "train/adapter/adapter_model.safetensors"]
+    }
+
+    again = runner.invoke(app, [*args, "-q"])
+    assert again.exit_code == 0, again.stderr
+    assert read_jsonl_text(again.stdout)[0]["skipped"] == ["select", "train", "eval"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    changed = runner.invoke(app, [*args, "--set", "train.learning_rate=2e-4"])
+    assert changed.exit_code == 0, changed.stderr
+    rerun = read_jsonl_text(changed.stdout)[0]
+    assert rerun["skipped"] == ["select"] and rerun["ran"] == ["train", "eval"]
+    assert "select: up to date" in changed.stderr
+
+
+def test_an_interrupted_run_continues_training_from_its_checkpoint(tiny_model, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    config = load_config(None, tiny_overrides(tiny_model))
+
+    def stop_at_step_2(metrics: dict) -> None:
+        if metrics["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(config, tmp_path / "cut", on_train_metrics=stop_at_step_2)
+    ledger = json.loads((tmp_path / "cut" / "stages.json").read_text())
+    assert ledger["select"]["done"] and not ledger["train"]["done"] and "eval" not in ledger
+    messages: list[str] = []
+    resumed = run_recipe(config, tmp_path / "cut", say=messages.append)
+    assert resumed.skipped == ["select"] and resumed.ran == ["train", "eval"]
+    assert any(m.startswith("train: continuing an interrupted run") for m in messages)
+    assert any("resumed from" in m and "step-1" in m for m in messages)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut/train/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+    whole = run_recipe(config, tmp_path / "whole")
+    assert whole.ran == ["select", "train", "eval"]
+    cut = load_file(tmp_path / "cut/train/adapter/adapter_model.safetensors")
+    ref = load_file(tmp_path / "whole/train/adapter/adapter_model.safetensors")
+    assert cut.keys() == ref.keys() and all((cut[k] == ref[k]).all() for k in ref)
+
+
+@pytest.mark.slow
+def test_reduced_demo_run_on_the_default_model(runner, tmp_path) -> None:
+    """The CI's end-to-end check: `bleuberi run` with the embedded model and data, made small."""
+    overrides = ["data.max_pool=8", "data.max_heldout=4", "select.num=2", "select.max_new_tokens=16"]
+    overrides += ["train.max_steps=2", "train.per_device_train_batch_size=4", "train.max_completion_length=12"]
+    overrides += ["eval.max_new_tokens=16", "eval.bootstrap_resamples=100", "device=cpu"]
+    args = ["run", "-o", str(tmp_path / "demo")]
+    for item in overrides:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    [record] = read_jsonl_text(result.stdout)
+    assert record["model"] == "smollm2-135m" and record["prompts"] == 4
+    base, trained = record["systems"]["base"], record["systems"]["trained"]
+    assert 0 <= base["metrics"]["bleu"]["mean"] <= 1 and 0 <= trained["metrics"]["bleu"]["mean"] <= 1
+    assert "held-out bleu (4 prompts): base " in result.stderr
+    answers = read_jsonl_text((tmp_path / "demo/eval/records.jsonl").read_text())
+    assert all(a["evaluation"]["base"]["completion"] for a in answers)  # the real model answers something
+    assert (tmp_path / "demo/train/reward.png").stat().st_size > 0
