@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import QuietOpt, boundary, console, progress, say
+from bleuberi_cli.common import QuietOpt, boundary, console, say
 
 HELP = """Run the BLEUBERI recipe end to end in one run folder:
 
@@ -68,14 +68,10 @@ def run_command(
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
         say(f"run folder: {run_dir}", quiet=quiet)
-        with _StepProgress(quiet) as show_step, progress("eval", quiet=quiet, unit="answers") as advance:
-            result = run_recipe(
-                resolved,
-                run_dir,
-                say=lambda m: say(m, quiet=quiet),
-                on_train_metrics=show_step,
-                on_eval_progress=lambda _system, n: advance(n),
-            )
+        # One live display at a time (rich allows no more): the training step line. Select and eval
+        # report by stage messages.
+        with _StepProgress(quiet) as show_step:
+            result = run_recipe(resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_metrics=show_step)
         with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
             stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
         if not quiet:
