@@ -87,6 +87,18 @@ def report_reading(stats: ReadStats, *, quiet: bool) -> None:
             say(f"  also: {more}", quiet=quiet)
 
 
+def read_all_records(input: str | None, *, skip_invalid: bool, quiet: bool, purpose: str) -> list[dict]:
+    """Every record of a stage that needs them all at once (train, eval); says so when there are none."""
+    from stages.records import read_records
+
+    stats = ReadStats()
+    records = list(read_records(input, skip_invalid=skip_invalid, stats=stats))
+    report_reading(stats, quiet=quiet)
+    if not records:
+        say(f"no records: nothing to {purpose}", quiet=quiet)
+    return records
+
+
 @contextlib.contextmanager
 def progress(
     description: str, *, quiet: bool, total: int | None = None, unit: str = "records"

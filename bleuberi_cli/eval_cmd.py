@@ -15,6 +15,7 @@ from bleuberi_cli.common import (
     boundary,
     console,
     progress,
+    read_all_records,
     report_reading,
     say,
 )
@@ -124,7 +125,6 @@ def eval_command(
         else:
             from stages.evaluate import EvalConfig, evaluate
             from stages.judges import HttpJudge, RewardModelJudge
-            from stages.records import ReadStats, read_records
 
             config = EvalConfig(
                 model=model,
@@ -153,11 +153,8 @@ def eval_command(
                     cache_dir=judge_cache,
                     seed=seed,
                 )
-            stats = ReadStats()
-            records = list(read_records(input, skip_invalid=skip_invalid, stats=stats))
-            report_reading(stats, quiet=quiet)
+            records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate")
             if not records:
-                say("no records: nothing to evaluate", quiet=quiet)
                 return
             reward_judge = RewardModelJudge(judge_model, device=device) if judge_model else None
             total = len(records) * len(config.systems)

@@ -8,10 +8,9 @@ from typing import Annotated, Literal
 
 import typer
 
-from bleuberi_cli.common import InputOpt, QuietOpt, SeedOpt, SkipInvalidOpt, boundary, console, report_reading, say
+from bleuberi_cli.common import InputOpt, QuietOpt, SeedOpt, SkipInvalidOpt, boundary, console, read_all_records, say
 from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
 from stages.metrics import METRICS
-from stages.records import ReadStats, read_records
 
 HELP = f"""Fine-tune a LoRA adapter with GRPO, rewarding each sampled completion by reference metrics.
 
@@ -142,11 +141,8 @@ def train(
         if target_modules:
             overrides["target_modules"] = target_modules
         config = TrainConfig(**overrides)
-        stats = ReadStats()
-        records = list(read_records(input, skip_invalid=skip_invalid, stats=stats))
-        report_reading(stats, quiet=quiet)
+        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on")
         if not records:
-            say("no records: nothing to train on", quiet=quiet)
             return
         with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, _StepProgress(quiet) as show:
 
