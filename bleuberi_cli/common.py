@@ -127,3 +127,30 @@ def progress(
             bar.update(task, advance=n, rate=f"{rate:,.0f} {unit}/s")
 
         yield advance
+
+
+class StepProgress:
+    """One live line on stderr (when it is a terminal) with the latest training step's numbers (train, run)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.live = None if quiet or not console.is_terminal else True
+
+    def __enter__(self):
+        if self.live:
+            from rich.live import Live
+
+            self.live = Live("starting...", console=console, transient=True, refresh_per_second=4)
+            self.live.__enter__()
+        return self.show
+
+    def show(self, record: dict) -> None:
+        if self.live:
+            parts = [f"step {record['step']}"]
+            for key in ("reward_mean", "kl", "loss", "completion_length_mean", "seconds"):
+                if key in record:
+                    parts.append(f"{key} {record[key]:.4g}")
+            self.live.update(" | ".join(parts))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.live.__exit__(*exc)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import QuietOpt, boundary, console, say
+from bleuberi_cli.common import QuietOpt, StepProgress, boundary, console, say
 
 HELP = """Run the BLEUBERI recipe end to end in one run folder:
 
@@ -61,7 +61,6 @@ def run_command(
         if print_config:
             sys.stdout.write(to_toml(resolved, TRAIN_HELP))
             return
-        from bleuberi_cli.train_cmd import _StepProgress
         from stages.eval_report import eval_tables, print_tables
         from stages.jsonl import JsonlWriter
         from stages.run import headline, run_recipe
@@ -70,7 +69,7 @@ def run_command(
         say(f"run folder: {run_dir}", quiet=quiet)
         # One live display at a time (rich allows no more): the training step line. Select and eval
         # report by stage messages.
-        with _StepProgress(quiet) as show_step:
+        with StepProgress(quiet) as show_step:
             result = run_recipe(resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_metrics=show_step)
         with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
             stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})

@@ -8,7 +8,16 @@ from typing import Annotated, Literal
 
 import typer
 
-from bleuberi_cli.common import InputOpt, QuietOpt, SeedOpt, SkipInvalidOpt, boundary, console, read_all_records, say
+from bleuberi_cli.common import (
+    InputOpt,
+    QuietOpt,
+    SeedOpt,
+    SkipInvalidOpt,
+    StepProgress,
+    boundary,
+    read_all_records,
+    say,
+)
 from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
 from stages.metrics import METRICS
 
@@ -144,7 +153,7 @@ def train(
         records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on")
         if not records:
             return
-        with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, _StepProgress(quiet) as show:
+        with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, StepProgress(quiet) as show:
 
             def on_metrics(record: dict) -> None:
                 stdout.write(record)
@@ -170,30 +179,3 @@ def train(
                 f"; reward {result.metrics[0]['reward_mean']:.4f} (first step) -> {last['reward_mean']:.4f} (last)"
             )
         say(summary, quiet=quiet)
-
-
-class _StepProgress:
-    """One live line on stderr (when it is a terminal) with the latest step's numbers."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.live = None if quiet or not console.is_terminal else True
-
-    def __enter__(self):
-        if self.live:
-            from rich.live import Live
-
-            self.live = Live("starting...", console=console, transient=True, refresh_per_second=4)
-            self.live.__enter__()
-        return self.show
-
-    def show(self, record: dict) -> None:
-        if self.live:
-            parts = [f"step {record['step']}"]
-            for key in ("reward_mean", "kl", "loss", "completion_length_mean", "seconds"):
-                if key in record:
-                    parts.append(f"{key} {record[key]:.4g}")
-            self.live.update(" | ".join(parts))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live:
-            self.live.__exit__(*exc)

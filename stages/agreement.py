@@ -21,7 +21,7 @@ from stages.jsonl import iter_json_lines, source_name
 from stages.metrics import get_metric
 from stages.records import ReadStats, stable_id
 from stages.sampling import derive_seed
-from stages.stats import DEFAULT_RESAMPLES, mean_with_ci
+from stages.stats import DEFAULT_RESAMPLES, bootstrap_seed, mean_with_ci
 
 WINNERS = {"a": "a", "b": "b", "tie": "tie", "model_a": "a", "model_b": "b"}
 BOTH_BAD = "tie (bothbad)"
@@ -133,12 +133,12 @@ def measure_agreement(
         "human_winners": {w: sum(1 for p in pairs if p["winner"] == w) for w in ("a", "b", "tie")},
         "seed": seed,
         "agreement": {
-            name: mean_with_ci(values, seed=derive_seed(seed, name) % 2**32, resamples=resamples)
+            name: mean_with_ci(values, seed=bootstrap_seed(seed, name), resamples=resamples)
             for name, values in agrees.items()
         },
         "by_num_references": {
             name: [
-                {"k": k + 1, **mean_with_ci(column, seed=derive_seed(seed, name, k) % 2**32, resamples=resamples)}
+                {"k": k + 1, **mean_with_ci(column, seed=bootstrap_seed(seed, name, k), resamples=resamples)}
                 for k, column in enumerate(columns)
             ]
             for name, columns in by_k.items()

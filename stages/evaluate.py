@@ -23,7 +23,7 @@ from stages.errors import UsageError
 from stages.metrics import get_metric
 from stages.models import DEFAULT_MODEL
 from stages.sampling import SamplingParams
-from stages.stats import DEFAULT_RESAMPLES, WinRate, mean_with_ci
+from stages.stats import DEFAULT_RESAMPLES, WinRate, bootstrap_seed, mean_with_ci
 
 if TYPE_CHECKING:
     from stages.judges import HttpJudge, RewardModelJudge
@@ -190,10 +190,6 @@ def summarise(
     http_judge: HttpJudge | None = None,
 ) -> dict[str, Any]:
     """Per system: metric means with bootstrap intervals, lengths, truncation, and wins against the base."""
-    from stages.sampling import derive_seed
-
-    def ci_seed(*parts: object) -> int:
-        return derive_seed(config.seed, *parts) % 2**32
 
     def column(system: str, key: str) -> list[Any]:
         return [r["evaluation"][system][key] for r in records]
@@ -209,7 +205,7 @@ def summarise(
         entry: dict[str, Any] = {
             "adapter": system.adapter,
             "metrics": {
-                m: mean_with_ci(scores(name, m), seed=ci_seed(name, m), resamples=config.resamples)
+                m: mean_with_ci(scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.resamples)
                 for m in config.metrics
             },
             "length": {
@@ -222,7 +218,9 @@ def summarise(
         }
         if judged:
             rewards = column(name, "judge_reward")
-            entry["judge_reward"] = mean_with_ci(rewards, seed=ci_seed(name, "judge"), resamples=config.resamples)
+            entry["judge_reward"] = mean_with_ci(
+                rewards, seed=bootstrap_seed(config.seed, name, "judge"), resamples=config.resamples
+            )
         if name != BASE:
             entry["vs_base"] = {m: WinRate.count(scores(name, m), scores(BASE, m)).rates() for m in config.metrics}
             if judged:

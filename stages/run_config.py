@@ -245,9 +245,8 @@ def build(values: dict[str, Any]) -> RunConfig:
     defaults = RunConfig()
     sections = {}
     for name, cls in SECTIONS.items():
-        base = asdict(getattr(defaults, name)) if name != "train" else defaults.train.to_dict()
         try:
-            sections[name] = cls(**{**base, **values.get(name, {})})
+            sections[name] = cls(**{**asdict(getattr(defaults, name)), **values.get(name, {})})
         except BleuberiError as error:
             raise ConfigError(f"[{name}]: {error}") from None
     top = {k: v for k, v in values.items() if k not in SECTIONS}

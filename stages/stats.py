@@ -9,6 +9,13 @@ from dataclasses import dataclass
 DEFAULT_RESAMPLES = 1000
 
 
+def bootstrap_seed(*parts: object) -> int:
+    """A bootstrap seed from any parts (run seed, system, metric...), so each figure resamples on its own."""
+    from stages.sampling import derive_seed
+
+    return derive_seed(*parts) % 2**32
+
+
 def bootstrap_ci(
     values: Sequence[float], *, seed: int, resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95
 ) -> tuple[float, float] | None:
