@@ -44,8 +44,8 @@ def peak_rss_mb() -> float:
 
 
 def run_bleuberi(steps: int, gradient_checkpointing: bool) -> dict:
-    from stages.train import train
-    from stages.train_config import TrainConfig
+    from stages.train.config import TrainConfig
+    from stages.train.loop import train
 
     config = TrainConfig(
         num_generations=G,
@@ -72,7 +72,7 @@ def run_trl(steps: int, gradient_checkpointing: bool) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from stages.models import resolve_model
+    from stages.core.models import resolve_model
 
     records = load_records(2 * (steps + 1))
     dataset = Dataset.from_list(
@@ -127,8 +127,8 @@ def run_trl(steps: int, gradient_checkpointing: bool) -> dict:
 
 
 def run_demo(steps: int) -> dict:
-    from stages.train import train
-    from stages.train_config import TrainConfig
+    from stages.train.config import TrainConfig
+    from stages.train.loop import train
 
     config = TrainConfig(
         num_generations=4,

@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from stages.errors import BleuberiError, OutputClosed
-from stages.records import ReadStats
+from stages.core.errors import BleuberiError, OutputClosed
+from stages.core.records import ReadStats
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -89,7 +89,7 @@ def report_reading(stats: ReadStats, *, quiet: bool) -> None:
 
 def read_all_records(input: str | None, *, skip_invalid: bool, quiet: bool, purpose: str) -> list[dict]:
     """Every record of a stage that needs them all at once (train, eval); says so when there are none."""
-    from stages.records import read_records
+    from stages.core.records import read_records
 
     stats = ReadStats()
     records = list(read_records(input, skip_invalid=skip_invalid, stats=stats))

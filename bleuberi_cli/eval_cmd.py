@@ -108,12 +108,12 @@ def eval_command(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.eval_report import agreement_tables, eval_tables, print_tables, write_report
-        from stages.jsonl import JsonlWriter
+        from stages.core.jsonl import JsonlWriter
+        from stages.eval.report import agreement_tables, eval_tables, print_tables, write_report
 
         metrics = metric or ["bleu", "bleu-paper", "chrf", "rouge-l"]
         if agreement:
-            from stages.agreement import PairStats, measure_agreement, read_pairs
+            from stages.eval.agreement import PairStats, measure_agreement, read_pairs
 
             pair_stats = PairStats()
             pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=pair_stats))
@@ -123,8 +123,8 @@ def eval_command(
             report_reading(pair_stats, quiet=quiet)
             tables = agreement_tables(result.summary)
         else:
-            from stages.evaluate import EvalConfig, evaluate
-            from stages.judges import HttpJudge, RewardModelJudge
+            from stages.eval.evaluate import EvalConfig, evaluate
+            from stages.eval.judges import HttpJudge, RewardModelJudge
 
             config = EvalConfig(
                 model=model,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,25 +14,44 @@ from bleuberi_cli.common import (
     SkipInvalidOpt,
     boundary,
     progress,
-    report_reading,
+    read_all_records,
     say,
 )
-from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
-from stages.errors import UsageError
-from stages.records import NORMALISATION_HELP, ReadStats, read_records
+from bleuberi_cli.model_options import (
+    ApiKeyEnvOpt,
+    BackendOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    ServerModelOpt,
+    ServerUrlOpt,
+    SystemPromptOpt,
+    TrustRemoteCodeOpt,
+)
+from stages.core.models import DEFAULT_MODEL
+from stages.core.records import NORMALISATION_HELP
+
+if TYPE_CHECKING:
+    from stages.generate import GenerateStats
 
 HELP = f"""Sample completions from a causal LM for each record's prompt.
 
-Adds `completions` (n strings) and `generation` (model, adapter, sampling parameters, seed, and per
-sample the finish reason and token count). Prompts go through the tokenizer's chat template; records
-with `messages` use their turns. Each sample has its own random stream derived from (seed, id, sample
-index): same seed, same outputs, whatever the batching, and a resumed run matches an uninterrupted one.
+Adds `completions` (n strings) and `generation` (model, adapter, engine, sampling parameters, seed,
+and per sample the finish reason and token count). Prompts go through the tokenizer's chat template;
+records with `messages` use their turns. Each sample has its own random stream derived from (seed, id,
+sample index): same seed, same outputs, whatever the batching, and a resumed run matches an
+uninterrupted one. Reads and checks every record before loading the model.
 
-\\b
 Examples:
+
   bleuberi generate -i examples/data/heldout.jsonl -n 2 --max-new-tokens 32
+
   bleuberi generate -i pool.jsonl -o pool.gen.jsonl --resume       # continue after a kill
+
   bleuberi generate -i pool.jsonl --temperature 0 | bleuberi score | bleuberi select -n 20
+
+  bleuberi generate -i pool.jsonl --backend server --server-url http://127.0.0.1:8000/v1
 
 {NORMALISATION_HELP}
 """
@@ -42,7 +60,7 @@ Examples:
 def generate(
     input: InputOpt = None,
     output: OutputOpt = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: Annotated[
         str | None,
         typer.Option("--adapter", metavar="PATH", help="A PEFT LoRA folder (e.g. train's adapter/); merged for speed."),
@@ -75,9 +93,11 @@ def generate(
     dtype: DtypeOpt = "auto",
     system_prompt: SystemPromptOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    backend: Annotated[
-        Literal["transformers", "vllm"], typer.Option("--backend", help="vllm needs the vllm package and a GPU.")
-    ] = "transformers",
+    backend: BackendOpt = "transformers",
+    server_url: ServerUrlOpt = None,
+    server_model: ServerModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 8,
     resume: Annotated[
         bool,
         typer.Option(
@@ -89,82 +109,54 @@ def generate(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.generate import GenerateStats, Generator, check_params, generate_records, vllm_generate_records
-        from stages.jsonl import JsonlWriter, prepare_resume
+        from stages.engines.generator import EngineOptions, Generator
+        from stages.generate import check_params, generate_file
 
         params = check_params(num_samples, max_new_tokens, temperature, top_p)
-        if resume and not output:
-            raise UsageError("--resume needs -o/--output FILE (the file to continue)")
-        done: set[str] = set()
-        if resume:
-            state = prepare_resume(output)  # type: ignore[arg-type]
-            done = state.ids
-            if state.dropped_partial_line:
-                say(f"dropped a half-written last line from {output}", quiet=quiet)
-            if done:
-                say(f"resuming: {len(done)} records already in {output}", quiet=quiet)
-        stats = ReadStats()
-        # Read and check everything before loading the model: a bad line at the end of a long file
-        # must not cost hours of generation.
-        todo = [r for r in read_records(input, skip_invalid=skip_invalid, stats=stats) if r["id"] not in done]
-        gen_stats = GenerateStats()
-        with JsonlWriter(output, flush_each=True, append=resume) as writer:
-            if todo:
-                start = time.perf_counter()
-                if backend == "vllm":
-                    outputs = vllm_generate_records(
-                        todo,
-                        model=model,
-                        adapter=adapter,
-                        params=params,
-                        n=num_samples,
-                        seed=seed,
-                        dtype=dtype,
-                        trust_remote_code=trust_remote_code,
-                        system_prompt=system_prompt,
-                        max_prompt_length=max_prompt_length,
-                        stats=gen_stats,
-                    )
-                    generator = None
-                else:
-                    say(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""), quiet=quiet)
-                    generator = Generator.load(
-                        model,
-                        adapter=adapter,
-                        device=device,
-                        dtype=dtype,
-                        trust_remote_code=trust_remote_code,
-                        system_prompt=system_prompt,
-                        max_prompt_length=max_prompt_length,
-                    )
-                    gen_stats.load_seconds = time.perf_counter() - start
-                    outputs = generate_records(
-                        todo,
-                        generator,
-                        params,
-                        n=num_samples,
-                        seed=seed,
-                        batch_size=batch_size,
-                        max_batch_tokens=max_batch_tokens,
-                        stats=gen_stats,
-                    )
-                with progress("generating", quiet=quiet, unit="prompts") as advance:
-                    for record in outputs:
-                        writer.write(record)
-                        advance(1)
-                if generator is not None and generator.prompts.truncated:
-                    say(
-                        f"{generator.prompts.truncated} prompt(s) cut from the left to {max_prompt_length} tokens",
-                        quiet=quiet,
-                    )
-        report_reading(stats, quiet=quiet)
-        if gen_stats.records:
-            seconds = max(gen_stats.seconds, 1e-9)
-            say(
-                f"generated {gen_stats.completions} completions for {gen_stats.records} prompts in {seconds:.1f}s "
-                f"({gen_stats.records / seconds:.2f} prompts/s, {gen_stats.new_tokens / seconds:.0f} tokens/s; "
-                f"model load {gen_stats.load_seconds:.1f}s)",
-                quiet=quiet,
+        engine = EngineOptions(backend, server_url, server_model, api_key_env, concurrency)
+
+        def load() -> Generator:
+            say(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""), quiet=quiet)
+            return Generator.load(
+                model,
+                adapter=adapter,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                system_prompt=system_prompt,
+                max_prompt_length=max_prompt_length,
+                engine=engine,
             )
-        else:
-            say("nothing to generate", quiet=quiet)
+
+        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="generate")
+        with progress("generating", quiet=quiet, unit="prompts") as advance:
+            stats = generate_file(
+                records,
+                output,
+                load,
+                params,
+                n=num_samples,
+                seed=seed,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                resume=resume,
+                on_message=lambda m: say(m, quiet=quiet),
+                on_record=lambda: advance(1),
+            )
+        if records and not stats.records:
+            say(f"nothing to generate: every record is already in {output}", quiet=quiet)
+        _report(stats, output, max_prompt_length, quiet=quiet)
+
+
+def _report(stats: GenerateStats, output: str | None, max_prompt_length: int | None, *, quiet: bool) -> None:
+    if stats.truncated_prompts:
+        say(f"{stats.truncated_prompts} prompt(s) cut from the left to {max_prompt_length} tokens", quiet=quiet)
+    if not stats.records:
+        return
+    seconds = max(stats.seconds, 1e-9)
+    say(
+        f"generated {stats.completions} completions for {stats.records} prompts in {seconds:.1f}s "
+        f"({stats.records / seconds:.2f} prompts/s, {stats.new_tokens / seconds:.0f} tokens/s; "
+        f"model load {stats.load_seconds:.1f}s)" + (f"; written to {output}" if output else ""),
+        quiet=quiet,
+    )

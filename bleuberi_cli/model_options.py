@@ -1,4 +1,4 @@
-"""Options shared by the commands that load a model (generate, train, eval)."""
+"""Options shared by the commands that load a model or talk to an engine (generate, train, eval)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from typing import Annotated, Literal
 
 import typer
 
+from stages.core.models import DEFAULT_MODEL
+
 ModelOpt = Annotated[
     str,
     typer.Option(
         "--model",
         metavar="NAME|PATH|HUB-ID",
-        help="Causal LM: 'smollm2-135m' (embedded, offline), a local folder, or a Hugging Face hub id.",
+        help=f"Causal LM: '{DEFAULT_MODEL}' (embedded, offline), a local folder, or a Hugging Face hub id.",
         envvar="BLEUBERI_MODEL",
     ),
 ]
@@ -33,4 +35,38 @@ TrustRemoteCodeOpt = Annotated[
 SystemPromptOpt = Annotated[
     str | None,
     typer.Option("--system-prompt", metavar="TEXT", help="A system turn put before prompts that have none."),
+]
+BackendOpt = Annotated[
+    Literal["transformers", "vllm", "server"],
+    typer.Option(
+        "--backend",
+        help=(
+            "Who samples: transformers (in this process, the exact reference), vllm (vLLM in this process, "
+            "CPU or GPU), or server (an OpenAI-compatible endpoint at --server-url: vllm serve, SGLang, ...)."
+        ),
+    ),
+]
+ServerUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server-url",
+        metavar="URL",
+        help="Base URL of the server, ending in /v1, e.g. http://127.0.0.1:8000/v1.",
+        envvar="BLEUBERI_SERVER_URL",
+    ),
+]
+ServerModelOpt = Annotated[
+    str | None,
+    typer.Option("--server-model", metavar="NAME", help="The served model's name (default: the one it lists)."),
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key-env",
+        metavar="VAR",
+        help="Environment variable holding the server's API key; sent to that host only, never on a redirect.",
+    ),
+]
+ConcurrencyOpt = Annotated[
+    int, typer.Option("--concurrency", metavar="N", help="Requests in flight to the server at once.")
 ]

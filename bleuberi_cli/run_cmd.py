@@ -54,16 +54,16 @@ def run_command(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.run_config import load_config, to_toml
-        from stages.train_config import TRAIN_HELP
+        from stages.run.config import load_config, to_toml
+        from stages.train.config import TRAIN_HELP
 
         resolved = load_config(config, set_ or [])
         if print_config:
             sys.stdout.write(to_toml(resolved, TRAIN_HELP))
             return
-        from stages.eval_report import eval_tables, print_tables
-        from stages.jsonl import JsonlWriter
-        from stages.run import headline, run_recipe
+        from stages.core.jsonl import JsonlWriter
+        from stages.eval.report import eval_tables, print_tables
+        from stages.run.recipe import headline, run_recipe
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
         say(f"run folder: {run_dir}", quiet=quiet)

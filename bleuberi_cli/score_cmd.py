@@ -17,9 +17,9 @@ from bleuberi_cli.common import (
     report_reading,
     say,
 )
-from stages.jsonl import JsonlWriter
+from stages.core.jsonl import JsonlWriter
+from stages.core.records import NORMALISATION_HELP, ReadStats, read_records
 from stages.metrics import METRICS
-from stages.records import NORMALISATION_HELP, ReadStats, read_records
 from stages.score import Aggregate, Scorer, score_records
 
 METRIC_LIST = "\n".join(f"  {name:<14} {cls.description}" for name, cls in METRICS.items())

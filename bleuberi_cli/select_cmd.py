@@ -16,8 +16,8 @@ from bleuberi_cli.common import (
     console,
     report_reading,
 )
-from stages.jsonl import JsonlWriter
-from stages.records import ReadStats, read_records
+from stages.core.jsonl import JsonlWriter
+from stages.core.records import ReadStats, read_records
 from stages.select import Mode, quantiles, select_records
 
 HELP = """Pick N records by their `score` (from `bleuberi score`).

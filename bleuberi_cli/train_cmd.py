@@ -137,10 +137,10 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.jsonl import JsonlWriter
-        from stages.train import TrainingInterrupted
-        from stages.train import train as run_training
-        from stages.train_config import TrainConfig
+        from stages.core.jsonl import JsonlWriter
+        from stages.train.config import TrainConfig
+        from stages.train.loop import TrainingInterrupted
+        from stages.train.loop import train as run_training
 
         values = dict(locals())
         names = {f.name for f in fields(TrainConfig)}

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stages.errors import UsageError
+from stages.core.errors import UsageError
 from stages.metrics import Metric, get_metric
 
 Aggregate = Literal["mean", "max", "min"]

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from stages.errors import UsageError
-from stages.jsonl import atomic_path
+from stages.core.errors import UsageError
+from stages.core.jsonl import atomic_path
 
 Mode = Literal["hard", "easy", "medium", "random"]
 MODES: tuple[str, ...] = ("hard", "easy", "medium", "random")

@@ -18,8 +18,8 @@ import json
 import pytest
 
 from bleuberi_cli.app import app
-from stages.agreement import PairStats, measure_agreement, read_pairs
-from stages.errors import InputError
+from stages.core.errors import InputError
+from stages.eval.agreement import PairStats, measure_agreement, read_pairs
 from tests.conftest import EXAMPLES, read_jsonl_text, write_jsonl
 
 PAIRS = EXAMPLES / "pairs.jsonl"

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from bleuberi_cli.app import app
+from stages.core.models import DEFAULT_MODEL, embedded_model_dir, resolve_model
 from stages.generate import Generator, SamplingParams, generate_records
-from stages.models import DEFAULT_MODEL, embedded_model_dir, resolve_model
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
 
 pytestmark = pytest.mark.slow

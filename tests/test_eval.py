@@ -8,9 +8,9 @@ import statistics
 import pytest
 
 from bleuberi_cli.app import app
-from stages.errors import UsageError
-from stages.evaluate import EvalConfig, evaluate, parse_systems
-from stages.stats import WinRate, bootstrap_ci, mean_with_ci
+from stages.core.errors import UsageError
+from stages.eval.evaluate import EvalConfig, evaluate, parse_systems
+from stages.eval.stats import WinRate, bootstrap_ci, mean_with_ci
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
 
 
@@ -146,7 +146,7 @@ def test_reward_model_judge_scores_each_answer(tiny_reward_model, tiny_model, ti
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages.judges import RewardModelJudge
+    from stages.eval.judges import RewardModelJudge
 
     judge = RewardModelJudge(str(tiny_reward_model), device="cpu", batch_size=2)
     records = demo_records(count=3)

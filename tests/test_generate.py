@@ -8,9 +8,10 @@ import orjson
 import pytest
 
 from bleuberi_cli.app import app
-from stages.errors import ModelError
-from stages.generate import Generator, PromptEncoder, SamplingParams, generate_records, plain_prompt
-from stages.models import publish_folder, resolve_model
+from stages.core.errors import ModelError
+from stages.core.models import publish_folder, resolve_model
+from stages.engines.prompts import PromptEncoder, plain_prompt
+from stages.generate import Generator, SamplingParams, generate_records
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
 
 
@@ -57,7 +58,7 @@ def test_plain_prompt_fallback_without_chat_template(generator) -> None:
 def test_left_truncation_is_counted(tiny_model) -> None:
     short = Generator.load(str(tiny_model), max_prompt_length=12)
     ids = short.encode({"prompt": "A long prompt that certainly has more than twelve tokens in it, many more."})
-    assert len(ids) == 12 and short.prompts.truncated == 1
+    assert len(ids) == 12 and short.encoder.truncated == 1
     assert short.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
@@ -228,7 +229,7 @@ def test_usage_errors(runner, tiny_model, tmp_path) -> None:
     model = ["--model", str(tiny_model)]
     cases = [
         (["--resume"], "--resume needs -o/--output"),
-        (["--backend", "vllm"], "--backend vllm needs the vllm package and a CUDA GPU"),
+        (["--backend", "server"], "--backend server needs --server-url URL"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["-n", "0"], "-n/--num-samples must be >= 1"),
     ]

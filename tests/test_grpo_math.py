@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stages.grpo import Denominator, LossConfig, group_advantages, grpo_loss, zero_std_groups
+from stages.train.loss import Denominator, LossConfig, group_advantages, grpo_loss, zero_std_groups
 
 
 def test_group_advantages_by_hand() -> None:

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.evaluate import http_judge_rates
-from stages.judges import HttpJudge, JudgeUnavailable, parse_verdict
+from stages.eval.evaluate import http_judge_rates
+from stages.eval.judges import HttpJudge, JudgeUnavailable, parse_verdict
 
 
 class FakeJudgeServer:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import stages.logprobs as logprobs
-from stages.logprobs import chosen_logprobs, completion_logprobs, pack
+import stages.train.logprobs as logprobs
+from stages.train.logprobs import chosen_logprobs, completion_logprobs, pack
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
-from stages.errors import UsageError
+from stages.core.errors import UsageError
 from stages.metrics import METRICS, get_metric
 
 WORDS = st.sampled_from(

@@ -7,8 +7,8 @@ import gzip
 import orjson
 import pytest
 
-from stages.errors import InputError
-from stages.records import ReadStats, normalise, prompt_messages, read_records, stable_id
+from stages.core.errors import InputError
+from stages.core.records import ReadStats, normalise, prompt_messages, read_records, stable_id
 from tests.conftest import write_jsonl
 
 

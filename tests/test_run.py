@@ -8,10 +8,10 @@ from dataclasses import fields
 import pytest
 
 from bleuberi_cli.app import app
-from stages.errors import ConfigError, UsageError
-from stages.run import run_recipe
-from stages.run_config import RunConfig, load_config, to_toml
-from stages.train_config import TRAIN_HELP, TrainConfig
+from stages.core.errors import ConfigError, UsageError
+from stages.run.config import RunConfig, load_config, to_toml
+from stages.run.recipe import run_recipe
+from stages.train.config import TRAIN_HELP, TrainConfig
 from tests.conftest import EXAMPLES, read_jsonl_text
 
 

@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 
 from bleuberi_cli.app import app
-from stages.errors import UsageError
+from stages.core.errors import UsageError
 from stages.score import CHUNK_RECORDS, Scorer, score_records
 from tests.conftest import EXAMPLES, read_jsonl_text, write_jsonl
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bleuberi_cli.app import app
-from stages.errors import UsageError
+from stages.core.errors import UsageError
 from stages.select import quantiles, select_records, selection_size
 from tests.conftest import read_jsonl_text, write_jsonl
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from bleuberi_cli.app import app
-from stages.train import lr_at, train
-from stages.train_config import TrainConfig
+from stages.train.config import TrainConfig
+from stages.train.loop import lr_at, train
 from tests.conftest import ROOT, demo_records, read_jsonl_text, write_jsonl
 
 LEARN_RECORDS = [
@@ -226,7 +226,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path) -> No
 def test_resume_refuses_changed_settings(tiny_model, tmp_path) -> None:
     records = demo_records(count=4)
     train(records, small_config(tiny_model, max_steps=2), tmp_path / "run")
-    from stages.errors import UsageError
+    from stages.core.errors import UsageError
 
     with pytest.raises(UsageError, match="learning_rate"):
         train(records, small_config(tiny_model, max_steps=4, learning_rate=1e-3), tmp_path / "run", resume="latest")
@@ -389,9 +389,9 @@ def test_bad_training_input(runner, tiny_model, tmp_path) -> None:
 
 
 def test_skip_zero_std_and_mask_truncated(tiny_model) -> None:
-    from stages.policy_update import micro_batches
-    from stages.rollout import Rollout, TrainPrompt
-    from stages.sampling import Sample
+    from stages.engines.base import Sample
+    from stages.train.rollout import Rollout, TrainPrompt
+    from stages.train.update import micro_batches
 
     samples = [
         Sample([5, 6, 2], [-1.0, -1.0, -1.0], True),

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from stages.errors import UsageError
+from stages.core.errors import UsageError
 from stages.metrics.base import Metric
 from stages.metrics.bleu import Bleu, PaperBleu
 from stages.metrics.chrf import ChrF

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from stages.distributed import Distributed
-from stages.grpo import Denominator, LossConfig, grpo_loss
-from stages.logprobs import PackedBatch, completion_logprobs, pack
-from stages.rollout import Rollout
+from stages.train.distributed import Distributed
+from stages.train.logprobs import PackedBatch, completion_logprobs, pack
+from stages.train.loss import Denominator, LossConfig, grpo_loss
+from stages.train.rollout import Rollout
 
 
 @dataclass

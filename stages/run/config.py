@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.errors import BleuberiError, ConfigError, UsageError
+from stages.core.errors import BleuberiError, ConfigError, UsageError
 from stages.metrics import get_metric
-from stages.train_config import TrainConfig
+from stages.train.config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

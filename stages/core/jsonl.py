@@ -19,7 +19,7 @@ from typing import IO, Any, BinaryIO
 
 import orjson
 
-from stages.errors import InputError, OutputClosed
+from stages.core.errors import InputError, OutputClosed
 
 STDIN_NAME = "<stdin>"
 STDOUT_NAME = "<stdout>"

@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from stages.errors import InputError
-from stages.jsonl import iter_json_lines, source_name
+from stages.core.errors import InputError
+from stages.core.jsonl import iter_json_lines, source_name
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 

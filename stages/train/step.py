@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from stages.distributed import Distributed
-from stages.generate import Generator
-from stages.grpo import LossConfig
-from stages.policy_update import UpdateStats, micro_batches, policy_update
-from stages.rollout import Rollout, TrainPrompt, sample_rollout, score_rollout
-from stages.sampling import SamplingParams
+from stages.engines.base import SamplingParams
+from stages.engines.generator import Generator
 from stages.score import Scorer
-from stages.train_config import TrainConfig
+from stages.train.config import TrainConfig
+from stages.train.distributed import Distributed
+from stages.train.loss import LossConfig
+from stages.train.rollout import Rollout, TrainPrompt, sample_rollout, score_rollout
+from stages.train.update import UpdateStats, micro_batches, policy_update
 
 
 def grpo_step(

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
-from stages.distributed import Distributed
-from stages.errors import InputError
-from stages.generate import Generator, PromptEncoder
-from stages.grpo import group_advantages, zero_std_groups
-from stages.sampling import Sample, SamplingParams, derive_seed
+from stages.core.errors import InputError
+from stages.engines.base import Sample, SamplingParams, derive_seed
+from stages.engines.generator import Generator
+from stages.engines.prompts import PromptEncoder, cut_left
 from stages.score import Scorer
+from stages.train.distributed import Distributed
+from stages.train.loss import group_advantages, zero_std_groups
 
 
 @dataclass
@@ -45,7 +46,7 @@ def prepare_prompts(
                 report.dropped += 1
                 continue
             report.truncated += 1
-            ids = ids[len(ids) - max_prompt_length :]  # keep the end: the question and the answer cue
+            ids = cut_left(ids, max_prompt_length)
         prompts.append(TrainPrompt(record["id"], ids, record["references"]))
     report.kept = len(prompts)
     if not prompts:

@@ -24,14 +24,14 @@ from typing import Any
 
 import orjson
 
-from stages.errors import ConfigError
-from stages.jsonl import JsonlWriter, atomic_path, prepare_resume
-from stages.records import read_records
-from stages.run_config import RunConfig, to_toml
-from stages.train_config import TRAIN_HELP
+from stages.core.errors import ConfigError
+from stages.core.jsonl import JsonlWriter, atomic_path
+from stages.core.records import read_records
+from stages.run.config import RunConfig, to_toml
+from stages.train.config import TRAIN_HELP
 
 STAGES = ("select", "train", "eval")
-DEMO_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+DEMO_DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 Say = Callable[[str], None]
 
@@ -107,20 +107,19 @@ def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
 
 
 def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> None:
-    from stages.generate import Generator, generate_records
-    from stages.sampling import SamplingParams
+    from stages.engines.generator import Generator
+    from stages.generate import generate_file, sampling_params
     from stages.score import Scorer, score_records
     from stages.select import select_records
 
     pool = _head(list(read_records(data_path(config.data.pool))), config.data.max_pool)
     generated = run_dir / "pool.generated.jsonl"
-    done = prepare_resume(generated).ids if resume else set()
     if not resume:
         generated.unlink(missing_ok=True)
-    todo = [r for r in pool if r["id"] not in done]
-    if todo:
-        say(f"select: the base model answers {len(todo)} pool prompts" + (f" ({len(done)} done)" if done else ""))
-        generator = Generator.load(
+
+    def load() -> Generator:
+        say(f"select: the base model answers the pool ({len(pool)} prompts)")
+        return Generator.load(
             config.model,
             device=config.device,
             dtype=config.dtype,
@@ -128,13 +127,18 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
             system_prompt=config.system_prompt,
             max_prompt_length=config.train.max_prompt_length,
         )
-        params = SamplingParams(config.select.max_new_tokens, config.select.temperature)
-        with JsonlWriter(generated, append=True) as writer:
-            for record in generate_records(
-                todo, generator, params, n=1, seed=config.seed, batch_size=config.select.batch_size
-            ):
-                writer.write(record)
-        del generator
+
+    # Always appended as answers finish, so an interrupted selection continues where it stopped.
+    generate_file(
+        pool,
+        generated,
+        load,
+        sampling_params(config.select.max_new_tokens, config.select.temperature),
+        seed=config.seed,
+        batch_size=config.select.batch_size,
+        resume=True,
+        on_message=lambda m: say(f"select: {m}"),
+    )
     answered = {r["id"]: r for r in read_records(generated, require=("completions",))}
     scorer = Scorer.from_names([config.select.metric])
     scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=1))
@@ -158,8 +162,8 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def run_train(
     config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_metrics: Callable[[dict], None] | None
 ) -> None:
-    from stages.checkpoint import list_checkpoints
-    from stages.train import train
+    from stages.train.checkpoint import list_checkpoints
+    from stages.train.loop import train
 
     out = run_dir / "train"
     can_resume = resume and bool(list_checkpoints(out / "checkpoints"))
@@ -177,8 +181,8 @@ def run_train(
 
 
 def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callable[[str, int], None] | None) -> None:
-    from stages.eval_report import eval_tables, write_report
-    from stages.evaluate import EvalConfig, evaluate
+    from stages.eval.evaluate import EvalConfig, evaluate
+    from stages.eval.report import eval_tables, write_report
 
     records = _head(list(read_records(data_path(config.data.heldout))), config.data.max_heldout)
     eval_config = EvalConfig(

@@ -11,7 +11,7 @@ DEFAULT_RESAMPLES = 1000
 
 def bootstrap_seed(*parts: object) -> int:
     """A bootstrap seed from any parts (run seed, system, metric...), so each figure resamples on its own."""
-    from stages.sampling import derive_seed
+    from stages.engines.base import derive_seed
 
     return derive_seed(*parts) % 2**32
 

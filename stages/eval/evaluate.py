@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.errors import UsageError
+from stages.core.errors import UsageError
+from stages.core.models import DEFAULT_MODEL
+from stages.engines.base import SamplingParams
+from stages.eval.stats import DEFAULT_RESAMPLES, WinRate, bootstrap_seed, mean_with_ci
 from stages.metrics import get_metric
-from stages.models import DEFAULT_MODEL
-from stages.sampling import SamplingParams
-from stages.stats import DEFAULT_RESAMPLES, WinRate, bootstrap_seed, mean_with_ci
 
 if TYPE_CHECKING:
-    from stages.judges import HttpJudge, RewardModelJudge
+    from stages.eval.judges import HttpJudge, RewardModelJudge
 
 BASE = "base"
 DEFAULT_EVAL_METRICS = ["bleu", "bleu-paper", "chrf", "rouge-l"]
@@ -106,7 +106,7 @@ def generate_answers(
     records: Sequence[dict[str, Any]], config: EvalConfig, system: System, on_progress: Progress | None = None
 ) -> list[dict[str, Any]]:
     """One answer per record from one system: text, token count, finish reason."""
-    from stages.generate import Generator
+    from stages.engines.generator import Generator
 
     generator = Generator.load(
         config.model,
@@ -121,11 +121,11 @@ def generate_answers(
     for _record, [sample] in generator.generate(
         records, config.sampling, n=1, seed=config.seed, batch_size=config.batch_size
     ):
-        text = generator.decode(sample.token_ids)
+        text = generator.text(sample)
         answers.append(
             {
                 "completion": text,
-                "tokens": sum(1 for t in sample.token_ids if t not in generator.stop_ids),
+                "tokens": generator.answer_tokens(sample),
                 "words": len(text.split()),
                 "finish_reason": "stop" if sample.finished else "length",
             }

@@ -28,18 +28,18 @@ from typing import Any
 import orjson
 import torch
 
-from stages.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from stages.distributed import Distributed
-from stages.errors import UsageError
-from stages.generate import Generator
-from stages.grpo import LossConfig
-from stages.grpo_step import grpo_step
-from stages.rollout import prepare_prompts, step_items, total_steps
-from stages.sampling import SamplingParams
+from stages.core.errors import UsageError
+from stages.engines.base import SamplingParams
+from stages.engines.generator import Generator
 from stages.score import Scorer
-from stages.sft import sft_examples, sft_update
-from stages.train_config import TrainConfig
-from stages.train_outputs import MetricsLog, plot_metrics, save_adapter, save_merged, write_json
+from stages.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from stages.train.config import TrainConfig
+from stages.train.distributed import Distributed
+from stages.train.loss import LossConfig
+from stages.train.outputs import MetricsLog, plot_metrics, save_adapter, save_merged, write_json
+from stages.train.rollout import prepare_prompts, step_items, total_steps
+from stages.train.sft import sft_examples, sft_update
+from stages.train.step import grpo_step
 
 # Options that may differ between a run and its resumption; anything else must match.
 RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "logging_steps", "device"}
@@ -117,7 +117,7 @@ def _sigint_requests_stop() -> Iterator[threading.Event]:
 def _load_policy(config: TrainConfig, device: torch.device) -> tuple[Any, Generator]:
     from peft import LoraConfig, get_peft_model
 
-    from stages.models import load_model, load_tokenizer, resolve_dtype, resolve_model
+    from stages.core.models import load_model, load_tokenizer, resolve_dtype, resolve_model
 
     resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
@@ -142,7 +142,7 @@ def _load_policy(config: TrainConfig, device: torch.device) -> tuple[Any, Genera
             base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    generator = Generator(model, tokenizer, config.model, None, config.system_prompt, None)
+    generator = Generator.for_model(model, tokenizer, model_name=config.model, system_prompt=config.system_prompt)
     return model, generator
 
 
@@ -170,7 +170,7 @@ def train(
     on_message: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on normalised records; returns where the adapter went."""
-    from stages.models import resolve_device
+    from stages.core.models import resolve_device
 
     say = on_message or (lambda message: None)
     output_dir = Path(output_dir)
@@ -187,7 +187,7 @@ def train(
     model, generator = _load_policy(config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    prompts, report = prepare_prompts(records, generator.prompts, config.max_prompt_length, config.drop_long)
+    prompts, report = prepare_prompts(records, generator.encoder, config.max_prompt_length, config.drop_long)
     if report.truncated or report.dropped:
         say(
             f"prompts over {config.max_prompt_length} tokens: {report.truncated} cut from the left, "

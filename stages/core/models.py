@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from stages.errors import ModelError, UsageError
+from stages.core.errors import ModelError, UsageError
 
 if TYPE_CHECKING:
     import torch

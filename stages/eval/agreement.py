@@ -16,12 +16,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.errors import InputError
-from stages.jsonl import iter_json_lines, source_name
+from stages.core.errors import InputError
+from stages.core.jsonl import iter_json_lines, source_name
+from stages.core.records import ReadStats, stable_id
+from stages.engines.base import derive_seed
+from stages.eval.stats import DEFAULT_RESAMPLES, bootstrap_seed, mean_with_ci
 from stages.metrics import get_metric
-from stages.records import ReadStats, stable_id
-from stages.sampling import derive_seed
-from stages.stats import DEFAULT_RESAMPLES, bootstrap_seed, mean_with_ci
 
 WINNERS = {"a": "a", "b": "b", "tie": "tie", "model_a": "a", "model_b": "b"}
 BOTH_BAD = "tie (bothbad)"

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.errors import ModelError, UsageError
-from stages.jsonl import atomic_path
-from stages.records import prompt_messages, prompt_text
-from stages.sampling import derive_seed
+from stages.core.errors import ModelError, UsageError
+from stages.core.jsonl import atomic_path
+from stages.core.records import prompt_messages, prompt_text
+from stages.engines.base import derive_seed
 
 
 class RewardModelJudge:
@@ -35,7 +35,7 @@ class RewardModelJudge:
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from stages.models import quiet_transformers, resolve_device
+        from stages.core.models import quiet_transformers, resolve_device
 
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
@@ -127,7 +127,7 @@ class HttpJudge:
                 raise UsageError(f"--judge-key-env {key_env}: that environment variable is not set")
         self.timeout, self.retries, self.backoff, self.seed = timeout, retries, backoff, seed
         if cache_dir is None:
-            from stages.models import cache_root
+            from stages.core.models import cache_root
 
             cache_dir = cache_root() / "judge"
         self.cache_dir = Path(cache_dir)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from stages.errors import UsageError
-from stages.grpo import LOSS_TYPES, ImportanceLevel, LossType, ScaleRewards
+from stages.core.errors import UsageError
+from stages.train.loss import LOSS_TYPES, ImportanceLevel, LossType, ScaleRewards
 
 Algo = Literal["grpo", "sft"]
 Schedule = Literal["constant_with_warmup", "linear", "cosine"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.errors import UsageError
+from stages.core.errors import UsageError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from stages.distributed import Distributed
-from stages.generate import Generator
-from stages.logprobs import completion_logprobs, pack
-from stages.rollout import TrainPrompt
-from stages.train_config import TrainConfig
+from stages.engines.generator import Generator
+from stages.train.config import TrainConfig
+from stages.train.distributed import Distributed
+from stages.train.logprobs import completion_logprobs, pack
+from stages.train.rollout import TrainPrompt
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from stages.jsonl import atomic_path
+from stages.core.jsonl import atomic_path
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -1,0 +1,221 @@
+"""Batched sampling from a causal LM with a KV cache: the engine under `generate`, `train` and `eval`.
+
+Why not `model.generate`? Three things it does not give us:
+- one prefill per prompt for n samples (the KV cache is copied n ways afterwards, where
+  `num_return_sequences` runs the prompt n times);
+- a random stream per sample, seeded from (seed, record id, sample index), so a sample does not depend
+  on which other prompts share its batch: a resumed run reproduces an uninterrupted one;
+- the log-probability of every sampled token (under the temperature-scaled distribution that GRPO
+  optimises), which the trainer reuses instead of a second forward pass.
+Rows that have finished are dropped from the batch and the cache as they finish.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stages.engines.base import AdapterRef, Sample, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+def stop_token_ids(generation_config: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids from the model's generation config and the tokenizer (engines stop on any)."""
+    ids: set[int] = set()
+    for source in (generation_config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    if not ids:
+        raise ValueError("the model and tokenizer define no end-of-sequence token")
+    return ids
+
+
+def _forward_parameters(model: PreTrainedModel) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # look through PEFT wrappers
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _pick_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row, and its log-probability under the temperature-scaled distribution."""
+    import torch
+
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(dim=-1), torch.zeros(logits.shape[0], device=logits.device)
+    logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+    probs = logprobs.exp()
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    tokens = torch.stack(
+        [torch.multinomial(probs[row], 1, generator=generators[row])[0] for row in range(probs.shape[0])]
+    )
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Prompts as one left-padded batch: input ids, attention mask, position ids."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention[row, width - len(prompt) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class _DecodeState:
+    """The rows still being decoded, and what each original row has produced so far."""
+
+    tokens: list[list[int]]
+    logps: list[list[float]]
+    finished: list[bool]
+    active: list[int]  # original row of each row still in the batch
+
+    @classmethod
+    def start(cls, rows: int) -> _DecodeState:
+        return cls([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, list(range(rows)))
+
+    def record(self, picked: list[int], picked_logp: list[float], done: list[bool]) -> list[int]:
+        """Append one token per active row; returns the batch positions that go on."""
+        for i, (token, logp, is_done) in enumerate(zip(picked, picked_logp, done)):
+            row = self.active[i]
+            self.tokens[row].append(token)
+            self.logps[row].append(logp)
+            self.finished[row] = is_done
+        return [i for i, is_done in enumerate(done) if not is_done]
+
+
+def sample(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    stop_ids: set[int],
+    pad_id: int,
+) -> list[list[Sample]]:
+    """Sample len(seeds[i]) completions for each tokenised prompt i. Returns samples[prompt][k].
+
+    Prompts are left-padded into one batch; the caller chooses batch sizes (and sorts by length).
+    """
+    n = len(seeds[0])
+    if any(len(s) != n for s in seeds) or len(seeds) != len(prompts):
+        raise ValueError("seeds must give the same number of samples for every prompt")
+    was_training = model.training
+    model.eval()
+    try:
+        state = _decode(model, prompts, seeds, params, stop_ids=stop_ids, pad_id=pad_id)
+    finally:
+        model.train(was_training)
+    return [
+        [Sample(state.tokens[p * n + k], state.logps[p * n + k], state.finished[p * n + k]) for k in range(n)]
+        for p in range(len(prompts))
+    ]
+
+
+def _decode(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    stop_ids: set[int],
+    pad_id: int,
+) -> _DecodeState:
+    """One prefill per prompt, n copies of its KV cache, then token by token until every row stops."""
+    import torch
+    from transformers import DynamicCache
+
+    n = len(seeds[0])
+    device = next(model.parameters()).device
+    input_ids, attention, positions = _left_padded(prompts, pad_id, device)
+    accepted = _forward_parameters(model)
+    # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_arg: cache},
+            **extra,
+        )
+        logits = out.logits[:, -1, :]
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            attention = attention.repeat_interleave(n, dim=0)
+        generators = [torch.Generator(device=device).manual_seed(s) for seed_row in seeds for s in seed_row]
+        next_position = attention.sum(-1)
+        stop = torch.tensor(sorted(stop_ids), device=device)
+        state = _DecodeState.start(logits.shape[0])
+        for _ in range(params.max_new_tokens):
+            picked, picked_logp = _pick_tokens(logits, params, [generators[r] for r in state.active])
+            done = torch.isin(picked, stop)
+            keep = state.record(picked.tolist(), picked_logp.tolist(), done.tolist())
+            if not keep:
+                break
+            if len(keep) < len(state.active):  # drop finished rows from the batch and the cache
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                picked, attention, next_position = picked[index], attention[index], next_position[index]
+                state.active = [state.active[i] for i in keep]
+            attention = torch.cat([attention, attention.new_ones((len(state.active), 1))], dim=-1)
+            out = model(
+                input_ids=picked[:, None],
+                attention_mask=attention,
+                position_ids=next_position[:, None],
+                use_cache=True,
+                **{cache_arg: cache},
+            )
+            next_position = next_position + 1
+            logits = out.logits[:, -1, :]
+    return state
+
+
+class TransformersEngine:
+    """Samples with a transformers model held in this process: the reference engine.
+
+    In training the model is the live policy (the PEFT-wrapped model), so it always samples with the
+    newest adapter weights and `set_adapter` has nothing to do.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: PreTrainedModel, *, stop_ids: set[int], pad_id: int) -> None:
+        self.model = model
+        self.stop_ids = stop_ids
+        self.pad_id = pad_id
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Sample]]:
+        return sample(self.model, prompts, seeds, params, stop_ids=self.stop_ids, pad_id=self.pad_id)
+
+    def set_adapter(self, adapter: AdapterRef | None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]

@@ -1,0 +1,1 @@
+"""The `eval` stage: held-out comparison of systems, judges, metric-human agreement, statistics."""

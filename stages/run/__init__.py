@@ -1,0 +1,1 @@
+"""`bleuberi run`: the whole recipe (select, train, eval) in one run folder, from one config."""
