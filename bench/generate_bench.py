@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 import torch
 
+from stages.core.models import DEFAULT_MODEL
 from stages.generate import Generator, SamplingParams, generate_records
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -65,7 +66,7 @@ def stage(generator: Generator, records: list[dict], n: int, max_new_tokens: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -72,7 +72,7 @@ def run_trl(steps: int, gradient_checkpointing: bool) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from stages.core.models import resolve_model
+    from stages.core.models import DEFAULT_MODEL, resolve_model
 
     records = load_records(2 * (steps + 1))
     dataset = Dataset.from_list(
@@ -114,7 +114,7 @@ def run_trl(steps: int, gradient_checkpointing: bool) -> dict:
             shuffle_dataset=False,
         )
         trainer = GRPOTrainer(
-            model=resolve_model("smollm2-135m").path,
+            model=resolve_model(DEFAULT_MODEL).path,
             reward_funcs=bleu_reward,
             args=config,
             train_dataset=dataset,

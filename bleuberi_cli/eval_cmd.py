@@ -20,7 +20,8 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
-from stages.metrics import METRICS
+from stages.core.models import DEFAULT_MODEL
+from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
 
 HELP = f"""Measure whether training helped: generate held-out answers with the base model and each
 --adapter, score them against the references, and compare each system with the base.
@@ -40,7 +41,7 @@ references}} (winner a|b|tie, or Arena's model_a|model_b|tie; `tie (bothbad)` pa
 counted): how often each metric, a `longer` baseline and a seeded `random` baseline pick the human
 winner, in total and using the first k references.
 
-Metrics: {", ".join(METRICS)} (default: bleu, bleu-paper, chrf, rouge-l).
+Metrics: {", ".join(METRICS)} (default: {", ".join(DEFAULT_EVAL_METRICS)}).
 
 \b
 Examples:
@@ -53,7 +54,7 @@ Examples:
 def eval_command(
     input: InputOpt = None,
     output: OutputOpt = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: Annotated[
         list[str] | None,
         typer.Option("--adapter", metavar="PATH[=NAME]", help="A LoRA adapter to compare with the base; repeatable."),
@@ -111,7 +112,7 @@ def eval_command(
         from stages.core.jsonl import JsonlWriter
         from stages.eval.report import agreement_tables, eval_tables, print_tables, write_report
 
-        metrics = metric or ["bleu", "bleu-paper", "chrf", "rouge-l"]
+        metrics = metric or list(DEFAULT_EVAL_METRICS)
         if agreement:
             from stages.eval.agreement import PairStats, measure_agreement, read_pairs
 

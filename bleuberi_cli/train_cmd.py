@@ -19,6 +19,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
+from stages.core.models import DEFAULT_MODEL
 from stages.metrics import METRICS
 
 HELP = f"""Fine-tune a LoRA adapter with GRPO, rewarding each sampled completion by reference metrics.
@@ -55,7 +56,7 @@ def _opt(*names: str, help: str, metavar: str | None = None) -> typer.models.Opt
 def train(
     output_dir: Annotated[str, _opt("-o", "--output-dir", metavar="DIR", help="Run folder (created if needed).")],
     input: InputOpt = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     algo: Annotated[Literal["grpo", "sft"], _opt("--algo", help="grpo, or sft: the paper's baseline.")] = "grpo",
     reward: Annotated[
         list[str] | None, _opt("--reward", metavar="NAME[:WEIGHT]", help="Reward metric; repeat to sum several.")

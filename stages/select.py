@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from stages.core.errors import UsageError
-from stages.core.jsonl import atomic_path
+from stages.core.files import atomic_path
 
 Mode = Literal["hard", "easy", "medium", "random"]
 MODES: tuple[str, ...] = ("hard", "easy", "medium", "random")

@@ -9,7 +9,8 @@ import pytest
 
 from bleuberi_cli.app import app
 from stages.core.errors import ModelError
-from stages.core.models import publish_folder, resolve_model
+from stages.core.files import publish_folder
+from stages.core.models import resolve_model
 from stages.engines.prompts import PromptEncoder, plain_prompt
 from stages.generate import Generator, SamplingParams, generate_records
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl

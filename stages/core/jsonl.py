@@ -11,7 +11,6 @@ import gzip
 import io
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import IO, Any, BinaryIO
 import orjson
 
 from stages.core.errors import InputError, OutputClosed
+from stages.core.files import new_temp_file
 
 STDIN_NAME = "<stdin>"
 STDOUT_NAME = "<stdout>"
@@ -77,22 +77,6 @@ def iter_json_lines(path: str | os.PathLike[str] | None) -> Iterator[tuple[int, 
     finally:
         if not is_std_stream(path):
             stream.close()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -176,8 +160,7 @@ class JsonlWriter:
                 raise InputError(str(self.path), None, "cannot append to a .gz file; resume needs plain JSONL")
             self._raw = self._stream = open(self.path, "ab")
             return self
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._tmp_path = Path(tmp)
+        fd, self._tmp_path = new_temp_file(self.path)
         self._raw = os.fdopen(fd, "wb")
         if self.path.name.endswith(".gz"):
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0)  # type: ignore[assignment]

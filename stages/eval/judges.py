@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import ModelError, UsageError
-from stages.core.jsonl import atomic_path
+from stages.core.files import atomic_path
 from stages.core.records import prompt_messages, prompt_text
 from stages.engines.base import derive_seed
 

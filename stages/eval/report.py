@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.core.jsonl import atomic_path
+from stages.core.files import atomic_path
 
 Table = tuple[str, list[str], list[list[str]]]  # title, headers, rows
 

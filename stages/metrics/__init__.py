@@ -16,6 +16,9 @@ from stages.metrics.rouge import BleuRougeF1, RougeL
 
 METRICS: dict[str, type[Metric]] = {cls.name: cls for cls in (Bleu, PaperBleu, ChrF, RougeL, BleuRougeF1)}
 
+# What `eval` and `bleuberi run` report when no metric is named: the trained reward and the ones it was not.
+DEFAULT_EVAL_METRICS = ("bleu", "bleu-paper", "chrf", "rouge-l")
+
 
 def get_metric(name: str) -> Metric:
     """A configured metric object by registry name (e.g. "bleu", "bleu-paper", "chrf", "rouge-l")."""
@@ -25,4 +28,14 @@ def get_metric(name: str) -> Metric:
         raise UsageError(f"unknown metric {name!r}; choose from: {', '.join(METRICS)}") from None
 
 
-__all__ = ["METRICS", "Bleu", "BleuRougeF1", "ChrF", "Metric", "PaperBleu", "RougeL", "get_metric"]
+__all__ = [
+    "DEFAULT_EVAL_METRICS",
+    "METRICS",
+    "Bleu",
+    "BleuRougeF1",
+    "ChrF",
+    "Metric",
+    "PaperBleu",
+    "RougeL",
+    "get_metric",
+]

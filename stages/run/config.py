@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.core.errors import BleuberiError, ConfigError, UsageError
-from stages.metrics import get_metric
+from stages.core.models import DEFAULT_MODEL
+from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 from stages.train.config import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -63,7 +64,7 @@ class SelectSection:
 
 @dataclass
 class EvalSection:
-    metrics: list[str] = field(default_factory=lambda: ["bleu", "bleu-paper", "chrf", "rouge-l"])
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_METRICS))
     max_new_tokens: int = 48
     temperature: float = 0.0
     batch_size: int = 16
@@ -80,7 +81,7 @@ def _demo_train() -> TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     seed: int = 42
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

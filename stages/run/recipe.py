@@ -25,7 +25,8 @@ from typing import Any
 import orjson
 
 from stages.core.errors import ConfigError
-from stages.core.jsonl import JsonlWriter, atomic_path
+from stages.core.files import atomic_path
+from stages.core.jsonl import JsonlWriter
 from stages.core.records import read_records
 from stages.run.config import RunConfig, to_toml
 from stages.train.config import TRAIN_HELP

@@ -17,7 +17,6 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages.core.errors import UsageError
+from stages.core.files import atomic_folder
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -91,8 +91,8 @@ def save_checkpoint(
     """Write checkpoints/step-N atomically; optionally keep only the newest `keep_last` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step}"
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".step-{step}."))
-    try:
+    # A checkpoint of the same step from an earlier, interrupted attempt is replaced.
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         save_file(_optimizer_tensors(optimizer, params), str(staging / "optimizer.safetensors"))
         rng_tensors, rng_plain = _rng_state()
@@ -104,12 +104,6 @@ def save_checkpoint(
             **extra,
         }
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if target.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     if keep_last:
         for old in list_checkpoints(folder)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from stages.core.errors import UsageError
+from stages.core.models import DEFAULT_MODEL
 from stages.train.loss import LOSS_TYPES, ImportanceLevel, LossType, ScaleRewards
 
 Algo = Literal["grpo", "sft"]
@@ -21,7 +22,7 @@ Schedule = Literal["constant_with_warmup", "linear", "cosine"]
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     algo: Algo = "grpo"
     reward: list[str] = field(default_factory=lambda: ["bleu"])  # NAME[:WEIGHT], summed
     system_prompt: str | None = None

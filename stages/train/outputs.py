@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from stages.core.jsonl import atomic_path
+from stages.core.files import atomic_folder, atomic_path
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -92,36 +90,18 @@ def plot_metrics(metrics_path: Path, target: Path, say: Callable[[str], None]) -
     plt.close(fig)
 
 
-def _save_folder(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder under a temporary name, then swap it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        write(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
     """The final LoRA: loads with PeftModel.from_pretrained and `bleuberi generate --adapter`."""
 
-    def write(folder: Path) -> None:
+    with atomic_folder(target) as folder:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-
-    _save_folder(target, write)
 
 
 def save_merged(model: Any, tokenizer: Any, target: Path) -> None:
     """A full model with the adapter folded in (safetensors), for plain transformers."""
     merged = model.merge_and_unload()
 
-    def write(folder: Path) -> None:
+    with atomic_folder(target) as folder:
         merged.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-
-    _save_folder(target, write)
