@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from stages.core.errors import BleuberiError, OutputClosed
+from stages.core.errors import BleuberiError, Interrupted, OutputClosed
 from stages.core.records import ReadStats
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
@@ -69,13 +69,16 @@ def boundary() -> Iterator[None]:
         yield
     except (OutputClosed, BrokenPipeError):
         raise typer.Exit(0) from None
+    except Interrupted as stopped:
+        sys.stderr.write(f"bleuberi: {stopped}\n")
+        raise typer.Exit(stopped.exit_code) from None
     except BleuberiError as error:
         if State.verbose:
             traceback.print_exc(file=sys.stderr)
         sys.stderr.write(f"bleuberi: error: {error}\n")
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
-        sys.stderr.write("bleuberi: interrupted\n")
+        sys.stderr.write("bleuberi: interrupted (files already written are complete; rerun to continue)\n")
         raise typer.Exit(130) from None
 
 

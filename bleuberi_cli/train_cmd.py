@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from dataclasses import fields
 from typing import Annotated, Literal
 
 import typer
@@ -19,8 +17,11 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
-from stages.core.models import DEFAULT_MODEL
 from stages.metrics import METRICS
+from stages.train.config import TRAIN_HELP, TrainConfig
+
+# One source for every option's default and help: TrainConfig and TRAIN_HELP (also behind run --print-config).
+DEFAULTS = TrainConfig()
 
 HELP = f"""Fine-tune a LoRA adapter with GRPO, rewarding each sampled completion by reference metrics.
 
@@ -53,80 +54,102 @@ def _opt(*names: str, help: str, metavar: str | None = None) -> typer.models.Opt
     return typer.Option(*names, help=help, metavar=metavar)
 
 
+# The signature is the command's option list (typer reads it); the body only builds the config and runs.
 def train(
     output_dir: Annotated[str, _opt("-o", "--output-dir", metavar="DIR", help="Run folder (created if needed).")],
     input: InputOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    algo: Annotated[Literal["grpo", "sft"], _opt("--algo", help="grpo, or sft: the paper's baseline.")] = "grpo",
-    reward: Annotated[
-        list[str] | None, _opt("--reward", metavar="NAME[:WEIGHT]", help="Reward metric; repeat to sum several.")
-    ] = None,
-    num_generations: Annotated[int, _opt("--num-generations", metavar="G", help="Samples per prompt.")] = 8,
+    model: ModelOpt = DEFAULTS.model,
+    algo: Annotated[Literal["grpo", "sft"], _opt("--algo", help=TRAIN_HELP["algo"])] = "grpo",
+    reward: Annotated[list[str] | None, _opt("--reward", metavar="NAME[:WEIGHT]", help=TRAIN_HELP["reward"])] = None,
+    num_generations: Annotated[
+        int, _opt("--num-generations", metavar="G", help=TRAIN_HELP["num_generations"])
+    ] = DEFAULTS.num_generations,
     per_device_train_batch_size: Annotated[
         int,
-        _opt("--per-device-train-batch-size", metavar="N", help="Completions per sampling batch (multiple of G)."),
-    ] = 8,
-    grad_accum: Annotated[int, _opt("--grad-accum", metavar="K", help="Sampling batches per optimizer step.")] = 1,
+        _opt("--per-device-train-batch-size", metavar="N", help=TRAIN_HELP["per_device_train_batch_size"]),
+    ] = DEFAULTS.per_device_train_batch_size,
+    grad_accum: Annotated[int, _opt("--grad-accum", metavar="K", help=TRAIN_HELP["grad_accum"])] = DEFAULTS.grad_accum,
     micro_batch: Annotated[
-        int | None, _opt("--micro-batch", metavar="N", help="Completions per forward/backward (memory).")
-    ] = None,
-    max_prompt_length: Annotated[int, _opt("--max-prompt-length", metavar="N", help="Longer prompts are cut.")] = 512,
-    max_completion_length: Annotated[int, _opt("--max-completion-length", metavar="N", help="New tokens.")] = 512,
-    drop_long: Annotated[bool, _opt("--drop-long", help="Drop over-long prompts instead of cutting them.")] = False,
-    max_steps: Annotated[int | None, _opt("--max-steps", metavar="N", help="Steps (default: from epochs).")] = None,
-    num_train_epochs: Annotated[float, _opt("--num-train-epochs", metavar="E", help="Passes over the data.")] = 1.0,
+        int | None, _opt("--micro-batch", metavar="N", help=TRAIN_HELP["micro_batch"])
+    ] = DEFAULTS.micro_batch,
+    max_prompt_length: Annotated[
+        int, _opt("--max-prompt-length", metavar="N", help=TRAIN_HELP["max_prompt_length"])
+    ] = DEFAULTS.max_prompt_length,
+    max_completion_length: Annotated[
+        int, _opt("--max-completion-length", metavar="N", help=TRAIN_HELP["max_completion_length"])
+    ] = DEFAULTS.max_completion_length,
+    drop_long: Annotated[bool, _opt("--drop-long", help=TRAIN_HELP["drop_long"])] = DEFAULTS.drop_long,
+    max_steps: Annotated[
+        int | None, _opt("--max-steps", metavar="N", help=TRAIN_HELP["max_steps"])
+    ] = DEFAULTS.max_steps,
+    num_train_epochs: Annotated[
+        float, _opt("--num-train-epochs", metavar="E", help=TRAIN_HELP["num_train_epochs"])
+    ] = DEFAULTS.num_train_epochs,
     learning_rate: Annotated[
-        float, _opt("--learning-rate", "--lr", metavar="LR", help="Peak LR; 10x the paper's full-FT 1e-6 for LoRA.")
-    ] = 1e-5,
+        float, _opt("--learning-rate", "--lr", metavar="LR", help=TRAIN_HELP["learning_rate"])
+    ] = DEFAULTS.learning_rate,
     lr_scheduler_type: Annotated[
-        Literal["constant_with_warmup", "linear", "cosine"], _opt("--lr-scheduler-type", help="After warmup.")
-    ] = "constant_with_warmup",
-    warmup_ratio: Annotated[float, _opt("--warmup-ratio", metavar="R", help="Share of steps warming up.")] = 0.05,
-    weight_decay: Annotated[float, _opt("--weight-decay", metavar="W", help="AdamW weight decay.")] = 0.0,
-    max_grad_norm: Annotated[float, _opt("--max-grad-norm", metavar="N", help="Gradient clipping.")] = 0.2,
-    beta: Annotated[float, _opt("--beta", metavar="B", help="KL weight; 0 skips the reference pass.")] = 0.04,
-    epsilon: Annotated[float, _opt("--epsilon", metavar="E", help="Lower clip range of the ratio.")] = 0.2,
+        Literal["constant_with_warmup", "linear", "cosine"],
+        _opt("--lr-scheduler-type", help=TRAIN_HELP["lr_scheduler_type"]),
+    ] = DEFAULTS.lr_scheduler_type,
+    warmup_ratio: Annotated[
+        float, _opt("--warmup-ratio", metavar="R", help=TRAIN_HELP["warmup_ratio"])
+    ] = DEFAULTS.warmup_ratio,
+    weight_decay: Annotated[
+        float, _opt("--weight-decay", metavar="W", help=TRAIN_HELP["weight_decay"])
+    ] = DEFAULTS.weight_decay,
+    max_grad_norm: Annotated[
+        float, _opt("--max-grad-norm", metavar="N", help=TRAIN_HELP["max_grad_norm"])
+    ] = DEFAULTS.max_grad_norm,
+    beta: Annotated[float, _opt("--beta", metavar="B", help=TRAIN_HELP["beta"])] = DEFAULTS.beta,
+    epsilon: Annotated[float, _opt("--epsilon", metavar="E", help=TRAIN_HELP["epsilon"])] = DEFAULTS.epsilon,
     epsilon_high: Annotated[
-        float | None, _opt("--epsilon-high", metavar="E", help="Upper clip range (default: epsilon).")
-    ] = None,
+        float | None, _opt("--epsilon-high", metavar="E", help=TRAIN_HELP["epsilon_high"])
+    ] = DEFAULTS.epsilon_high,
     loss_type: Annotated[
-        Literal["grpo", "bnpo", "dapo", "dr_grpo"], _opt("--loss-type", help="Token loss aggregation.")
-    ] = "dapo",
+        Literal["grpo", "bnpo", "dapo", "dr_grpo"], _opt("--loss-type", help=TRAIN_HELP["loss_type"])
+    ] = DEFAULTS.loss_type,
     scale_rewards: Annotated[
-        Literal["group", "batch", "none"], _opt("--scale-rewards", help="Divide advantages by this std.")
-    ] = "group",
+        Literal["group", "batch", "none"], _opt("--scale-rewards", help=TRAIN_HELP["scale_rewards"])
+    ] = DEFAULTS.scale_rewards,
     importance_sampling_level: Annotated[
-        Literal["token", "sequence"], _opt("--importance-sampling-level", help="sequence = GSPO.")
-    ] = "token",
-    num_iterations: Annotated[int, _opt("--num-iterations", metavar="MU", help="Updates per rollout.")] = 1,
+        Literal["token", "sequence"], _opt("--importance-sampling-level", help=TRAIN_HELP["importance_sampling_level"])
+    ] = DEFAULTS.importance_sampling_level,
+    num_iterations: Annotated[
+        int, _opt("--num-iterations", metavar="MU", help=TRAIN_HELP["num_iterations"])
+    ] = DEFAULTS.num_iterations,
     mask_truncated: Annotated[
-        bool, _opt("--mask-truncated", help="Leave completions cut at the length limit out of the loss.")
-    ] = False,
-    skip_zero_std: Annotated[
-        bool, _opt("--skip-zero-std", help="Leave groups with equal rewards out of the loss pass (and its KL).")
-    ] = False,
-    temperature: Annotated[float, _opt("--temperature", metavar="T", help="Sampling temperature.")] = 0.9,
-    top_p: Annotated[float, _opt("--top-p", metavar="P", help="Nucleus sampling mass.")] = 1.0,
-    lora_r: Annotated[int, _opt("--lora-r", metavar="R", help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, _opt("--lora-alpha", metavar="A", help="LoRA scale numerator.")] = 32,
-    lora_dropout: Annotated[float, _opt("--lora-dropout", metavar="P", help="LoRA dropout.")] = 0.0,
+        bool, _opt("--mask-truncated", help=TRAIN_HELP["mask_truncated"])
+    ] = DEFAULTS.mask_truncated,
+    skip_zero_std: Annotated[bool, _opt("--skip-zero-std", help=TRAIN_HELP["skip_zero_std"])] = DEFAULTS.skip_zero_std,
+    temperature: Annotated[
+        float, _opt("--temperature", metavar="T", help=TRAIN_HELP["temperature"])
+    ] = DEFAULTS.temperature,
+    top_p: Annotated[float, _opt("--top-p", metavar="P", help=TRAIN_HELP["top_p"])] = DEFAULTS.top_p,
+    lora_r: Annotated[int, _opt("--lora-r", metavar="R", help=TRAIN_HELP["lora_r"])] = DEFAULTS.lora_r,
+    lora_alpha: Annotated[int, _opt("--lora-alpha", metavar="A", help=TRAIN_HELP["lora_alpha"])] = DEFAULTS.lora_alpha,
+    lora_dropout: Annotated[
+        float, _opt("--lora-dropout", metavar="P", help=TRAIN_HELP["lora_dropout"])
+    ] = DEFAULTS.lora_dropout,
     target_modules: Annotated[
-        list[str] | None, _opt("--target-modules", metavar="NAME", help="LoRA targets (default all-linear).")
+        list[str] | None, _opt("--target-modules", metavar="NAME", help=TRAIN_HELP["target_modules"])
     ] = None,
     gradient_checkpointing: Annotated[
         bool | None,
-        _opt("--gradient-checkpointing/--no-gradient-checkpointing", help="Default: on for CUDA, off on CPU."),
-    ] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    system_prompt: SystemPromptOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    seed: SeedOpt = 42,
-    save_steps: Annotated[int, _opt("--save-steps", metavar="N", help="Checkpoint every N steps.")] = 50,
+        _opt("--gradient-checkpointing/--no-gradient-checkpointing", help=TRAIN_HELP["gradient_checkpointing"]),
+    ] = DEFAULTS.gradient_checkpointing,
+    device: DeviceOpt = DEFAULTS.device,
+    dtype: DtypeOpt = DEFAULTS.dtype,
+    system_prompt: SystemPromptOpt = DEFAULTS.system_prompt,
+    trust_remote_code: TrustRemoteCodeOpt = DEFAULTS.trust_remote_code,
+    seed: SeedOpt = DEFAULTS.seed,
+    save_steps: Annotated[int, _opt("--save-steps", metavar="N", help=TRAIN_HELP["save_steps"])] = DEFAULTS.save_steps,
     save_total_limit: Annotated[
-        int | None, _opt("--save-total-limit", metavar="N", help="Keep the newest N checkpoints.")
-    ] = 3,
-    logging_steps: Annotated[int, _opt("--logging-steps", metavar="N", help="Metrics every N steps.")] = 1,
+        int | None, _opt("--save-total-limit", metavar="N", help=TRAIN_HELP["save_total_limit"])
+    ] = DEFAULTS.save_total_limit,
+    logging_steps: Annotated[
+        int, _opt("--logging-steps", metavar="N", help=TRAIN_HELP["logging_steps"])
+    ] = DEFAULTS.logging_steps,
     resume: Annotated[bool, _opt("--resume", help="Continue from the newest checkpoint in --output-dir.")] = False,
     resume_from: Annotated[
         str | None, _opt("--resume-from", metavar="DIR|latest", help="Continue from this checkpoint folder.")
@@ -138,45 +161,84 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.core.jsonl import JsonlWriter
-        from stages.train.config import TrainConfig
-        from stages.train.loop import TrainingInterrupted
-        from stages.train.loop import train as run_training
-
-        values = dict(locals())
-        names = {f.name for f in fields(TrainConfig)}
-        overrides = {k: v for k, v in values.items() if k in names and v is not None}
-        if reward:
-            overrides["reward"] = reward
-        if target_modules:
-            overrides["target_modules"] = target_modules
-        config = TrainConfig(**overrides)
+        config = TrainConfig(
+            model=model,
+            algo=algo,
+            reward=reward or DEFAULTS.reward,
+            system_prompt=system_prompt,
+            trust_remote_code=trust_remote_code,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules or DEFAULTS.target_modules,
+            num_generations=num_generations,
+            temperature=temperature,
+            top_p=top_p,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            drop_long=drop_long,
+            per_device_train_batch_size=per_device_train_batch_size,
+            grad_accum=grad_accum,
+            micro_batch=micro_batch,
+            max_steps=max_steps,
+            num_train_epochs=num_train_epochs,
+            learning_rate=learning_rate,
+            lr_scheduler_type=lr_scheduler_type,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            beta=beta,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            loss_type=loss_type,
+            scale_rewards=scale_rewards,
+            importance_sampling_level=importance_sampling_level,
+            num_iterations=num_iterations,
+            mask_truncated=mask_truncated,
+            skip_zero_std=skip_zero_std,
+            device=device,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            seed=seed,
+            save_steps=save_steps,
+            save_total_limit=save_total_limit,
+            logging_steps=logging_steps,
+        )
         records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on")
-        if not records:
-            return
-        with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, StepProgress(quiet) as show:
-
-            def on_metrics(record: dict) -> None:
-                stdout.write(record)
-                show(record)
-
-            try:
-                result = run_training(
-                    records,
-                    config,
-                    output_dir,
-                    resume=resume_from or ("latest" if resume else None),
-                    merge_to=merge_to,
-                    on_metrics=on_metrics,
-                    on_message=lambda m: say(m, quiet=quiet),
-                )
-            except TrainingInterrupted as stopped:
-                sys.stderr.write(f"bleuberi: {stopped}\n")
-                raise typer.Exit(130) from None
-        last = result.metrics[-1] if result.metrics else {}
-        summary = f"done: {result.steps} steps; adapter in {result.adapter}"
-        if "reward_mean" in last and result.metrics:
-            summary += (
-                f"; reward {result.metrics[0]['reward_mean']:.4f} (first step) -> {last['reward_mean']:.4f} (last)"
+        if records:
+            _run(
+                records,
+                config,
+                output_dir,
+                resume=resume_from or ("latest" if resume else None),
+                merge_to=merge_to,
+                quiet=quiet,
             )
-        say(summary, quiet=quiet)
+
+
+def _run(
+    records: list[dict], config: TrainConfig, output_dir: str, *, resume: str | None, merge_to: str | None, quiet: bool
+) -> None:
+    from stages.core.jsonl import JsonlWriter
+    from stages.train.loop import train as run_training
+
+    with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, StepProgress(quiet) as show:
+
+        def on_metrics(record: dict) -> None:
+            stdout.write(record)
+            show(record)
+
+        result = run_training(
+            records,
+            config,
+            output_dir,
+            resume=resume,
+            merge_to=merge_to,
+            on_metrics=on_metrics,
+            on_message=lambda m: say(m, quiet=quiet),
+        )
+    summary = f"done: {result.steps} steps; adapter in {result.adapter}"
+    if result.metrics and "reward_mean" in result.metrics[-1]:
+        first, last = result.metrics[0]["reward_mean"], result.metrics[-1]["reward_mean"]
+        summary += f"; reward {first:.4f} (first step) -> {last:.4f} (last)"
+    say(summary, quiet=quiet)

@@ -170,15 +170,7 @@ def generate_file(
 def check_params(n: int, max_new_tokens: int, temperature: float, top_p: float) -> SamplingParams:
     if n < 1:
         raise UsageError("-n/--num-samples must be >= 1")
-    return sampling_params(max_new_tokens, temperature, top_p)
-
-
-def sampling_params(max_new_tokens: int, temperature: float, top_p: float = 1.0) -> SamplingParams:
-    """SamplingParams from user settings: a bad value is a usage error, not a crash."""
-    try:
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
 
 __all__ = [
@@ -189,5 +181,4 @@ __all__ = [
     "check_params",
     "generate_file",
     "generate_records",
-    "sampling_params",
 ]

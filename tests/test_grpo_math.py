@@ -16,8 +16,8 @@ def test_group_advantages_by_hand() -> None:
     assert group_advantages(rewards, 2, "group").tolist() == pytest.approx(
         [-0.5 / (std_a + 1e-4), 0.5 / (std_a + 1e-4), -1 / (std_b + 1e-4), 1 / (std_b + 1e-4)]
     )
-    batch_std = float(torch.tensor([1.0, 2.0, 3.0, 5.0]).std())  # 1.7078
-    assert batch_std == pytest.approx(1.70782513)
+    # mean 11/4 = 2.75; squared deviations 3.0625 + 0.5625 + 0.0625 + 5.0625 = 8.75; unbiased: / 3
+    batch_std = math.sqrt(8.75 / 3)  # 1.7078
     assert group_advantages(rewards, 2, "batch").tolist() == pytest.approx(
         [-0.5 / (batch_std + 1e-4), 0.5 / (batch_std + 1e-4), -1 / (batch_std + 1e-4), 1 / (batch_std + 1e-4)]
     )
@@ -39,7 +39,7 @@ ADV = torch.tensor([2.0, -1.0])
 
 def _loss(logp, old, ref=None, *, beta=0.0, loss_type="dapo", level="token", denominator=1.0):
     config = LossConfig(
-        beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level
+        beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level
     )
     return grpo_loss(logp, old, ref, ADV, MASK, config, Denominator(denominator))
 
@@ -61,13 +61,16 @@ def test_clipping_by_hand() -> None:
     # row 1 (A = -1): ratios e^-0.5 = 0.61 (clipped at 0.8), e^0.1 = 1.105, e^0.4 = 1.49 (not clipped for A < 0)
     logp = torch.tensor([[0.5, 9.0, -0.5], [-0.5, 0.1, 0.4]])
     parts = _loss(logp, old)
+    # The objective is pessimistic: a positive advantage earns at most 1.28 A, a negative one costs at
+    # least 0.8 A; inside the range the ratio counts as it is. Per token, -(what counts):
     tokens = [
-        -min(math.exp(0.5) * 2, 1.28 * 2),
-        -min(math.exp(-0.5) * 2, 0.8 * 2),
-        -min(math.exp(-0.5) * -1, 0.8 * -1),
-        -min(math.exp(0.1) * -1, math.exp(0.1) * -1),
-        -min(math.exp(0.4) * -1, 1.28 * -1),
+        -1.28 * 2,  # ratio 1.65 > 1.28 with A = +2: capped
+        -math.exp(-0.5) * 2,  # ratio 0.61 with A = +2: a lower ratio is never raised to 0.8
+        0.8 * 1,  # ratio 0.61 < 0.8 with A = -1: the penalty is kept at 0.8 A
+        math.exp(0.1) * 1,  # ratio 1.105 inside [0.8, 1.28]
+        math.exp(0.4) * 1,  # ratio 1.49 with A = -1: a higher ratio is never lowered to 1.28
     ]
+    assert sum(tokens) == pytest.approx(-0.37607, abs=1e-5)  # -2.56 - 1.21306 + 0.8 + 1.10517 + 1.49182
     assert float(parts.loss) == pytest.approx(sum(tokens))
     assert parts.clipped_tokens == 2  # row 0 token 0 and row 1 token 0; the padded 9.0 never counts
 
@@ -125,8 +128,15 @@ def test_denominators() -> None:
 
 def test_sequence_level_ratio_is_the_mean_log_ratio() -> None:
     old = torch.zeros(2, 3)
-    logp = torch.tensor([[0.2, 5.0, 0.4], [0.1, -0.1, 0.3]])  # row 0 masked slot ignored
+    logp = torch.tensor([[0.2, 5.0, 0.4], [0.1, -0.1, 0.3]], requires_grad=True)  # row 0 masked slot ignored
     parts = _loss(logp, old, level="sequence")
-    r0, r1 = math.exp(0.3), math.exp(0.1)  # mean log-ratio over active tokens: 0.3 and 0.1
-    expected = 2 * -min(r0 * 2, 1.28 * 2) + 3 * -min(r1 * -1, r1 * -1)  # r1 = 1.105 is inside the clip range
-    assert float(parts.loss) == pytest.approx(expected, rel=1e-6)
+    # mean log-ratio over active tokens: (0.2 + 0.4) / 2 = 0.3 and (0.1 - 0.1 + 0.3) / 3 = 0.1
+    # row 0: ratio e^0.3 = 1.35 > 1.28 with A = +2, capped: -2.56 on each of its 2 tokens
+    # row 1: ratio e^0.1 = 1.105 inside the range with A = -1: +1.105 on each of its 3 tokens
+    expected = 2 * -2.56 + 3 * math.exp(0.1)  # -1.80448
+    assert float(parts.loss.detach()) == pytest.approx(expected, rel=1e-6)
+    parts.loss.backward()
+    # the capped row has no gradient; row 1's loss is 3 e^m (m its mean log-ratio, dm / dlogp_t = 1/3),
+    # so each of its tokens gets 3 e^m / 3 = e^0.1
+    assert logp.grad[0].abs().sum() == 0
+    assert logp.grad[1].tolist() == pytest.approx([math.exp(0.1)] * 3, rel=1e-6)

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 
 from bleuberi_cli.app import app
-from stages.core.errors import ConfigError, UsageError
+from stages.core.errors import ConfigError, Interrupted, UsageError
 from stages.run.config import RunConfig, load_config, to_toml
 from stages.run.recipe import run_recipe
 from stages.train.config import TRAIN_HELP, TrainConfig
@@ -149,7 +149,7 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tiny_model, t
         if metrics["step"] == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"interrupted during train; .* to continue"):
         run_recipe(config, tmp_path / "cut", on_train_metrics=stop_at_step_2)
     ledger = json.loads((tmp_path / "cut" / "stages.json").read_text())
     assert ledger["select"]["done"] and not ledger["train"]["done"] and "eval" not in ledger
@@ -166,6 +166,20 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tiny_model, t
     cut = load_file(tmp_path / "cut/train/adapter/adapter_model.safetensors")
     ref = load_file(tmp_path / "whole/train/adapter/adapter_model.safetensors")
     assert cut.keys() == ref.keys() and all((cut[k] == ref[k]).all() for k in ref)
+
+
+def test_an_empty_heldout_set_is_reported_not_a_crash(runner, tiny_model, tmp_path) -> None:
+    empty = tmp_path / "heldout.jsonl"
+    empty.write_bytes(b"")
+    args = ["run", "-o", str(tmp_path / "run"), "--set", f"data.heldout={empty}"]
+    for item in tiny_overrides(tiny_model):
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    [record] = read_jsonl_text(result.stdout)
+    assert record["prompts"] == 0 and record["systems"]["trained"]["metrics"]["bleu"]["mean"] is None
+    assert "held-out bleu: no prompts" in result.stderr
 
 
 @pytest.mark.slow

@@ -39,6 +39,12 @@ class ModelError(BleuberiError):
     """A model or adapter that cannot be found or loaded."""
 
 
+class Interrupted(BleuberiError):
+    """Ctrl-C (or SIGTERM) stopped a command; the message says what was kept and how to continue."""
+
+    exit_code = 130
+
+
 class OutputClosed(BleuberiError):
     """The reader of our stdout went away (`| head`). Not a failure: the CLI exits quietly."""
 

@@ -14,22 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from stages.core.errors import UsageError
+
 ENGINES = ("transformers", "vllm", "server")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to sample; built from user settings, so a bad value is a usage error."""
+
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+            raise UsageError("max_new_tokens must be >= 1")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise UsageError("top_p must be in (0, 1]")
 
 
 @dataclass

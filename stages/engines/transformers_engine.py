@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from stages.core.errors import ModelError
 from stages.engines.base import AdapterRef, Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def stop_token_ids(generation_config: Any, tokenizer: Any) -> set[int]:
         elif isinstance(eos, (list, tuple)):
             ids.update(int(e) for e in eos)
     if not ids:
-        raise ValueError("the model and tokenizer define no end-of-sequence token")
+        raise ModelError("the model and tokenizer define no end-of-sequence token")
     return ids
 
 

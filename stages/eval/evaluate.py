@@ -86,10 +86,7 @@ class EvalConfig:
 
     @property
     def sampling(self) -> SamplingParams:
-        try:
-            return SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
 
 
 @dataclass

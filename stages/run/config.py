@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from stages.core.errors import BleuberiError, ConfigError, UsageError
 from stages.core.models import DEFAULT_MODEL
+from stages.engines.base import SamplingParams
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 from stages.train.config import TrainConfig
 
@@ -60,6 +61,8 @@ class SelectSection:
 
     def __post_init__(self) -> None:
         get_metric(self.metric)
+        SamplingParams(self.max_new_tokens, self.temperature)  # checked now, not after hours of work
+        _positive(num=self.num, batch_size=self.batch_size)
 
 
 @dataclass
@@ -73,6 +76,14 @@ class EvalSection:
     def __post_init__(self) -> None:
         for name in self.metrics:
             get_metric(name)
+        SamplingParams(self.max_new_tokens, self.temperature)
+        _positive(batch_size=self.batch_size, bootstrap_resamples=self.bootstrap_resamples)
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
 def _demo_train() -> TrainConfig:
@@ -233,13 +244,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{source}: not valid TOML ({error})") from None
         for key, value in _flatten(table):
             _set(values, key, value, source)
+    if not overrides:
+        return build(values)
+    build(values)  # the file alone must be valid: its errors are the file's (exit 1)
     for spec in overrides:
         key, value = parse_override(spec)
         try:
             _set(values, key, value, "--set")
         except ConfigError as error:
             raise UsageError(str(error)) from None
-    return build(values)
+    try:
+        return build(values)
+    except ConfigError as error:  # then it is the --set values that broke it: a usage error (exit 2)
+        raise UsageError(f"--set: {error}") from None
 
 
 def build(values: dict[str, Any]) -> RunConfig:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from stages.core.errors import ConfigError
+from stages.core.errors import ConfigError, Interrupted
 from stages.core.files import atomic_path
 from stages.core.jsonl import JsonlWriter
 from stages.core.records import read_records
@@ -108,8 +108,9 @@ def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
 
 
 def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> None:
+    from stages.engines.base import SamplingParams
     from stages.engines.generator import Generator
-    from stages.generate import generate_file, sampling_params
+    from stages.generate import generate_file
     from stages.score import Scorer, score_records
     from stages.select import select_records
 
@@ -134,7 +135,7 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
         pool,
         generated,
         load,
-        sampling_params(config.select.max_new_tokens, config.select.temperature),
+        SamplingParams(config.select.max_new_tokens, config.select.temperature),
         seed=config.seed,
         batch_size=config.select.batch_size,
         resume=True,
@@ -261,7 +262,13 @@ def run_recipe(
             say(f"{stage}: continuing an interrupted run (stage hash {digest})")
         ledger.mark(stage, digest, done=False)
         start = time.perf_counter()
-        action(status == "partial")
+        try:
+            action(status == "partial")
+        except (KeyboardInterrupt, Interrupted):
+            raise Interrupted(
+                f"interrupted during {stage}; the work so far is kept in {run_dir}: "
+                f"run the same `bleuberi run` command (same config, -o {run_dir}) to continue"
+            ) from None
         ledger.mark(stage, digest, done=True, seconds=time.perf_counter() - start)
         ran.append(stage)
     summary = orjson.loads((run_dir / "eval" / "report.json").read_bytes())
@@ -275,6 +282,8 @@ def headline(summary: dict[str, Any], metric: str = "bleu") -> str:
     if base is None or trained is None:
         metric = summary["metrics"][0]
         base, trained = systems["base"]["metrics"][metric], systems["trained"]["metrics"][metric]
+    if not summary["prompts"]:  # an empty held-out set: no means to format
+        return f"held-out {metric}: no prompts, nothing to compare"
     wins = systems["trained"]["vs_base"][metric]
     return (
         f"held-out {metric} ({summary['prompts']} prompts): base {base['mean']:.4f} -> trained {trained['mean']:.4f}; "

@@ -13,7 +13,21 @@ from typing import Any, Literal
 
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
-from stages.train.loss import LOSS_TYPES, ImportanceLevel, LossType, ScaleRewards
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none"]
+ImportanceLevel = Literal["token", "sequence"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float = 0.04
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high
+    loss_type: LossType = "dapo"
+    importance_sampling_level: ImportanceLevel = "token"
+
 
 Algo = Literal["grpo", "sft"]
 Schedule = Literal["constant_with_warmup", "linear", "cosine"]
@@ -76,9 +90,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    @property
-    def eps_high(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+    def loss_config(self) -> LossConfig:
+        """The loss settings, with epsilon_high resolved (None means the same as epsilon)."""
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        return LossConfig(self.beta, self.epsilon, high, self.loss_type, self.importance_sampling_level)
 
     @property
     def completions_per_step(self) -> int:
@@ -112,7 +127,10 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
         need(self.beta >= 0, "beta must be >= 0")
-        need(0 < self.epsilon < 1 and self.eps_high > 0, "epsilon must be in (0, 1) and epsilon_high > 0")
+        need(
+            0 < self.epsilon < 1 and self.loss_config().epsilon_high > 0,
+            "epsilon must be in (0, 1) and epsilon_high > 0",
+        )
         need(self.loss_type in LOSS_TYPES, f"unknown loss_type {self.loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence")

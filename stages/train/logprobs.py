@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stages.core.errors import ModelError
+
 # Rows of logits alive at once: chunk_rows x vocab fp32 values (4096 x 32k = 0.5 GB at most).
 CHUNK_ELEMENTS = 2**27
 
@@ -117,9 +119,9 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{type(base).__name__}: need get_decoder() and a linear output head")
+        raise ModelError(f"{type(base).__name__}: training needs get_decoder() and a linear output head")
     if getattr(base.config, "final_logit_softcapping", None):
-        raise ValueError(f"{type(base).__name__} soft-caps its logits, which the chunked head does not reproduce")
+        raise ModelError(f"{type(base).__name__} soft-caps its logits, which the chunked head does not reproduce")
     return decoder, head
 
 

@@ -8,7 +8,7 @@ Notation, per completion i of a group g (the G samples of one prompt) and comple
               r_i - mean_g(r)                                  scale_rewards="none"
     ratio   = exp(logp_t - logp_old_t)                         importance_sampling_level="token"
               exp(mean_t(logp - logp_old)) for the sequence    importance_sampling_level="sequence" (GSPO)
-    L_t     = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)
+    L_t     = -min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i)
               + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)          (k3 estimate of KL(pi || ref))
 
 and the per-token losses L_t over active tokens (mask) are aggregated by `loss_type`:
@@ -25,23 +25,10 @@ summing the micro-batch losses and the ranks' gradients gives exactly the loss o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
-ScaleRewards = Literal["group", "batch", "none"]
-ImportanceLevel = Literal["token", "sequence"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    beta: float = 0.04
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    loss_type: LossType = "dapo"
-    importance_sampling_level: ImportanceLevel = "token"
+from stages.train.config import LOSS_TYPES, LossConfig, LossType, ScaleRewards
 
 
 @dataclass(frozen=True)
@@ -126,7 +113,7 @@ def grpo_loss(
     if config.importance_sampling_level == "sequence":  # GSPO: one length-normalised ratio per sequence
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.epsilon_high)
+    clipped = torch.clamp(ratio, 1 - config.epsilon, 1 + config.epsilon_high)
     adv = advantages.unsqueeze(-1)
     per_token = -torch.min(ratio * adv, clipped * adv)
     kl = None

@@ -2,90 +2,73 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stages.engines.base import SamplingParams
-from stages.engines.generator import Generator
-from stages.score import Scorer
-from stages.train.config import TrainConfig
 from stages.train.distributed import Distributed
-from stages.train.loss import LossConfig
 from stages.train.rollout import Rollout, TrainPrompt, sample_rollout, score_rollout
 from stages.train.update import UpdateStats, micro_batches, policy_update
 
+if TYPE_CHECKING:
+    from stages.train.setup import TrainRun
 
-def grpo_step(
-    model: Any,
-    generator: Generator,
-    scorer: Scorer,
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    prompts: list[TrainPrompt],
-    positions: list[int],
-    *,
-    step: int,
-    config: TrainConfig,
-    loss_config: LossConfig,
-    params_sampling: SamplingParams,
-    dist: Distributed,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[None]],
-) -> dict[str, Any]:
+
+def grpo_step(run: TrainRun, prompts: list[TrainPrompt], positions: list[int], *, step: int) -> dict[str, Any]:
+    """Sample G completions per prompt, reward them, and update the policy; returns the step's metrics."""
+    config = run.config
     t0 = time.perf_counter()
-    with autocast():
+    with run.autocast():
         samples = sample_rollout(
-            generator,
+            run.generator,
             prompts,
             positions,
             step=step,
             seed=config.seed,
             group_size=config.num_generations,
-            params=params_sampling,
+            params=run.sampling,
             prompts_per_batch=config.per_device_train_batch_size // config.num_generations,
         )
     t1 = time.perf_counter()
     rollout = score_rollout(
-        generator,
-        scorer,
+        run.generator,
+        run.scorer,
         prompts,
         samples,
         group_size=config.num_generations,
         scale_rewards=config.scale_rewards,
         skip_zero_std=config.skip_zero_std,
-        dist=dist,
+        dist=run.dist,
     )
     t2 = time.perf_counter()
     batches = micro_batches(
         rollout,
         size=config.micro_batch or config.per_device_train_batch_size,
-        pad_id=generator.pad_id,
-        device=device,
+        pad_id=run.generator.pad_id,
+        device=run.device,
         mask_truncated=config.mask_truncated,
     )
     update = None
     if batches:
         update = policy_update(
-            model,
-            params,
-            optimizer,
+            run.model,
+            run.trainable,
+            run.optimizer,
             batches,
-            loss_config=loss_config,
+            loss_config=run.loss_config,
             num_iterations=config.num_iterations,
             temperature=config.temperature,
             max_grad_norm=config.max_grad_norm,
             max_completion_length=config.max_completion_length,
-            dist=dist,
-            device=device,
-            autocast=autocast,
+            dist=run.dist,
+            device=run.device,
+            autocast=run.autocast,
         )
     t3 = time.perf_counter()
-    return _grpo_metrics(rollout, update, dist, device, sample_s=t1 - t0, score_s=t2 - t1, update_s=t3 - t2)
+    seconds = {"sample": t1 - t0, "score": t2 - t1, "update": t3 - t2}
+    return _grpo_metrics(rollout, update, run.dist, run.device, seconds)
 
 
 def _mean_std(values: list[float], dist: Distributed, device: torch.device) -> tuple[float, float]:
@@ -98,7 +81,11 @@ def _mean_std(values: list[float], dist: Distributed, device: torch.device) -> t
 
 
 def _grpo_metrics(
-    rollout: Rollout, update: UpdateStats | None, dist: Distributed, device: torch.device, **seconds: float
+    rollout: Rollout,
+    update: UpdateStats | None,
+    dist: Distributed,
+    device: torch.device,
+    seconds: dict[str, float],
 ) -> dict[str, Any]:
     rewards = rollout.rewards.tolist()
     reward_mean, reward_std = _mean_std(rewards, dist, device)
@@ -139,7 +126,8 @@ def _grpo_metrics(
         "completion_length_mean": round(length_sum / max(n, 1), 2),
         "completion_length_max": int(length_max),
         "truncation_rate": round(trunc_sum / max(n, 1), 4),
-        "sample_seconds": round(seconds["sample_s"], 4),
-        "update_seconds": round(seconds["update_s"], 4),
+        "sample_seconds": round(seconds["sample"], 4),
+        "score_seconds": round(seconds["score"], 4),
+        "update_seconds": round(seconds["update"], 4),
         "tokens_per_second": round(new_tokens / max(total_seconds, 1e-9), 1),
     }

@@ -26,13 +26,12 @@ class MicroBatch:
 
 @dataclass
 class UpdateStats:
+    """Means over the step's `num_iterations` updates."""
+
     loss: float = 0.0
     kl: float = 0.0
     clip_fraction: float = 0.0
     grad_norm: float = 0.0
-    active_tokens: int = 0
-    sequences: int = 0
-    updates: int = 0
 
 
 def micro_batches(
@@ -86,7 +85,7 @@ def policy_update(
             for mb in batches:
                 mb.ref_logp = completion_logprobs(model, mb.batch, temperature)
 
-    stats = UpdateStats(active_tokens=local_tokens, sequences=sum(len(mb.rows) for mb in batches))
+    stats = UpdateStats()
     model.train()
     for _ in range(num_iterations):
         totals = [0.0, 0.0, 0.0]  # loss, kl sum, clipped tokens
@@ -109,5 +108,4 @@ def policy_update(
         stats.kl += kl_sum / max(global_tokens, 1) / num_iterations
         stats.clip_fraction += clipped / max(global_tokens, 1) / num_iterations
         stats.grad_norm += float(grad_norm) / num_iterations
-        stats.updates += 1
     return stats
