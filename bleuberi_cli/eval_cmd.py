@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,12 +16,15 @@ from bleuberi_cli.common import (
     console,
     progress,
     read_all_records,
-    report_reading,
     say,
 )
 from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
 from stages.core.models import DEFAULT_MODEL
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
+
+if TYPE_CHECKING:
+    from stages.eval.evaluate import EvalConfig
+    from stages.eval.judges import HttpJudge
 
 HELP = f"""Measure whether training helped: generate held-out answers with the base model and each
 --adapter, score them against the references, and compare each system with the base.
@@ -109,71 +112,88 @@ def eval_command(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.core.jsonl import JsonlWriter
-        from stages.eval.report import agreement_tables, eval_tables, print_tables, write_report
-
         metrics = metric or list(DEFAULT_EVAL_METRICS)
         if agreement:
-            from stages.eval.agreement import PairStats, measure_agreement, read_pairs
+            from bleuberi_cli.agreement_cmd import agreement as measure
 
-            pair_stats = PairStats()
-            pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=pair_stats))
-            result = measure_agreement(
-                pairs, metrics, seed=seed, resamples=bootstrap_resamples, dropped_both_bad=pair_stats.dropped_both_bad
-            )
-            report_reading(pair_stats, quiet=quiet)
-            tables = agreement_tables(result.summary)
-        else:
-            from stages.eval.evaluate import EvalConfig, evaluate
-            from stages.eval.judges import HttpJudge, RewardModelJudge
-
-            config = EvalConfig(
-                model=model,
-                adapters=adapter or [],
-                metrics=metrics,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
+            measure(
+                input,
+                output,
+                metrics,
                 seed=seed,
-                batch_size=batch_size,
-                max_prompt_length=max_prompt_length,
-                device=device,
-                dtype=dtype,
-                system_prompt=system_prompt,
-                trust_remote_code=trust_remote_code,
                 resamples=bootstrap_resamples,
+                report=report,
+                skip_invalid=skip_invalid,
+                quiet=quiet,
             )
-            http_judge = None
-            if judge_url:
-                http_judge = HttpJudge(
-                    judge_url,
-                    model=judge_url_model,
-                    key_env=judge_key_env,
-                    timeout=judge_timeout,
-                    retries=judge_retries,
-                    cache_dir=judge_cache,
-                    seed=seed,
-                )
-            records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate")
-            if not records:
-                return
-            reward_judge = RewardModelJudge(judge_model, device=device) if judge_model else None
-            total = len(records) * len(config.systems)
-            with progress("generating", quiet=quiet, total=total, unit="answers") as advance:
-                result = evaluate(
-                    records,
-                    config,
-                    reward_judge=reward_judge,
-                    http_judge=http_judge,
-                    on_progress=lambda _system, n: advance(n),
-                    on_message=lambda m: say(m, quiet=quiet),
-                )
-            tables = eval_tables(result.summary)
-        with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
-            for record in result.records:
-                writer.write(record)
-        if not quiet:
-            print_tables(tables, console)
-        if report:
-            write_report(report, result.summary, tables)
-            say(f"report written to {report}", quiet=quiet)
+            return
+        from stages.eval.evaluate import EvalConfig
+        from stages.eval.judges import HttpJudge
+
+        config = EvalConfig(
+            model=model,
+            adapters=adapter or [],
+            metrics=metrics,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            device=device,
+            dtype=dtype,
+            system_prompt=system_prompt,
+            trust_remote_code=trust_remote_code,
+            resamples=bootstrap_resamples,
+        )
+        http_judge = None
+        if judge_url:
+            http_judge = HttpJudge(
+                judge_url,
+                model=judge_url_model,
+                key_env=judge_key_env,
+                timeout=judge_timeout,
+                retries=judge_retries,
+                cache_dir=judge_cache,
+                seed=seed,
+            )
+        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate")
+        if records:
+            _evaluate(records, config, output, report, judge_model=judge_model, http_judge=http_judge, quiet=quiet)
+
+
+def _evaluate(
+    records: list[dict],
+    config: EvalConfig,
+    output: str | None,
+    report: str | None,
+    *,
+    judge_model: str | None,
+    http_judge: HttpJudge | None,
+    quiet: bool,
+) -> None:
+    from stages.core.jsonl import JsonlWriter
+    from stages.eval.evaluate import evaluate
+    from stages.eval.judges import RewardModelJudge
+    from stages.eval.report import eval_tables, print_tables, write_report
+
+    reward_judge = RewardModelJudge(judge_model, device=config.device) if judge_model else None
+    total = len(records) * len(config.systems)
+    with progress("generating", quiet=quiet, total=total, unit="answers") as advance:
+        result = evaluate(
+            records,
+            config,
+            reward_judge=reward_judge,
+            http_judge=http_judge,
+            on_progress=lambda _system, n: advance(n),
+            on_message=lambda m: say(m, quiet=quiet),
+        )
+    tables = eval_tables(result.summary)
+    with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
+        for record in result.records:
+            writer.write(record)
+    if not quiet:
+        print_tables(tables, console)
+    if report:
+        write_report(report, result.summary, tables)
+        say(f"report written to {report}", quiet=quiet)

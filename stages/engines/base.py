@@ -65,7 +65,7 @@ class Engine(Protocol):
     name: str
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], params: SamplingParams
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
     ) -> list[list[Sample]]:
         """len(seeds[i]) samples for prompt i, each from its own seed. Returns samples[prompt][k]."""
         ...

@@ -127,14 +127,14 @@ class Generator:
         return sum(1 for t in sample.token_ids if t not in self.stop_ids)
 
     def sample_ids(
-        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], params: SamplingParams
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
     ) -> list[list[Sample]]:
-        return self.engine.sample(prompts, seeds, params)
+        return self.engine.sample(prompts, seeds, sampling)
 
     def generate(
         self,
         records: Iterable[dict[str, Any]],
-        params: SamplingParams,
+        sampling: SamplingParams,
         *,
         n: int = 1,
         seed: int = 42,
@@ -156,9 +156,9 @@ class Generator:
             encoded = [self.encode(record) for record in window]
             order = sorted(range(len(window)), key=lambda i: -len(encoded[i]))
             results: dict[int, list[Sample]] = {}
-            for batch in _batches(order, encoded, batch_size, n, params.max_new_tokens, max_batch_tokens):
+            for batch in _batches(order, encoded, batch_size, n, sampling.max_new_tokens, max_batch_tokens):
                 seeds = [[derive_seed(seed, window[i]["id"], k) for k in range(n)] for i in batch]
-                samples = self.sample_ids([encoded[i] for i in batch], seeds, params)
+                samples = self.sample_ids([encoded[i] for i in batch], seeds, sampling)
                 results.update(zip(batch, samples))
                 if on_batch:
                     on_batch(len(batch), sum(len(s.token_ids) for group in samples for s in group))

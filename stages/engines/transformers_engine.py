@@ -45,20 +45,20 @@ def _forward_parameters(model: PreTrainedModel) -> set[str]:
 
 
 def _pick_tokens(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+    logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row, and its log-probability under the temperature-scaled distribution."""
     import torch
 
     logits = logits.float()
-    if params.temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(dim=-1), torch.zeros(logits.shape[0], device=logits.device)
-    logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+    logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
     probs = logprobs.exp()
-    if params.top_p < 1.0:
+    if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
-        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= sampling.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     tokens = torch.stack(
@@ -109,7 +109,7 @@ def sample(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
     seeds: Sequence[Sequence[int]],
-    params: SamplingParams,
+    sampling: SamplingParams,
     *,
     stop_ids: set[int],
     pad_id: int,
@@ -124,7 +124,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        state = _decode(model, prompts, seeds, params, stop_ids=stop_ids, pad_id=pad_id)
+        state = _decode(model, prompts, seeds, sampling, stop_ids=stop_ids, pad_id=pad_id)
     finally:
         model.train(was_training)
     return [
@@ -137,7 +137,7 @@ def _decode(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
     seeds: Sequence[Sequence[int]],
-    params: SamplingParams,
+    sampling: SamplingParams,
     *,
     stop_ids: set[int],
     pad_id: int,
@@ -172,8 +172,8 @@ def _decode(
         next_position = attention.sum(-1)
         stop = torch.tensor(sorted(stop_ids), device=device)
         state = _DecodeState.start(logits.shape[0])
-        for _ in range(params.max_new_tokens):
-            picked, picked_logp = _pick_tokens(logits, params, [generators[r] for r in state.active])
+        for _ in range(sampling.max_new_tokens):
+            picked, picked_logp = _pick_tokens(logits, sampling, [generators[r] for r in state.active])
             done = torch.isin(picked, stop)
             keep = state.record(picked.tolist(), picked_logp.tolist(), done.tolist())
             if not keep:
@@ -211,9 +211,9 @@ class TransformersEngine:
         self.pad_id = pad_id
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], params: SamplingParams
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
     ) -> list[list[Sample]]:
-        return sample(self.model, prompts, seeds, params, stop_ids=self.stop_ids, pad_id=self.pad_id)
+        return sample(self.model, prompts, seeds, sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
 
     def set_adapter(self, adapter: AdapterRef | None) -> None:
         pass

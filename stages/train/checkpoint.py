@@ -56,18 +56,20 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
     tensors = {}
-    for i, param in enumerate(params):
+    for i, param in enumerate(trainable):
         for key, value in optimizer.state.get(param, {}).items():
             tensors[f"{i}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
     return tensors
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], path: Path) -> None:
+def _load_optimizer(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter], path: Path) -> None:
     for name, value in load_file(str(path)).items():
         index, key = name.split(".", 1)
-        param = params[int(index)]
+        param = trainable[int(index)]
         # AdamW keeps its step count as a CPU tensor and the moments beside their parameter
         optimizer.state[param][key] = value if key == "step" else value.to(param.device)
 
@@ -84,7 +86,7 @@ def save_checkpoint(
     step: int,
     model: Any,
     optimizer: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
+    trainable: list[torch.nn.Parameter],
     extra: dict[str, Any],
     keep_last: int | None = None,
 ) -> Path:
@@ -94,7 +96,7 @@ def save_checkpoint(
     # A checkpoint of the same step from an earlier, interrupted attempt is replaced.
     with atomic_folder(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        save_file(_optimizer_tensors(optimizer, params), str(staging / "optimizer.safetensors"))
+        save_file(_optimizer_tensors(optimizer, trainable), str(staging / "optimizer.safetensors"))
         rng_tensors, rng_plain = _rng_state()
         save_file(rng_tensors, str(staging / "rng.safetensors"))
         state = {
@@ -132,7 +134,7 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
 
 
 def load_checkpoint(
-    path: Path, *, model: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+    path: Path, *, model: Any, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter]
 ) -> TrainerState:
     """Restore adapter weights, optimizer state and RNG states; returns the step and saved extras."""
     from peft import set_peft_model_state_dict
@@ -141,7 +143,7 @@ def load_checkpoint(
     result = set_peft_model_state_dict(model, adapter)
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"{path}: the checkpoint's adapter does not fit this model/LoRA configuration")
-    _load_optimizer(optimizer, params, path / "optimizer.safetensors")
+    _load_optimizer(optimizer, trainable, path / "optimizer.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})

@@ -50,14 +50,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+    def sum_gradients(self, trainable: list[torch.nn.Parameter]) -> None:
         if not self.enabled:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat)
         offset = 0
-        for param, grad in zip(params, grads):
+        for param, grad in zip(trainable, grads):
             count = grad.numel()
             param.grad = flat[offset : offset + count].view_as(grad).to(grad.dtype)
             offset += count

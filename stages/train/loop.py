@@ -166,7 +166,7 @@ def _save_checkpoint(run: TrainRun, step: int) -> Path:
             step=step,
             model=run.model,
             optimizer=run.optimizer,
-            params=run.trainable,
+            trainable=run.trainable,
             extra={"total_steps": run.steps},
             keep_last=run.config.save_total_limit,
         )

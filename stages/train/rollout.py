@@ -96,7 +96,7 @@ def sample_rollout(
     step: int,
     seed: int,
     group_size: int,
-    params: SamplingParams,
+    sampling: SamplingParams,
     prompts_per_batch: int,
 ) -> list[Sample]:
     """G samples per prompt, seeded by (seed, step, global position, k): independent of world size."""
@@ -107,7 +107,7 @@ def sample_rollout(
             [derive_seed(seed, "sample", step, position, k) for k in range(group_size)]
             for position in global_positions[start : start + prompts_per_batch]
         ]
-        for group in generator.sample_ids([p.ids for p in chunk], seeds, params):
+        for group in generator.sample_ids([p.ids for p in chunk], seeds, sampling):
             samples.extend(group)
     return samples
 

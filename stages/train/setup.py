@@ -94,7 +94,7 @@ def set_up(
     first_step = 0
     if resume:
         checkpoint = find_checkpoint(output_dir, resume)
-        first_step = load_checkpoint(checkpoint, model=model, optimizer=optimizer, params=trainable).step
+        first_step = load_checkpoint(checkpoint, model=model, optimizer=optimizer, trainable=trainable).step
         say(f"resumed from {checkpoint} at step {first_step}")
     count = sum(p.numel() for p in trainable)
     say(

@@ -40,7 +40,7 @@ def sft_examples(prompts: list[TrainPrompt], generator: Generator, max_answer_le
 
 def sft_update(
     model: Any,
-    params: list[torch.nn.Parameter],
+    trainable: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     examples: list[SftExample],
     *,
@@ -64,8 +64,8 @@ def sft_update(
         loss = -(logp * batch.completion_mask).sum() / max(global_tokens, 1.0)
         loss.backward()
         nll += float(loss.detach())
-    dist.sum_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    dist.sum_gradients(trainable)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     (nll,) = dist.sum([nll], device)

@@ -28,7 +28,7 @@ def grpo_step(run: TrainRun, prompts: list[TrainPrompt], positions: list[int], *
             step=step,
             seed=config.seed,
             group_size=config.num_generations,
-            params=run.sampling,
+            sampling=run.sampling,
             prompts_per_batch=config.per_device_train_batch_size // config.num_generations,
         )
     t1 = time.perf_counter()

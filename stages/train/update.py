@@ -56,7 +56,7 @@ def micro_batches(
 
 def policy_update(
     model: Any,
-    params: list[torch.nn.Parameter],
+    trainable: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     batches: list[MicroBatch],
     *,
@@ -99,8 +99,8 @@ def policy_update(
             totals[0] += float(parts.loss.detach())
             totals[1] += parts.kl_sum
             totals[2] += parts.clipped_tokens
-        dist.sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        dist.sum_gradients(trainable)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss, kl_sum, clipped = dist.sum(totals, device)

@@ -1,0 +1,38 @@
+"""`bleuberi eval --agreement`: how often each metric picks the answer people preferred."""
+
+from __future__ import annotations
+
+from bleuberi_cli.common import console, report_reading, say
+
+
+def agreement(
+    input: str | None,
+    output: str | None,
+    metrics: list[str],
+    *,
+    seed: int,
+    resamples: int,
+    report: str | None,
+    skip_invalid: bool,
+    quiet: bool,
+) -> None:
+    """Score every preference pair with every metric and the baselines; write the pairs and the table."""
+    from stages.core.jsonl import JsonlWriter
+    from stages.eval.agreement import PairStats, measure_agreement, read_pairs
+    from stages.eval.report import agreement_tables, print_tables, write_report
+
+    stats = PairStats()
+    pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=stats))
+    result = measure_agreement(pairs, metrics, seed=seed, resamples=resamples, dropped_both_bad=stats.dropped_both_bad)
+    report_reading(stats, quiet=quiet)
+    if not pairs:
+        say("no pairs: nothing to measure", quiet=quiet)
+    tables = agreement_tables(result.summary)
+    with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
+        for record in result.records:
+            writer.write(record)
+    if not quiet:
+        print_tables(tables, console)
+    if report:
+        write_report(report, result.summary, tables)
+        say(f"report written to {report}", quiet=quiet)

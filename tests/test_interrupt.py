@@ -1,0 +1,74 @@
+"""Ctrl-C is a real SIGINT sent to a real process: one line on stderr, exit 130, and a way to continue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, demo_records, write_jsonl
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bleuberi_cli", *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _interrupt_after_first_line(process: subprocess.Popen, deadline: float = 120.0) -> tuple[str, str]:
+    """Wait for the first stdout record (a finished step), then send SIGINT; returns (stdout, stderr)."""
+    start = time.monotonic()
+    first = process.stdout.readline()  # type: ignore[union-attr]
+    assert first, "the process ended before its first record"
+    assert time.monotonic() - start < deadline
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=deadline)
+    return first + out, err
+
+
+def test_sigint_during_train_saves_a_checkpoint_and_says_how_to_resume(tiny_model, tmp_path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", demo_records("pool", 8))
+    run_dir = tmp_path / "run"
+    args = ["train", "-i", str(data), "-o", str(run_dir), "--model", str(tiny_model), "--device", "cpu"]
+    args += ["--max-steps", "200", "--num-generations", "2", "--per-device-train-batch-size", "4"]
+    args += ["--max-completion-length", "4", "--save-steps", "1000"]
+    process = _start(args, tmp_path)
+    _stdout, stderr = _interrupt_after_first_line(process)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("bleuberi: interrupted; saved ") and last.endswith("(continue with --resume)")
+    saved = Path(last.removeprefix("bleuberi: interrupted; saved ").split(" (")[0])
+    assert (saved / "adapter_model.safetensors").is_file() and saved.parent == run_dir / "checkpoints"
+    assert int(saved.name.removeprefix("step-")) < 200  # it stopped early, at a step boundary
+
+
+def test_sigint_during_run_says_how_to_continue(tiny_model, tmp_path) -> None:
+    from tests.test_run import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(tiny_model) if not o.startswith("train.max_steps")]
+    args = ["run", "-o", str(tmp_path / "run")]
+    for item in [*overrides, "train.max_steps=200"]:
+        args += ["--set", item]
+    process = _start(args, tmp_path)
+    # `run` prints no record until the end: wait for its first checkpoint instead.
+    checkpoints = tmp_path / "run" / "train" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read()  # type: ignore[union-attr]
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("bleuberi: interrupted during train;") and "to continue" in last
