@@ -70,7 +70,7 @@ def run_command(
         # One live display at a time (rich allows no more): the training step line. Select and eval
         # report by stage messages.
         with StepProgress(quiet) as show_step:
-            result = run_recipe(resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_metrics=show_step)
+            result = run_recipe(resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_step=show_step)
         with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
             stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
         if not quiet:

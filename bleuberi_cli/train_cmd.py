@@ -224,7 +224,7 @@ def _run(
 
     with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, StepProgress(quiet) as show:
 
-        def on_metrics(record: dict) -> None:
+        def on_step(record: dict) -> None:
             stdout.write(record)
             show(record)
 
@@ -234,7 +234,7 @@ def _run(
             output_dir,
             resume=resume,
             merge_to=merge_to,
-            on_metrics=on_metrics,
+            on_step=on_step,
             on_message=lambda m: say(m, quiet=quiet),
         )
     summary = f"done: {result.steps} steps; adapter in {result.adapter}"

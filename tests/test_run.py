@@ -150,7 +150,7 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tiny_model, t
             raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match=r"interrupted during train; .* to continue"):
-        run_recipe(config, tmp_path / "cut", on_train_metrics=stop_at_step_2)
+        run_recipe(config, tmp_path / "cut", on_train_step=stop_at_step_2)
     ledger = json.loads((tmp_path / "cut" / "stages.json").read_text())
     assert ledger["select"]["done"] and not ledger["train"]["done"] and "eval" not in ledger
     messages: list[str] = []

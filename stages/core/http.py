@@ -162,7 +162,13 @@ class JsonClient:
     """Requests under one base URL; an API key is attached only to URLs on that base's scheme, host and port."""
 
     def __init__(
-        self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ServerError(base_url, "the URL must start with http:// or https://")
@@ -182,15 +188,25 @@ class JsonClient:
         """JSON reply of `method path` (a path under the base URL, or a full URL)."""
         url = self.url(path)
         return request_json(
-            method, url, payload, headers=self.headers_for(url), timeout=timeout or self.timeout,
-            retries=self.retries, backoff=self.backoff,
+            method,
+            url,
+            payload,
+            headers=self.headers_for(url),
+            timeout=timeout or self.timeout,
+            retries=self.retries,
+            backoff=self.backoff,
         )
 
     def call_text(self, method: str, path: str, payload: Any = None) -> str:
         """Text reply (vLLM answers /v1/load_lora_adapter with plain text, not JSON)."""
         url = self.url(path)
         body = request_bytes(
-            method, url, payload, headers=self.headers_for(url), timeout=self.timeout,
-            retries=self.retries, backoff=self.backoff,
+            method,
+            url,
+            payload,
+            headers=self.headers_for(url),
+            timeout=self.timeout,
+            retries=self.retries,
+            backoff=self.backoff,
         )
         return body.decode("utf-8", "replace")

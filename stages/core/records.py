@@ -121,8 +121,16 @@ def normalise(
     if not isinstance(obj, dict):
         raise InputError(source, line, f"expected a JSON object, got {_type_name(obj)}")
     record: dict[str, Any] = obj
+    _normalise_prompt(record, source, line)
+    _normalise_references(record, source, line)
+    _normalise_id(record, source, line)
+    for name in require:
+        _check_required(record, name, source, line)
+    return record
 
-    # The prompt: `prompt`, else chat `messages`, else Alpaca `instruction` (+ `input`).
+
+def _normalise_prompt(record: dict[str, Any], source: str, line: int) -> None:
+    """`prompt`, else chat `messages`, else Alpaca `instruction` (+ `input`)."""
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
             raise InputError(source, line, f"expected a string, got {_type_name(record['prompt'])}", "prompt")
@@ -145,20 +153,22 @@ def normalise(
     else:
         raise InputError(source, line, "missing (or give `messages`, or `instruction`)", "prompt")
 
-    # The references: `references`, else `reference`, `ground_truth`, or Alpaca `output`.
+
+def _normalise_references(record: dict[str, Any], source: str, line: int) -> None:
+    """`references`, else `reference`, `ground_truth`, or Alpaca `output`."""
     if "references" not in record:
         for alt in ("reference", "ground_truth", "output"):
             if alt in record and (alt != "output" or "instruction" in record):
                 record["references"] = _string_list(record[alt], source, line, alt)
-                break
-        else:
-            raise InputError(source, line, "missing (or give `reference` or `ground_truth`)", "references")
-    elif not isinstance(record["references"], list):
+                return
+        raise InputError(source, line, "missing (or give `reference` or `ground_truth`)", "references")
+    if not isinstance(record["references"], list):
         got = _type_name(record["references"])
         raise InputError(source, line, f"expected a non-empty list of strings, got {got}", "references")
-    else:
-        _string_list(record["references"], source, line, "references")
+    _string_list(record["references"], source, line, "references")
 
+
+def _normalise_id(record: dict[str, Any], source: str, line: int) -> None:
     if "id" not in record:
         record["id"] = stable_id(record)
     elif isinstance(record["id"], int) and not isinstance(record["id"], bool):
@@ -166,20 +176,20 @@ def normalise(
     elif not isinstance(record["id"], str) or not record["id"]:
         raise InputError(source, line, f"expected a non-empty string, got {_type_name(record['id'])}", "id")
 
-    for name in require:
-        if name == "completions":
-            if "completions" not in record:
-                raise InputError(source, line, "missing (run `bleuberi generate` first)", "completions")
-            _string_list_strict(record["completions"], source, line, "completions")
-        elif name == "score":
-            value = record.get("score")
-            if "score" not in record:
-                raise InputError(source, line, "missing (run `bleuberi score` first, or use --mode random)", "score")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(source, line, f"expected a finite number, got {value!r}", "score")
-        else:  # pragma: no cover - programming error
-            raise ValueError(f"unknown requirement {name!r}")
-    return record
+
+def _check_required(record: dict[str, Any], name: str, source: str, line: int) -> None:
+    if name == "completions":
+        if "completions" not in record:
+            raise InputError(source, line, "missing (run `bleuberi generate` first)", "completions")
+        _string_list_strict(record["completions"], source, line, "completions")
+    elif name == "score":
+        value = record.get("score")
+        if "score" not in record:
+            raise InputError(source, line, "missing (run `bleuberi score` first, or use --mode random)", "score")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(source, line, f"expected a finite number, got {value!r}", "score")
+    else:  # pragma: no cover - programming error
+        raise ValueError(f"unknown requirement {name!r}")
 
 
 def _has_alt_reference(record: dict[str, Any]) -> bool:

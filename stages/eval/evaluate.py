@@ -186,44 +186,11 @@ def summarise(
     http_judge: HttpJudge | None = None,
 ) -> dict[str, Any]:
     """Per system: metric means with bootstrap intervals, lengths, truncation, and wins against the base."""
-
-    def column(system: str, key: str) -> list[Any]:
-        return [r["evaluation"][system][key] for r in records]
-
-    def scores(system: str, metric: str) -> list[float]:
-        return [r["evaluation"][system]["scores"][metric] for r in records]
-
-    judged = reward_judge is not None
-    out: dict[str, Any] = {}
-    for system in systems:
-        name = system.name
-        tokens, words = column(name, "tokens"), column(name, "words")
-        entry: dict[str, Any] = {
-            "adapter": system.adapter,
-            "metrics": {
-                m: mean_with_ci(scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.resamples)
-                for m in config.metrics
-            },
-            "length": {
-                "tokens_mean": statistics.fmean(tokens) if tokens else None,
-                "tokens_median": statistics.median(tokens) if tokens else None,
-                "words_mean": statistics.fmean(words) if words else None,
-                "words_median": statistics.median(words) if words else None,
-            },
-            "truncation_rate": column(name, "finish_reason").count("length") / len(records) if records else None,
-        }
-        if judged:
-            rewards = column(name, "judge_reward")
-            entry["judge_reward"] = mean_with_ci(
-                rewards, seed=bootstrap_seed(config.seed, name, "judge"), resamples=config.resamples
-            )
-        if name != BASE:
-            entry["vs_base"] = {m: WinRate.count(scores(name, m), scores(BASE, m)).rates() for m in config.metrics}
-            if judged:
-                entry["judge_reward_vs_base"] = WinRate.count(rewards, column(BASE, "judge_reward")).rates()
-            if http_judge is not None:
-                entry["judge_vs_base"] = http_judge_rates(column(name, "judge_verdict"))
-        out[name] = entry
+    columns = _Columns(records)
+    out = {
+        system.name: _system_summary(columns, system, config, judged=reward_judge is not None, http=http_judge)
+        for system in systems
+    }
     summary: dict[str, Any] = {
         "model": config.model,
         "prompts": len(records),
@@ -243,6 +210,55 @@ def summarise(
     if http_judge is not None:
         summary["judge_url"] = {"url": http_judge.url, "model": http_judge.model, **http_judge.stats()}
     return summary
+
+
+@dataclass
+class _Columns:
+    """One value per record of a system's answers."""
+
+    records: Sequence[dict[str, Any]]
+
+    def __call__(self, system: str, key: str) -> list[Any]:
+        return [r["evaluation"][system][key] for r in self.records]
+
+    def scores(self, system: str, metric: str) -> list[float]:
+        return [r["evaluation"][system]["scores"][metric] for r in self.records]
+
+
+def _system_summary(
+    column: _Columns, system: System, config: EvalConfig, *, judged: bool, http: HttpJudge | None
+) -> dict[str, Any]:
+    name, n = system.name, len(column.records)
+    tokens, words = column(name, "tokens"), column(name, "words")
+    entry: dict[str, Any] = {
+        "adapter": system.adapter,
+        "metrics": {
+            m: mean_with_ci(
+                column.scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.resamples
+            )
+            for m in config.metrics
+        },
+        "length": {
+            "tokens_mean": statistics.fmean(tokens) if tokens else None,
+            "tokens_median": statistics.median(tokens) if tokens else None,
+            "words_mean": statistics.fmean(words) if words else None,
+            "words_median": statistics.median(words) if words else None,
+        },
+        "truncation_rate": column(name, "finish_reason").count("length") / n if n else None,
+    }
+    if judged:
+        seed = bootstrap_seed(config.seed, name, "judge")
+        entry["judge_reward"] = mean_with_ci(column(name, "judge_reward"), seed=seed, resamples=config.resamples)
+    if name != BASE:
+        entry["vs_base"] = {
+            m: WinRate.count(column.scores(name, m), column.scores(BASE, m)).rates() for m in config.metrics
+        }
+        if judged:
+            rewards, base_rewards = column(name, "judge_reward"), column(BASE, "judge_reward")
+            entry["judge_reward_vs_base"] = WinRate.count(rewards, base_rewards).rates()
+        if http is not None:
+            entry["judge_vs_base"] = http_judge_rates(column(name, "judge_verdict"))
+    return entry
 
 
 def http_judge_rates(verdicts: Sequence[str | None]) -> dict[str, float | int | None]:

@@ -162,7 +162,7 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def run_train(
-    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_metrics: Callable[[dict], None] | None
+    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_step: Callable[[dict], None] | None
 ) -> None:
     from stages.train.checkpoint import list_checkpoints
     from stages.train.loop import train
@@ -177,7 +177,7 @@ def run_train(
         config.train_config(),
         out,
         resume="latest" if can_resume else None,
-        on_metrics=on_metrics,
+        on_step=on_step,
         on_message=lambda m: say(f"train: {m}"),
     )
 
@@ -210,19 +210,8 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
     write_report(folder / "report.md", result.summary, tables)
 
 
-def run_recipe(
-    config: RunConfig,
-    run_dir: str | Path,
-    *,
-    say: Say = lambda message: None,
-    on_train_metrics: Callable[[dict], None] | None = None,
-    on_eval_progress: Callable[[str, int], None] | None = None,
-) -> RunResult:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "config.toml") as tmp:
-        tmp.write_text(to_toml(config, TRAIN_HELP))
-    ledger = StageLedger.open(run_dir)
+def stage_digests(config: RunConfig) -> tuple[str, str, str]:
+    """Each stage's hash: its settings, its input files' contents and the hash of the stage before it."""
     shared = _shared(config)
     select_digest = stage_hash(
         "select",
@@ -242,11 +231,28 @@ def run_recipe(
         asdict(config.eval),
         config.train.max_prompt_length,
     )
+    return select_digest, train_digest, eval_digest
+
+
+def run_recipe(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    say: Say = lambda message: None,
+    on_train_step: Callable[[dict], None] | None = None,
+    on_eval_progress: Callable[[str, int], None] | None = None,
+) -> RunResult:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.toml") as tmp:
+        tmp.write_text(to_toml(config, TRAIN_HELP))
+    ledger = StageLedger.open(run_dir)
+    select_digest, train_digest, eval_digest = stage_digests(config)
     steps: dict[str, tuple[str, Callable[[bool], None]]] = {
         "select": (select_digest, lambda resume: run_select(config, run_dir, resume=resume, say=say)),
         "train": (
             train_digest,
-            lambda resume: run_train(config, run_dir, resume=resume, say=say, on_metrics=on_train_metrics),
+            lambda resume: run_train(config, run_dir, resume=resume, say=say, on_step=on_train_step),
         ),
         "eval": (eval_digest, lambda resume: run_eval(config, run_dir, say=say, on_progress=on_eval_progress)),
     }

@@ -26,7 +26,7 @@ from typing import Any
 from stages.core.errors import Interrupted
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
-from stages.train.outputs import MetricsLog, plot_metrics, save_adapter, save_merged
+from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged
 from stages.train.rollout import step_items
 from stages.train.setup import TrainRun, set_up
 from stages.train.sft import sft_update
@@ -91,21 +91,21 @@ def train(
     *,
     resume: str | None = None,
     merge_to: str | None = None,
-    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
     on_message: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on normalised records; returns where the adapter went."""
     say = on_message or (lambda message: None)
     run = set_up(records, config, Path(output_dir), resume=resume, say=say)
-    log = MetricsLog(run.output_dir / "metrics.jsonl", enabled=run.dist.is_main, first_step=run.first_step)
+    log = StepLog(run.output_dir / "metrics.jsonl", enabled=run.dist.is_main, first_step=run.first_step)
 
     with sigint_requests_stop() as stop_requested:
         for step in range(run.first_step, run.steps):
-            metrics = train_step(run, step)
+            record = train_step(run, step)
             if (step + 1) % config.logging_steps == 0 or step + 1 == run.steps:
-                log.write(metrics)
-                if on_metrics and run.dist.is_main:
-                    on_metrics(metrics)
+                log.write(record)
+                if on_step and run.dist.is_main:
+                    on_step(record)
             interrupted = stop_requested.is_set()
             if (step + 1) % config.save_steps == 0 or step + 1 == run.steps or interrupted:
                 checkpoint = _save_checkpoint(run, step + 1)

@@ -18,7 +18,7 @@ def write_json(path: Path, value: Any) -> None:
         tmp.write_text(json.dumps(value, indent=2) + "\n")
 
 
-class MetricsLog:
+class StepLog:
     """metrics.jsonl, one record per logged step. On resume, records after the checkpoint are dropped
     (they will be produced again), so the file never holds a step twice."""
 

@@ -68,7 +68,7 @@ def grpo_step(run: TrainRun, prompts: list[TrainPrompt], positions: list[int], *
         )
     t3 = time.perf_counter()
     seconds = {"sample": t1 - t0, "score": t2 - t1, "update": t3 - t2}
-    return _grpo_metrics(rollout, update, run.dist, run.device, seconds)
+    return _step_record(rollout, update, run.dist, run.device, seconds)
 
 
 def _mean_std(values: list[float], dist: Distributed, device: torch.device) -> tuple[float, float]:
@@ -80,7 +80,7 @@ def _mean_std(values: list[float], dist: Distributed, device: torch.device) -> t
     return mean, math.sqrt(variance)
 
 
-def _grpo_metrics(
+def _step_record(
     rollout: Rollout,
     update: UpdateStats | None,
     dist: Distributed,
