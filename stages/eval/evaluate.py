@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.engines.base import SamplingParams
+from stages.engines.generator import EngineOptions
 from stages.eval.stats import DEFAULT_RESAMPLES, WinRate, bootstrap_seed, mean_with_ci
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 
@@ -70,6 +71,7 @@ class EvalConfig:
     system_prompt: str | None = None
     trust_remote_code: bool = False
     resamples: int = DEFAULT_RESAMPLES
+    engine: EngineOptions = field(default_factory=EngineOptions)  # who generates the answers
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -112,6 +114,7 @@ def generate_answers(
         trust_remote_code=config.trust_remote_code,
         system_prompt=config.system_prompt,
         max_prompt_length=config.max_prompt_length,
+        engine=config.engine,
     )
     answers = []
     for _record, [sample] in generator.generate(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from stages.core.errors import BleuberiError, ConfigError, UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.engines.base import SamplingParams
+from stages.engines.generator import EngineOptions
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 from stages.train.config import TrainConfig
 
@@ -27,7 +28,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SHARED = ("model", "seed", "device", "dtype", "system_prompt", "trust_remote_code")
+# Set once at the top level for every stage (and copied into [train]).
+SHARED = (
+    "model",
+    "seed",
+    "device",
+    "dtype",
+    "system_prompt",
+    "trust_remote_code",
+    "backend",
+    "server_url",
+    "server_model",
+    "api_key_env",
+    "concurrency",
+)
 
 # The demo's training settings; every other [train] key keeps bleuberi train's default.
 DEMO_TRAIN = {
@@ -98,6 +112,11 @@ class RunConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     system_prompt: str | None = None
     trust_remote_code: bool = False
+    backend: Literal["transformers", "vllm", "server"] = "transformers"
+    server_url: str | None = None
+    server_model: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = 8
     data: DataSection = field(default_factory=DataSection)
     select: SelectSection = field(default_factory=SelectSection)
     train: TrainConfig = field(default_factory=_demo_train)
@@ -106,6 +125,10 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         """[train] with the shared top-level settings filled in."""
         return TrainConfig(**{**self.train.to_dict(), **{k: getattr(self, k) for k in SHARED}})
+
+    def engine_options(self) -> EngineOptions:
+        """The engine every stage samples with (select, train rollouts, eval)."""
+        return EngineOptions(self.backend, self.server_url, self.server_model, self.api_key_env, self.concurrency)
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -123,6 +146,11 @@ HELP: dict[str, str] = {
     "dtype": "auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16",
     "system_prompt": "a system turn for every prompt",
     "trust_remote_code": "let the model repository run its own code",
+    "backend": "who samples in every stage: transformers | vllm (in process) | server (OpenAI-compatible)",
+    "server_url": "base URL of the server, ending in /v1 (backend server)",
+    "server_model": "the served model's name (default: the one the server lists)",
+    "api_key_env": "environment variable holding the server's API key (sent to that host only)",
+    "concurrency": "requests in flight to the server",
     "data.pool": "training pool (JSONL); demo:pool is the embedded demo pool",
     "data.heldout": "held-out set for eval; demo:heldout is the embedded demo set",
     "data.max_pool": "use only the first N pool records (0 = all)",

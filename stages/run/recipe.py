@@ -99,8 +99,10 @@ class RunResult:
 
 
 def _shared(config: RunConfig) -> dict[str, Any]:
-    # device changes numerics only in the last bits; a run moved from CPU to GPU keeps its stages.
-    return {k: getattr(config, k) for k in ("model", "seed", "dtype", "system_prompt", "trust_remote_code")}
+    # device changes numerics only in the last bits; a run moved from CPU to GPU keeps its stages. So do
+    # a server's address, key and concurrency; the engine itself changes the samples.
+    keys = ("model", "seed", "dtype", "system_prompt", "trust_remote_code", "backend", "server_model")
+    return {k: getattr(config, k) for k in keys}
 
 
 def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -128,6 +130,7 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
             trust_remote_code=config.trust_remote_code,
             system_prompt=config.system_prompt,
             max_prompt_length=config.train.max_prompt_length,
+            engine=config.engine_options(),
         )
 
     # Always appended as answers finish, so an interrupted selection continues where it stopped.
@@ -201,6 +204,7 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
         system_prompt=config.system_prompt,
         trust_remote_code=config.trust_remote_code,
         resamples=config.eval.bootstrap_resamples,
+        engine=config.engine_options(),
     )
     result = evaluate(records, eval_config, on_progress=on_progress, on_message=lambda m: say(f"eval: {m}"))
     folder = run_dir / "eval"

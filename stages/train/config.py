@@ -30,6 +30,9 @@ class LossConfig:
 
 
 Algo = Literal["grpo", "sft"]
+Backend = Literal["transformers", "vllm", "server"]
+ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 Schedule = Literal["constant_with_warmup", "linear", "cosine"]
 
 
@@ -77,6 +80,18 @@ class TrainConfig:
     num_iterations: int = 1
     mask_truncated: bool = False
     skip_zero_std: bool = False
+    # rollout engine (who samples): transformers in this process, vllm in this process, or a server
+    backend: Backend = "transformers"
+    server_url: str | None = None  # base URL ending in /v1 (backend server)
+    server_model: str | None = None  # default: the one model the server lists
+    api_key_env: str | None = None  # environment variable holding the server's API key
+    concurrency: int = 8  # requests in flight to the server
+    # Sample step t+1 while step t trains, with the adapter of step t-1 (one step stale, never more).
+    async_rollouts: bool = False
+    # TRL's correction for the engine-vs-trainer log-prob mismatch (off: engines here run fp32 on CPU).
+    vllm_importance_sampling_correction: bool = False
+    vllm_importance_sampling_mode: ImportanceSamplingMode = "token_truncate"
+    vllm_importance_sampling_clip_max: float = 3.0
     # hardware
     device: str = "auto"
     dtype: str = "auto"
@@ -142,6 +157,19 @@ class TrainConfig:
         need(bool(self.reward), "at least one --reward is needed")
         need(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
+        need(self.backend in ("transformers", "vllm", "server"), "backend must be transformers, vllm or server")
+        need(self.backend != "server" or bool(self.server_url), "backend server needs server_url (ending in /v1)")
+        need(self.concurrency >= 1, "concurrency must be >= 1")
+        need(
+            not self.async_rollouts or self.backend != "transformers",
+            "async_rollouts needs an engine of its own (backend vllm or server): the transformers engine samples "
+            "with the very weights being trained",
+        )
+        need(
+            self.vllm_importance_sampling_mode in IS_MODES,
+            f"vllm_importance_sampling_mode must be one of {', '.join(IS_MODES)}",
+        )
+        need(self.vllm_importance_sampling_clip_max > 0, "vllm_importance_sampling_clip_max must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +211,15 @@ TRAIN_HELP: dict[str, str] = {
     "num_iterations": "optimizer updates per rollout (mu)",
     "mask_truncated": "leave completions cut at the length limit out of the loss",
     "skip_zero_std": "leave groups with equal rewards out of the loss pass",
+    "backend": "rollout engine: transformers (in process) | vllm (in process) | server (OpenAI-compatible)",
+    "server_url": "base URL of the server, ending in /v1 (backend server)",
+    "server_model": "the served model's name (default: the one the server lists)",
+    "api_key_env": "environment variable holding the server's API key (sent to that host only)",
+    "concurrency": "requests in flight to the server",
+    "async_rollouts": "sample step t+1 while step t trains, with the adapter of step t-1 (vllm/server only)",
+    "vllm_importance_sampling_correction": "TRL's truncated importance sampling for engine-vs-trainer log-prob drift",
+    "vllm_importance_sampling_mode": "token_truncate | token_mask | sequence_truncate | sequence_mask",
+    "vllm_importance_sampling_clip_max": "upper bound C of the importance ratio (truncate: clip; mask: drop above)",
     "device": "auto | cpu | cuda | mps",
     "dtype": "auto | float32 | bfloat16 | float16",
     "gradient_checkpointing": "default: on for CUDA, off on CPU",

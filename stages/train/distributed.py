@@ -50,6 +50,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest of one number over ranks."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
     def sum_gradients(self, trainable: list[torch.nn.Parameter]) -> None:
         if not self.enabled:
             return

@@ -27,7 +27,6 @@ from stages.core.errors import Interrupted
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
 from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged
-from stages.train.rollout import step_items
 from stages.train.setup import TrainRun, set_up
 from stages.train.sft import sft_update
 from stages.train.step import grpo_step
@@ -97,6 +96,21 @@ def train(
     """Train a LoRA adapter on normalised records; returns where the adapter went."""
     say = on_message or (lambda message: None)
     run = set_up(records, config, Path(output_dir), resume=resume, say=say)
+    try:
+        return _train(run, merge_to=merge_to, on_step=on_step, say=say)
+    finally:
+        run.rollouts.close()
+
+
+def _train(
+    run: TrainRun,
+    *,
+    merge_to: str | None,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    say: Callable[[str], None],
+) -> TrainResult:
+    """The step loop, then the outputs."""
+    config = run.config
     log = StepLog(run.output_dir / "metrics.jsonl", enabled=run.dist.is_main, first_step=run.first_step)
 
     with sigint_requests_stop() as stop_requested:
@@ -131,10 +145,8 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     lr = lr_at(step, run.steps, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    per_step = run.per_step_global
-    mine = slice(dist.rank * config.prompts_per_step, (dist.rank + 1) * config.prompts_per_step)
-    picked = step_items(step, per_step, len(run.items), config.seed)[mine]
     if config.algo == "sft":
+        picked, _ = run.step_share(step)
         metrics = sft_update(
             run.model,
             run.trainable,
@@ -147,11 +159,11 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
             autocast=run.autocast,
         )
     else:
-        positions = list(range(step * per_step, (step + 1) * per_step))[mine]
-        metrics = grpo_step(run, [run.prompts[i] for i in picked], positions, step=step)
+        metrics = grpo_step(run, step)
+        run.rollouts.publish(run.model, step + 1)
     return {
         "step": step + 1,
-        "epoch": round((step + 1) * per_step / len(run.items), 4),
+        "epoch": round((step + 1) * run.per_step_global / len(run.items), 4),
         "lr": lr,
         **metrics,
         "seconds": round(time.perf_counter() - t0, 4),

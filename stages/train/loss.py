@@ -102,11 +102,14 @@ def grpo_loss(
     mask: torch.Tensor,
     config: LossConfig,
     denominator: Denominator,
+    sampling_weight: torch.Tensor | None = None,
 ) -> LossParts:
     """The clipped surrogate + KL penalty for one micro-batch.
 
     logp, old_logp, ref_logp, mask: [rows, completion_len]; advantages: [rows]. `mask` is 1 on the
     completion tokens that count (up to and including the first end-of-sequence token).
+    `sampling_weight` ([rows, len] or [rows, 1]) multiplies the policy term only, as TRL applies its
+    engine-mismatch importance sampling (see `engine_importance_weights`).
     """
     mask = mask.to(logp.dtype)
     log_ratio = logp - old_logp
@@ -116,6 +119,8 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - config.epsilon, 1 + config.epsilon_high)
     adv = advantages.unsqueeze(-1)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if sampling_weight is not None:
+        per_token = per_token * sampling_weight
     kl = None
     if config.beta != 0.0:
         assert ref_logp is not None, "beta > 0 needs reference log-probs"
@@ -136,3 +141,21 @@ def grpo_loss(
             float(mask.sum()),
         )
     return LossParts(summed / denominator.value, *stats)
+
+
+def engine_importance_weights(
+    trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str, clip_max: float
+) -> torch.Tensor:
+    """TRL's correction for sampling with an engine whose log-probs differ from the trainer's.
+
+    ratio = exp(trainer - engine) per token (`token_*`) or exp(sum over the sequence) (`sequence_*`);
+    `*_truncate` clips it at clip_max, `*_mask` sets ratios above clip_max to 0. No gradient flows
+    through it: it reweights samples, it is not optimised.
+    """
+    diff = ((trainer_logp - engine_logp) * mask).detach()
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, max=clip_max)
+    return ratio.masked_fill(ratio > clip_max, 0.0)

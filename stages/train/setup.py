@@ -23,9 +23,10 @@ from stages.score import Scorer
 from stages.train.checkpoint import find_checkpoint, load_checkpoint
 from stages.train.config import TrainConfig
 from stages.train.distributed import Distributed
+from stages.train.engine_sync import RolloutEngine, check_same_base_model
 from stages.train.loss import LossConfig
 from stages.train.outputs import write_json
-from stages.train.rollout import PromptReport, TrainPrompt, prepare_prompts, total_steps
+from stages.train.rollout import PromptReport, TrainPrompt, prepare_prompts, step_items, total_steps
 from stages.train.sft import SftExample, sft_examples
 
 # Options that may differ between a run and its resumption; anything else must match.
@@ -52,10 +53,18 @@ class TrainRun:
     loss_config: LossConfig
     sampling: SamplingParams
     autocast: Callable[[], contextlib.AbstractContextManager[None]]
+    rollouts: RolloutEngine
 
     @property
     def per_step_global(self) -> int:
         return self.config.prompts_per_step * self.dist.world_size
+
+    def step_share(self, step: int) -> tuple[list[int], list[int]]:
+        """This rank's item indices at `step`, and their positions in the global order (which seed sampling)."""
+        per_step, share = self.per_step_global, self.config.prompts_per_step
+        mine = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
+        picked = step_items(step, per_step, len(self.items), self.config.seed)[mine]
+        return picked, list(range(step * per_step, (step + 1) * per_step))[mine]
 
 
 def set_up(
@@ -119,7 +128,12 @@ def set_up(
         loss_config=config.loss_config(),
         sampling=SamplingParams(config.max_completion_length, config.temperature, config.top_p),
         autocast=_autocast(model, device),
+        rollouts=RolloutEngine(generator, output_dir, dist, async_rollouts=config.async_rollouts),
     )
+    if run.rollouts.external and config.algo == "grpo":
+        gap = check_same_base_model(model, generator, temperature=config.temperature, where=generator.engine.name)
+        say(f"rollouts from the {generator.engine.name} engine (probe log-prob gap to the trainer {gap:.4f})")
+        run.rollouts.publish(model, first_step)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "config.json", _run_record(run, records, digest, report))

@@ -8,29 +8,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stages.engines.base import Sample
 from stages.train.distributed import Distributed
-from stages.train.rollout import Rollout, TrainPrompt, sample_rollout, score_rollout
-from stages.train.update import UpdateStats, micro_batches, policy_update
+from stages.train.rollout import Rollout, sample_rollout, score_rollout
+from stages.train.update import SamplerCorrection, UpdateStats, micro_batches, policy_update
 
 if TYPE_CHECKING:
     from stages.train.setup import TrainRun
 
 
-def grpo_step(run: TrainRun, prompts: list[TrainPrompt], positions: list[int], *, step: int) -> dict[str, Any]:
+def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
     """Sample G completions per prompt, reward them, and update the policy; returns the step's metrics."""
     config = run.config
     t0 = time.perf_counter()
-    with run.autocast():
-        samples = sample_rollout(
-            run.generator,
-            prompts,
-            positions,
-            step=step,
-            seed=config.seed,
-            group_size=config.num_generations,
-            sampling=run.sampling,
-            prompts_per_batch=config.per_device_train_batch_size // config.num_generations,
-        )
+    samples = run.rollouts.samples(step, lambda s: _sample(run, s), last_step=run.steps)
+    prompts = [run.prompts[i] for i in run.step_share(step)[0]]
     t1 = time.perf_counter()
     rollout = score_rollout(
         run.generator,
@@ -65,10 +57,33 @@ def grpo_step(run: TrainRun, prompts: list[TrainPrompt], positions: list[int], *
             dist=run.dist,
             device=run.device,
             autocast=run.autocast,
+            correction=SamplerCorrection(
+                behaviour_old=config.async_rollouts,
+                importance_mode=config.vllm_importance_sampling_mode
+                if config.vllm_importance_sampling_correction
+                else None,
+                importance_clip_max=config.vllm_importance_sampling_clip_max,
+            ),
         )
     t3 = time.perf_counter()
     seconds = {"sample": t1 - t0, "score": t2 - t1, "update": t3 - t2}
     return _step_record(rollout, update, run.dist, run.device, seconds)
+
+
+def _sample(run: TrainRun, step: int) -> list[Sample]:
+    """G samples for each of this rank's prompts at `step`, seeded by (seed, step, global position, k)."""
+    picked, positions = run.step_share(step)
+    with run.autocast():
+        return sample_rollout(
+            run.generator,
+            [run.prompts[i] for i in picked],
+            positions,
+            step=step,
+            seed=run.config.seed,
+            group_size=run.config.num_generations,
+            sampling=run.sampling,
+            prompts_per_batch=run.config.per_device_train_batch_size // run.config.num_generations,
+        )
 
 
 def _mean_std(values: list[float], dist: Distributed, device: torch.device) -> tuple[float, float]:
@@ -106,11 +121,7 @@ def _step_record(
         ],
         device,
     )
-    length_max = max(lengths) if lengths else 0.0
-    if dist.enabled:
-        tensor = torch.tensor([length_max], device=device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        length_max = float(tensor)
+    length_max = dist.max(max(lengths) if lengths else 0.0, device)
     _, adv_std = _mean_std(rollout.advantages.tolist(), dist, device)
     total_seconds = sum(seconds.values())
     return {
@@ -122,6 +133,8 @@ def _step_record(
         "kl": round(update.kl, 8) if update else 0.0,
         "loss": round(update.loss, 8) if update else 0.0,
         "clip_fraction": round(update.clip_fraction, 6) if update else 0.0,
+        "logprob_drift_mean": round(update.logprob_drift_mean, 6) if update else 0.0,
+        "logprob_drift_max": round(update.logprob_drift_max, 6) if update else 0.0,
         "grad_norm": round(update.grad_norm, 6) if update else 0.0,
         "completion_length_mean": round(length_sum / max(n, 1), 2),
         "completion_length_max": int(length_max),

@@ -11,7 +11,7 @@ import torch
 
 from stages.train.distributed import Distributed
 from stages.train.logprobs import PackedBatch, completion_logprobs, pack
-from stages.train.loss import Denominator, LossConfig, grpo_loss
+from stages.train.loss import Denominator, LossConfig, engine_importance_weights, grpo_loss
 from stages.train.rollout import Rollout
 
 
@@ -22,16 +22,32 @@ class MicroBatch:
     advantages: torch.Tensor
     sampled_logp: torch.Tensor  # log-probs recorded while sampling (old policy for num_iterations > 1)
     ref_logp: torch.Tensor | None = None
+    sampling_weight: torch.Tensor | None = None  # engine-mismatch importance weights, when asked for
 
 
 @dataclass
 class UpdateStats:
-    """Means over the step's `num_iterations` updates."""
+    """Means over the step's `num_iterations` updates, and the sampler-vs-trainer log-prob drift."""
 
     loss: float = 0.0
     kl: float = 0.0
     clip_fraction: float = 0.0
     grad_norm: float = 0.0
+    logprob_drift_mean: float = 0.0  # mean |engine log p - trainer log p| over sampled tokens
+    logprob_drift_max: float = 0.0
+
+
+@dataclass(frozen=True)
+class SamplerCorrection:
+    """How the update treats samples from an engine other than the policy itself.
+
+    `behaviour_old`: the clipped ratio is taken against the sampler's log-probs (async rollouts sample
+    with the previous adapter). `importance_mode`: TRL's engine-mismatch importance sampling (None: off).
+    """
+
+    behaviour_old: bool = False
+    importance_mode: str | None = None
+    importance_clip_max: float = 3.0
 
 
 def micro_batches(
@@ -68,8 +84,13 @@ def policy_update(
     dist: Distributed,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[None]],
+    correction: SamplerCorrection = SamplerCorrection(),
 ) -> UpdateStats:
-    """Reference log-probs once (when beta > 0), then num_iterations optimizer updates on the same rollout."""
+    """Reference log-probs once (when beta > 0), then num_iterations optimizer updates on the same rollout.
+
+    The ratio's "old" policy is the one that sampled: on policy with one iteration that is the current
+    weights (ratio exactly 1); with several iterations or async rollouts, the sampler's log-probs.
+    """
     local_tokens = sum(int(mb.batch.completion_mask.sum()) for mb in batches)
     sequences, global_tokens = dist.sum([float(sum(len(mb.rows) for mb in batches)), float(local_tokens)], device)
     denominator = Denominator.for_step(
@@ -86,15 +107,22 @@ def policy_update(
                 mb.ref_logp = completion_logprobs(model, mb.batch, temperature)
 
     stats = UpdateStats()
+    drift = [0.0, 0.0]  # sum and max of |sampler - trainer| log-prob over active tokens
     model.train()
-    for _ in range(num_iterations):
+    for iteration in range(num_iterations):
         totals = [0.0, 0.0, 0.0]  # loss, kl sum, clipped tokens
         for mb in batches:
             with autocast():
                 logp = completion_logprobs(model, mb.batch, temperature)
-            # one iteration: the policy that sampled is the current one, so the ratio is exactly 1
-            old = logp.detach() if num_iterations == 1 else mb.sampled_logp
-            parts = grpo_loss(logp, old, mb.ref_logp, mb.advantages, mb.batch.completion_mask, loss_config, denominator)
+            mask = mb.batch.completion_mask
+            if iteration == 0:
+                _add_drift(drift, logp.detach(), mb.sampled_logp, mask)
+                if correction.importance_mode:
+                    mb.sampling_weight = engine_importance_weights(
+                        logp, mb.sampled_logp, mask, correction.importance_mode, correction.importance_clip_max
+                    )
+            old = mb.sampled_logp if num_iterations > 1 or correction.behaviour_old else logp.detach()
+            parts = grpo_loss(logp, old, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight)
             parts.loss.backward()
             totals[0] += float(parts.loss.detach())
             totals[1] += parts.kl_sum
@@ -108,4 +136,13 @@ def policy_update(
         stats.kl += kl_sum / max(global_tokens, 1) / num_iterations
         stats.clip_fraction += clipped / max(global_tokens, 1) / num_iterations
         stats.grad_norm += float(grad_norm) / num_iterations
+    (drift_sum,) = dist.sum([drift[0]], device)
+    stats.logprob_drift_mean = drift_sum / max(global_tokens, 1)
+    stats.logprob_drift_max = dist.max(drift[1], device)
     return stats
+
+
+def _add_drift(drift: list[float], trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
+    gap = (trainer - sampler).abs() * mask
+    drift[0] += float(gap.sum())
+    drift[1] = max(drift[1], float(gap.max()) if gap.numel() else 0.0)
