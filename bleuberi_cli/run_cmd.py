@@ -63,9 +63,12 @@ def run_command(
             return
         from stages.core.jsonl import JsonlWriter
         from stages.eval.report import eval_tables, print_tables
-        from stages.run.recipe import headline, run_recipe
+        from stages.run.recipe import empty_input, headline, run_recipe
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
+        if problem := empty_input(resolved):
+            say(f"no records: {problem}, nothing to run", quiet=quiet)
+            return
         say(f"run folder: {run_dir}", quiet=quiet)
         # One live display at a time (rich allows no more): the training step line. Select and eval
         # report by stage messages.
@@ -75,5 +78,4 @@ def run_command(
             stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
         if not quiet:
             print_tables(eval_tables(result.summary), console)
-        # The headline is the point of the demo: shown even with --quiet.
-        console.print(headline(result.summary), markup=False)
+            console.print(headline(result.summary), markup=False)

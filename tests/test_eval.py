@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
+import numpy as np
 import pytest
+import sacrebleu
 
 from bleuberi_cli.app import app
 from stages.core.errors import UsageError
@@ -14,23 +17,78 @@ from stages.eval.stats import WinRate, bootstrap_ci, mean_with_ci
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
 
 
-def test_bootstrap_is_seeded_and_brackets_the_mean() -> None:
+def test_bootstrap_is_seeded() -> None:
     values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.0, 0.7]
     first = bootstrap_ci(values, seed=7)
     assert first == bootstrap_ci(values, seed=7)
     assert first != bootstrap_ci(values, seed=8)
     low, high = first
     assert low < statistics.fmean(values) < high
-    assert min(values) <= low and high <= max(values)
-    assert bootstrap_ci([0.25] * 5, seed=1) == (0.25, 0.25)
+    assert bootstrap_ci([0.25] * 5, seed=1) == (0.25, 0.25)  # no spread: every resampled mean is 0.25
     assert bootstrap_ci([], seed=1) is None
     assert mean_with_ci([], seed=1) == {"mean": None, "ci95": None, "n": 0}
+
+
+def test_bootstrap_interval_is_the_normal_interval_for_a_large_sample() -> None:
+    # For n = 400 the resampled means are close to normal with sd = sd_pop / sqrt(n) (the plug-in
+    # standard error, ddof 0), so the percentile interval is mean -+ 1.96 * sd_pop / sqrt(n).
+    values = np.random.default_rng(0).uniform(0.0, 1.0, 400).tolist()
+    mean = sum(values) / len(values)
+    sd_pop = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    half = 1.959964 * sd_pop / math.sqrt(len(values))  # about 0.028
+    low, high = bootstrap_ci(values, seed=3, resamples=4000)
+    assert low == pytest.approx(mean - half, abs=0.1 * half)
+    assert high == pytest.approx(mean + half, abs=0.1 * half)
+
+
+def test_bootstrap_interval_narrows_like_one_over_root_n() -> None:
+    values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.0, 0.7, 0.6, 0.35]
+    low, high = bootstrap_ci(values, seed=1, resamples=4000)
+    low16, high16 = bootstrap_ci(values * 16, seed=1, resamples=4000)  # same distribution, 16x the data
+    assert 0.2 < (high16 - low16) / (high - low) < 0.3  # 1 / sqrt(16) = 0.25
+    # a lower confidence gives an interval inside the 95% one
+    low50, high50 = bootstrap_ci(values, seed=1, resamples=4000, confidence=0.5)
+    assert low < low50 < high50 < high
+
+
+def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(11)
+    trials = 200
+    covered = 0
+    for trial in range(trials):
+        sample = rng.uniform(0.0, 1.0, 40).tolist()  # true mean 0.5
+        low, high = bootstrap_ci(sample, seed=trial, resamples=1000)
+        covered += low <= 0.5 <= high
+    # binomial sd at 95% over 200 trials is 1.5 points; the percentile bootstrap runs a little under 95%
+    assert 0.88 <= covered / trials <= 0.99, covered
 
 
 def test_win_rate_counts_ties_as_half() -> None:
     rates = WinRate.count([0.5, 0.2, 0.3, 0.9], [0.4, 0.2, 0.6, 0.1]).rates()
     assert rates == {"win": 0.5, "tie": 0.25, "loss": 0.25, "win_rate": 0.625, "n": 4}
     assert WinRate.count([], []).rates()["win"] is None
+
+
+def test_summary_by_hand() -> None:
+    from stages.eval.evaluate import System, summarise
+
+    def answer(score: float, tokens: int, reason: str = "stop") -> dict:
+        return {"completion": "x", "scores": {"bleu": score}, "tokens": tokens, "words": 1, "finish_reason": reason}
+
+    base = [answer(0.2, 3), answer(0.5, 5, "length"), answer(0.5, 8), answer(0.9, 10)]
+    lora = [answer(0.4, 2), answer(0.5, 2), answer(0.1, 4, "length"), answer(0.9, 9, "length")]
+    records = [{"id": str(i), "evaluation": {"base": b, "lora": t}} for i, (b, t) in enumerate(zip(base, lora))]
+    config = EvalConfig(metrics=["bleu"], resamples=200)
+    summary = summarise(records, [System("base", None), System("lora", "x")], config)
+    got_base, got_lora = summary["systems"]["base"], summary["systems"]["lora"]
+    assert got_base["metrics"]["bleu"]["mean"] == pytest.approx((0.2 + 0.5 + 0.5 + 0.9) / 4)  # 0.525
+    assert got_lora["metrics"]["bleu"]["mean"] == pytest.approx((0.4 + 0.5 + 0.1 + 0.9) / 4)  # 0.475
+    assert got_base["length"]["tokens_mean"] == 6.5 and got_base["length"]["tokens_median"] == 6.5  # (5 + 8) / 2
+    assert got_lora["length"]["tokens_mean"] == 4.25 and got_lora["length"]["tokens_median"] == 3.0  # (2 + 4) / 2
+    assert got_base["truncation_rate"] == 0.25 and got_lora["truncation_rate"] == 0.5
+    # prompt 0 lora wins (0.4 > 0.2), 1 and 3 tie, 2 loses (0.1 < 0.5): win rate (1 + 2 / 2) / 4
+    assert got_lora["vs_base"]["bleu"] == {"win": 0.25, "tie": 0.5, "loss": 0.25, "win_rate": 0.5, "n": 4}
+    assert "vs_base" not in got_base
 
 
 def test_systems_are_named_from_adapter_paths() -> None:
@@ -77,9 +135,16 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
 
     summary = result.summary
     assert summary["prompts"] == 6 and list(summary["systems"]) == ["base", "lora"]
+    # chrF straight from sacrebleu on each answer (not the records' `scores`), per system and prompt
+    chrf = {
+        name: [
+            sacrebleu.sentence_chrf(r["evaluation"][name]["completion"], r["references"]).score / 100
+            for r in result.records
+        ]
+        for name in ("base", "lora")
+    }
     for name, entry in summary["systems"].items():
-        chrf = [r["evaluation"][name]["scores"]["chrf"] for r in result.records]
-        assert entry["metrics"]["chrf"]["mean"] == pytest.approx(statistics.fmean(chrf))
+        assert entry["metrics"]["chrf"]["mean"] == pytest.approx(sum(chrf[name]) / 6, abs=1e-12)
         low, high = entry["metrics"]["chrf"]["ci95"]
         assert low <= entry["metrics"]["chrf"]["mean"] <= high
         tokens = [r["evaluation"][name]["tokens"] for r in result.records]
@@ -88,12 +153,11 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
         truncated = sum(r["evaluation"][name]["finish_reason"] == "length" for r in result.records)
         assert entry["truncation_rate"] == truncated / 6
     assert "vs_base" not in summary["systems"]["base"]
-    chrf_rates = summary["systems"]["lora"]["vs_base"]["chrf"]
-    expected = WinRate.count(
-        [r["evaluation"]["lora"]["scores"]["chrf"] for r in result.records],
-        [r["evaluation"]["base"]["scores"]["chrf"] for r in result.records],
-    )
-    assert chrf_rates == expected.rates()
+    # per prompt: lora wins, ties or loses against base; the win rate counts a tie as half a win
+    outcomes = ["tie" if abs(a - b) <= 1e-9 else "win" if a > b else "loss" for a, b in zip(chrf["lora"], chrf["base"])]
+    wins, ties, losses = outcomes.count("win"), outcomes.count("tie"), outcomes.count("loss")
+    expected = {"win": wins / 6, "tie": ties / 6, "loss": losses / 6, "win_rate": (wins + ties / 2) / 6, "n": 6}
+    assert summary["systems"]["lora"]["vs_base"]["chrf"] == pytest.approx(expected)
 
 
 def test_eval_summary_is_reproducible(evaluated, tiny_model, tiny_adapter) -> None:

@@ -38,9 +38,7 @@ ADV = torch.tensor([2.0, -1.0])
 
 
 def _loss(logp, old, ref=None, *, beta=0.0, loss_type="dapo", level="token", denominator=1.0):
-    config = LossConfig(
-        beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level
-    )
+    config = LossConfig(beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level)
     return grpo_loss(logp, old, ref, ADV, MASK, config, Denominator(denominator))
 
 

@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
 from stages.core.errors import UsageError
-from stages.metrics import METRICS, get_metric
+from stages.metrics import STRING_METRICS, get_metric
 
 WORDS = st.sampled_from(
     ["the", "The", "cat", "sat", "on", "mat", "a", "dog", "ran", "naïve", "東京", "3.5", ",", ".", "-", "ünï"]
@@ -58,16 +58,33 @@ def test_rouge_l_long_texts_use_the_bit_parallel_lcs_correctly() -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(TEXT, REFS)
-def test_bleu_rouge_f1_is_the_harmonic_mean(hypothesis: str, references: list[str]) -> None:
-    b = bleu.sentence_score(hypothesis, references)
-    r = rouge.sentence_score(hypothesis, references)
+def test_bleu_rouge_f1_is_the_harmonic_mean_of_the_reference_implementations(
+    hypothesis: str, references: list[str]
+) -> None:
+    b = sacrebleu.sentence_bleu(hypothesis, references).score / 100
+    r = _rouge_ref.score_multi(references, hypothesis)["rougeL"].fmeasure
     expected = 2 * b * r / (b + r) if b + r > 0 else 0.0
-    assert combo.sentence_score(hypothesis, references) == expected
+    assert abs(combo.sentence_score(hypothesis, references) - expected) <= 1e-12
+
+
+def test_bleu_rouge_f1_by_hand() -> None:
+    # BLEU is case-sensitive, ROUGE-L lowercases. "The" vs "the" costs BLEU one match per order:
+    # precisions 5/6, 4/5, 3/4, 2/3, equal lengths (no brevity penalty): BLEU = (1/3) ** (1/4); ROUGE-L = 1.
+    hyp, ref = "The cat sat on the mat", "the cat sat on the mat"
+    b = (1 / 3) ** 0.25
+    assert bleu.sentence_score(hyp, [ref]) == pytest.approx(b, abs=1e-12)
+    assert rouge.sentence_score(hyp, [ref]) == 1.0
+    assert combo.sentence_score(hyp, [ref]) == pytest.approx(2 * b / (1 + b), abs=1e-12)  # 0.8635
+    # No BLEU match at all (case differs everywhere) but a perfect ROUGE-L: a harmonic mean is 0
+    # (an arithmetic mean would give 0.5).
+    assert bleu.sentence_score("THE CAT SAT", ["the cat sat"]) == 0.0
+    assert rouge.sentence_score("THE CAT SAT", ["the cat sat"]) == 1.0
+    assert combo.sentence_score("THE CAT SAT", ["the cat sat"]) == 0.0
 
 
 def test_all_metrics_are_on_a_zero_to_one_scale() -> None:
     refs = ["The quick brown fox jumps over the lazy dog."]
-    for name in METRICS:
+    for name in STRING_METRICS:  # model-based and reference-free metrics: tests/test_rewards_*.py
         metric = get_metric(name)
         assert metric.sentence_score(refs[0], refs) == pytest.approx(1.0)
         assert metric.sentence_score("", refs) == 0.0

@@ -80,9 +80,16 @@ def test_score_command_adds_fields_and_keeps_others(runner) -> None:
 @pytest.mark.parametrize("aggregate", ["max", "min"])
 def test_score_aggregate(runner, aggregate) -> None:
     result = runner.invoke(app, ["score", "-i", str(SAMPLE), "--aggregate", aggregate, "-q"])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl_text(result.stdout)
+    originals = [orjson.loads(line) for line in SAMPLE.read_bytes().splitlines()]
+    assert len(rows) == len(originals) == 20  # a failed or empty run must not pass vacuously
     fn = max if aggregate == "max" else min
-    for row in read_jsonl_text(result.stdout):
-        assert row["score"] == fn(row["scores"]["bleu"])
+    for row, original in zip(rows, originals):
+        # the aggregate of sacrebleu's own sentence scores, not of the command's `scores` field
+        expected = fn(sacrebleu.sentence_bleu(c, original["references"]).score / 100 for c in original["completions"])
+        assert row["score"] == pytest.approx(expected, abs=1e-12)
+        assert row["scoring"]["aggregate"] == aggregate
 
 
 def test_score_weights_option(runner) -> None:
@@ -99,6 +106,7 @@ def test_rescoring_merges_earlier_scores(runner, tmp_path) -> None:
     first = runner.invoke(app, ["score", "-i", str(SAMPLE), "-m", "chrf", "-o", str(tmp_path / "a.jsonl"), "-q"])
     assert first.exit_code == 0
     second = runner.invoke(app, ["score", "-i", str(tmp_path / "a.jsonl"), "-m", "bleu", "-q"])
+    assert second.exit_code == 0, second.output
     row = read_jsonl_text(second.stdout)[0]
     assert set(row["scores"]) == {"chrf", "bleu"}
     assert row["scoring"]["score"] == "bleu"

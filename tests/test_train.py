@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import sacrebleu
 import torch
 from safetensors.torch import load_file
 
@@ -58,7 +60,14 @@ def test_a_short_run_raises_the_bleu_reward(word_model, tmp_path) -> None:
     result = train(LEARN_RECORDS, config, tmp_path / "run")
     rewards = [m["reward_mean"] for m in result.metrics]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.02, rewards  # fixed seeds: measured 0.044 -> 0.086
+
+    # A rise beyond noise, judged by the run's own spread: a step's mean reward over its 8 samples has
+    # standard error reward_std / sqrt(8); a mean of 5 steps has sqrt(sum of their squares) / 5.
+    def standard_error(steps: list[dict]) -> float:
+        return math.sqrt(sum(m["reward_std"] ** 2 / 8 for m in steps)) / len(steps)
+
+    noise = math.hypot(standard_error(result.metrics[:5]), standard_error(result.metrics[-5:]))
+    assert last - first > 2 * noise, (first, last, noise, rewards)
     assert result.metrics[-1]["kl"] > 0  # the policy moved away from the base model
 
 
@@ -278,9 +287,14 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model, tmp_path) -> N
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_two_processes_match_one_process(tiny_model, tmp_path) -> None:
+@pytest.mark.parametrize(("scale_rewards", "port"), [("group", 29517), ("batch", 29518)])
+def test_two_processes_match_one_process(tiny_model, tmp_path, scale_rewards, port) -> None:
+    """The same global batch on one process or two gives the same adapter. With scale_rewards=batch the
+    advantages divide by the std of the whole batch, which two processes get by an all-reduce."""
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=8))
     common = [
+        "--scale-rewards",
+        scale_rewards,
         "--model",
         str(tiny_model),
         "--num-generations",
@@ -309,7 +323,7 @@ def test_two_processes_match_one_process(tiny_model, tmp_path) -> None:
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(port),
         "-m",
         "bleuberi_cli",
         "train",
@@ -326,6 +340,75 @@ def test_two_processes_match_one_process(tiny_model, tmp_path) -> None:
     one = [orjson.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_bytes().splitlines()]
     two = [orjson.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_bytes().splitlines()]
     assert [r["reward_mean"] for r in one] == pytest.approx([r["reward_mean"] for r in two])
+    assert [r["advantage_std"] for r in one] == pytest.approx([r["advantage_std"] for r in two], abs=1e-5)
+    assert any(r["advantage_std"] > 0 for r in one)  # some signal: the adapters moved
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in a.items() if "lora_B" in k)
+
+
+BATCH_SCALED_ADVANTAGES = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from stages.engines.base import Sample
+from stages.engines.generator import Generator
+from stages.score import Scorer
+from stages.train.distributed import Distributed
+from stages.train.rollout import TrainPrompt, score_rollout
+
+model_dir, out_dir, reference = sys.argv[1], sys.argv[2], sys.argv[3]
+groups = json.loads(sys.argv[4])
+dist = Distributed.from_env("cpu")
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+generator = Generator.for_model(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer)
+mine = groups[dist.rank * 2 : (dist.rank + 1) * 2]  # two prompts per rank, two samples per prompt
+prompts = [TrainPrompt(str(i), tokenizer.encode("Say it."), [reference]) for i in range(len(mine))]
+samples = []
+for group in mine:
+    for text in group:
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        samples.append(Sample(ids, [0.0] * len(ids), True))
+rollout = score_rollout(
+    generator, Scorer(["bleu"]), prompts, samples, group_size=2, scale_rewards="batch", skip_zero_std=False, dist=dist
+)
+with open(f"{out_dir}/rank{dist.rank}.json", "w") as f:
+    json.dump({"completions": rollout.completions, "advantages": rollout.advantages.tolist()}, f)
+dist.close()
+"""
+
+
+def test_batch_scaled_advantages_under_torchrun_are_the_whole_batchs(tiny_model, tmp_path) -> None:
+    """Two ranks, two groups each: every advantage is (r - its group's mean) / (std of all 8 rewards + 1e-4)."""
+    reference = "The cat sat on the mat."
+    groups = [
+        ["The cat sat on the mat.", "The cat sat on a mat."],  # rank 0: rewards close together
+        ["The cat sat on the mat.", "The dog sat on the mat."],
+        ["The dog ran in the park.", "The cat sat on the mat."],  # rank 1: far apart
+        ["Jupiter is the largest planet.", "The cat sat on the mat."],
+    ]
+    script = tmp_path / "advantages.py"
+    script.write_text(BATCH_SCALED_ADVANTAGES)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    done = subprocess.run(
+        [*launcher, str(script), str(tiny_model), str(tmp_path), reference, json.dumps(groups)],
+        env=_env(),
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["completions"] + ranks[1]["completions"] == [t for g in groups for t in g]
+    rewards = [sacrebleu.sentence_bleu(t, [reference]).score / 100 for g in groups for t in g]
+    mean = sum(rewards) / 8
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 7)  # unbiased, over the whole batch
+    expected = []
+    for g in range(4):
+        pair = rewards[2 * g : 2 * g + 2]
+        expected += [(r - sum(pair) / 2) / (std + 1e-4) for r in pair]
+    got = ranks[0]["advantages"] + ranks[1]["advantages"]
+    assert got == pytest.approx(expected, abs=1e-5)
+    # rank 0 dividing by its own std would give other numbers: the check can tell the two apart
+    local = rewards[:4]
+    local_std = math.sqrt(sum((r - sum(local) / 4) ** 2 for r in local) / 3)
+    assert max(abs(e * (std + 1e-4) / (local_std + 1e-4) - e) for e in expected[:4]) > 0.1
 
 
 def test_bad_training_input(runner, tiny_model, tmp_path) -> None:
@@ -388,32 +471,137 @@ def test_bad_training_input(runner, tiny_model, tmp_path) -> None:
     assert result.exit_code == 2 and "multiple of num_generations" in result.stderr
 
 
-def test_skip_zero_std_and_mask_truncated(tiny_model) -> None:
+@pytest.fixture(scope="module")
+def tiny_generator(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.engines.generator import Generator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    return Generator.for_model(model, AutoTokenizer.from_pretrained(tiny_model))
+
+
+@pytest.mark.parametrize("skip_zero_std", [True, False])
+def test_skip_zero_std_and_mask_truncated(tiny_generator, skip_zero_std) -> None:
+    """Real rewards (BLEU on decoded samples) through score_rollout, then the loss batch."""
     from stages.engines.base import Sample
-    from stages.train.rollout import Rollout, TrainPrompt
+    from stages.score import Scorer
+    from stages.train.distributed import Distributed
+    from stages.train.rollout import TrainPrompt, score_rollout
     from stages.train.update import micro_batches
 
+    tokenizer, eos = tiny_generator.tokenizer, tiny_generator.tokenizer.eos_token_id
+    reference = "The cat sat on the mat."
+    cat = tokenizer.encode(reference, add_special_tokens=False)
+    dog = tokenizer.encode("The dog ran in the park.", add_special_tokens=False)
     samples = [
-        Sample([5, 6, 2], [-1.0, -1.0, -1.0], True),
-        Sample([5, 6, 7], [-1.0] * 3, False),
-        Sample([8, 2], [-1.0, -1.0], True),
-        Sample([9, 9, 9], [-1.0] * 3, False),
+        Sample([*dog, eos], [-0.5] * (len(dog) + 1), True),  # prompt a: the same answer twice,
+        Sample(dog, [-0.5] * len(dog), False),  # once cut at the length limit: equal rewards
+        Sample([*cat, eos], [-0.25] * (len(cat) + 1), True),  # prompt b: the reference itself
+        Sample(dog[:5], [-1.0] * 5, False),  # and the start of another sentence, cut
     ]
-    rewards = torch.tensor([0.5, 0.5, 0.1, 0.9])
-    rollout = Rollout(
-        [TrainPrompt("a", [1, 3], ["r"]), TrainPrompt("b", [1, 4], ["r"])],
+    prompts = [TrainPrompt(name, tokenizer.encode(f"Say it, {name}."), [reference]) for name in ("a", "b")]
+    rollout = score_rollout(
+        tiny_generator,
+        Scorer(["bleu"]),
+        prompts,
         samples,
-        ["x"] * 4,
-        rewards,
-        {},
-        torch.tensor([0.0, 0.0, -1.0, 1.0]),
-        torch.tensor([True, False]),
-        2,
-        keep=[2, 3],
+        group_size=2,
+        scale_rewards="group",
+        skip_zero_std=skip_zero_std,
+        dist=Distributed(),
     )
-    [mb] = micro_batches(rollout, size=8, pad_id=2, device=torch.device("cpu"), mask_truncated=True)
-    assert mb.rows == [2, 3]
-    assert mb.batch.completion_mask.tolist() == [[1, 1, 0], [0, 0, 0]]
+
+    def bleu(ids: list[int]) -> float:
+        return sacrebleu.sentence_bleu(tokenizer.decode(ids), [reference]).score / 100
+
+    dog_bleu, cut_bleu = bleu(dog), bleu(dog[:5])
+    assert 0 < dog_bleu < 1 and cut_bleu < 1  # the reference scores 1; these do not
+    assert rollout.rewards.tolist() == pytest.approx([dog_bleu, dog_bleu, 1.0, cut_bleu], abs=1e-6)
+    assert rollout.zero_std.tolist() == [True, False]
+    # group b: rewards 1 and c; mean (1 + c) / 2; unbiased std of two values |1 - c| / sqrt(2)
+    advantage = ((1 - cut_bleu) / 2) / ((1 - cut_bleu) / math.sqrt(2) + 1e-4)  # just under 1 / sqrt(2)
+    assert rollout.advantages.tolist() == pytest.approx([0.0, 0.0, advantage, -advantage], abs=1e-5)
+    assert rollout.keep == ([2, 3] if skip_zero_std else [0, 1, 2, 3])
+
+    cpu, pad = torch.device("cpu"), tiny_generator.pad_id
+    [kept] = micro_batches(rollout, size=8, pad_id=pad, device=cpu, mask_truncated=True)
+    [whole] = micro_batches(rollout, size=8, pad_id=pad, device=cpu, mask_truncated=False)
+    assert kept.rows == whole.rows == rollout.keep
+    n_cat, n_dog = len(cat) + 1, len(dog)  # the reference with its end token; the other sentence without
+    masks = {  # row -> (mask with truncated rows left out, mask without)
+        0: ([1] * (n_dog + 1), [1] * (n_dog + 1)),
+        1: ([0] * n_dog, [1] * n_dog),
+        2: ([1] * n_cat, [1] * n_cat),
+        3: ([0] * 5, [1] * 5),
+    }
+    width = kept.batch.completion_mask.shape[1]
+    assert width == max(len(samples[r].token_ids) for r in rollout.keep)
+
+    def padded(values: list[int]) -> list[int]:
+        return values + [0] * (width - len(values))
+
+    assert kept.batch.completion_mask.tolist() == [padded(masks[r][0]) for r in rollout.keep]
+    assert whole.batch.completion_mask.tolist() == [padded(masks[r][1]) for r in rollout.keep]
+    expected_advantages = [0.0, 0.0, advantage, -advantage]
+    assert kept.advantages.tolist() == pytest.approx([expected_advantages[r] for r in rollout.keep], abs=1e-5)
+    # the sampling pass's log-probs, in completion positions, zero beyond each completion
+    assert kept.sampled_logp.tolist() == [padded(samples[r].logprobs) for r in rollout.keep]
+
+
+def test_skip_zero_std_in_a_training_run(tiny_model, tmp_path, monkeypatch) -> None:
+    """Per step, the loss pass sees exactly the rows of groups whose rewards differ."""
+    import stages.train.update as update
+
+    rows_seen: list[int] = []
+    original = update.grpo_loss
+
+    def spy(logp, *args, **kwargs):
+        rows_seen.append(logp.shape[0])
+        return original(logp, *args, **kwargs)
+
+    monkeypatch.setattr(update, "grpo_loss", spy)
+    per_step: list[tuple[float, int]] = []  # (share of zero-std groups, rows in the loss pass)
+
+    def on_step(metrics: dict) -> None:
+        per_step.append((metrics["zero_std_groups"], sum(rows_seen)))
+        rows_seen.clear()
+
+    config = small_config(tiny_model, max_steps=4, skip_zero_std=True, max_completion_length=6, learning_rate=5e-3)
+    train(demo_records(count=8), config, tmp_path / "run", on_step=on_step)
+    assert len(per_step) == 4
+    assert any(0 < share < 1 for share, _ in per_step)  # some groups were left out, some kept
+    for share, rows in per_step:
+        assert rows == round(8 * (1 - share))  # 2 groups of 4 per step
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_old_log_probs_come_from_the_sampling_pass(word_model, tmp_path, monkeypatch, num_iterations) -> None:
+    """Each update's ratio exp(logp - old): the first is 1 (the policy that sampled is the one being
+    trained), later ones are not (the optimizer moved the policy; the old log-probs stay the sampler's)."""
+    import stages.train.update as update
+
+    calls = []
+    original = update.grpo_loss
+
+    def spy(logp, old_logp, ref_logp, advantages, mask, *args, **kwargs):
+        calls.append((logp.detach().clone(), old_logp.detach().clone(), advantages.clone(), mask.bool()))
+        return original(logp, old_logp, ref_logp, advantages, mask, *args, **kwargs)
+
+    monkeypatch.setattr(update, "grpo_loss", spy)
+    config = small_config(word_model, max_steps=1, num_iterations=num_iterations, reward=["chrf"], temperature=1.0)
+    train(LEARN_RECORDS, config, tmp_path / "run")
+    assert len(calls) == num_iterations  # one micro-batch, once per iteration
+    logp, old, advantages, mask = calls[0]
+    assert advantages.abs().sum() > 0 and mask.any()  # a real learning signal, so the update moves the policy
+    # the sampler's log-probs (KV-cached, token by token) equal the packed training forward's
+    assert (logp - old)[mask].abs().max() < 1e-4
+    if num_iterations == 1:
+        return
+    second_logp, second_old, _, second_mask = calls[1]
+    assert torch.equal(second_mask, mask)
+    assert torch.equal(second_old, old)  # the same old log-probs: the sampling pass's, not recomputed
+    assert (second_logp - second_old)[mask].abs().max() > 1e-3  # ratio != 1 after one optimizer step
 
 
 def test_learning_rate_schedules() -> None:

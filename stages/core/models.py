@@ -269,6 +269,26 @@ def load_model(
     return model.to(device)
 
 
+def load_generation_config(resolved: ResolvedModel) -> Any:
+    """The model's generation config (its end-of-sequence ids), or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(resolved.path, local_files_only=resolved.local_files_only)
+    except OSError:
+        return None
+
+
+def adapter_rank(path: Path) -> int | None:
+    """The largest LoRA rank in a PEFT adapter folder (`r` and `rank_pattern` of adapter_config.json)."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ranks = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks)
+
+
 def check_adapter(path: str) -> Path:
     """A PEFT LoRA folder with safetensors weights (pickled .bin adapters are refused)."""
     folder = Path(path).expanduser()

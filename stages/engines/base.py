@@ -17,6 +17,15 @@ from typing import Protocol
 from stages.core.errors import UsageError
 
 ENGINES = ("transformers", "vllm", "server")
+# The only values vLLM accepts for --max-lora-rank (server) and max_lora_rank (in process).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int | None) -> int:
+    """The smallest rank vLLM accepts that fits an adapter of `rank` (16 when there is none)."""
+    if rank is None:
+        return 16
+    return next((slot for slot in LORA_RANKS if slot >= rank), rank)
 
 
 @dataclass(frozen=True)

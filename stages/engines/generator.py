@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
-from stages.engines.base import Engine, Sample, SamplingParams, derive_seed
+from stages.engines.base import AdapterRef, Engine, Sample, SamplingParams, derive_seed, lora_rank_slot
 from stages.engines.prompts import PromptEncoder
 
 if TYPE_CHECKING:
@@ -76,7 +76,15 @@ class Generator:
         """Load the tokenizer, and the model for the transformers engine (an adapter merged into it), or
         start the engine named by `engine` (vllm in this process, or a server) with the adapter."""
         if engine is not None and engine.backend != "transformers":
-            raise UsageError(f"--backend {engine.backend} is not available in this build yet")
+            return cls._load_with_engine(
+                model,
+                engine,
+                adapter=adapter,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                system_prompt=system_prompt,
+                max_prompt_length=max_prompt_length,
+            )
         from stages.core.models import (
             attach_adapter,
             load_model,
@@ -102,6 +110,45 @@ class Generator:
             system_prompt=system_prompt,
             max_prompt_length=max_prompt_length,
         )
+
+    @classmethod
+    def _load_with_engine(
+        cls,
+        model: str,
+        options: EngineOptions,
+        *,
+        adapter: str | None,
+        dtype: str,
+        trust_remote_code: bool,
+        system_prompt: str | None,
+        max_prompt_length: int | None,
+    ) -> Generator:
+        """The tokenizer here, the model in the engine (vLLM in this process, or a server)."""
+        from stages.core.models import (
+            adapter_rank,
+            check_adapter,
+            load_generation_config,
+            load_tokenizer,
+            resolve_model,
+        )
+        from stages.engines.transformers_engine import stop_token_ids
+
+        resolved = resolve_model(model)
+        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+        stop_ids = stop_token_ids(load_generation_config(resolved), tokenizer)
+        folder = check_adapter(adapter) if adapter else None
+        engine = make_engine(
+            options,
+            model_path=resolved.path,
+            stop_ids=stop_ids,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            max_lora_rank=lora_rank_slot(adapter_rank(folder) if folder else None),
+        )
+        generator = cls(tokenizer, engine, stop_ids, model, adapter, system_prompt, max_prompt_length)
+        if folder:
+            engine.set_adapter(AdapterRef(folder, f"adapter-{derive_seed(folder.resolve()) % 10**8}", 0))
+        return generator
 
     @property
     def model(self) -> PreTrainedModel:
@@ -210,3 +257,37 @@ class EngineOptions:
             raise UsageError("--backend server needs --server-url URL (the base URL, ending in /v1)")
         if self.concurrency < 1:
             raise UsageError("--concurrency must be >= 1")
+
+
+def make_engine(
+    options: EngineOptions,
+    *,
+    model_path: str,
+    stop_ids: set[int],
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    max_lora_rank: int = 16,
+) -> Engine:
+    """Start the engine `options` names for a model folder (vllm, server; transformers needs a loaded model)."""
+    if options.backend == "server":
+        from stages.engines.server import ServerEngine
+
+        return ServerEngine(
+            options.server_url or "",
+            model=options.server_model,
+            api_key_env=options.api_key_env,
+            concurrency=options.concurrency,
+            stop_ids=stop_ids,
+        )
+    if options.backend == "vllm":
+        from stages.engines.vllm_engine import VllmEngine, vllm_dtype
+
+        return VllmEngine(
+            model_path,
+            dtype=vllm_dtype(dtype),
+            max_lora_rank=max_lora_rank,
+            stop_ids=stop_ids,
+            trust_remote_code=trust_remote_code,
+        )
+    raise UsageError(f"the {options.backend} engine is made from a loaded model (Generator.for_model)")
+

@@ -53,6 +53,14 @@ def data_path(name: str) -> Path:
     return path
 
 
+def empty_input(config: RunConfig) -> str | None:
+    """Which data file has no records (a run needs a pool and a held-out set), or None."""
+    for key, name in (("data.pool", config.data.pool), ("data.heldout", config.data.heldout)):
+        if next(iter(read_records(data_path(name))), None) is None:
+            return f"{key} ({name}) is empty"
+    return None
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -30,7 +30,17 @@ from stages.train.rollout import PromptReport, TrainPrompt, prepare_prompts, ste
 from stages.train.sft import SftExample, sft_examples
 
 # Options that may differ between a run and its resumption; anything else must match.
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "logging_steps", "device"}
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "device",
+    "server_url",
+    "server_model",
+    "api_key_env",
+    "concurrency",
+}
 
 
 @dataclass
@@ -124,7 +134,7 @@ def set_up(
         items=items,
         steps=steps,
         first_step=first_step,
-        scorer=Scorer.from_names(config.reward),
+        scorer=config.scorer(str(device)),
         loss_config=config.loss_config(),
         sampling=SamplingParams(config.max_completion_length, config.temperature, config.top_p),
         autocast=_autocast(model, device),
@@ -212,8 +222,33 @@ def _load_policy(config: TrainConfig, device: torch.device) -> tuple[Any, Genera
             base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    generator = Generator.for_model(model, tokenizer, model_name=config.model, system_prompt=config.system_prompt)
+    generator = Generator.for_model(
+        model, tokenizer, model_name=config.model, system_prompt=config.resolved_system_prompt()
+    )
+    if config.backend != "transformers":
+        generator = _engine_generator(config, resolved.path, generator)
     return model, generator
+
+
+def _engine_generator(config: TrainConfig, model_path: str, local: Generator) -> Generator:
+    """The trainer's tokenizer and prompts, with rollouts from vLLM or a server holding the base model."""
+    from stages.engines.base import lora_rank_slot
+    from stages.engines.generator import EngineOptions, make_engine
+
+    options = EngineOptions(
+        config.backend, config.server_url, config.server_model, config.api_key_env, config.concurrency
+    )
+    engine = make_engine(
+        options,
+        model_path=model_path,
+        stop_ids=local.stop_ids,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        max_lora_rank=lora_rank_slot(config.lora_r),
+    )
+    return Generator(
+        local.tokenizer, engine, local.stop_ids, config.model, None, local.system_prompt, local.max_prompt_length
+    )
 
 
 def _check_resume_config(output_dir: Path, config: TrainConfig, digest: str) -> None:

@@ -1,0 +1,154 @@
+"""GRPO with rollouts from an engine of its own: adapter-only sync per step, async rollouts, the base check.
+
+The engine here is a second copy of the base model that reads each adapter the trainer publishes from
+disk, as vLLM does: the trainer's side of the contract is tested fast and exactly, without vLLM.
+(tests/test_engine_vllm_real.py runs the real vLLM server.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.core.errors import ModelError, UsageError
+from stages.engines.base import AdapterRef, Sample, SamplingParams
+from stages.engines.transformers_engine import sample
+from stages.train.config import TrainConfig
+from stages.train.loop import train
+from tests.conftest import demo_records
+
+
+class FileSyncedEngine:
+    """A separate model that samples with whatever adapter folder it was last pointed at."""
+
+    name = "vllm"  # stands in for an engine of its own
+
+    def __init__(self, model_path: str, stop_ids: set[int]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.stop_ids = stop_ids
+        self.adapter: AdapterRef | None = None
+        self.calls: list[int | None] = []  # the adapter version each sampling call used
+        self.loaded: list[str] = []
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[list[Sample]]:
+        self.calls.append(self.adapter.version if self.adapter else None)
+        return sample(self.model, prompts, seeds, sampling, stop_ids=self.stop_ids, pad_id=min(self.stop_ids))
+
+    def set_adapter(self, adapter: AdapterRef | None) -> None:
+        from peft import PeftModel, set_peft_model_state_dict
+
+        assert adapter is not None and adapter.name not in self.loaded, "an adapter name was reused"
+        if self.adapter is None:  # the first version: wrap the base model, as vLLM adds a LoRA slot
+            self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
+        else:
+            set_peft_model_state_dict(self.model, load_file(str(adapter.path / "adapter_model.safetensors")))
+        self.loaded.append(adapter.name)
+        self.adapter = adapter
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def engines(monkeypatch, tiny_model) -> list[FileSyncedEngine]:
+    """Every engine the trainer asks for is a FileSyncedEngine on the tiny model."""
+    made: list[FileSyncedEngine] = []
+
+    def make_engine(options, *, model_path, stop_ids, **_settings):
+        made.append(FileSyncedEngine(model_path, stop_ids))
+        return made[-1]
+
+    monkeypatch.setattr("stages.engines.generator.make_engine", make_engine)
+    return made
+
+
+def config(model: Path, **overrides) -> TrainConfig:
+    settings = {
+        "model": str(model),
+        "device": "cpu",
+        "num_generations": 2,
+        "per_device_train_batch_size": 4,
+        "max_completion_length": 6,
+        "max_steps": 3,
+        "learning_rate": 5e-2,
+        "warmup_ratio": 0.0,
+        "save_steps": 100,
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_each_step_samples_with_the_adapter_of_the_step_before(engines, tiny_model, tmp_path) -> None:
+    records = demo_records("pool", 4)
+    result = train(records, config(tiny_model, backend="vllm"), tmp_path / "engine")
+    [engine] = engines
+    # The probe (base model, no adapter), then steps 1..3 with the adapters after steps 0, 1, 2.
+    assert engine.calls == [None, 0, 1, 2]
+    assert len(engine.loaded) == 4 and len(set(engine.loaded)) == 4  # a new name per version (3 + final)
+    # Same seeds, same weights read back from disk: exactly the run whose rollouts came from the policy itself.
+    train(records, config(tiny_model), tmp_path / "policy")
+    ours, theirs = adapter(tmp_path / "engine"), adapter(tmp_path / "policy")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(step["logprob_drift_max"] < 1e-4 for step in result.metrics)
+    assert not (tmp_path / "engine" / "engine-adapters").exists()  # the sync folders are cleaned up
+
+
+def test_async_rollouts_are_one_step_stale(engines, tiny_model, tmp_path) -> None:
+    records = demo_records("pool", 6)
+    result = train(records, config(tiny_model, backend="vllm", async_rollouts=True, max_steps=4), tmp_path / "run")
+    [engine] = engines
+    # Step 1 samples now (adapter 0); step 2 was sampled during step 1 with adapter 0; step 3 during
+    # step 2 with adapter 1; step 4 during step 3 with adapter 2: never more than one step behind.
+    assert engine.calls == [None, 0, 0, 1, 2]
+    assert len(result.metrics) == 4
+    # Off-policy samples: the clipped ratio is taken against the sampler's log-probs, so it moves off 1.
+    assert any(step["logprob_drift_max"] > 1e-4 for step in result.metrics[1:])
+
+
+def test_an_engine_serving_another_model_is_refused(monkeypatch, tiny_model, tmp_path) -> None:
+    from tests.tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=7)
+
+    def make_engine(options, *, model_path, stop_ids, **_settings):
+        return FileSyncedEngine(str(other), stop_ids)
+
+    monkeypatch.setattr("stages.engines.generator.make_engine", make_engine)
+    with pytest.raises(ModelError, match="does not serve the trainer's base model"):
+        train(demo_records("pool", 2), config(tiny_model, backend="vllm"), tmp_path / "run")
+
+
+def test_async_rollouts_need_an_engine_of_their_own(tiny_model) -> None:
+    with pytest.raises(UsageError, match="async_rollouts needs an engine of its own"):
+        config(tiny_model, async_rollouts=True)
+
+
+def test_engine_importance_weights_follow_trls_modes() -> None:
+    from stages.train.loss import engine_importance_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
+    engine = torch.tensor([[-2.5, -2.0, -0.25]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # per token: exp(1.5) = 4.48 (over the cap 3), exp(0) = 1, masked token: exp(0) = 1
+    truncated = engine_importance_weights(trainer, engine, mask, "token_truncate", 3.0)
+    assert torch.allclose(truncated, torch.tensor([[3.0, 1.0, 1.0]]))
+    masked = engine_importance_weights(trainer, engine, mask, "token_mask", 3.0)
+    assert torch.allclose(masked, torch.tensor([[0.0, 1.0, 1.0]]))
+    # per sequence: exp(1.5 + 0) = 4.48 -> 3 (truncate) or 0 (mask), one weight for the row
+    assert torch.allclose(
+        engine_importance_weights(trainer, engine, mask, "sequence_truncate", 3.0), torch.tensor([[3.0]])
+    )
+    assert torch.allclose(
+        engine_importance_weights(trainer, engine, mask, "sequence_mask", 5.0), torch.tensor([[4.4817]]), atol=1e-4
+    )
