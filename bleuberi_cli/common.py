@@ -90,12 +90,14 @@ def report_reading(stats: ReadStats, *, quiet: bool) -> None:
             say(f"  also: {more}", quiet=quiet)
 
 
-def read_all_records(input: str | None, *, skip_invalid: bool, quiet: bool, purpose: str) -> list[dict]:
+def read_all_records(
+    input: str | None, *, skip_invalid: bool, quiet: bool, purpose: str, references_optional: bool = False
+) -> list[dict]:
     """Every record of a stage that needs them all at once (train, eval); says so when there are none."""
     from stages.core.records import read_records
 
     stats = ReadStats()
-    records = list(read_records(input, skip_invalid=skip_invalid, stats=stats))
+    records = list(read_records(input, skip_invalid=skip_invalid, stats=stats, references_optional=references_optional))
     report_reading(stats, quiet=quiet)
     if not records:
         say(f"no records: nothing to {purpose}", quiet=quiet)

@@ -18,7 +18,18 @@ from bleuberi_cli.common import (
     read_all_records,
     say,
 )
-from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
+from bleuberi_cli.model_options import (
+    ApiKeyEnvOpt,
+    BackendOpt,
+    ChatOnlyOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ServerModelOpt,
+    ServerUrlOpt,
+    SystemPromptOpt,
+    TrustRemoteCodeOpt,
+)
 from stages.core.models import DEFAULT_MODEL
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
 
@@ -44,12 +55,21 @@ references}} (winner a|b|tie, or Arena's model_a|model_b|tie; `tie (bothbad)` pa
 counted): how often each metric, a `longer` baseline and a seeded `random` baseline pick the human
 winner, in total and using the first k references.
 
-Metrics: {", ".join(METRICS)} (default: {", ".join(DEFAULT_EVAL_METRICS)}).
+Answers produced elsewhere: --answers NAME=FILE (repeatable) adds a system whose answers are read,
+not generated: FILE has one record per held-out id with `id` and `completion` (or `completions`, the
+first is used); references come from -i; a missing or extra id is an error. With only --answers (no
+--model, no --adapter) no model is loaded, and --baseline NAME (default: a system named "base", else
+the first) is the system the others are compared with.
+
+Metrics: {", ".join(METRICS)} (default: {", ".join(DEFAULT_EVAL_METRICS)}); rm:PATH and rm-url:URL
+report raw reward-model scores, bertscore[:ENCODER] and emb[:ENCODER] encoder similarities.
 
 \b
 Examples:
   bleuberi eval -i examples/data/heldout.jsonl --adapter runs/x/adapter --report report.md > answers.jsonl
   bleuberi eval -i heldout.jsonl --adapter runs/bleu/adapter=bleu --adapter runs/sft/adapter=sft
+  bleuberi eval -i heldout.jsonl --answers base=base.jsonl --answers grpo=grpo.jsonl --baseline base
+  bleuberi eval -i heldout.jsonl --adapter runs/x/adapter --served big=http://gpu-box:8000/v1#Qwen2.5-7B-Instruct
   bleuberi eval --agreement -i examples/pairs.jsonl --report agreement.md > pairs.scored.jsonl
 """
 
@@ -57,10 +77,30 @@ Examples:
 def eval_command(
     input: InputOpt = None,
     output: OutputOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="NAME|PATH|HUB-ID",
+            help=f"Causal LM that generates the base system (default '{DEFAULT_MODEL}', embedded; none is loaded "
+            "when only --answers are given): embedded name, local folder or hub id.",
+            envvar="BLEUBERI_MODEL",
+            show_default=False,
+        ),
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option("--adapter", metavar="PATH[=NAME]", help="A LoRA adapter to compare with the base; repeatable."),
+    ] = None,
+    answers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--answers", metavar="NAME=FILE", help="A system whose answers already exist (JSONL); repeatable."
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option("--baseline", metavar="NAME", help="The system others are compared with (default: base)."),
     ] = None,
     metric: Annotated[
         list[str] | None,
@@ -78,6 +118,21 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     system_prompt: SystemPromptOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    backend: BackendOpt = "transformers",
+    server_url: ServerUrlOpt = None,
+    server_model: ServerModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 8,
+    server_chat_only: ChatOnlyOpt = False,
+    served: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--served",
+            metavar="NAME=URL[#MODEL]",
+            help="A system answered by an OpenAI-compatible server elsewhere (prompts through --model's chat "
+            "template as token ids, or as chat turns with --server-chat-only); repeatable.",
+        ),
+    ] = None,
     bootstrap_resamples: Annotated[
         int, typer.Option("--bootstrap-resamples", metavar="N", help="Resamples for the 95% intervals.")
     ] = 1000,
@@ -127,12 +182,15 @@ def eval_command(
                 quiet=quiet,
             )
             return
+        from stages.engines.generator import EngineOptions
         from stages.eval.evaluate import EvalConfig
         from stages.eval.judges import HttpJudge
 
         config = EvalConfig(
-            model=model,
+            model=model or (None if answers and not adapter else DEFAULT_MODEL),
             adapters=adapter or [],
+            answers=answers or [],
+            baseline=baseline,
             metrics=metrics,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -145,6 +203,8 @@ def eval_command(
             system_prompt=system_prompt,
             trust_remote_code=trust_remote_code,
             resamples=bootstrap_resamples,
+            engine=EngineOptions(backend, server_url, server_model, api_key_env, concurrency, server_chat_only),
+            served=served or [],
         )
         http_judge = None
         if judge_url:
@@ -178,7 +238,7 @@ def _evaluate(
     from stages.eval.report import eval_tables, print_tables, write_report
 
     reward_judge = RewardModelJudge(judge_model, device=config.device) if judge_model else None
-    total = len(records) * len(config.systems)
+    total = len(records) * sum(1 for s in config.systems if not s.answers)  # answers to generate
     with progress("generating", quiet=quiet, total=total, unit="answers") as advance:
         result = evaluate(
             records,

@@ -20,6 +20,7 @@ from bleuberi_cli.common import (
 from bleuberi_cli.model_options import (
     ApiKeyEnvOpt,
     BackendOpt,
+    ChatOnlyOpt,
     ConcurrencyOpt,
     DeviceOpt,
     DtypeOpt,
@@ -52,6 +53,9 @@ Examples:
   bleuberi generate -i pool.jsonl --temperature 0 | bleuberi score | bleuberi select -n 20
 
   bleuberi generate -i pool.jsonl --backend server --server-url http://127.0.0.1:8000/v1
+
+  bleuberi generate -i prompts.jsonl --as-references --backend server --server-chat-only \\
+      --server-url https://api.example.com/v1 --server-model big --api-key-env API_KEY -o refs.jsonl
 
 {NORMALISATION_HELP}
 """
@@ -98,6 +102,15 @@ def generate(
     server_model: ServerModelOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: ConcurrencyOpt = 8,
+    server_chat_only: ChatOnlyOpt = False,
+    as_references: Annotated[
+        bool,
+        typer.Option(
+            "--as-references",
+            help="Append the generated texts to each record's `references` (deduplicated; `reference_sources` "
+            "says which came from which model) instead of adding `completions`. Records may lack references.",
+        ),
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -113,7 +126,7 @@ def generate(
         from stages.generate import check_params, generate_file
 
         params = check_params(num_samples, max_new_tokens, temperature, top_p)
-        engine = EngineOptions(backend, server_url, server_model, api_key_env, concurrency)
+        engine = EngineOptions(backend, server_url, server_model, api_key_env, concurrency, server_chat_only)
 
         def load() -> Generator:
             say(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""), quiet=quiet)
@@ -128,7 +141,9 @@ def generate(
                 engine=engine,
             )
 
-        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="generate")
+        records = read_all_records(
+            input, skip_invalid=skip_invalid, quiet=quiet, purpose="generate", references_optional=as_references
+        )
         with progress("generating", quiet=quiet, unit="prompts") as advance:
             stats = generate_file(
                 records,
@@ -140,6 +155,7 @@ def generate(
                 batch_size=batch_size,
                 max_batch_tokens=max_batch_tokens,
                 resume=resume,
+                as_references=as_references,
                 on_message=lambda m: say(m, quiet=quiet),
                 on_record=lambda: advance(1),
             )

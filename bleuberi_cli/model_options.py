@@ -67,6 +67,14 @@ ApiKeyEnvOpt = Annotated[
         help="Environment variable holding the server's API key; sent to that host only, never on a redirect.",
     ),
 ]
+ChatOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--server-chat-only",
+        help="The server has only /v1/chat/completions: answers come back as text, with no token ids "
+        "(fine for generate and eval; training needs token ids).",
+    ),
+]
 ConcurrencyOpt = Annotated[
     int, typer.Option("--concurrency", metavar="N", help="Requests in flight to the server at once.")
 ]

@@ -16,8 +16,19 @@ from bleuberi_cli.common import (
     read_all_records,
     say,
 )
-from bleuberi_cli.model_options import DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, TrustRemoteCodeOpt
-from stages.metrics import METRICS
+from bleuberi_cli.model_options import (
+    ApiKeyEnvOpt,
+    BackendOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    ServerModelOpt,
+    ServerUrlOpt,
+    SystemPromptOpt,
+    TrustRemoteCodeOpt,
+)
+from stages.metrics import METRICS, SPEC_HELP
 from stages.train.config import TRAIN_HELP, TrainConfig
 
 # One source for every option's default and help: TrainConfig and TRAIN_HELP (also behind run --print-config).
@@ -26,9 +37,10 @@ DEFAULTS = TrainConfig()
 HELP = f"""Fine-tune a LoRA adapter with GRPO, rewarding each sampled completion by reference metrics.
 
 The BLEUBERI recipe: ... | bleuberi select --mode hard -n 5000 | bleuberi train -o runs/x. Each step
-samples --num-generations completions for each of its prompts, rewards them with --reward (sum of
-NAME[:WEIGHT] metrics against the record's references), and takes clipped policy-gradient steps with a
-KL penalty towards the base model (the same weights with the adapter switched off).
+samples --num-generations completions for each of its prompts, rewards them with --reward
+(NAME[:ARG][:WEIGHT] specs: reference metrics, reward models, encoders; several are combined by
+--reward-combine), and takes clipped policy-gradient steps with a KL penalty towards the base model
+(the same weights with the adapter switched off). {SPEC_HELP}
 
 Batch sizes count completions, as in TRL: a step samples per-device-train-batch-size x grad-accum
 completions per device (that many / num-generations prompts). A step is one such rollout followed by
@@ -39,14 +51,25 @@ reward.png, config.json. stdout carries the same per-step metric records, so `| 
 Ctrl-C saves a checkpoint and stops; --resume continues exactly where it stopped. Reads all records
 into memory. Launch with `torchrun --nproc_per_node N bleuberi train ...` for data parallelism.
 
+Rollouts: --backend transformers samples with the policy itself (exact, the default); --backend vllm
+(vLLM in this process) or server (a vLLM server at --server-url, started with --enable-lora and
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) holds the base model once, and after every optimizer step only the
+LoRA adapter is saved and loaded into it under a new name. The loss's log-probs always come from the
+trainer's own forward pass; metrics.jsonl logs the engine-vs-trainer drift. --async-rollouts samples
+step t+1 while step t trains (one step stale, never more).
+
 Rewards: {", ".join(METRICS)}.
 
 \b
 Examples:
   bleuberi train -i hard.jsonl -o runs/bleu --max-steps 200
   bleuberi train -i hard.jsonl -o runs/mix --reward bleu:1 --reward rouge-l:0.5 --beta 0
+  bleuberi train -i hard.jsonl -o runs/rm --reward rm:/models/Skywork-Reward-Llama-3.1-8B-v0.2
+  bleuberi train -i hard.jsonl -o runs/bleu-rm --reward bleu --reward rm:/models/rm --reward-combine zscore
+  bleuberi train -i hard.jsonl -o runs/think --reasoning                  # <think>/<answer> + format reward
   bleuberi train -i hard.jsonl -o runs/sft --algo sft --learning-rate 1e-4
   bleuberi train -i hard.jsonl -o runs/bleu --resume            # continue from the latest checkpoint
+  bleuberi train -i hard.jsonl -o runs/srv --backend server --server-url http://127.0.0.1:8000/v1 --async-rollouts
 """
 
 
@@ -60,7 +83,13 @@ def train(
     input: InputOpt = None,
     model: ModelOpt = DEFAULTS.model,
     algo: Annotated[Literal["grpo", "sft"], _opt("--algo", help=TRAIN_HELP["algo"])] = "grpo",
-    reward: Annotated[list[str] | None, _opt("--reward", metavar="NAME[:WEIGHT]", help=TRAIN_HELP["reward"])] = None,
+    reward: Annotated[
+        list[str] | None, _opt("--reward", metavar="NAME[:ARG][:WEIGHT]", help=TRAIN_HELP["reward"])
+    ] = None,
+    reward_combine: Annotated[
+        Literal["sum", "zscore"], _opt("--reward-combine", help=TRAIN_HELP["reward_combine"])
+    ] = DEFAULTS.reward_combine,
+    reasoning: Annotated[bool, _opt("--reasoning", help=TRAIN_HELP["reasoning"])] = DEFAULTS.reasoning,
     num_generations: Annotated[
         int, _opt("--num-generations", metavar="G", help=TRAIN_HELP["num_generations"])
     ] = DEFAULTS.num_generations,
@@ -107,7 +136,7 @@ def train(
         float | None, _opt("--epsilon-high", metavar="E", help=TRAIN_HELP["epsilon_high"])
     ] = DEFAULTS.epsilon_high,
     loss_type: Annotated[
-        Literal["grpo", "bnpo", "dapo", "dr_grpo"], _opt("--loss-type", help=TRAIN_HELP["loss_type"])
+        Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo"], _opt("--loss-type", help=TRAIN_HELP["loss_type"])
     ] = DEFAULTS.loss_type,
     scale_rewards: Annotated[
         Literal["group", "batch", "none"], _opt("--scale-rewards", help=TRAIN_HELP["scale_rewards"])
@@ -115,6 +144,14 @@ def train(
     importance_sampling_level: Annotated[
         Literal["token", "sequence"], _opt("--importance-sampling-level", help=TRAIN_HELP["importance_sampling_level"])
     ] = DEFAULTS.importance_sampling_level,
+    use_bias_correction_kl: Annotated[
+        bool,
+        _opt("--use-bias-correction-kl/--no-use-bias-correction-kl", help=TRAIN_HELP["use_bias_correction_kl"]),
+    ] = DEFAULTS.use_bias_correction_kl,
+    delta: Annotated[float | None, _opt("--delta", metavar="D", help=TRAIN_HELP["delta"])] = DEFAULTS.delta,
+    top_entropy_quantile: Annotated[
+        float, _opt("--top-entropy-quantile", metavar="Q", help=TRAIN_HELP["top_entropy_quantile"])
+    ] = DEFAULTS.top_entropy_quantile,
     num_iterations: Annotated[
         int, _opt("--num-iterations", metavar="MU", help=TRAIN_HELP["num_iterations"])
     ] = DEFAULTS.num_iterations,
@@ -142,6 +179,29 @@ def train(
     dtype: DtypeOpt = DEFAULTS.dtype,
     system_prompt: SystemPromptOpt = DEFAULTS.system_prompt,
     trust_remote_code: TrustRemoteCodeOpt = DEFAULTS.trust_remote_code,
+    backend: BackendOpt = DEFAULTS.backend,
+    server_url: ServerUrlOpt = DEFAULTS.server_url,
+    server_model: ServerModelOpt = DEFAULTS.server_model,
+    api_key_env: ApiKeyEnvOpt = DEFAULTS.api_key_env,
+    concurrency: ConcurrencyOpt = DEFAULTS.concurrency,
+    async_rollouts: Annotated[
+        bool, _opt("--async-rollouts", help=TRAIN_HELP["async_rollouts"])
+    ] = DEFAULTS.async_rollouts,
+    vllm_importance_sampling_correction: Annotated[
+        bool,
+        _opt(
+            "--vllm-importance-sampling-correction/--no-vllm-importance-sampling-correction",
+            help=TRAIN_HELP["vllm_importance_sampling_correction"],
+        ),
+    ] = DEFAULTS.vllm_importance_sampling_correction,
+    vllm_importance_sampling_mode: Annotated[
+        Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"],
+        _opt("--vllm-importance-sampling-mode", help=TRAIN_HELP["vllm_importance_sampling_mode"]),
+    ] = DEFAULTS.vllm_importance_sampling_mode,
+    vllm_importance_sampling_clip_max: Annotated[
+        float,
+        _opt("--vllm-importance-sampling-clip-max", metavar="C", help=TRAIN_HELP["vllm_importance_sampling_clip_max"]),
+    ] = DEFAULTS.vllm_importance_sampling_clip_max,
     seed: SeedOpt = DEFAULTS.seed,
     save_steps: Annotated[int, _opt("--save-steps", metavar="N", help=TRAIN_HELP["save_steps"])] = DEFAULTS.save_steps,
     save_total_limit: Annotated[
@@ -165,6 +225,8 @@ def train(
             model=model,
             algo=algo,
             reward=reward or DEFAULTS.reward,
+            reward_combine=reward_combine,
+            reasoning=reasoning,
             system_prompt=system_prompt,
             trust_remote_code=trust_remote_code,
             lora_r=lora_r,
@@ -193,12 +255,24 @@ def train(
             loss_type=loss_type,
             scale_rewards=scale_rewards,
             importance_sampling_level=importance_sampling_level,
+            use_bias_correction_kl=use_bias_correction_kl,
+            delta=delta,
+            top_entropy_quantile=top_entropy_quantile,
             num_iterations=num_iterations,
             mask_truncated=mask_truncated,
             skip_zero_std=skip_zero_std,
             device=device,
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
+            backend=backend,
+            server_url=server_url,
+            server_model=server_model,
+            api_key_env=api_key_env,
+            concurrency=concurrency,
+            async_rollouts=async_rollouts,
+            vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
             seed=seed,
             save_steps=save_steps,
             save_total_limit=save_total_limit,

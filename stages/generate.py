@@ -53,14 +53,31 @@ def generation_info(
     return info
 
 
+def add_as_references(record: dict[str, Any], texts: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """Append generated texts to `references` (no duplicates, no empty ones) and say where each came from:
+    `reference_sources[i]` is "input" or the generation settings that wrote references[i]."""
+    references = list(record.get("references", []))
+    sources = list(record.get("reference_sources", ["input"] * len(references)))
+    origin = {k: info[k] for k in ("model", "adapter", "backend", "temperature", "seed", "bleuberi") if k in info}
+    for text in texts:
+        if text.strip() and text not in references:
+            references.append(text)
+            sources.append(origin)
+    record["references"], record["reference_sources"] = references, sources
+    return record
+
+
 def add_completions(
     record: dict[str, Any], texts: list[str], samples: list[Sample], info: dict[str, Any]
 ) -> dict[str, Any]:
     record["completions"] = texts
+    text_only = any(s.text is not None and not s.token_ids for s in samples)
     record["generation"] = {
         **info,
         "finish_reasons": ["stop" if s.finished else "length" for s in samples],
-        "completion_tokens": [len(s.token_ids) for s in samples],
+        # A chat endpoint returns text only: no token ids, so no token counts (and the server's template).
+        "completion_tokens": None if text_only else [len(s.token_ids) for s in samples],
+        **({"text_only": True} if text_only else {}),
     }
     return record
 
@@ -86,8 +103,10 @@ def generate_records(
     max_batch_tokens: int | None = None,
     stats: GenerateStats | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    as_references: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Add `completions` and `generation` to each record, in input order."""
+    """Add `completions` and `generation` to each record, in input order (with `as_references`, the texts
+    go to `references` instead, for building multi-reference sets from strong models)."""
     stats = stats if stats is not None else GenerateStats()
     info = generation_info(
         params,
@@ -107,7 +126,12 @@ def generate_records(
         stats.new_tokens += sum(len(s.token_ids) for s in samples)
         stats.seconds = time.perf_counter() - start
         stats.truncated_prompts = generator.encoder.truncated
-        yield add_completions(record, [generator.text(s) for s in samples], samples, info)
+        texts = [generator.text(s) for s in samples]
+        if as_references:
+            record["generation"] = info
+            yield add_as_references(record, texts, info)
+        else:
+            yield add_completions(record, texts, samples, info)
 
 
 def generate_file(
@@ -121,6 +145,7 @@ def generate_file(
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
     resume: bool = False,
+    as_references: bool = False,
     on_message: Callable[[str], None] = lambda message: None,
     on_record: Callable[[], None] = lambda: None,
 ) -> GenerateStats:
@@ -158,6 +183,7 @@ def generate_file(
                 batch_size=batch_size,
                 max_batch_tokens=max_batch_tokens,
                 stats=stats,
+                as_references=as_references,
             )
             for record in outputs:
                 writer.write(record)

@@ -36,6 +36,7 @@ class Standin:
 
     def __init__(self, models: tuple[str, ...] = ("smol",), *, max_lora_rank: int = 16, runtime_lora: bool = True):
         self.base_models = list(models)
+        self.vocab_size = 5000  # sampled ids are below this (set it to a test model's vocabulary)
         self.max_lora_rank = max_lora_rank
         self.runtime_lora = runtime_lora
         self.adapters: dict[str, str] = {}  # name -> path
@@ -74,7 +75,7 @@ class Standin:
         rng = _rng(tuple(prompt), None if greedy else seed, model)
         ids, logprobs = [], []
         for _ in range(max_tokens):
-            token = EOS if rng.random() < 0.12 else rng.randrange(3, 5000)
+            token = EOS if rng.random() < 0.12 else rng.randrange(3, self.vocab_size)
             ids.append(token)
             logprobs.append(-round(rng.random() * 3, 6))
             if token == EOS:

@@ -112,6 +112,7 @@ def normalise(
     source: str = "<record>",
     line: int = 0,
     require: Iterable[str] = (),
+    references_optional: bool = False,
 ) -> dict[str, Any]:
     """Validate one record and bring it to the canonical shape (in place; the same dict is returned).
 
@@ -122,7 +123,11 @@ def normalise(
         raise InputError(source, line, f"expected a JSON object, got {_type_name(obj)}")
     record: dict[str, Any] = obj
     _normalise_prompt(record, source, line)
-    _normalise_references(record, source, line)
+    has_reference = any(k in record for k in ("references", "reference", "ground_truth", "output"))
+    if references_optional and not has_reference:
+        record["references"] = []  # `generate --as-references` is about to write them
+    if not (references_optional and record.get("references") == []):
+        _normalise_references(record, source, line)
     _normalise_id(record, source, line)
     for name in require:
         _check_required(record, name, source, line)
@@ -208,6 +213,7 @@ def read_records(
     require: Iterable[str] = (),
     skip_invalid: bool = False,
     stats: ReadStats | None = None,
+    references_optional: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield normalised records from a JSONL file, `-`/None for stdin.
 
@@ -217,7 +223,7 @@ def read_records(
     require = tuple(require)
 
     def check(obj: Any, source: str, line: int) -> dict[str, Any]:
-        return normalise(obj, source=source, line=line, require=require)
+        return normalise(obj, source=source, line=line, require=require, references_optional=references_optional)
 
     return read_validated(path, check, skip_invalid=skip_invalid, stats=stats)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
+from stages.core.records import prompt_messages
 from stages.engines.base import AdapterRef, Engine, Sample, SamplingParams, derive_seed, lora_rank_slot
 from stages.engines.prompts import PromptEncoder
 
@@ -151,6 +152,11 @@ class Generator:
         return generator
 
     @property
+    def text_only(self) -> bool:
+        """True for a chat endpoint that returns text and no token ids (generate and eval only)."""
+        return bool(getattr(self.engine, "text_only", False))
+
+    @property
     def model(self) -> PreTrainedModel:
         """The in-process model (transformers engine only)."""
         model = getattr(self.engine, "model", None)
@@ -170,7 +176,10 @@ class Generator:
         return sample.text.strip() if sample.text is not None else self.decode(sample.token_ids)
 
     def answer_tokens(self, sample: Sample) -> int:
-        """Tokens of the answer itself (end-of-sequence tokens not counted)."""
+        """Tokens of the answer itself (end-of-sequence tokens not counted); a text-only answer is
+        counted with our tokenizer."""
+        if sample.text is not None and not sample.token_ids:
+            return len(self.tokenizer(sample.text, add_special_tokens=False)["input_ids"])
         return sum(1 for t in sample.token_ids if t not in self.stop_ids)
 
     def sample_ids(
@@ -205,7 +214,11 @@ class Generator:
             results: dict[int, list[Sample]] = {}
             for batch in _batches(order, encoded, batch_size, n, sampling.max_new_tokens, max_batch_tokens):
                 seeds = [[derive_seed(seed, window[i]["id"], k) for k in range(n)] for i in batch]
-                samples = self.sample_ids([encoded[i] for i in batch], seeds, sampling)
+                if self.text_only:  # a chat endpoint: the server applies its own template to the turns
+                    turns = [self.encoder.turns(prompt_messages(window[i])) for i in batch]
+                    samples = self.engine.sample_messages(turns, seeds, sampling)  # type: ignore[attr-defined]
+                else:
+                    samples = self.sample_ids([encoded[i] for i in batch], seeds, sampling)
                 results.update(zip(batch, samples))
                 if on_batch:
                     on_batch(len(batch), sum(len(s.token_ids) for group in samples for s in group))
@@ -247,6 +260,7 @@ class EngineOptions:
     server_model: str | None = None  # default: the one model the server lists
     api_key_env: str | None = None  # environment variable holding the server's API key
     concurrency: int = 8  # requests in flight to a server
+    chat_only: bool = False  # the server has only /v1/chat/completions: text answers (generate, eval)
 
     def __post_init__(self) -> None:
         from stages.engines.base import ENGINES
@@ -278,6 +292,7 @@ def make_engine(
             api_key_env=options.api_key_env,
             concurrency=options.concurrency,
             stop_ids=stop_ids,
+            chat_only=options.chat_only,
         )
     if options.backend == "vllm":
         from stages.engines.vllm_engine import VllmEngine, vllm_dtype
@@ -290,4 +305,3 @@ def make_engine(
             trust_remote_code=trust_remote_code,
         )
     raise UsageError(f"the {options.backend} engine is made from a loaded model (Generator.for_model)")
-

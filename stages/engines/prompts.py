@@ -42,10 +42,15 @@ class PromptEncoder:
     max_prompt_length: int | None = None
     truncated: int = 0  # prompts cut from the left to fit max_prompt_length
 
-    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def turns(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        """The chat turns the model sees: the record's, after the system prompt when one is set."""
         turns = list(messages)
         if self.system_prompt and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return turns
+
+    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        turns = self.turns(messages)
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from stages.core.errors import ConfigError
+from stages.core.errors import ConfigError, UsageError
 from stages.core.http import JsonClient, ServerError
 from stages.core.models import adapter_rank
 from stages.engines.base import AdapterRef, Sample, SamplingParams, lora_rank_slot
@@ -84,7 +84,9 @@ class ServerEngine:
         *,
         backoff: float = 0.5,
         stop_ids: set[int] | None = None,
+        chat_only: bool = False,
     ) -> None:
+        self.text_only = chat_only  # only /v1/chat/completions: text answers, no token ids
         if not base_url.rstrip("/").endswith("/v1"):
             raise ConfigError(f"server URL {base_url!r} must end in /v1 (e.g. http://127.0.0.1:8000/v1)")
         if concurrency < 1:
@@ -144,15 +146,15 @@ class ServerEngine:
     def sample(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[Sample]]:
+        if self.text_only:
+            raise UsageError(
+                f"{self.client.url('chat/completions')} is used as a chat endpoint (text only, no token ids): "
+                "fine for generate and eval, not for training"
+            )
         if len(prompts) != len(seeds):
             raise ValueError("one list of seeds per prompt")
         jobs = [(prompt, seed) for prompt, row in zip(prompts, seeds) for seed in row]
-        flat = self._run_all([lambda p=p, s=s: self._complete(p, s, params) for p, s in jobs])
-        out, start = [], 0
-        for row in seeds:
-            out.append(flat[start : start + len(row)])
-            start += len(row)
-        return out
+        return _regroup(self._run_all([lambda p=p, s=s: self._complete(p, s, params) for p, s in jobs]), seeds)
 
     def _sampling_fields(self, seed: int, params: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "n": 1}
@@ -190,12 +192,7 @@ class ServerEngine:
         """Text-only mode for servers without token-id completions: /v1/chat/completions, the server's
         chat template. Samples carry `text` and no token ids or log-probs."""
         jobs = [(messages, seed) for messages, row in zip(messages_list, seeds) for seed in row]
-        flat = self._run_all([lambda m=m, s=s: self._chat(m, s, params) for m, s in jobs])
-        out, start = [], 0
-        for row in seeds:
-            out.append(flat[start : start + len(row)])
-            start += len(row)
-        return out
+        return _regroup(self._run_all([lambda m=m, s=s: self._chat(m, s, params) for m, s in jobs]), seeds)
 
     def _chat(self, messages: Sequence[dict[str, str]], seed: int, params: SamplingParams) -> Sample:
         body = {"model": self.served, "messages": list(messages), **self._sampling_fields(seed, params)}
@@ -289,6 +286,15 @@ class ServerEngine:
                 self._unload(self.adapter.name)
             self.adapter, self.served = None, self.base_model
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _regroup(flat: list[Sample], seeds: Sequence[Sequence[int]]) -> list[list[Sample]]:
+    """One flat list of samples, request after request, back into one list per prompt."""
+    out, start = [], 0
+    for row in seeds:
+        out.append(flat[start : start + len(row)])
+        start += len(row)
+    return out
 
 
 def _first_choice(client: JsonClient, reply: Any, path: str = "completions") -> dict[str, Any]:

@@ -6,9 +6,13 @@ Library use:
     config = EvalConfig(adapters=["runs/x/adapter=bleuberi"], max_new_tokens=128)
     result = evaluate(records, config)            # result.records: per prompt; result.summary: per system
 
-The base model (no adapter) is always the first system and the baseline. Generation is greedy unless
+The base model (no adapter) is the first system and the baseline. Generation is greedy unless
 a temperature is given, and goes through the generate stage's engine; each system is loaded in turn
 (adapters merged into a fresh copy of the base), so only one model is in memory at a time.
+
+Systems whose answers already exist (`answers=["NAME=FILE"]`, see stages/eval/answers.py) are scored
+and compared the same way. With `model=None` no model is loaded at all: only those systems are
+compared, and `baseline` (default: one named "base", else the first) takes the base's place.
 """
 
 from __future__ import annotations
@@ -36,12 +40,23 @@ BASE = "base"
 class System:
     name: str
     adapter: str | None
+    answers: str | None = None  # a file of answers produced elsewhere: nothing is generated
+    engine: EngineOptions | None = None  # a system served elsewhere (default: the eval's own engine)
 
 
-def parse_systems(adapter_specs: Sequence[str]) -> list[System]:
-    """`PATH[=NAME]` specs -> systems, the base first. A default name is the adapter's folder name
-    (or the run folder's, for `.../adapter`)."""
-    systems = [System(BASE, None)]
+def parse_systems(
+    adapter_specs: Sequence[str], answer_specs: Sequence[str] = (), *, with_base: bool = True
+) -> list[System]:
+    """`PATH[=NAME]` adapter specs and `NAME=FILE` answer specs -> systems, the base first (unless
+    `with_base` is False). A default adapter name is its folder's name (or the run folder's, for `.../adapter`)."""
+    from stages.eval.answers import parse_answer_spec
+
+    systems = [System(BASE, None)] if with_base else []
+    for spec in answer_specs:
+        name, path = parse_answer_spec(spec)
+        if name in {s.name for s in systems}:
+            raise UsageError(f"two systems are named {name!r}; give each --answers its own NAME")
+        systems.append(System(name, None, path))
     for spec in adapter_specs:
         path, sep, name = spec.partition("=")
         if not path or (sep and not name):
@@ -55,10 +70,25 @@ def parse_systems(adapter_specs: Sequence[str]) -> list[System]:
     return systems
 
 
+def parse_served(spec: str, defaults: EngineOptions) -> System:
+    """`NAME=URL[#MODEL]`: a system answered by an OpenAI-compatible server (the key and chat mode as
+    for the eval's own --api-key-env / --server-chat-only)."""
+    name, sep, target = spec.partition("=")
+    url, _, model = target.partition("#")
+    if not sep or not name or not url:
+        raise UsageError(f"bad --served {spec!r}: expected NAME=URL or NAME=URL#MODEL (URL ending in /v1)")
+    engine = EngineOptions(
+        "server", url, model or None, defaults.api_key_env, defaults.concurrency, defaults.chat_only
+    )
+    return System(name, None, engine=engine)
+
+
 @dataclass
 class EvalConfig:
-    model: str = DEFAULT_MODEL
+    model: str | None = DEFAULT_MODEL  # None: no generated systems, only `answers`
     adapters: list[str] = field(default_factory=list)  # PATH[=NAME]
+    answers: list[str] = field(default_factory=list)  # NAME=FILE: answers produced elsewhere
+    baseline: str | None = None  # the system the others are compared with (default: base)
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_METRICS))
     max_new_tokens: int = 256
     temperature: float = 0.0  # greedy: the answer a user would get
@@ -72,19 +102,40 @@ class EvalConfig:
     trust_remote_code: bool = False
     resamples: int = DEFAULT_RESAMPLES
     engine: EngineOptions = field(default_factory=EngineOptions)  # who generates the answers
+    served: list[str] = field(default_factory=list)  # NAME=URL[#MODEL]: systems served elsewhere
 
     def __post_init__(self) -> None:
         if not self.metrics:
             raise UsageError("at least one --metric is needed")
         for name in self.metrics:
             get_metric(name)  # unknown names fail here, before any model is loaded
+        if self.model is None and self.adapters:
+            raise UsageError("--adapter needs the base model (--model)")
+        if self.model is None and not self.answers:
+            raise UsageError("nothing to evaluate: give --model (and --adapter) or --answers NAME=FILE")
+        names = [s.name for s in self.systems]
+        if self.baseline is not None and self.baseline not in names:
+            raise UsageError(f"--baseline {self.baseline!r} is not a system; systems: {', '.join(names)}")
         if self.resamples < 1:
             raise UsageError("--bootstrap-resamples must be >= 1")
         self.sampling  # noqa: B018 - validates the sampling parameters early
 
     @property
     def systems(self) -> list[System]:
-        return parse_systems(self.adapters)
+        systems = parse_systems(self.adapters, self.answers, with_base=self.model is not None)
+        for spec in self.served:
+            system = parse_served(spec, self.engine)
+            if system.name in {s.name for s in systems}:
+                raise UsageError(f"two systems are named {system.name!r}; give each --served its own NAME")
+            systems.append(system)
+        return systems
+
+    @property
+    def baseline_name(self) -> str:
+        if self.baseline is not None:
+            return self.baseline
+        names = [s.name for s in self.systems]
+        return BASE if BASE in names else names[0]
 
     @property
     def sampling(self) -> SamplingParams:
@@ -114,7 +165,7 @@ def generate_answers(
         trust_remote_code=config.trust_remote_code,
         system_prompt=config.system_prompt,
         max_prompt_length=config.max_prompt_length,
-        engine=config.engine,
+        engine=system.engine or config.engine,
     )
     answers = []
     for _record, [sample] in generator.generate(
@@ -153,15 +204,30 @@ def evaluate(
     on_message: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Generate, score and compare. Adds `evaluation` ({system: answer and scores}) to each record."""
+    from stages.core.records import prompt_messages
+    from stages.eval.answers import read_answers
+
     say = on_message or (lambda message: None)
     systems = config.systems
-    metrics = [get_metric(name) for name in config.metrics]
+    baseline = config.baseline_name
+    metrics = [get_metric(name, device=config.device) for name in config.metrics]
+    # answers from files are read (and their ids checked) before any model is loaded
+    given = {s.name: read_answers(s.answers, records) for s in systems if s.answers}
     for record in records:
         record["evaluation"] = {}
+    references = [r["references"] for r in records]
+    messages = [prompt_messages(r) for r in records] if any(m.needs_prompt for m in metrics) else None
     for system in systems:
-        say(f"generating with {system.name}" + (f" ({system.adapter})" if system.adapter else ""))
-        for record, answer in zip(records, generate_answers(records, config, system, on_progress)):
-            answer["scores"] = {m.name: m.sentence_score(answer["completion"], record["references"]) for m in metrics}
+        if system.answers:
+            say(f"scoring {system.name} ({system.answers})")
+            answers = given[system.name]
+        else:
+            say(f"generating with {system.name}" + (f" ({system.adapter})" if system.adapter else ""))
+            answers = generate_answers(records, config, system, on_progress)
+        completions = [a["completion"] for a in answers]
+        columns = {m.name: m.paired_scores(completions, references, messages) for m in metrics}
+        for i, (record, answer) in enumerate(zip(records, answers)):
+            answer["scores"] = {name: column[i] for name, column in columns.items()}
             record["evaluation"][system.name] = answer
     if reward_judge is not None:
         say(f"scoring answers with the reward model {reward_judge.name}")
@@ -170,12 +236,14 @@ def evaluate(
             for record, reward in zip(records, rewards):
                 record["evaluation"][system.name]["judge_reward"] = reward
     if http_judge is not None:
-        for system in systems[1:]:
-            say(f"asking {http_judge.url} to compare {system.name} with {BASE}")
+        for system in (s for s in systems if s.name != baseline):
+            say(f"asking {http_judge.url} to compare {system.name} with {baseline}")
             for record in records:
-                answers = record["evaluation"]
-                verdict = http_judge.compare(record, answers[system.name]["completion"], answers[BASE]["completion"])
-                answers[system.name]["judge_verdict"] = verdict
+                evaluation = record["evaluation"]
+                verdict = http_judge.compare(
+                    record, evaluation[system.name]["completion"], evaluation[baseline]["completion"]
+                )
+                evaluation[system.name]["judge_verdict"] = verdict
     summary = summarise(records, systems, config, reward_judge=reward_judge, http_judge=http_judge)
     return EvalResult(list(records), summary)
 
@@ -206,6 +274,7 @@ def summarise(
         "metrics": list(config.metrics),
         "signatures": {m: get_metric(m).signature() for m in config.metrics},
         "bootstrap": {"resamples": config.resamples, "confidence": 0.95, "seed": config.seed},
+        "baseline": config.baseline_name,
         "systems": out,
     }
     if reward_judge is not None:
@@ -231,10 +300,14 @@ class _Columns:
 def _system_summary(
     column: _Columns, system: System, config: EvalConfig, *, judged: bool, http: HttpJudge | None
 ) -> dict[str, Any]:
-    name, n = system.name, len(column.records)
-    tokens, words = column(name, "tokens"), column(name, "words")
+    name, baseline = system.name, config.baseline_name
+    # answers from files may lack token counts and finish reasons: those columns use what is known
+    tokens = [t for t in column(name, "tokens") if t is not None]
+    words = column(name, "words")
+    finishes = [f for f in column(name, "finish_reason") if f is not None]
     entry: dict[str, Any] = {
         "adapter": system.adapter,
+        **({"answers": system.answers} if system.answers else {}),
         "metrics": {
             m: mean_with_ci(
                 column.scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.resamples
@@ -247,17 +320,17 @@ def _system_summary(
             "words_mean": statistics.fmean(words) if words else None,
             "words_median": statistics.median(words) if words else None,
         },
-        "truncation_rate": column(name, "finish_reason").count("length") / n if n else None,
+        "truncation_rate": finishes.count("length") / len(finishes) if finishes else None,
     }
     if judged:
         seed = bootstrap_seed(config.seed, name, "judge")
         entry["judge_reward"] = mean_with_ci(column(name, "judge_reward"), seed=seed, resamples=config.resamples)
-    if name != BASE:
+    if name != baseline:  # "vs_base": against the baseline (the base model unless --baseline says otherwise)
         entry["vs_base"] = {
-            m: WinRate.count(column.scores(name, m), column.scores(BASE, m)).rates() for m in config.metrics
+            m: WinRate.count(column.scores(name, m), column.scores(baseline, m)).rates() for m in config.metrics
         }
         if judged:
-            rewards, base_rewards = column(name, "judge_reward"), column(BASE, "judge_reward")
+            rewards, base_rewards = column(name, "judge_reward"), column(baseline, "judge_reward")
             entry["judge_reward_vs_base"] = WinRate.count(rewards, base_rewards).rates()
         if http is not None:
             entry["judge_vs_base"] = http_judge_rates(column(name, "judge_verdict"))
