@@ -267,3 +267,96 @@ def test_vllm_engine_adapter(vllm_engine, adapter, adapted_reference, prompts, t
     with pytest.raises(ModelError, match="rank 32, more than this vllm engine's max_lora_rank 16"):
         vllm_engine.set_adapter(AdapterRef(big, "big-1", 2))
     assert vllm_engine.sample(prompts[:1], [[0]], SamplingParams(4, 0.0))[0][0].token_ids  # still serving
+
+
+# --- the commands, through real vLLM ---------------------------------------------------------------------
+
+
+def _valid_generated(lines: list[str], count: int, backend: str) -> None:
+    records = [json.loads(line) for line in lines if line.strip()]
+    assert len(records) == count
+    for record in records:
+        assert record["generation"]["backend"] == backend
+        assert len(record["completions"]) == 2 and all(isinstance(c, str) for c in record["completions"])
+        assert all(1 <= n <= 12 for n in record["generation"]["completion_tokens"])
+
+
+def test_generate_command_through_the_server(server_url, model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from bleuberi_cli.app import app
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "in.jsonl", demo_records("heldout", 3))
+    argv = ["generate", "-i", str(path), "--model", model_dir, "-n", "2", "--max-new-tokens", "12"]
+    result = CliRunner().invoke(app, [*argv, "--backend", "server", "--server-url", server_url, "-q"])
+    assert result.exit_code == 0, result.stderr
+    _valid_generated(result.stdout.splitlines(), 3, "server")
+
+
+def test_generate_command_with_vllm_in_process(model_dir, tmp_path):
+    from tests.conftest import ROOT, write_jsonl
+
+    path = write_jsonl(tmp_path / "in.jsonl", demo_records("heldout", 3))
+    argv = ["generate", "-i", str(path), "--model", model_dir, "-n", "2", "--max-new-tokens", "12"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bleuberi_cli", *argv, "--backend", "vllm", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _valid_generated(done.stdout.splitlines(), 3, "vllm")
+
+
+def test_training_syncs_the_adapter_to_the_server_every_step(server_url, model_dir, tmp_path, monkeypatch):
+    """3 GRPO steps with rollouts from the server: each step's adapter is loaded under a new name, and the
+    server samples step N with the trainer's adapter after step N-1 (greedy output equal to transformers
+    with that checkpoint)."""
+    from stages.engines.generator import Generator
+    from stages.engines.server import ServerEngine
+    from stages.train.config import TrainConfig
+    from stages.train.loop import train
+
+    probe = [{"role": "user", "content": "Give one tip for sleeping well."}]
+    seen: dict[int, tuple[list[str], list[int]]] = {}  # version -> (models listed, greedy probe output)
+    served_at_sampling: list[str] = []
+    original_set, original_sample = ServerEngine.set_adapter, ServerEngine.sample
+
+    def set_adapter(self, adapter):
+        original_set(self, adapter)
+        ids = Generator.load(model_dir).encoder.encode_messages(probe)
+        [[greedy]] = original_sample(self, [ids], [[0]], SamplingParams(16, 0.0))
+        seen[adapter.version] = ([m["id"] for m in self.list_models()], greedy.token_ids)
+
+    def sample(self, prompts, seeds, params):
+        served_at_sampling.append(self.served)
+        return original_sample(self, prompts, seeds, params)
+
+    monkeypatch.setattr(ServerEngine, "set_adapter", set_adapter)
+    monkeypatch.setattr(ServerEngine, "sample", sample)
+    config = TrainConfig(
+        model=model_dir, backend="server", server_url=server_url, device="cpu", num_generations=2,
+        per_device_train_batch_size=4, max_completion_length=12, max_steps=3, learning_rate=5e-3,
+        warmup_ratio=0.0, save_steps=1, save_total_limit=None,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    result = train(demo_records("pool", 6), config, out)
+    assert len(result.metrics) == 3
+    names = [name for name in served_at_sampling if name != "smol"]
+    assert len(names) == 3 and len(set(names)) == 3 and all(n.endswith(f"-step-{v}") for n, v in zip(names, range(3)))
+    for version in range(4):  # 0 (initial) ... 3 (after the last step)
+        listed, _ = seen[version]
+        assert any(name.endswith(f"-step-{version}") for name in listed)
+        assert not any(name.endswith(f"-step-{version - 1}") for name in listed)  # the older version was unloaded
+    for version in (1, 2, 3):
+        trainer = Generator.load(model_dir, adapter=str(out / "checkpoints" / f"step-{version}"), dtype="float32")
+        ids = trainer.encoder.encode_messages(probe)
+        [[ours]] = trainer.sample_ids([ids], [[0]], SamplingParams(16, 0.0))
+        assert seen[version][1] == ours.token_ids, version
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / "adapter"))  # loads with peft
+    assert not (out / "engine-adapters").exists()

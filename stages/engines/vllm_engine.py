@@ -38,6 +38,9 @@ class EngineUnavailable(BleuberiError):
 
 
 def _import_vllm() -> Any:
+    # vLLM's own logging setup writes INFO lines to stdout, which carries only records here: leave logging
+    # to Python's defaults (warnings and errors, on stderr).
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     try:
         import vllm
     except ImportError as error:
