@@ -75,6 +75,9 @@ class RolloutEngine:
         if self.dist.is_main:
             with atomic_folder(folder) as staging:
                 model.save_pretrained(staging, safe_serialization=True)
+        # Ranks sharing one server: every rank's sampling with the old version has finished (and the new
+        # folder is written) before any rank loads the new one and unloads the old one; a rank that finds
+        # the version already loaded by another just uses it.
         self.dist.barrier()
         self.generator.engine.set_adapter(AdapterRef(folder, f"bleuberi-{self.tag}-step-{version}", version))
         self.published.append(folder)

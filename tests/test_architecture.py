@@ -1,0 +1,38 @@
+"""The README's Architecture tree names every module of the library and the CLI, and nothing else."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import ROOT
+
+
+def tree_paths() -> set[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    paths, stack = set(), []  # stack: (indent, folder)
+    for line in block.splitlines():
+        match = re.match(r"^( *)(\S+)", line)
+        if not match:
+            continue
+        indent, name = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = "/".join([folder for _, folder in stack] + [name.rstrip("/")])
+        if name.endswith("/"):
+            stack.append((indent, name.rstrip("/")))
+        else:
+            paths.add(path)
+    return paths
+
+
+def test_the_architecture_tree_matches_the_folders() -> None:
+    modules = {
+        str(path.relative_to(ROOT))
+        for folder in ("stages", "bleuberi_cli")
+        for path in (ROOT / folder).rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    listed = tree_paths()
+    assert modules - listed == set(), "modules missing from the README's Architecture section"
+    assert listed - modules == set(), "the README's Architecture section names modules that do not exist"
