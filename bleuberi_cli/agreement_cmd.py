@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bleuberi_cli.common import console, report_reading, say
+from bleuberi_cli.common import emit_results, report_reading, say
 
 
 def agreement(
@@ -17,9 +17,8 @@ def agreement(
     quiet: bool,
 ) -> None:
     """Score every preference pair with every metric and the baselines; write the pairs and the table."""
-    from stages.core.jsonl import JsonlWriter
     from stages.eval.agreement import PairStats, measure_agreement, read_pairs
-    from stages.eval.report import agreement_tables, print_tables, write_report
+    from stages.eval.report import agreement_tables
 
     stats = PairStats()
     pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=stats))
@@ -27,12 +26,6 @@ def agreement(
     report_reading(stats, quiet=quiet)
     if not pairs:
         say("no pairs: nothing to measure", quiet=quiet)
-    tables = agreement_tables(result.summary)
-    with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
-        for record in result.records:
-            writer.write(record)
-    if not quiet:
-        print_tables(tables, console)
-    if report:
-        write_report(report, result.summary, tables)
-        say(f"report written to {report}", quiet=quiet)
+    emit_results(
+        result.records, result.summary, agreement_tables(result.summary), output=output, report=report, quiet=quiet
+    )

@@ -104,6 +104,23 @@ def read_all_records(
     return records
 
 
+def emit_results(
+    records: list[dict], summary: dict, tables: list, *, output: str | None, report: str | None, quiet: bool
+) -> None:
+    """What eval and eval --agreement leave: records on stdout (or -o), tables on stderr, a report file."""
+    from stages.core.jsonl import JsonlWriter
+    from stages.eval.report import print_tables, write_report
+
+    with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
+        for record in records:
+            writer.write(record)
+    if not quiet:
+        print_tables(tables, console)
+    if report:
+        write_report(report, summary, tables)
+        say(f"report written to {report}", quiet=quiet)
+
+
 @contextlib.contextmanager
 def progress(
     description: str, *, quiet: bool, total: int | None = None, unit: str = "records"

@@ -13,7 +13,7 @@ from bleuberi_cli.common import (
     SeedOpt,
     SkipInvalidOpt,
     boundary,
-    console,
+    emit_results,
     progress,
     read_all_records,
     say,
@@ -232,10 +232,9 @@ def _evaluate(
     http_judge: HttpJudge | None,
     quiet: bool,
 ) -> None:
-    from stages.core.jsonl import JsonlWriter
     from stages.eval.evaluate import evaluate
     from stages.eval.judges import RewardModelJudge
-    from stages.eval.report import eval_tables, print_tables, write_report
+    from stages.eval.report import eval_tables
 
     reward_judge = RewardModelJudge(judge_model, device=config.device) if judge_model else None
     total = len(records) * sum(1 for s in config.systems if not s.answers)  # answers to generate
@@ -249,11 +248,4 @@ def _evaluate(
             on_message=lambda m: say(m, quiet=quiet),
         )
     tables = eval_tables(result.summary)
-    with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
-        for record in result.records:
-            writer.write(record)
-    if not quiet:
-        print_tables(tables, console)
-    if report:
-        write_report(report, result.summary, tables)
-        say(f"report written to {report}", quiet=quiet)
+    emit_results(result.records, result.summary, tables, output=output, report=report, quiet=quiet)
