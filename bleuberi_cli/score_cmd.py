@@ -17,17 +17,20 @@ from bleuberi_cli.common import (
     report_reading,
     say,
 )
+from bleuberi_cli.model_options import DeviceOpt
 from stages.core.jsonl import JsonlWriter
 from stages.core.records import NORMALISATION_HELP, ReadStats, read_records
-from stages.metrics import METRICS
-from stages.score import Aggregate, Scorer, score_records
+from stages.metrics import METRICS, SPEC_HELP
+from stages.score import Aggregate, Combine, Scorer, score_records
 
 METRIC_LIST = "\n".join(f"  {name:<14} {cls.description}" for name, cls in METRICS.items())
 
 HELP = f"""Score each record's `completions` against its `references` (all references at once).
 
-Adds `scores` ({{metric: [one float per completion]}}, 0..1), `score` (the record's aggregate) and
+Adds `scores` ({{metric: [one float per completion]}}), `score` (the record's aggregate) and
 `scoring` (metric signatures). Streams: records are written as soon as they are scored, in order.
+Reference metrics are on 0..1; `rm:PATH` / `rm-url:URL` give raw reward-model scores of the
+conversation (prompt + completion), which `select` can rank by ("hard by RM"). {SPEC_HELP}
 
 \b
 Metrics:
@@ -37,6 +40,8 @@ Metrics:
 Examples:
   bleuberi score -i generated.jsonl --metric bleu --metric bleu-paper
   bleuberi generate -i pool.jsonl | bleuberi score -m bleu:1 -m rouge-l:0.5 | bleuberi select -n 100
+  bleuberi score -i generated.jsonl -m rm:/models/rm | bleuberi select --mode hard -n 100   # hard by RM
+  bleuberi score -i generated.jsonl -m bleu -m rm:/models/rm --combine zscore
 
 {NORMALISATION_HELP}
 """
@@ -67,6 +72,16 @@ def score(
     aggregate: Annotated[
         Aggregate, typer.Option("--aggregate", help="How a record's completions make its `score`.")
     ] = "mean",
+    combine: Annotated[
+        Combine,
+        typer.Option(
+            "--combine",
+            "--reward-combine",
+            help="sum: `combined` = weighted sum (with weights); zscore: each metric z-scored within the "
+            "record's completions, then the weighted mean (the paper's BLEU+RM; a record's mean is then 0).",
+        ),
+    ] = "sum",
+    device: DeviceOpt = "auto",
     jobs: Annotated[
         int, typer.Option("-j", "--jobs", metavar="N", help="Worker processes for large streams (0 = all cores).")
     ] = 0,
@@ -74,7 +89,7 @@ def score(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate)
+        scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate, combine=combine, device=device)
         stats = ReadStats()
         records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats)
         start = time.perf_counter()

@@ -23,28 +23,31 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stages.core.errors import UsageError
-from stages.metrics import Metric, get_metric
+from stages.core.records import prompt_messages
+from stages.metrics import Metric, get_metric, parse_weighted
+from stages.metrics.reasoning import extract_answer
 
 Aggregate = Literal["mean", "max", "min"]
 AGGREGATES: tuple[str, ...] = ("mean", "max", "min")
+Combine = Literal["sum", "zscore"]
+COMBINES: tuple[str, ...] = ("sum", "zscore")
 COMBINED = "combined"
+ZSCORE_EPS = 1e-6  # added to the group's std, as in the paper's BLEU+RM code
 
 # Records per task sent to a worker process: big enough to amortise pickling, small enough to stream.
 CHUNK_RECORDS = 64
 
+__all__ = ["COMBINED", "Scorer", "parse_weighted", "score_records", "zscores"]
 
-def parse_weighted(spec: str) -> tuple[str, float | None]:
-    """ "bleu" -> ("bleu", None); "rouge-l:0.5" -> ("rouge-l", 0.5)."""
-    name, sep, weight = spec.partition(":")
-    if not sep:
-        return spec, None
-    try:
-        value = float(weight)
-    except ValueError:
-        raise UsageError(f"bad weight in {spec!r}: expected NAME:NUMBER, e.g. rouge-l:0.5") from None
-    if not math.isfinite(value):
-        raise UsageError(f"bad weight in {spec!r}: must be finite")
-    return name, value
+
+def zscores(values: Sequence[float]) -> list[float]:
+    """(x - mean) / (std + 1e-6) within one group; std is the unbiased one (n - 1). One value: 0."""
+    n = len(values)
+    if n < 2:
+        return [0.0] * n
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return [(v - mean) / (std + ZSCORE_EPS) for v in values]
 
 
 def available_jobs() -> int:
@@ -56,11 +59,21 @@ def available_jobs() -> int:
 
 @dataclass
 class Scorer:
-    """Several metrics, optionally combined by weights, plus how a record's completions are aggregated."""
+    """Several metrics, optionally combined, plus how a record's completions are aggregated.
+
+    `combine="sum"`: `combined` = the weighted sum (when weights are given). `combine="zscore"`: each
+    metric is z-scored within the completions scored together (a record's, a GRPO group's), then
+    `combined` = sum(w * z) / sum(w), weights 1 by default: the paper's BLEU+RM. `extract_answer`
+    (reasoning mode): metrics see only the `<answer>` part, except those marked `full_completion`.
+    Model-based metrics are placed on `device` when first used.
+    """
 
     metric_names: list[str]
     weights: list[float] | None = None
     aggregate: Aggregate = "mean"
+    combine: Combine = "sum"
+    extract_answer: bool = False
+    device: str = "auto"
     metrics: list[Metric] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,42 +85,98 @@ class Scorer:
             raise UsageError(f"{len(self.weights)} weights for {len(self.metric_names)} metrics")
         if self.aggregate not in AGGREGATES:
             raise UsageError(f"unknown aggregate {self.aggregate!r}; choose from {', '.join(AGGREGATES)}")
-        self.metrics = [get_metric(name) for name in self.metric_names]
+        if self.combine not in COMBINES:
+            raise UsageError(f"unknown combination {self.combine!r}; choose from {', '.join(COMBINES)}")
+        if self.combine == "zscore" and self.weights is not None and sum(self.weights) == 0:
+            raise UsageError("zscore combination divides by the sum of the weights, which is 0")
+        self.metrics = [get_metric(name, device=self.device) for name in self.metric_names]
 
     @classmethod
     def from_names(
-        cls, specs: Sequence[str], weights: Sequence[float] | None = None, aggregate: Aggregate = "mean"
+        cls,
+        specs: Sequence[str],
+        weights: Sequence[float] | None = None,
+        aggregate: Aggregate = "mean",
+        *,
+        combine: Combine = "sum",
+        extract_answer: bool = False,
+        device: str = "auto",
     ) -> Scorer:
-        """Build from `NAME` or `NAME:WEIGHT` specs (and/or a parallel list of weights)."""
+        """Build from `NAME[:ARG][:WEIGHT]` specs (and/or a parallel list of weights)."""
         parsed = [parse_weighted(spec) for spec in specs]
         names = [name for name, _ in parsed]
         inline = [weight for _, weight in parsed]
+        options: dict[str, Any] = {"combine": combine, "extract_answer": extract_answer, "device": device}
         if weights:
             if any(w is not None for w in inline):
                 raise UsageError("give weights either as NAME:WEIGHT or with --weight, not both")
-            return cls(names, list(weights), aggregate)
+            return cls(names, list(weights), aggregate, **options)
         if any(w is not None for w in inline):
-            return cls(names, [1.0 if w is None else w for w in inline], aggregate)
-        return cls(names, None, aggregate)
+            return cls(names, [1.0 if w is None else w for w in inline], aggregate, **options)
+        return cls(names, None, aggregate, **options)
+
+    @classmethod
+    def for_rewards(
+        cls, specs: Sequence[str], *, combine: Combine = "sum", extract_answer: bool = False, device: str = "auto"
+    ) -> Scorer:
+        """The trainer's reward: several specs are always combined (weight 1 where none is given)."""
+        scorer = cls.from_names(specs, combine=combine, extract_answer=extract_answer, device=device)
+        if scorer.weights is None and len(scorer.metric_names) > 1:
+            scorer.weights = [1.0] * len(scorer.metric_names)
+        return scorer
 
     @property
     def score_key(self) -> str:
         """Which entry of `scores` the record's `score` (and the training reward) is made from."""
-        return COMBINED if self.weights is not None else self.metric_names[0]
+        return COMBINED if self.weights is not None or self.combine == "zscore" else self.metric_names[0]
 
-    def score(self, completions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
-        """Per-metric scores for each completion; `combined` holds the weighted sum when weights are set."""
-        scores = {m.name: m.sentence_scores(completions, references) for m in self.metrics}
-        if self.weights is not None:
-            columns = [scores[name] for name in self.metric_names]
+    @property
+    def needs_prompt(self) -> bool:
+        return any(m.needs_prompt for m in self.metrics)
+
+    @property
+    def in_process(self) -> bool:
+        """True when a metric holds a model (or a connection): never spread over worker processes."""
+        return any(m.in_process for m in self.metrics)
+
+    def score(
+        self,
+        completions: Sequence[str],
+        references: Sequence[str],
+        *,
+        messages: list[dict[str, str]] | None = None,
+    ) -> dict[str, list[float]]:
+        """Per-metric scores for each completion, plus `combined` when metrics are combined.
+
+        `messages` (the prompt's chat turns) is needed by metrics that score the conversation (rm, rm-url).
+        """
+        answers = [extract_answer(c) for c in completions] if self.extract_answer else completions
+        scores = {
+            m.name: m.sentence_scores(completions if m.full_completion else answers, references, messages=messages)
+            for m in self.metrics
+        }
+        if self.score_key == COMBINED:
+            weights = self.weights or [1.0] * len(self.metrics)
+            columns = [scores[m.name] for m in self.metrics]
+            if self.combine == "zscore":
+                columns = [zscores(column) for column in columns]
+                total = sum(weights)
+                weights = [w / total for w in weights]
             scores[COMBINED] = [
-                sum(w * column[i] for w, column in zip(self.weights, columns)) for i in range(len(completions))
+                sum(w * column[i] for w, column in zip(weights, columns)) for i in range(len(completions))
             ]
         return scores
 
-    def rewards(self, completions: Sequence[str], references: Sequence[str]) -> list[float]:
-        """One number per completion: the weighted sum of the metrics (or the single metric)."""
-        return self.score(completions, references)[self.score_key]
+    def score_record(self, record: dict[str, Any]) -> dict[str, list[float]]:
+        """`score` for a normalised record with `completions` (its prompt is passed to metrics that need it)."""
+        messages = prompt_messages(record) if self.needs_prompt else None
+        return self.score(record["completions"], record["references"], messages=messages)
+
+    def rewards(
+        self, completions: Sequence[str], references: Sequence[str], *, messages: list[dict[str, str]] | None = None
+    ) -> list[float]:
+        """One number per completion: the combined reward (or the single metric)."""
+        return self.score(completions, references, messages=messages)[self.score_key]
 
     def aggregate_values(self, values: Sequence[float]) -> float:
         if self.aggregate == "max":
@@ -125,6 +194,10 @@ class Scorer:
         }
         if self.weights is not None:
             info["weights"] = dict(zip(self.metric_names, self.weights))
+        if self.score_key == COMBINED:
+            info["combine"] = self.combine
+        if self.extract_answer:
+            info["extract_answer"] = True
         return info
 
     def apply(self, record: dict[str, Any], scores: dict[str, list[float]]) -> dict[str, Any]:
@@ -143,9 +216,11 @@ class Scorer:
 _worker_scorer: Scorer | None = None
 
 
-def _init_worker(names: list[str], weights: list[float] | None, aggregate: Aggregate) -> None:
+def _init_worker(
+    names: list[str], weights: list[float] | None, aggregate: Aggregate, combine: Combine, extract: bool
+) -> None:
     global _worker_scorer
-    _worker_scorer = Scorer(names, weights, aggregate)
+    _worker_scorer = Scorer(names, weights, aggregate, combine=combine, extract_answer=extract)
 
 
 def _score_chunk(items: list[tuple[list[str], list[str]]]) -> list[dict[str, list[float]]]:
@@ -171,9 +246,12 @@ def score_records(
 
     `jobs` > 1 spreads the work over that many processes once the stream is longer than two chunks;
     shorter streams are scored in this process, where starting workers would cost more than it saves.
-    At most 2 x jobs chunks are in flight, so memory stays bounded on endless streams.
+    At most 2 x jobs chunks are in flight, so memory stays bounded on endless streams. Metrics that
+    hold a model (bertscore, emb, rm, rm-url) always score in this process, batched per record.
     """
     jobs = available_jobs() if jobs is None or jobs <= 0 else jobs
+    if scorer.in_process:
+        jobs = 1
     chunks = _chunks(records, CHUNK_RECORDS)
     head: list[list[dict[str, Any]]] = []
     for chunk in chunks:
@@ -183,12 +261,12 @@ def score_records(
     if jobs == 1 or len(head) <= 2:
         for chunk in itertools.chain(head, chunks):
             for record in chunk:
-                yield scorer.apply(record, scorer.score(record["completions"], record["references"]))
+                yield scorer.apply(record, scorer.score_record(record))
         return
 
     # spawn, not fork: a parent that has imported torch (e.g. `bleuberi run`) must not be forked.
     context = multiprocessing.get_context("spawn")
-    init_args = (scorer.metric_names, scorer.weights, scorer.aggregate)
+    init_args = (scorer.metric_names, scorer.weights, scorer.aggregate, scorer.combine, scorer.extract_answer)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
         pending: deque[tuple[list[dict[str, Any]], Future[list[dict[str, list[float]]]]]] = deque()
 

@@ -52,7 +52,8 @@ def eval_tables(summary: dict[str, Any]) -> list[Table]:
             if "judge_url" in summary:
                 cells.append(_win_cell(entry["judge_vs_base"]))
             win_rows.append([name, *cells])
-        tables.append(("Per prompt against base: win / tie / loss", ["system", *metrics, *judges], win_rows))
+        against = summary.get("baseline", "base")
+        tables.append((f"Per prompt against {against}: win / tie / loss", ["system", *metrics, *judges], win_rows))
     return tables
 
 

@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+Messages = list[dict[str, str]]  # chat turns: {"role", "content"}
+
 
 class Metric(ABC):
     """A reference-based text metric.
@@ -20,6 +22,14 @@ class Metric(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # What the spec may carry after `NAME:` (e.g. "PATH" for `rm:PATH`); None: the metric takes nothing.
+    argument: ClassVar[str | None] = None
+    # Scores the conversation (the prompt's chat turns + the completion), e.g. a reward model.
+    needs_prompt: ClassVar[bool] = False
+    # Holds a model: loaded lazily, on first use, and never copied into worker processes.
+    in_process: ClassVar[bool] = False
+    # In reasoning mode, scores the whole completion (think + answer), not the extracted answer only.
+    full_completion: ClassVar[bool] = False
 
     @abstractmethod
     def prepare(self, references: Sequence[str]) -> Any:
@@ -36,10 +46,29 @@ class Metric(ABC):
     def sentence_score(self, hypothesis: str, references: Sequence[str]) -> float:
         return self.score_prepared(hypothesis, self.prepare(_check_references(references)))
 
-    def sentence_scores(self, hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
-        """Score several hypotheses (e.g. the G completions of one prompt) against one reference set."""
+    def sentence_scores(
+        self, hypotheses: Sequence[str], references: Sequence[str], *, messages: Messages | None = None
+    ) -> list[float]:
+        """Score several hypotheses (e.g. the G completions of one prompt) against one reference set.
+
+        `messages` (the prompt's chat turns) is only read by metrics with `needs_prompt`.
+        """
         prepared = self.prepare(_check_references(references))
         return [self.score_prepared(h, prepared) for h in hypotheses]
+
+    def paired_scores(
+        self,
+        hypotheses: Sequence[str],
+        references: Sequence[Sequence[str]],
+        messages: Sequence[Messages] | None = None,
+    ) -> list[float]:
+        """One score per (hypothesis, its references[, its prompt]) across records, e.g. one system's answers
+        in `eval`. Model-based metrics override this to batch across records."""
+        _check_corpus(hypotheses, references)
+        return [
+            self.sentence_scores([h], r, messages=None if messages is None else messages[i])[0]
+            for i, (h, r) in enumerate(zip(hypotheses, references))
+        ]
 
     def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
         """Corpus-level score: `references[i]` is the list of references of `hypotheses[i]`.

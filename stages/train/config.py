@@ -9,24 +9,36 @@ TRL: one step samples `per_device_train_batch_size * grad_accum` completions per
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
 
-LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+if TYPE_CHECKING:
+    from stages.score import Scorer
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo"]
 ScaleRewards = Literal["group", "batch", "none"]
 ImportanceLevel = Literal["token", "sequence"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo")
+RewardCombine = Literal["sum", "zscore"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
+# Losses that sum per-token terms: with sequence-level ratios each sequence then weighs by its length.
+TOKEN_LEVEL_LOSSES = ("bnpo", "dr_grpo", "dapo", "cispo")
+# CISPO's epsilon_high is an absolute cap on the ratio (epsilon_max), not 1 + epsilon_high: the ScaleRL
+# paper's (and TRL's documented) recommendation, used when epsilon_high is not set.
+CISPO_EPSILON_MAX = 5.0
 
 
 @dataclass(frozen=True)
 class LossConfig:
     beta: float = 0.04
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high
+    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high (cispo: ratio weight <= epsilon_high)
     loss_type: LossType = "dapo"
     importance_sampling_level: ImportanceLevel = "token"
+    use_bias_correction_kl: bool = False  # weight the k3 KL term by the (differentiable) importance ratio
+    delta: float | None = None  # two-sided clipping: the unclipped ratio is capped at delta
+    top_entropy_quantile: float = 1.0  # policy term only on the top quantile of tokens by entropy
 
 
 Algo = Literal["grpo", "sft"]
@@ -41,7 +53,9 @@ class TrainConfig:
     # what to train
     model: str = DEFAULT_MODEL
     algo: Algo = "grpo"
-    reward: list[str] = field(default_factory=lambda: ["bleu"])  # NAME[:WEIGHT], summed
+    reward: list[str] = field(default_factory=lambda: ["bleu"])  # NAME[:ARG][:WEIGHT], combined by reward_combine
+    reward_combine: RewardCombine = "sum"
+    reasoning: bool = False  # <think>/<answer> system prompt, a format reward, metrics on the answer only
     system_prompt: str | None = None
     trust_remote_code: bool = False
     # LoRA
@@ -77,6 +91,11 @@ class TrainConfig:
     loss_type: LossType = "dapo"
     scale_rewards: ScaleRewards = "group"
     importance_sampling_level: ImportanceLevel = "token"
+    # TRL 1.16 defaults to True. False is the objective the paper trained with (TRL before this option: the
+    # plain k3 term); on-policy the ratio is 1 either way and only the KL gradient differs (~1e-2 relative).
+    use_bias_correction_kl: bool = False
+    delta: float | None = None
+    top_entropy_quantile: float = 1.0
     num_iterations: int = 1
     mask_truncated: bool = False
     skip_zero_std: bool = False
@@ -106,9 +125,53 @@ class TrainConfig:
         self.validate()
 
     def loss_config(self) -> LossConfig:
-        """The loss settings, with epsilon_high resolved (None means the same as epsilon)."""
-        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        return LossConfig(self.beta, self.epsilon, high, self.loss_type, self.importance_sampling_level)
+        """The loss settings, with epsilon_high resolved (None: epsilon; for cispo, CISPO_EPSILON_MAX)."""
+        default_high = CISPO_EPSILON_MAX if self.loss_type == "cispo" else self.epsilon
+        high = default_high if self.epsilon_high is None else self.epsilon_high
+        return LossConfig(
+            self.beta,
+            self.epsilon,
+            high,
+            self.loss_type,
+            self.importance_sampling_level,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            delta=self.delta,
+            top_entropy_quantile=self.top_entropy_quantile,
+        )
+
+    def reward_specs(self) -> list[str]:
+        """The rewards as given, plus `format` in reasoning mode (unless it is named already)."""
+        named = {spec.partition(":")[0] for spec in self.reward}
+        return [*self.reward, "format"] if self.reasoning and "format" not in named else list(self.reward)
+
+    def resolved_system_prompt(self) -> str | None:
+        """--system-prompt, else in reasoning mode the prompt that asks for <think>/<answer>."""
+        if self.system_prompt is None and self.reasoning:
+            from stages.metrics.reasoning import REASONING_SYSTEM_PROMPT
+
+            return REASONING_SYSTEM_PROMPT
+        return self.system_prompt
+
+    def scorer(self, device: str = "auto") -> Scorer:
+        """The reward: every spec, combined by reward_combine; answers extracted in reasoning mode."""
+        from stages.score import Scorer
+
+        return Scorer.for_rewards(
+            self.reward_specs(), combine=self.reward_combine, extract_answer=self.reasoning, device=device
+        )
+
+    def warnings(self) -> list[str]:
+        """Settings that run but probably do not do what was meant (TRL warns about the same)."""
+        notes = []
+        if self.importance_sampling_level == "sequence" and self.loss_type in TOKEN_LEVEL_LOSSES:
+            notes.append(
+                f"importance_sampling_level=sequence with loss_type={self.loss_type}: this loss sums per-token "
+                "terms, so each sequence weighs by its completion length instead of optimising the per-sequence "
+                "objective; GSPO as published uses loss_type=grpo"
+            )
+        if self.delta is not None and self.loss_type == "cispo":
+            notes.append("delta has no effect with loss_type=cispo (CISPO caps the ratio with epsilon_high)")
+        return notes
 
     @property
     def completions_per_step(self) -> int:
@@ -147,6 +210,12 @@ class TrainConfig:
             "epsilon must be in (0, 1) and epsilon_high > 0",
         )
         need(self.loss_type in LOSS_TYPES, f"unknown loss_type {self.loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+        need(
+            self.delta is None or self.delta > 1 + self.loss_config().epsilon_high or self.loss_type == "cispo",
+            "delta must be greater than 1 + epsilon_high (it caps the unclipped ratio above the clip range)",
+        )
+        need(0.0 <= self.top_entropy_quantile <= 1.0, "top_entropy_quantile must be in [0, 1]")
+        need(self.reward_combine in ("sum", "zscore"), "reward_combine must be sum or zscore")
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence")
         need(self.num_iterations >= 1, "num_iterations must be >= 1")
@@ -155,6 +224,8 @@ class TrainConfig:
         need(self.max_prompt_length >= 1 and self.max_completion_length >= 1, "length limits must be >= 1")
         need(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "bad LoRA settings")
         need(bool(self.reward), "at least one --reward is needed")
+        if self.algo == "grpo":
+            self.scorer()  # bad specs fail now; model-based rewards only load when first used
         need(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
         need(self.backend in ("transformers", "vllm", "server"), "backend must be transformers, vllm or server")
@@ -179,7 +250,9 @@ class TrainConfig:
 TRAIN_HELP: dict[str, str] = {
     "model": "causal LM to train",
     "algo": "grpo | sft (the paper's SFT baseline)",
-    "reward": "NAME[:WEIGHT] metrics summed into the reward (bleu-paper = the paper's exact BLEU)",
+    "reward": "NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL",
+    "reward_combine": "sum (weighted sum; RM logits are not 0..1) | zscore (per-group z-scores, weighted mean)",
+    "reasoning": "ask for <think>...</think><answer>...</answer>, add a format reward, score only the answer",
     "system_prompt": "a system turn for every prompt",
     "trust_remote_code": "let the model repository run its own code",
     "lora_r": "LoRA rank",
@@ -204,10 +277,16 @@ TRAIN_HELP: dict[str, str] = {
     "max_grad_norm": "gradient clipping (paper: 0.2)",
     "beta": "KL weight towards the base model (paper: 0.04); 0 skips the reference pass",
     "epsilon": "lower clip range of the probability ratio",
-    "epsilon_high": "upper clip range (default: epsilon)",
-    "loss_type": "grpo | bnpo | dapo | dr_grpo: how token losses are averaged",
+    "epsilon_high": "upper clip range (default: epsilon); for cispo the ratio cap itself (default 5.0)",
+    "loss_type": (
+        "grpo | bnpo | dapo | dr_grpo | cispo: how token losses are averaged (bnpo: a token mean per step, "
+        "not per micro-batch as in TRL)"
+    ),
     "scale_rewards": "group | batch | none: the std advantages are divided by",
-    "importance_sampling_level": "token | sequence (GSPO)",
+    "importance_sampling_level": "token | sequence (GSPO; with a token-level loss a warning says why not)",
+    "use_bias_correction_kl": "weight the KL term by the ratio (TRL: true; false = the paper's objective)",
+    "delta": "two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high; INTELLECT-2)",
+    "top_entropy_quantile": "policy loss only on this top share of tokens by entropy (1 = all; paper value 0.2)",
     "num_iterations": "optimizer updates per rollout (mu)",
     "mask_truncated": "leave completions cut at the length limit out of the loss",
     "skip_zero_std": "leave groups with equal rewards out of the loss pass",

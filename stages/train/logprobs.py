@@ -127,6 +127,34 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 def completion_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """log p of each completion token under softmax(logits / temperature): [R, C], 0 where masked."""
+    return _completion_logprobs(model, batch, temperature, with_entropy=False)[0]
+
+
+def completion_logprobs_and_entropy(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logprobs`, plus the entropy of softmax(logits / temperature) at each completion position
+    ([R, C], 0 where masked; no gradient), from the same forward pass. For top_entropy_quantile."""
+    logp, entropy = _completion_logprobs(model, batch, temperature, with_entropy=True)
+    assert entropy is not None
+    return logp, entropy
+
+
+@torch.no_grad()
+def _entropies(hidden: torch.Tensor, head: torch.nn.Linear, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(head(hidden) / temperature) per row, chunked like the log-probs."""
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start : start + chunk], head.weight, head.bias).float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        out[start : start + chunk] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+def _completion_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float, *, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     decoder, head = decoder_and_head(model)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = decoder(
@@ -138,4 +166,8 @@ def completion_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature:
     active = batch.completion_mask.bool()
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=hidden.device)
     out[active] = chosen_logprobs(hidden[active], head, batch.completion_ids[active], temperature)
-    return out
+    if not with_entropy:
+        return out, None
+    entropy = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=hidden.device)
+    entropy[active] = _entropies(hidden[active].detach(), head, temperature)
+    return out, entropy

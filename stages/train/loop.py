@@ -95,6 +95,8 @@ def train(
 ) -> TrainResult:
     """Train a LoRA adapter on normalised records; returns where the adapter went."""
     say = on_message or (lambda message: None)
+    for warning in config.warnings():
+        say(f"warning: {warning}")
     run = set_up(records, config, Path(output_dir), resume=resume, say=say)
     try:
         return _train(run, merge_to=merge_to, on_step=on_step, say=say)
@@ -160,6 +162,7 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
         )
     else:
         metrics = grpo_step(run, step)
+        metrics["reward_combine"] = config.reward_combine  # how `rewards` made the reward (sum | zscore)
         run.rollouts.publish(run.model, step + 1)
     return {
         "step": step + 1,

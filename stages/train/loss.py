@@ -8,15 +8,28 @@ Notation, per completion i of a group g (the G samples of one prompt) and comple
               r_i - mean_g(r)                                  scale_rewards="none"
     ratio   = exp(logp_t - logp_old_t)                         importance_sampling_level="token"
               exp(mean_t(logp - logp_old)) for the sequence    importance_sampling_level="sequence" (GSPO)
-    L_t     = -min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i)
-              + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)          (k3 estimate of KL(pi || ref))
+    P_t     = -min(r * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i)
+              with r = ratio, or min(ratio, delta) with `delta` set (two-sided clipping, INTELLECT-2)
+    P_t     = -sg(min(ratio, epsilon_high)) * A_i * logp_t               loss_type="cispo" (sg: no gradient)
+    P_t     = P_t * m_t    with top_entropy_quantile < 1: m_t = 1 for active tokens whose entropy is at or
+                           above that quantile of the micro-batch's active tokens' entropies, else 0
+    K_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3 estimate of KL(pi || ref))
+              K_t * ratio with use_bias_correction_kl (the ratio is differentiable: it changes the gradient
+              even where its value is 1)
+    L_t     = P_t + beta * K_t
 
 and the per-token losses L_t over active tokens (mask) are aggregated by `loss_type`:
 
     grpo     sum_i [ mean_t L_it ] / n_sequences               (mean per sequence, then over sequences)
-    bnpo     sum_it L_it / n_tokens_local                      (token mean over this rank's batch)
+    bnpo     sum_it L_it / n_tokens_local                      (token mean over this rank's step)
     dapo     sum_it L_it / n_tokens_global                     (token mean over the whole step, all ranks)
+    cispo    the same as dapo
     dr_grpo  sum_it L_it / (n_sequences * max_completion_length)
+
+These are TRL 1.16's formulas (`GRPOTrainer._compute_loss`). One difference by design: TRL's bnpo divides
+each micro-batch by its own token count, so its loss depends on how a step is split into micro-batches;
+here bnpo divides by the rank's whole-step token count, so micro-batching never changes the result (with
+one micro-batch per step the two agree).
 
 The denominators count the whole optimizer step (every micro-batch and, except bnpo, every rank), so
 summing the micro-batch losses and the ranks' gradients gives exactly the loss of the full batch.
@@ -53,7 +66,7 @@ class Denominator:
         if loss_type == "bnpo":
             # a token mean per rank, then the ranks' results are averaged (gradients are summed)
             return Denominator(max(n_tokens_local, 1) * world_size)
-        if loss_type == "dapo":
+        if loss_type in ("dapo", "cispo"):
             return Denominator(max(n_tokens_global, 1))
         if loss_type == "dr_grpo":
             return Denominator(max(n_sequences, 1) * max_completion_length)
@@ -90,8 +103,22 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 class LossParts:
     loss: torch.Tensor  # the scalar to backpropagate (already divided by the step's denominator)
     kl_sum: float  # sum of per-token KL over active tokens (0 when beta == 0)
-    clipped_tokens: float  # active tokens where the clipped term was the one that counted
+    clipped_tokens: float  # active tokens where the clipped term was the one that counted (cispo: capped, A > 0)
     active_tokens: float
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """True on active tokens whose entropy is >= the (1 - quantile) quantile of the active tokens' entropies
+    (linear interpolation, torch.quantile): the top `quantile` share by entropy. quantile 0 keeps the
+    highest-entropy token(s) only."""
+    active = mask.bool()
+    if entropies.dtype not in (torch.float32, torch.float64):  # torch.quantile takes these two only
+        entropies = entropies.float()
+    values = entropies[active]
+    if values.numel() == 0:
+        return torch.zeros_like(active)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (entropies >= threshold) & active
 
 
 def grpo_loss(
@@ -103,29 +130,41 @@ def grpo_loss(
     config: LossConfig,
     denominator: Denominator,
     sampling_weight: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
 ) -> LossParts:
     """The clipped surrogate + KL penalty for one micro-batch.
 
     logp, old_logp, ref_logp, mask: [rows, completion_len]; advantages: [rows]. `mask` is 1 on the
     completion tokens that count (up to and including the first end-of-sequence token).
     `sampling_weight` ([rows, len] or [rows, 1]) multiplies the policy term only, as TRL applies its
-    engine-mismatch importance sampling (see `engine_importance_weights`).
+    engine-mismatch importance sampling (see `engine_importance_weights`). `entropy_mask` (from
+    `high_entropy_mask`, with top_entropy_quantile < 1) restricts the policy term too, not the KL term.
     """
     mask = mask.to(logp.dtype)
     log_ratio = logp - old_logp
     if config.importance_sampling_level == "sequence":  # GSPO: one length-normalised ratio per sequence
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - config.epsilon, 1 + config.epsilon_high)
     adv = advantages.unsqueeze(-1)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    if config.loss_type == "cispo":  # the capped ratio is a fixed weight on the plain policy gradient
+        per_token = -torch.clamp(ratio, max=config.epsilon_high).detach() * adv * logp
+        took_clip = (ratio > config.epsilon_high) & (adv > 0)
+    else:
+        clipped = torch.clamp(ratio, 1 - config.epsilon, 1 + config.epsilon_high)
+        unclipped = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+        per_token = -torch.min(unclipped * adv, clipped * adv)
+        took_clip = (clipped * adv) < (unclipped * adv)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.to(logp.dtype)
     if sampling_weight is not None:
         per_token = per_token * sampling_weight
     kl = None
     if config.beta != 0.0:
         assert ref_logp is not None, "beta > 0 needs reference log-probs"
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1
+        log_ref_ratio = ref_logp - logp
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        if config.use_bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + config.beta * kl
     per_token = per_token.expand_as(mask)
 
@@ -134,7 +173,7 @@ def grpo_loss(
     else:
         summed = (per_token * mask).sum()
     with torch.no_grad():
-        took_clip = ((clipped * adv) < (ratio * adv)).expand_as(mask).to(mask.dtype)
+        took_clip = took_clip.expand_as(mask).to(mask.dtype)
         stats = (
             float((kl * mask).sum()) if kl is not None else 0.0,
             float((took_clip * mask).sum()),

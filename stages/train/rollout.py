@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from stages.core.errors import InputError
+from stages.core.records import prompt_messages
 from stages.engines.base import Sample, SamplingParams, derive_seed
 from stages.engines.generator import Generator
 from stages.engines.prompts import PromptEncoder, cut_left
@@ -24,6 +25,7 @@ class TrainPrompt:
     record_id: str
     ids: list[int]
     references: list[str]
+    messages: list[dict[str, str]] | None = None  # the record's prompt turns, for rewards that read them (rm)
 
 
 @dataclass
@@ -47,7 +49,7 @@ def prepare_prompts(
                 continue
             report.truncated += 1
             ids = cut_left(ids, max_prompt_length)
-        prompts.append(TrainPrompt(record["id"], ids, record["references"]))
+        prompts.append(TrainPrompt(record["id"], ids, record["references"], prompt_messages(record)))
     report.kept = len(prompts)
     if not prompts:
         raise InputError("<input>", None, "no usable training prompts (all empty or dropped as too long)")
@@ -128,7 +130,7 @@ def score_rollout(
     combined: list[float] = []
     for i, prompt in enumerate(prompts):
         group = completions[i * group_size : (i + 1) * group_size]
-        scores = scorer.score(group, prompt.references)
+        scores = scorer.score(group, prompt.references, messages=prompt.messages)
         for name, values in scores.items():
             parts.setdefault(name, []).extend(values)
         combined.extend(scores[scorer.score_key])

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from stages.train.distributed import Distributed
-from stages.train.logprobs import PackedBatch, completion_logprobs, pack
-from stages.train.loss import Denominator, LossConfig, engine_importance_weights, grpo_loss
+from stages.train.logprobs import PackedBatch, completion_logprobs, completion_logprobs_and_entropy, pack
+from stages.train.loss import Denominator, LossConfig, engine_importance_weights, grpo_loss, high_entropy_mask
 from stages.train.rollout import Rollout
 
 
@@ -112,8 +112,15 @@ def policy_update(
     for iteration in range(num_iterations):
         totals = [0.0, 0.0, 0.0]  # loss, kl sum, clipped tokens
         for mb in batches:
+            entropy_mask = None
             with autocast():
-                logp = completion_logprobs(model, mb.batch, temperature)
+                if loss_config.top_entropy_quantile < 1.0:  # TRL: the quantile of each micro-batch's tokens
+                    logp, entropy = completion_logprobs_and_entropy(model, mb.batch, temperature)
+                    entropy_mask = high_entropy_mask(
+                        entropy, mb.batch.completion_mask, loss_config.top_entropy_quantile
+                    )
+                else:
+                    logp = completion_logprobs(model, mb.batch, temperature)
             mask = mb.batch.completion_mask
             if iteration == 0:
                 _add_drift(drift, logp.detach(), mb.sampled_logp, mask)
@@ -122,7 +129,9 @@ def policy_update(
                         logp, mb.sampled_logp, mask, correction.importance_mode, correction.importance_clip_max
                     )
             old = mb.sampled_logp if num_iterations > 1 or correction.behaviour_old else logp.detach()
-            parts = grpo_loss(logp, old, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight)
+            parts = grpo_loss(
+                logp, old, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight, entropy_mask
+            )
             parts.loss.backward()
             totals[0] += float(parts.loss.detach())
             totals[1] += parts.kl_sum

@@ -1,0 +1,57 @@
+"""`bleuberi train` with the paper's other rewards and TRL's loss options, end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+import torch
+
+from bleuberi_cli.app import app
+from stages.train.config import TrainConfig
+from tests.conftest import demo_records, write_jsonl
+from tests.test_rewards_rm import build_tiny_rm
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    return build_tiny_rm(tmp_path_factory.mktemp("rm"))
+
+
+def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
+    out = tmp_path / "run"
+    args = ["train", "-i", str(data), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    args += ["--num-generations", "4", "--per-device-train-batch-size", "8", "--max-completion-length", "8"]
+    args += ["--max-steps", "2", "--save-steps", "5", "--lr", "1e-3"]
+    args += ["--reward", "bleu", "--reward", f"rm:{tiny_rm}", "--reward-combine", "zscore", "--reasoning"]
+    args += ["--loss-type", "cispo", "--importance-sampling-level", "sequence", "--top-entropy-quantile", "0.5"]
+    args += ["--use-bias-correction-kl"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    # TRL's warning about sequence-level ratios with a token-level loss, once, before training
+    assert result.stderr.count("warning: importance_sampling_level=sequence with loss_type=cispo") == 1
+    steps = [orjson.loads(line) for line in (out / "metrics.jsonl").read_bytes().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for step in steps:
+        assert step["reward_combine"] == "zscore"
+        assert set(step["rewards"]) == {"bleu", f"rm:{tiny_rm}", "format", "combined"}
+        # z-scores within each group average to 0 over the batch, whatever the raw rewards were
+        assert step["rewards"]["combined"]["mean"] == pytest.approx(0.0, abs=1e-6)
+        assert step["rewards"]["format"]["mean"] == 0.0  # a random tiny model never writes <think> tags
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["reward"] == ["bleu", f"rm:{tiny_rm}"] and saved["reasoning"] is True
+    assert saved["loss_type"] == "cispo" and saved["use_bias_correction_kl"] is True
+    assert saved["top_entropy_quantile"] == 0.5
+
+
+def test_reasoning_mode_puts_the_format_request_in_the_policys_prompt(tiny_model) -> None:
+    from stages.train.setup import _load_policy
+
+    record = {"id": "a", "prompt": "Name the largest planet.", "references": ["Jupiter."]}
+    _model, generator = _load_policy(TrainConfig(model=str(tiny_model), reasoning=True), torch.device("cpu"))
+    text = generator.tokenizer.decode(generator.encoder.encode(record))
+    assert text.startswith("<|im_start|>system\n") and "<think>" in text and "<answer>" in text
+    _model, plain = _load_policy(TrainConfig(model=str(tiny_model)), torch.device("cpu"))
+    assert "<think>" not in plain.tokenizer.decode(plain.encoder.encode(record))
