@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 WINDOW_BATCHES = 16
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> int:
+    """Padding is masked out everywhere, so any id works: the tokenizer's, else an end-of-sequence id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+
+
 @dataclass
 class Generator:
     """Prompt encoding and decoding with the model's tokenizer, sampling by an engine."""
@@ -40,7 +45,7 @@ class Generator:
 
     def __post_init__(self) -> None:
         self.encoder = PromptEncoder(self.tokenizer, self.system_prompt, self.max_prompt_length)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids)
+        self.pad_id = pad_token_id(self.tokenizer, self.stop_ids)
 
     @classmethod
     def for_model(
@@ -57,8 +62,7 @@ class Generator:
         from stages.engines.transformers_engine import TransformersEngine, stop_token_ids
 
         stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-        engine = TransformersEngine(model, stop_ids=stop_ids, pad_id=pad_id)
+        engine = TransformersEngine(model, stop_ids=stop_ids, pad_id=pad_token_id(tokenizer, stop_ids))
         return cls(tokenizer, engine, stop_ids, model_name, adapter, system_prompt, max_prompt_length)
 
     @classmethod

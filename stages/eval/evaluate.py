@@ -182,7 +182,7 @@ def generate_answers(
         )
         if on_progress:
             on_progress(system.name, 1)
-    del generator
+    generator.close()  # a server engine unloads its adapter; a local model is let go
     _free_accelerator_memory()
     return answers
 
