@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Annotated
 
 import typer
 
-from bleuberi_cli import eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, train_cmd
+from bleuberi_cli import env_cmd, eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, train_cmd
 from bleuberi_cli.common import State
 
 app = typer.Typer(
@@ -25,9 +26,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from bleuberi_cli.env_cmd import package_version
+
+        sys.stdout.write(f"bleuberi {package_version('bleuberi')}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks with errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     State.verbose = verbose
 
@@ -38,6 +50,7 @@ app.command("select", help=select_cmd.HELP)(select_cmd.select)
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
 app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_command)
 app.command("run", help=run_cmd.HELP)(run_cmd.run_command)
+app.command("env", help=env_cmd.HELP)(env_cmd.env_command)
 
 
 def main() -> None:

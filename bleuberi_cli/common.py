@@ -16,7 +16,10 @@ from stages.core.errors import BleuberiError, Interrupted, OutputClosed
 from stages.core.records import ReadStats
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (a log file, CI) rich would assume 80 columns and cut table headers; a log has no width.
+console = Console(
+    stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 10_000
+)
 
 
 class State:
@@ -80,6 +83,24 @@ def boundary() -> Iterator[None]:
     except KeyboardInterrupt:
         sys.stderr.write("bleuberi: interrupted (files already written are complete; rerun to continue)\n")
         raise typer.Exit(130) from None
+    except Exception as error:
+        # Disk full where no writer of ours named the file (stdout, a library's own write): still one line.
+        from stages.core.files import out_of_space
+
+        cause = out_of_space(error)
+        if cause is None:
+            raise
+        if State.verbose:
+            traceback.print_exc(file=sys.stderr)
+        where = getattr(error, "filename", None) or "an output file"
+        sys.stderr.write(f"bleuberi: error: {where}: cannot write: {cause}\n")
+        raise typer.Exit(1) from None
+
+
+def note_stdin(input: str | None, *, quiet: bool) -> None:
+    """A command waiting on a terminal looks hung: say what it is waiting for."""
+    if (input is None or input == "-") and sys.stdin is not None and sys.stdin.isatty():
+        say("reading records from stdin (end with Ctrl-D; -i FILE reads a file)", quiet=quiet)
 
 
 def report_reading(stats: ReadStats, *, quiet: bool) -> None:
@@ -97,6 +118,7 @@ def read_all_records(
     from stages.core.records import read_records
 
     stats = ReadStats()
+    note_stdin(input, quiet=quiet)
     records = list(read_records(input, skip_invalid=skip_invalid, stats=stats, references_optional=references_optional))
     report_reading(stats, quiet=quiet)
     if not records:

@@ -44,16 +44,12 @@ records with `messages` use their turns. Each sample has its own random stream d
 sample index): same seed, same outputs, whatever the batching, and a resumed run matches an
 uninterrupted one. Reads and checks every record before loading the model.
 
+\b
 Examples:
-
   bleuberi generate -i examples/data/heldout.jsonl -n 2 --max-new-tokens 32
-
   bleuberi generate -i pool.jsonl -o pool.gen.jsonl --resume       # continue after a kill
-
   bleuberi generate -i pool.jsonl --temperature 0 | bleuberi score | bleuberi select -n 20
-
   bleuberi generate -i pool.jsonl --backend server --server-url http://127.0.0.1:8000/v1
-
   bleuberi generate -i prompts.jsonl --as-references --backend server --server-chat-only \\
       --server-url https://api.example.com/v1 --server-model big --api-key-env API_KEY -o refs.jsonl
 

@@ -13,6 +13,7 @@ from bleuberi_cli.common import (
     QuietOpt,
     SkipInvalidOpt,
     boundary,
+    note_stdin,
     progress,
     report_reading,
     say,
@@ -91,6 +92,7 @@ def score(
     with boundary():
         scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate, combine=combine, device=device)
         stats = ReadStats()
+        note_stdin(input, quiet=quiet)
         records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats)
         start = time.perf_counter()
         completions = 0
@@ -104,8 +106,10 @@ def score(
         report_reading(stats, quiet=quiet)
         seconds = time.perf_counter() - start
         mean = total / writer.count if writer.count else float("nan")
+        # `score` is each record's aggregate of its completions; say so only when it is not the mean.
+        per_record = "" if scorer.aggregate == "mean" else f" ({scorer.aggregate} per record)"
         say(
             f"scored {writer.count} records ({completions} completions) in {seconds:.2f}s; "
-            f"mean {scorer.score_key} {scorer.aggregate} = {mean:.4f}",
+            f"mean {scorer.score_key}{per_record} = {mean:.4f}" + (f"; written to {output}" if output else ""),
             quiet=quiet,
         )

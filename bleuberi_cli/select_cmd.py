@@ -14,6 +14,7 @@ from bleuberi_cli.common import (
     SkipInvalidOpt,
     boundary,
     console,
+    note_stdin,
     report_reading,
 )
 from stages.core.jsonl import JsonlWriter
@@ -57,6 +58,7 @@ def select(
 ) -> None:
     with boundary():
         stats = ReadStats()
+        note_stdin(input, quiet=quiet)
         require = () if mode == "random" else ("score",)
         pool = list(read_records(input, require=require, skip_invalid=skip_invalid, stats=stats))
         selection = select_records(pool, mode=mode, num=num, fraction=fraction, seed=seed)
@@ -69,13 +71,14 @@ def select(
                 writer.write(record)
         report_reading(stats, quiet=quiet)
         if not quiet:
-            _summary(len(pool), selection, mode, plot)
+            _summary(len(pool), selection, mode, plot, output)
 
 
-def _summary(pool_size: int, selection, mode: str, plot: str | None) -> None:
+def _summary(pool_size: int, selection, mode: str, plot: str | None, output: str | None) -> None:
     from rich.table import Table
 
-    console.print(f"selected {len(selection.chosen)} of {pool_size} records (mode {mode})", markup=False)
+    written = f"; written to {output}" if output else ""
+    console.print(f"selected {len(selection.chosen)} of {pool_size} records (mode {mode}){written}", markup=False)
     if selection.pool_scores:
         table = Table("score", "min", "p25", "median", "p75", "max", box=None, pad_edge=False)
         for name, values in (("pool", selection.pool_scores), ("selected", selection.chosen_scores)):

@@ -214,6 +214,18 @@ def train(
     resume_from: Annotated[
         str | None, _opt("--resume-from", metavar="DIR|latest", help="Continue from this checkpoint folder.")
     ] = None,
+    overwrite: Annotated[
+        bool, _opt("--overwrite", help="Remove a run already in --output-dir and start over (else it is refused).")
+    ] = False,
+    report_to: Annotated[
+        list[str] | None,
+        _opt(
+            "--report-to",
+            metavar="NAME",
+            help="Also send each logged step and the config to: tensorboard (into OUTPUT_DIR/tensorboard), "
+            "wandb, mlflow, trackio; repeatable or comma-separated; none (the default). Each needs its package.",
+        ),
+    ] = None,
     merge_to: Annotated[
         str | None, _opt("--merge-to", metavar="DIR", help="Also write a merged full model for plain transformers.")
     ] = None,
@@ -285,16 +297,27 @@ def train(
                 config,
                 output_dir,
                 resume=resume_from or ("latest" if resume else None),
+                overwrite=overwrite,
+                report_to=report_to or [],
                 merge_to=merge_to,
                 quiet=quiet,
             )
 
 
 def _run(
-    records: list[dict], config: TrainConfig, output_dir: str, *, resume: str | None, merge_to: str | None, quiet: bool
+    records: list[dict],
+    config: TrainConfig,
+    output_dir: str,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    report_to: list[str],
+    merge_to: str | None,
+    quiet: bool,
 ) -> None:
     from stages.core.jsonl import JsonlWriter
     from stages.train.loop import train as run_training
+    from stages.train.telemetry import parse_report_to
 
     with JsonlWriter(None, flush_each=True, tolerate_closed_stdout=True) as stdout, StepProgress(quiet) as show:
 
@@ -307,6 +330,8 @@ def _run(
             config,
             output_dir,
             resume=resume,
+            overwrite=overwrite,
+            report_to=parse_report_to(report_to),
             merge_to=merge_to,
             on_step=on_step,
             on_message=lambda m: say(m, quiet=quiet),

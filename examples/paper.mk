@@ -11,6 +11,7 @@
 
 # Set before the include: the Makefile's own default (30 steps) is for its single demo run.
 STEPS ?= 10
+BATCH ?= 16
 
 include Makefile
 
@@ -42,10 +43,11 @@ $(STAND_IN_RM)/config.json:
 # One target per row: `make -f paper.mk grpo-chrf`.
 $(ROWS): %: $(PAPER)/%/adapter/adapter_config.json
 
-$(PAPER)/%/adapter/adapter_config.json: $(OUT)/selected.jsonl $(if $(REWARD_MODEL),,$(STAND_IN_RM)/config.json)
+$(PAPER)/%/adapter/adapter_config.json: $(OUT)/selected.jsonl $(OUT)/.settings/train \
+		$(if $(REWARD_MODEL),,$(STAND_IN_RM)/config.json)
 	@mkdir -p $(PAPER)
-	$(BLEUBERI) train -i $< -o $(PAPER)/$* --model $(MODEL) $(reward_$*) --max-steps $(STEPS) \
-		--learning-rate $(LR) --num-generations 4 --per-device-train-batch-size 16 \
+	$(BLEUBERI) train -i $< -o $(PAPER)/$* --overwrite --model $(MODEL) $(reward_$*) --max-steps $(STEPS) \
+		--learning-rate $(LR) --num-generations 4 --per-device-train-batch-size $(BATCH) \
 		--max-completion-length $(TOKENS) --max-prompt-length 256 --save-steps $(STEPS) --seed $(SEED) \
 		> $(PAPER)/$*.metrics.jsonl
 

@@ -144,3 +144,16 @@ def test_reasoning_mode_scores_the_answer_and_the_format() -> None:
     # without reasoning mode the think block costs BLEU
     plain = Scorer.from_names(["bleu"]).score(completions, [ref])["bleu"]
     assert plain[0] < 0.5 and plain[1] == pytest.approx(1.0)
+
+
+def test_score_command_combines_by_zscore(runner) -> None:
+    from bleuberi_cli.app import app
+    from tests.conftest import EXAMPLES, read_jsonl_text
+
+    argv = ["score", "-i", str(EXAMPLES / "sample.jsonl"), "-m", "bleu", "-m", "chrf", "--combine", "zscore", "-q"]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    for row in read_jsonl_text(result.stdout):
+        z_bleu, z_chrf = zscores(row["scores"]["bleu"]), zscores(row["scores"]["chrf"])
+        assert row["scores"][COMBINED] == pytest.approx([(a + b) / 2 for a, b in zip(z_bleu, z_chrf)])
+        assert row["scoring"]["combine"] == "zscore" and row["scoring"]["score"] == COMBINED

@@ -129,6 +129,9 @@ def test_bleu_plus_rm_zscore_reward_by_hand(tiny_rm) -> None:
 # --- rm-url: a stand-in scoring server -----------------------------------------------------------------
 
 
+TIMEOUT, SLOW_SECONDS = 1.5, 4.0  # generous: the stand-in must answer in time on a loaded machine
+
+
 class ScoringServer:
     """Scores a conversation by the length of its last turn. `faults` is a queue of misbehaviours, one per
     request: "500", "slow", "garbled", "short" (too few scores), "redirect"."""
@@ -146,7 +149,7 @@ class ScoringServer:
                 outer.auth.append(self.headers.get("Authorization"))
                 fault = outer.faults.pop(0) if outer.faults else "ok"
                 if fault == "slow":
-                    time.sleep(0.6)
+                    time.sleep(SLOW_SECONDS)
                 if fault in ("500", "redirect"):
                     self.send_response(500 if fault == "500" else 302)
                     if fault == "redirect":
@@ -199,7 +202,7 @@ def test_rm_url_protocol_and_credentials(server, monkeypatch) -> None:
 
 
 def test_rm_url_retries_server_errors_and_timeouts(server) -> None:
-    metric = RemoteReward(server.url, timeout=0.3, retries=2, backoff=0.0)
+    metric = RemoteReward(server.url, timeout=TIMEOUT, retries=2, backoff=0.0)
     server.faults = ["500", "slow"]  # two failures, then an answer within the retries
     assert metric.sentence_scores(["abc"], ["r"], messages=PROMPT) == [3.0]
     assert len(server.requests) == 3

@@ -168,7 +168,7 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tiny_model, t
     assert cut.keys() == ref.keys() and all((cut[k] == ref[k]).all() for k in ref)
 
 
-def test_an_empty_heldout_set_is_reported_not_a_crash(runner, tiny_model, tmp_path) -> None:
+def test_an_empty_heldout_set_stops_before_any_work(runner, tiny_model, tmp_path) -> None:
     empty = tmp_path / "heldout.jsonl"
     empty.write_bytes(b"")
     args = ["run", "-o", str(tmp_path / "run"), "--set", f"data.heldout={empty}"]
@@ -176,10 +176,17 @@ def test_an_empty_heldout_set_is_reported_not_a_crash(runner, tiny_model, tmp_pa
         args += ["--set", item]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    [record] = read_jsonl_text(result.stdout)
-    assert record["prompts"] == 0 and record["systems"]["trained"]["metrics"]["bleu"]["mean"] is None
-    assert "held-out bleu: no prompts" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert f"data.heldout ({empty}) is empty, nothing to run" in result.stderr
+    assert not (tmp_path / "run" / "pool.generated.jsonl").exists()  # no generation or training was wasted
+
+
+def test_headline_of_a_summary_without_prompts() -> None:
+    from stages.run.recipe import headline
+
+    empty = {"metrics": {"bleu": {"mean": None}}}
+    summary = {"prompts": 0, "metrics": ["bleu"], "systems": {"base": empty, "trained": empty}}
+    assert headline(summary) == "held-out bleu: no prompts, nothing to compare"
 
 
 @pytest.mark.slow

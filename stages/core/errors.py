@@ -49,3 +49,11 @@ class OutputClosed(BleuberiError):
     """The reader of our stdout went away (`| head`). Not a failure: the CLI exits quietly."""
 
     exit_code = 0
+
+
+class WriteFailed(BleuberiError):
+    """An output that could not be written (disk full, quota exceeded), named by its path."""
+
+    def __init__(self, path: str, cause: str) -> None:
+        self.path, self.cause = path, cause
+        super().__init__(f"{path}: cannot write: {cause}")

@@ -2,18 +2,44 @@
 temporary name, then rename. A failure or a kill leaves the old target as it was.
 
 Temporary names start with a dot and the target's name (`.NAME.XXXX.tmp` for files, `.NAME.XXXX` for
-folders), so our own leftovers can be told apart from anything else. Permissions are those a plain
-`open()` / `mkdir()` would give under the current umask (mkstemp and mkdtemp would give 0600/0700).
+folders), so our own leftovers can be told apart from anything else (`remove_leftovers`). Permissions
+are those a plain `open()` / `mkdir()` would give under the current umask (mkstemp and mkdtemp would
+give 0600/0700), also for what libraries write into a staging folder through their own temp files.
+A full disk becomes one `WriteFailed` naming the target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from stages.core.errors import WriteFailed
+
+# Out of space on the device, or over the user's quota: one line naming the path, not a traceback.
+OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def out_of_space(error: BaseException) -> str | None:
+    """The cause when `error` means the disk (or quota) is full, else None. Libraries writing in native
+    code (safetensors) raise their own types, so their message is checked too."""
+    if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
+        return os.strerror(error.errno).lower()
+    text = str(error)
+    for cause in ("No space left on device", "Disk quota exceeded"):
+        if cause in text:
+            return cause.lower()
+    return None
+
+
+def kept_note(target: Path) -> str:
+    """What a failed atomic write left: the earlier target, untouched."""
+    return f" (the earlier {target.name} is kept)" if target.exists() else ""
 
 
 def _umask() -> int:
@@ -30,6 +56,19 @@ def new_temp_file(target: Path) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
+def open_permissions(folder: Path) -> None:
+    """Give everything under `folder` the permissions open()/mkdir() would: libraries that write through
+    their own temporary files (safetensors) leave them 0600."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
@@ -38,10 +77,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp
+        if tmp.is_file():  # a library may have replaced our file with its own 0600 one
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if cause := out_of_space(error):
+            raise WriteFailed(str(target), cause + kept_note(target)) from error
         raise
 
 
@@ -58,15 +101,45 @@ def atomic_folder(path: str | os.PathLike[str], *, keep_existing: bool = False) 
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
+        open_permissions(staging)
         if keep_existing:
             publish_folder(staging, target)
         else:
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
+    except Exception as error:
+        if cause := out_of_space(error):
+            raise WriteFailed(str(target), cause + kept_note(target)) from error
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# Our temporary names: `.NAME.` + mkstemp/mkdtemp's 8 random characters (+ `.tmp` for files).
+_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp)?$")
+
+
+def remove_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files and staging folders a killed process left in `folder` (only ours,
+    by name). Call it only while no other process may be writing there (under the folder's lock)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if not match:
+            continue
+        if match.group(1) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+        elif not match.group(1) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def publish_folder(staging: Path, target: Path) -> None:

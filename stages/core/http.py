@@ -30,8 +30,11 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 class ServerError(BleuberiError):
     """An HTTP endpoint that failed (unreachable, an error status, an unreadable reply)."""
 
-    def __init__(self, url: str, cause: str, *, status: int | None = None, body: str = "") -> None:
+    def __init__(
+        self, url: str, cause: str, *, status: int | None = None, body: str = "", transient: bool = False
+    ) -> None:
         self.url, self.cause, self.status, self.body = url, cause, status, body
+        self.transient = transient  # a failure a later retry may fix (callers with their own retry loop)
         super().__init__(f"{url}: {cause}")
 
 
@@ -81,7 +84,7 @@ def _describe(error: BaseException) -> str:
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused (is the server running?)"
     if isinstance(reason, (TimeoutError, socket.timeout)):
-        return "no reply in time"
+        return "timed out: no reply in time"
     if isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
         return "the server closed the connection"
     if isinstance(reason, socket.gaierror):
@@ -137,7 +140,7 @@ def request_bytes(
             last = error
     detail = f": {first_line(last.body)}" if last.body else ""
     tries = f" after {retries} retries" if retries else ""
-    raise ServerError(url, f"{last.cause}{tries}{detail}", status=last.status, body=last.body)
+    raise ServerError(url, f"{last.cause}{tries}{detail}", status=last.status, body=last.body, transient=True)
 
 
 def request_json(

@@ -18,8 +18,8 @@ from typing import IO, Any, BinaryIO
 
 import orjson
 
-from stages.core.errors import InputError, OutputClosed
-from stages.core.files import new_temp_file
+from stages.core.errors import InputError, OutputClosed, WriteFailed
+from stages.core.files import kept_note, new_temp_file, out_of_space
 
 STDIN_NAME = "<stdin>"
 STDOUT_NAME = "<stdout>"
@@ -37,7 +37,8 @@ def _open_binary(path: str | os.PathLike[str] | None) -> BinaryIO:
     if is_std_stream(path):
         stream: BinaryIO = sys.stdin.buffer
         # gzip data piped in is recognised by its magic bytes, so `zcat` is optional.
-        if isinstance(stream, io.BufferedReader) and stream.peek(2)[:2] == b"\x1f\x8b":
+        # Not on a terminal: a peek there would swallow a Ctrl-D, and the read after it would wait again.
+        if isinstance(stream, io.BufferedReader) and not stream.isatty() and stream.peek(2)[:2] == b"\x1f\x8b":
             return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
         return stream
     name = str(path)
@@ -172,13 +173,27 @@ class JsonlWriter:
         if self.closed_stdout:
             return
         assert self._stream is not None, "JsonlWriter used outside its `with` block"
+        start = self._raw.tell() if self.append and self._raw is not None else None
         try:
             self._stream.write(dumps(record))
             if self.flush_each:
                 self._stream.flush()
         except BrokenPipeError:
             self._on_broken_pipe()
+        except OSError as error:
+            if start is not None:  # leave no half-written line for --resume to find
+                with contextlib.suppress(OSError):
+                    self._raw.truncate(start)
+            raise self._write_failed(error) from error
         self.count += 1
+
+    def _write_failed(self, error: OSError) -> Exception:
+        """Disk full (or quota) becomes one line naming our target; anything else stays as it is."""
+        cause = out_of_space(error)
+        if cause is None:
+            return error
+        kept = "" if self.path is None or self.append else kept_note(self.path)
+        return WriteFailed(self.name, cause + kept)
 
     def _on_broken_pipe(self) -> None:
         # Point fd 1 at /dev/null so the interpreter's own final flush cannot raise again.
@@ -197,6 +212,9 @@ class JsonlWriter:
                 except BrokenPipeError:
                     if exc_type is None:
                         self._on_broken_pipe()
+                except OSError as error:
+                    if exc_type is None:
+                        raise self._write_failed(error) from error
             return
         assert self._stream is not None and self._raw is not None
         if self.append:
@@ -204,12 +222,18 @@ class JsonlWriter:
             return
         assert self._tmp_path is not None
         if exc_type is None:
-            if self._stream is not self._raw:
-                self._stream.close()  # writes the gzip trailer; leaves the raw file open
-            self._raw.flush()
-            os.fsync(self._raw.fileno())
-            self._raw.close()
-            os.replace(self._tmp_path, self.path)
+            try:
+                if self._stream is not self._raw:
+                    self._stream.close()  # writes the gzip trailer; leaves the raw file open
+                self._raw.flush()
+                os.fsync(self._raw.fileno())
+                self._raw.close()
+                os.replace(self._tmp_path, self.path)
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    self._raw.close()
+                self._tmp_path.unlink(missing_ok=True)
+                raise self._write_failed(error) from error
         else:
             with contextlib.suppress(Exception):
                 self._raw.close()

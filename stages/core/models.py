@@ -13,10 +13,10 @@ Weights are only ever read from safetensors files, and remote code only runs wit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import warnings
 from collections.abc import Iterator
@@ -81,7 +81,7 @@ def _embedded_gguf(spec: EmbeddedModel) -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path, stamp: dict[str, object]) -> None:
     """De-quantise a GGUF file into a plain safetensors checkpoint folder at `target` (atomically)."""
     import torch
     from safetensors.torch import save_file
@@ -89,7 +89,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     quiet_transformers()
     try:
-        with _environment(TQDM_DISABLE="1"):  # transformers' de-quantisation bar ignores its own switch
+        with _environment(TQDM_DISABLE="1"), _no_gguf_progress_bar():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as error:
@@ -107,7 +107,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         config.pop("quantization_config", None)
         config.setdefault("architectures", [type(model).__name__])  # GGUF configs lack it; trainers expect it
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        (staging / "bleuberi-source.json").write_text(json.dumps(_source_stamp(gguf)))
+        (staging / "bleuberi-source.json").write_text(json.dumps(stamp))
 
 
 @contextlib.contextmanager
@@ -124,25 +124,52 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """transformers' de-quantisation loop calls tqdm with no way to turn it off (TQDM_DISABLE is read
+    when tqdm is imported, which is earlier): swap in a plain loop, so `-q` is quiet and a log off a
+    terminal gets no run of carriage returns."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable=None, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
+
+
 # Bump when the converted folder's layout changes, so old caches are converted again.
 CONVERSION_FORMAT = 2
 
 
-def _source_stamp(gguf: Path) -> dict[str, object]:
-    return {"gguf": str(gguf), "bytes": gguf.stat().st_size, "format": CONVERSION_FORMAT}
+def _source_stamp(spec: EmbeddedModel, gguf: Path) -> dict[str, object]:
+    """What the converted folder depends on: the package's version and file size, not where it lives,
+    so environments (a venv per project, CI beside a user) with the same package share one folder."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    distribution = spec.distribution.split("==")[0]
+    try:
+        installed = version(distribution)
+    except PackageNotFoundError:  # found on the path but not installed: the size must do
+        installed = "unknown"
+    return {"package": distribution, "version": installed, "bytes": gguf.stat().st_size, "format": CONVERSION_FORMAT}
 
 
 def embedded_model_dir(name: str) -> Path:
-    """The checkpoint folder of an embedded model, converting it on first use."""
+    """The checkpoint folder of an embedded model, converting it on first use.
+
+    The folder is named by a hash of its source stamp: another package version converts into another
+    folder, so nothing is ever deleted under a reader, and a finished folder is never rewritten.
+    """
     spec = EMBEDDED[name]
     gguf = _embedded_gguf(spec)
-    target = cache_root() / "models" / name
-    marker = target / "bleuberi-source.json"
-    if marker.is_file():
-        if json.loads(marker.read_text()) == _source_stamp(gguf):
-            return target
-        shutil.rmtree(target, ignore_errors=True)  # the package changed under us: convert again
-    _convert_gguf(gguf, target)
+    stamp = _source_stamp(spec, gguf)
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{name}-{key}"
+    if (target / "bleuberi-source.json").is_file():
+        return target
+    _convert_gguf(gguf, target, stamp)
     return target
 
 

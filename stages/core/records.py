@@ -207,6 +207,16 @@ def _string_list_strict(value: Any, source: str, line: int, name: str) -> list[s
     return _string_list(value, source, line, name)
 
 
+def duplicate_id(key: str, first_line: dict[str, int], source: str, line: int, *, given: bool) -> None:
+    """Refuse an id seen before. Stages key answers, resumes and selections by id, so a second record
+    with the same id would be merged into the first or dropped without a word."""
+    if key not in first_line:
+        first_line[key] = line
+        return
+    why = "" if given else " (a missing id is a hash of the prompt: give records with the same prompt ids)"
+    raise InputError(source, line, f"duplicate id {key!r}, first on line {first_line[key]}{why}", "id")
+
+
 def read_records(
     path: str | os.PathLike[str] | None,
     *,
@@ -238,19 +248,25 @@ def read_validated(
     skip_invalid: bool = False,
     stats: ReadStats | None = None,
     on_dropped: Callable[[], None] = lambda: None,
+    unique_ids: bool = True,
 ) -> Iterator[T]:
     """Yield `check(value, source, line)` for every JSON line; the one read-and-skip loop of every reader.
 
     `check` raises InputError for a bad line (raised, or counted and skipped with `skip_invalid`), or
-    returns None for a valid line that is to be left out (`on_dropped` counts it).
+    returns None for a valid line that is to be left out (`on_dropped` counts it). With `unique_ids`
+    a record whose id an earlier line already had is a bad line (see `duplicate_id`).
     """
     source = source_name(path)
     stats = stats if stats is not None else ReadStats()
+    first_line: dict[str, int] = {}  # id -> the line that had it first
     for line, obj in iter_json_lines(path):
         try:
             if isinstance(obj, InputError):
                 raise obj
+            given = isinstance(obj, dict) and "id" in obj
             item = check(obj, source, line)
+            if unique_ids and isinstance(item, dict) and isinstance(item.get("id"), str):
+                duplicate_id(item["id"], first_line, source, line, given=given)
         except InputError as error:
             if not skip_invalid:
                 raise

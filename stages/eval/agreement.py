@@ -78,6 +78,9 @@ def read_pairs(
         skip_invalid=skip_invalid,
         stats=stats,
         on_dropped=dropped,
+        # Pairs are not keyed by id (it only seeds the random baseline), and one prompt often has
+        # several judged pairs (Chatbot Arena): the same id twice is no error here.
+        unique_ids=False,
     )
 
 

@@ -15,14 +15,13 @@ import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from stages.core.errors import ModelError, UsageError
 from stages.core.files import atomic_path
+from stages.core.http import JsonClient, ServerError
 from stages.core.records import prompt_messages, prompt_text
 from stages.engines.base import derive_seed
 
@@ -184,21 +183,19 @@ class HttpJudge:
 
     def _post(self, body: dict[str, Any]) -> str | None:
         """The reply text; None for a reply without readable text. Raises _TransientFailure to retry."""
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        # The project's one HTTP client: it never follows a redirect, so the key only reaches this host.
+        # Its own retries are off: this loop also retries unreadable replies, and counts attempts.
+        client = JsonClient(self.url, api_key=self.key, timeout=self.timeout, retries=0)
         self.requests += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            if error.code < 500 and error.code != 429:  # our request is wrong: retrying will not help
-                raise JudgeUnavailable(f"judge endpoint {self.url} refused the request: HTTP {error.code}") from None
-            raise _TransientFailure(f"HTTP {error.code}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            reason = getattr(error, "reason", error)
-            raise _TransientFailure(f"{type(reason).__name__}: {reason}") from None
+            payload = json.loads(client.call_text("POST", self.url, body))
+        except ServerError as error:
+            if error.transient:
+                raise _TransientFailure(error.cause) from None
+            if error.status is not None and 300 <= error.status < 400:
+                raise JudgeUnavailable(f"judge endpoint {error}") from None
+            # our request is wrong (4xx): retrying will not help
+            raise JudgeUnavailable(f"judge endpoint {self.url} refused the request: HTTP {error.status}") from None
         except json.JSONDecodeError:
             return None
         try:

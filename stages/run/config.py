@@ -206,6 +206,9 @@ def _unknown(key: str, known: list[str], source: str) -> ConfigError:
     name = key.rpartition(".")[2]
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if "." not in key:  # a section's option given without its section: name the section
+        owners = [f"{section}.{name}" for section, cls in SECTIONS.items() if name in {f.name for f in fields(cls)}]
+        hint = f" (did you mean {owners[0]!r}?)" if owners else hint
     if name in SHARED:
         hint = f" ({name} is set at the top level, for every stage)"
     return ConfigError(f"{source}: unknown key {key!r}{hint}")
@@ -230,7 +233,11 @@ def _set(target: dict[str, Any], key: str, value: Any, source: str) -> None:
         hint = _hints(SECTIONS[section])[name]
     problem = check_value(value, hint)
     if problem:
-        raise ConfigError(f"{source}: key {key!r}: expected {problem}, got {_type_name(value)} {value!r}")
+        example = ""
+        if typing.get_origin(hint) is list and not isinstance(value, list):  # show how a list is written
+            items = f'"{value}"' if isinstance(value, str) else "..."
+            example = f" (a TOML list: --set '{key}=[{items}]')" if source == "--set" else f" (a TOML list: [{items}])"
+        raise ConfigError(f"{source}: key {key!r}: expected {problem}, got {_type_name(value)} {value!r}{example}")
     if dot:
         target.setdefault(section, {})[name] = value
     else:

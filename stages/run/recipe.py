@@ -25,14 +25,15 @@ from typing import Any
 import orjson
 
 from stages.core.errors import ConfigError, Interrupted
-from stages.core.files import atomic_path
+from stages.core.files import atomic_path, remove_leftovers
 from stages.core.jsonl import JsonlWriter
+from stages.core.lock import folder_lock
 from stages.core.records import read_records
 from stages.run.config import RunConfig, to_toml
 from stages.train.config import TRAIN_HELP
 
 STAGES = ("select", "train", "eval")
-DEMO_DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
 
 Say = Callable[[str], None]
 
@@ -42,10 +43,7 @@ def data_path(name: str) -> Path:
     if name.startswith("demo:"):
         path = DEMO_DATA / f"{name.removeprefix('demo:')}.jsonl"
         if not path.is_file():
-            raise ConfigError(
-                f"{name}: the demo data ships in the source tree (examples/data/); install bleuberi from a "
-                "clone with `pip install -e .`, or point data.pool / data.heldout at your own files"
-            )
+            raise ConfigError(f"{name}: no such demo file (demo:pool and demo:heldout ship with bleuberi)")
         return path
     path = Path(name).expanduser()
     if not path.is_file():
@@ -255,7 +253,21 @@ def run_recipe(
     on_eval_progress: Callable[[str, int], None] | None = None,
 ) -> RunResult:
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir):  # one run per folder at a time
+        result = _run_stages(config, run_dir, say, on_train_step, on_eval_progress)
+        # A finished run removes what killed attempts left behind (only our temporary names).
+        for folder in (run_dir, run_dir / "eval", run_dir / "train", run_dir / "train" / "checkpoints"):
+            remove_leftovers(folder)
+    return result
+
+
+def _run_stages(
+    config: RunConfig,
+    run_dir: Path,
+    say: Say,
+    on_train_step: Callable[[dict], None] | None,
+    on_eval_progress: Callable[[str, int], None] | None,
+) -> RunResult:
     with atomic_path(run_dir / "config.toml") as tmp:
         tmp.write_text(to_toml(config, TRAIN_HELP))
     ledger = StageLedger.open(run_dir)

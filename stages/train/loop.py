@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -24,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import Interrupted
+from stages.core.files import remove_leftovers
+from stages.core.lock import folder_lock
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
 from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged
 from stages.train.setup import TrainRun, set_up
 from stages.train.sft import sft_update
 from stages.train.step import grpo_step
+from stages.train.telemetry import Telemetry, check_installed
 
 
 class TrainingInterrupted(Interrupted):
@@ -89,6 +93,8 @@ def train(
     output_dir: str | Path,
     *,
     resume: str | None = None,
+    overwrite: bool = False,
+    report_to: Sequence[str] = (),
     merge_to: str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_message: Callable[[str], None] | None = None,
@@ -97,11 +103,28 @@ def train(
     say = on_message or (lambda message: None)
     for warning in config.warnings():
         say(f"warning: {warning}")
-    run = set_up(records, config, Path(output_dir), resume=resume, say=say)
-    try:
-        return _train(run, merge_to=merge_to, on_step=on_step, say=say)
-    finally:
-        run.rollouts.close()
+    output_dir = Path(output_dir)
+    # One run per folder; under torchrun only rank 0 locks (every rank shares the folder).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with folder_lock(output_dir) if main_rank else contextlib.nullcontext():
+        check_installed(report_to)
+        run = set_up(records, config, output_dir, resume=resume, say=say, overwrite=overwrite)
+        telemetry = Telemetry(report_to if main_rank else (), output_dir, config.to_dict())
+
+        def logged(record: dict[str, Any]) -> None:  # each logged step: the trackers, then the caller
+            telemetry.log(record)
+            if on_step:
+                on_step(record)
+
+        try:
+            result = _train(run, merge_to=merge_to, on_step=logged, say=say)
+        finally:
+            telemetry.close()
+            run.rollouts.close()
+        if main_rank:  # a finished run removes what killed attempts left behind
+            for folder in (output_dir, output_dir / "checkpoints"):
+                remove_leftovers(folder)
+        return result
 
 
 def _train(
@@ -130,7 +153,7 @@ def _train(
 
     adapter = run.output_dir / "adapter"
     if run.dist.is_main:
-        save_adapter(run.model, run.generator.tokenizer, adapter)
+        save_adapter(run.model, run.generator.tokenizer, adapter, model_name=run.config.model)
         plot_metrics(log.path, run.output_dir / "reward.png", say)
         if merge_to:
             save_merged(run.model, run.generator.tokenizer, Path(merge_to))
@@ -182,7 +205,8 @@ def _save_checkpoint(run: TrainRun, step: int) -> Path:
             model=run.model,
             optimizer=run.optimizer,
             trainable=run.trainable,
-            extra={"total_steps": run.steps},
+            # the run's own record of its settings and data, which --resume checks against
+            extra={"total_steps": run.steps, "config": run.config.to_dict(), "input_sha256": run.input_digest},
             keep_last=run.config.save_total_limit,
         )
     run.dist.barrier()

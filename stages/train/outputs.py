@@ -90,12 +90,21 @@ def plot_metrics(metrics_path: Path, target: Path, say: Callable[[str], None]) -
     plt.close(fig)
 
 
-def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
+# Beside adapter_config.json, whose base_model_name_or_path is where the base was loaded from (for the
+# embedded model, a cache folder on this machine): the model as the user named it, to load it elsewhere.
+BASE_MODEL_FILE = "bleuberi_base_model.json"
+
+
+def save_adapter(model: Any, tokenizer: Any, target: Path, *, model_name: str | None = None) -> None:
     """The final LoRA: loads with PeftModel.from_pretrained and `bleuberi generate --adapter`."""
 
     with atomic_folder(target) as folder:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        if model_name is not None:
+            loaded_from = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            record = {"model": model_name, "loaded_from": loaded_from}
+            (folder / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def save_merged(model: Any, tokenizer: Any, target: Path) -> None:

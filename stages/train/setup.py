@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from typing import Any
 import orjson
 import torch
 
-from stages.core.errors import UsageError
 from stages.engines.base import SamplingParams
 from stages.engines.generator import Generator
 from stages.score import Scorer
@@ -27,20 +25,8 @@ from stages.train.engine_sync import RolloutEngine, check_same_base_model
 from stages.train.loss import LossConfig
 from stages.train.outputs import write_json
 from stages.train.rollout import PromptReport, TrainPrompt, prepare_prompts, step_items, total_steps
+from stages.train.run_folder import check_resume, prepare_fresh_run
 from stages.train.sft import SftExample, sft_examples
-
-# Options that may differ between a run and its resumption; anything else must match.
-RESUMABLE_CHANGES = {
-    "max_steps",
-    "save_steps",
-    "save_total_limit",
-    "logging_steps",
-    "device",
-    "server_url",
-    "server_model",
-    "api_key_env",
-    "concurrency",
-}
 
 
 @dataclass
@@ -64,6 +50,7 @@ class TrainRun:
     sampling: SamplingParams
     autocast: Callable[[], contextlib.AbstractContextManager[None]]
     rollouts: RolloutEngine
+    input_digest: str = ""  # the records' hash, recorded in every checkpoint
 
     @property
     def per_step_global(self) -> int:
@@ -84,6 +71,7 @@ def set_up(
     *,
     resume: str | None,
     say: Callable[[str], None],
+    overwrite: bool = False,
 ) -> TrainRun:
     from stages.core.models import resolve_device
 
@@ -92,8 +80,12 @@ def set_up(
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     digest = records_digest(records)
+    checkpoint = None
     if resume:
-        _check_resume_config(output_dir, config, digest)
+        checkpoint = find_checkpoint(output_dir, resume)
+        check_resume(checkpoint, output_dir, config.to_dict(), digest)
+    elif dist.is_main:
+        prepare_fresh_run(output_dir, overwrite=overwrite)
     torch.manual_seed(config.seed)  # before the LoRA weights are drawn
 
     start = time.perf_counter()
@@ -111,8 +103,7 @@ def set_up(
         len(items), config.prompts_per_step * dist.world_size, config.num_train_epochs, config.max_steps
     )
     first_step = 0
-    if resume:
-        checkpoint = find_checkpoint(output_dir, resume)
+    if checkpoint is not None:
         first_step = load_checkpoint(checkpoint, model=model, optimizer=optimizer, trainable=trainable).step
         say(f"resumed from {checkpoint} at step {first_step}")
     count = sum(p.numel() for p in trainable)
@@ -139,6 +130,7 @@ def set_up(
         sampling=SamplingParams(config.max_completion_length, config.temperature, config.top_p),
         autocast=_autocast(model, device),
         rollouts=RolloutEngine(generator, output_dir, dist, async_rollouts=config.async_rollouts),
+        input_digest=digest,
     )
     if run.rollouts.external and config.algo == "grpo":
         gap = check_same_base_model(model, generator, temperature=config.temperature, where=generator.engine.name)
@@ -250,15 +242,3 @@ def _engine_generator(config: TrainConfig, model_path: str, local: Generator) ->
         local.tokenizer, engine, local.stop_ids, config.model, None, local.system_prompt, local.max_prompt_length
     )
 
-
-def _check_resume_config(output_dir: Path, config: TrainConfig, digest: str) -> None:
-    saved_path = output_dir / "config.json"
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text())
-    before, now = saved.get("config", {}), config.to_dict()
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k, now[k]) != now[k])
-    if changed:
-        raise UsageError(f"cannot resume with different settings: {', '.join(changed)} (see {saved_path})")
-    if saved.get("input", {}).get("sha256") not in (None, digest):
-        raise UsageError("cannot resume on different training data (input hash differs from config.json)")

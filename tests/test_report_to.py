@@ -1,0 +1,58 @@
+"""`train --report-to`: the per-step record and the config reach the chosen trackers (issue 9, item 14).
+TensorBoard is checked offline by reading its event file back."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import orjson
+import pytest
+
+from bleuberi_cli.app import app
+from stages.train.telemetry import flatten_numbers
+from tests.conftest import demo_records, write_jsonl
+
+
+def train_args(model, data, out, *more: str) -> list[str]:
+    sizes = ["--num-generations", "4", "--per-device-train-batch-size", "4", "--max-completion-length", "4"]
+    return ["train", "-i", str(data), "-o", str(out), "--model", str(model), *sizes, "--max-steps", "2", *more]
+
+
+def test_flatten_numbers_keeps_numbers_only() -> None:
+    record = {"step": 2, "kl": 0.5, "rewards": {"bleu": {"mean": 0.25}}, "reward_combine": "sum", "ok": True}
+    assert flatten_numbers(record) == {"step": 2.0, "kl": 0.5, "rewards/bleu/mean": 0.25}
+
+
+def test_tensorboard_gets_every_logged_step_and_the_config(runner, tiny_model, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
+    result = runner.invoke(app, train_args(tiny_model, data, out, "--report-to", "tensorboard"))
+    assert result.exit_code == 0, result.stderr
+    logged = [orjson.loads(line) for line in (out / "metrics.jsonl").read_bytes().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    for name in ("reward_mean", "kl", "loss"):
+        points = events.Scalars(name)
+        assert [p.step for p in points] == [1, 2]
+        assert [p.value for p in points] == pytest.approx([r[name] for r in logged], rel=1e-6)
+    assert "rewards/bleu/mean" in events.Tags()["scalars"]
+    assert any("config" in tag for tag in events.Tags()["tensors"])
+
+
+def test_no_tracker_by_default(runner, tiny_model, tmp_path) -> None:
+    data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
+    assert runner.invoke(app, train_args(tiny_model, data, out)).exit_code == 0
+    assert not (out / "tensorboard").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_a_missing_tracker_stops_before_any_work(runner, tiny_model, tmp_path) -> None:
+    data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
+    result = runner.invoke(app, train_args(tiny_model, data, out, "--report-to", "tensorboard,wandb"))
+    assert result.exit_code == 1
+    assert result.stderr == "bleuberi: error: --report-to wandb needs the wandb package: pip install wandb\n"
+    assert not (out / "config.json").exists()
+    bad = runner.invoke(app, train_args(tiny_model, data, out, "--report-to", "comet"))
+    assert bad.exit_code == 1 and "--report-to comet: expected none or any of tensorboard" in bad.stderr
