@@ -19,7 +19,15 @@ import torch
 from stages.train.config import LossConfig, TrainConfig
 from stages.train.loss import Denominator, grpo_loss, high_entropy_mask
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor of these tests in float64, for this module's tests only (the default is global state)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 ROWS, WIDTH = 3, 4
 MASK = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
