@@ -96,3 +96,16 @@ def _check_references(references: Sequence[str]) -> Sequence[str]:
 def _check_corpus(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """Token-id rows as one right-padded batch for an encoder or reward model: (input ids, attention mask)."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = 1
+    return ids, mask

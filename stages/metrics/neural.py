@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import ModelError, UsageError
-from stages.metrics.base import Messages, Metric, _check_corpus, _check_references
+from stages.metrics.base import Messages, Metric, _check_corpus, _check_references, right_padded
 
 if TYPE_CHECKING:
     import torch
@@ -110,12 +110,7 @@ class Encoder:
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(order), BATCH_TEXTS):
             rows = order[start : start + BATCH_TEXTS]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[r, : len(encoded[i])] = 1
+            ids, mask = right_padded([encoded[i] for i in rows], pad)
             with torch.inference_mode():
                 states = self.model(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True

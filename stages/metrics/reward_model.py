@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import ModelError, UsageError
-from stages.metrics.base import Messages, Metric, _check_corpus
+from stages.metrics.base import Messages, Metric, _check_corpus, right_padded
 
 REQUEST_CONVERSATIONS = 64
 
@@ -145,12 +145,7 @@ class RewardModel(_ConversationMetric):
                 # transformers reads the score at the rightmost token that is not the pad id: with an id no
                 # conversation contains, that is each conversation's own last token.
                 text_config.pad_token_id = pad
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[r, : len(encoded[i])] = 1
+                ids, mask = right_padded([encoded[i] for i in rows], pad)
                 with torch.inference_mode():
                     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for r, i in enumerate(rows):
