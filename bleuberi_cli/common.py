@@ -17,9 +17,7 @@ from stages.core.records import ReadStats
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
 # Off a terminal (a log file, CI) rich would assume 80 columns and cut table headers; a log has no width.
-console = Console(
-    stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 10_000
-)
+console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 10_000)
 
 
 class State:

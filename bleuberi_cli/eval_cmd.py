@@ -41,7 +41,11 @@ HELP = f"""Measure whether training helped: generate held-out answers with the b
 --adapter, score them against the references, and compare each system with the base.
 
 Per system: every --metric as a mean with a seeded bootstrap 95% interval, answer length (tokens and
-words), truncation rate, and the per-prompt win / tie / loss share against the base. stdout gets one
+words) and truncation rate. Against the base, per metric: the mean difference with a paired bootstrap
+95% interval (prompts resampled with their pairs), the win / tie / loss shares with a sign test, and
+the length control: base@len(NAME), the base's answers cut per prompt to NAME's answer length and
+scored the same way. A gain "survives" when NAME beats that cut base too (interval above zero);
+otherwise it is a change of length, not learning. One verdict line per system ends the summary. stdout gets one
 record per prompt with an `evaluation` field ({{system: completion, scores, tokens, ...}}); the summary
 table goes to stderr and, with --report, to a file (.md: Markdown tables; else JSON). Generation is
 greedy by default. Reads all records into memory.
@@ -133,6 +137,22 @@ def eval_command(
             "template as token ids, or as chat turns with --server-chat-only); repeatable.",
         ),
     ] = None,
+    length_control: Annotated[
+        bool,
+        typer.Option(
+            "--length-control/--no-length-control",
+            help="Add base@len(NAME) per system: the baseline's answers cut to that system's lengths, scored "
+            "the same way; a gain it also gets is length, not learning.",
+        ),
+    ] = True,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            metavar="NAME|PATH",
+            help="Counts answer lengths for the length control (default: --model's; with only --answers: words).",
+        ),
+    ] = None,
     bootstrap_resamples: Annotated[
         int, typer.Option("--bootstrap-resamples", metavar="N", help="Resamples for the 95% intervals.")
     ] = 1000,
@@ -205,6 +225,8 @@ def eval_command(
             resamples=bootstrap_resamples,
             engine=EngineOptions(backend, server_url, server_model, api_key_env, concurrency, server_chat_only),
             served=served or [],
+            length_control=length_control,
+            tokenizer=tokenizer,
         )
         http_judge = None
         if judge_url:
@@ -234,7 +256,7 @@ def _evaluate(
 ) -> None:
     from stages.eval.evaluate import evaluate
     from stages.eval.judges import RewardModelJudge
-    from stages.eval.report import eval_tables
+    from stages.eval.report import eval_tables, verdict
 
     reward_judge = RewardModelJudge(judge_model, device=config.device) if judge_model else None
     total = len(records) * sum(1 for s in config.systems if not s.answers)  # answers to generate
@@ -249,3 +271,7 @@ def _evaluate(
         )
     tables = eval_tables(result.summary)
     emit_results(result.records, result.summary, tables, output=output, report=report, quiet=quiet)
+    summary = result.summary
+    for name, entry in summary["systems"].items():
+        if "vs_base" in entry and "length_of" not in entry:
+            say(f"{name}: " + verdict(summary, name, summary["metrics"][0]), quiet=quiet)

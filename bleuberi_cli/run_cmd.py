@@ -78,4 +78,4 @@ def run_command(
             stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
         if not quiet:
             print_tables(eval_tables(result.summary), console)
-            console.print(headline(result.summary), markup=False)
+            console.print(headline(result.summary, resolved), markup=False)

@@ -65,12 +65,13 @@ def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time() 
 
 def test_win_rate_counts_ties_as_half() -> None:
     rates = WinRate.count([0.5, 0.2, 0.3, 0.9], [0.4, 0.2, 0.6, 0.1]).rates()
-    assert rates == {"win": 0.5, "tie": 0.25, "loss": 0.25, "win_rate": 0.625, "n": 4}
+    assert rates == {"win": 0.5, "tie": 0.25, "loss": 0.25, "win_rate": 0.625, "sign_p": 1.0, "n": 4}
     assert WinRate.count([], []).rates()["win"] is None
 
 
 def test_summary_by_hand() -> None:
-    from stages.eval.evaluate import System, summarise
+    from stages.eval.evaluate import System
+    from stages.eval.summary import summarise
 
     def answer(score: float, tokens: int, reason: str = "stop") -> dict:
         return {"completion": "x", "scores": {"bleu": score}, "tokens": tokens, "words": 1, "finish_reason": reason}
@@ -87,7 +88,11 @@ def test_summary_by_hand() -> None:
     assert got_lora["length"]["tokens_mean"] == 4.25 and got_lora["length"]["tokens_median"] == 3.0  # (2 + 4) / 2
     assert got_base["truncation_rate"] == 0.25 and got_lora["truncation_rate"] == 0.5
     # prompt 0 lora wins (0.4 > 0.2), 1 and 3 tie, 2 loses (0.1 < 0.5): win rate (1 + 2 / 2) / 4
-    assert got_lora["vs_base"]["bleu"] == {"win": 0.25, "tie": 0.5, "loss": 0.25, "win_rate": 0.5, "n": 4}
+    against = dict(got_lora["vs_base"]["bleu"])
+    difference = against.pop("difference")
+    # one win, one loss: the sign test's two-sided p is 2 * P(X <= 1 | n=2) = 2 * 3/4, capped at 1
+    assert against == {"win": 0.25, "tie": 0.5, "loss": 0.25, "win_rate": 0.5, "sign_p": 1.0, "n": 4}
+    assert difference["mean"] == pytest.approx((0.2 + 0.0 - 0.4 + 0.0) / 4) and difference["n"] == 4
     assert "vs_base" not in got_base
 
 
@@ -134,7 +139,7 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
     assert any(r["evaluation"]["base"]["completion"] != r["evaluation"]["lora"]["completion"] for r in result.records)
 
     summary = result.summary
-    assert summary["prompts"] == 6 and list(summary["systems"]) == ["base", "lora"]
+    assert summary["prompts"] == 6 and list(summary["systems"]) == ["base", "lora", "base@len(lora)"]
     # chrF straight from sacrebleu on each answer (not the records' `scores`), per system and prompt
     chrf = {
         name: [
@@ -143,7 +148,8 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
         ]
         for name in ("base", "lora")
     }
-    for name, entry in summary["systems"].items():
+    for name in ("base", "lora"):
+        entry = summary["systems"][name]
         assert entry["metrics"]["chrf"]["mean"] == pytest.approx(sum(chrf[name]) / 6, abs=1e-12)
         low, high = entry["metrics"]["chrf"]["ci95"]
         assert low <= entry["metrics"]["chrf"]["mean"] <= high
@@ -157,7 +163,10 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
     outcomes = ["tie" if abs(a - b) <= 1e-9 else "win" if a > b else "loss" for a, b in zip(chrf["lora"], chrf["base"])]
     wins, ties, losses = outcomes.count("win"), outcomes.count("tie"), outcomes.count("loss")
     expected = {"win": wins / 6, "tie": ties / 6, "loss": losses / 6, "win_rate": (wins + ties / 2) / 6, "n": 6}
-    assert summary["systems"]["lora"]["vs_base"]["chrf"] == pytest.approx(expected)
+    got = summary["systems"]["lora"]["vs_base"]["chrf"]
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+    differences = [a - b for a, b in zip(chrf["lora"], chrf["base"])]
+    assert got["difference"]["mean"] == pytest.approx(statistics.fmean(differences), abs=1e-12)
 
 
 def test_eval_summary_is_reproducible(evaluated, tiny_model, tiny_adapter) -> None:

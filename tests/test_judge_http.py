@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.eval.evaluate import http_judge_rates
 from stages.eval.judges import HttpJudge, JudgeUnavailable, parse_verdict
+from stages.eval.summary import http_judge_rates
 
 
 class FakeJudgeServer:

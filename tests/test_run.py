@@ -115,8 +115,9 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(runner, tiny_model,
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.stderr
     [record] = read_jsonl_text(first.stdout)
-    assert record["ran"] == ["select", "train", "eval"] and set(record["systems"]) == {"base", "trained"}
-    assert "held-out bleu (3 prompts): base " in first.stderr
+    assert record["ran"] == ["select", "train", "eval"]
+    assert set(record["systems"]) == {"base", "trained", "base@len(trained)"}
+    assert "held-out (3 prompts), trained vs base: " in first.stderr and " over base" in first.stderr
     names = {"config.toml", "stages.json", "pool.generated.jsonl", "pool.scored.jsonl", "selected.jsonl"}
     assert names | {"train", "eval"} <= {p.name for p in run_dir.iterdir()}
     assert len(read_jsonl_text((run_dir / "selected.jsonl").read_text())) == 2
@@ -182,11 +183,12 @@ def test_an_empty_heldout_set_stops_before_any_work(runner, tiny_model, tmp_path
 
 
 def test_headline_of_a_summary_without_prompts() -> None:
+    from stages.run.config import RunConfig
     from stages.run.recipe import headline
 
     empty = {"metrics": {"bleu": {"mean": None}}}
     summary = {"prompts": 0, "metrics": ["bleu"], "systems": {"base": empty, "trained": empty}}
-    assert headline(summary) == "held-out bleu: no prompts, nothing to compare"
+    assert headline(summary, RunConfig()) == "held-out: no prompts, nothing to compare"
 
 
 @pytest.mark.slow

@@ -134,6 +134,14 @@ def test_async_rollouts_need_an_engine_of_their_own(tiny_model) -> None:
         config(tiny_model, async_rollouts=True)
 
 
+def test_nucleus_sampling_refuses_a_behaviour_policy_from_the_engine(tiny_model) -> None:
+    for option in ({"async_rollouts": True}, {"vllm_importance_sampling_correction": True}):
+        with pytest.raises(UsageError, match="vLLM renormalises its log-probs over the nucleus"):
+            config(tiny_model, backend="vllm", top_p=0.9, **option)
+        config(tiny_model, backend="vllm", top_p=1.0, **option)  # the full distribution: allowed
+    config(tiny_model, backend="vllm", top_p=0.9)  # on-policy: the loss never uses the engine's log-probs
+
+
 def test_engine_importance_weights_follow_trls_modes() -> None:
     from stages.train.loss import engine_importance_weights
 

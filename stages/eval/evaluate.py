@@ -10,6 +10,10 @@ The base model (no adapter) is the first system and the baseline. Generation is 
 a temperature is given, and goes through the generate stage's engine; each system is loaded in turn
 (adapters merged into a fresh copy of the base), so only one model is in memory at a time.
 
+Every other system also gets a length control (stages/eval/length_control.py): the baseline's
+answers cut to that system's answer lengths, scored as the system `base@len(NAME)`; a gain that
+survives it is not only a change of length.
+
 Systems whose answers already exist (`answers=["NAME=FILE"]`, see stages/eval/answers.py) are scored
 and compared the same way. With `model=None` no model is loaded at all: only those systems are
 compared, and `baseline` (default: one named "base", else the first) takes the base's place.
@@ -17,7 +21,6 @@ compared, and `baseline` (default: one named "base", else the first) takes the b
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.engines.base import SamplingParams
 from stages.engines.generator import EngineOptions
-from stages.eval.stats import DEFAULT_RESAMPLES, WinRate, bootstrap_seed, mean_with_ci
+from stages.eval.stats import DEFAULT_RESAMPLES
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ class System:
     adapter: str | None
     answers: str | None = None  # a file of answers produced elsewhere: nothing is generated
     engine: EngineOptions | None = None  # a system served elsewhere (default: the eval's own engine)
+    length_of: str | None = None  # a length control: the baseline cut to this system's answer lengths
 
 
 def parse_systems(
@@ -77,9 +81,7 @@ def parse_served(spec: str, defaults: EngineOptions) -> System:
     url, _, model = target.partition("#")
     if not sep or not name or not url:
         raise UsageError(f"bad --served {spec!r}: expected NAME=URL or NAME=URL#MODEL (URL ending in /v1)")
-    engine = EngineOptions(
-        "server", url, model or None, defaults.api_key_env, defaults.concurrency, defaults.chat_only
-    )
+    engine = EngineOptions("server", url, model or None, defaults.api_key_env, defaults.concurrency, defaults.chat_only)
     return System(name, None, engine=engine)
 
 
@@ -103,6 +105,8 @@ class EvalConfig:
     resamples: int = DEFAULT_RESAMPLES
     engine: EngineOptions = field(default_factory=EngineOptions)  # who generates the answers
     served: list[str] = field(default_factory=list)  # NAME=URL[#MODEL]: systems served elsewhere
+    length_control: bool = True  # add base@len(NAME) for every other system
+    tokenizer: str | None = None  # counts lengths for the length control (default: the model's; else words)
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -215,7 +219,6 @@ def evaluate(
     given = {s.name: read_answers(s.answers, records) for s in systems if s.answers}
     for record in records:
         record["evaluation"] = {}
-    references = [r["references"] for r in records]
     messages = [prompt_messages(r) for r in records] if any(m.needs_prompt for m in metrics) else None
     for system in systems:
         if system.answers:
@@ -224,11 +227,8 @@ def evaluate(
         else:
             say(f"generating with {system.name}" + (f" ({system.adapter})" if system.adapter else ""))
             answers = generate_answers(records, config, system, on_progress)
-        completions = [a["completion"] for a in answers]
-        columns = {m.name: m.paired_scores(completions, references, messages) for m in metrics}
-        for i, (record, answer) in enumerate(zip(records, answers)):
-            answer["scores"] = {name: column[i] for name, column in columns.items()}
-            record["evaluation"][system.name] = answer
+        _score_system(records, system.name, answers, metrics, messages)
+    controls = _length_controls(records, systems, config, metrics, messages, say) if config.length_control else []
     if reward_judge is not None:
         say(f"scoring answers with the reward model {reward_judge.name}")
         for system in systems:
@@ -244,102 +244,52 @@ def evaluate(
                     record, evaluation[system.name]["completion"], evaluation[baseline]["completion"]
                 )
                 evaluation[system.name]["judge_verdict"] = verdict
-    summary = summarise(records, systems, config, reward_judge=reward_judge, http_judge=http_judge)
+    from stages.eval.summary import summarise
+
+    summary = summarise(records, [*systems, *controls], config, reward_judge=reward_judge, http_judge=http_judge)
     return EvalResult(list(records), summary)
 
 
-def summarise(
+def _score_system(
+    records: Sequence[dict[str, Any]],
+    name: str,
+    answers: list[dict[str, Any]],
+    metrics: Sequence[Any],
+    messages: list[Any] | None,
+) -> None:
+    completions = [a["completion"] for a in answers]
+    references = [r["references"] for r in records]
+    columns = {m.name: m.paired_scores(completions, references, messages) for m in metrics}
+    for i, (record, answer) in enumerate(zip(records, answers)):
+        answer["scores"] = {metric: column[i] for metric, column in columns.items()}
+        record["evaluation"][name] = answer
+
+
+def _length_controls(
     records: Sequence[dict[str, Any]],
     systems: Sequence[System],
     config: EvalConfig,
-    *,
-    reward_judge: RewardModelJudge | None = None,
-    http_judge: HttpJudge | None = None,
-) -> dict[str, Any]:
-    """Per system: metric means with bootstrap intervals, lengths, truncation, and wins against the base."""
-    columns = _Columns(records)
-    out = {
-        system.name: _system_summary(columns, system, config, judged=reward_judge is not None, http=http_judge)
-        for system in systems
-    }
-    summary: dict[str, Any] = {
-        "model": config.model,
-        "prompts": len(records),
-        "generation": {
-            "max_new_tokens": config.max_new_tokens,
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "seed": config.seed,
-        },
-        "metrics": list(config.metrics),
-        "signatures": {m: get_metric(m).signature() for m in config.metrics},
-        "bootstrap": {"resamples": config.resamples, "confidence": 0.95, "seed": config.seed},
-        "baseline": config.baseline_name,
-        "systems": out,
-    }
-    if reward_judge is not None:
-        summary["judge_model"] = reward_judge.name
-    if http_judge is not None:
-        summary["judge_url"] = {"url": http_judge.url, "model": http_judge.model, **http_judge.stats()}
-    return summary
+    metrics: Sequence[Any],
+    messages: list[Any] | None,
+    say: Callable[[str], None],
+) -> list[System]:
+    """The baseline cut to each other system's answer lengths, scored like a system of its own."""
+    from stages.eval.length_control import control_name, cut_answers, load_cutter
 
+    baseline = config.baseline_name
+    others = [s for s in systems if s.name != baseline]
+    if not others or not records:
+        return []
+    cutter = load_cutter(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+    say(f"length control: {baseline}'s answers cut to each system's lengths ({cutter.unit})")
 
-@dataclass
-class _Columns:
-    """One value per record of a system's answers."""
+    def texts(name: str) -> list[str]:
+        return [r["evaluation"][name]["completion"] for r in records]
 
-    records: Sequence[dict[str, Any]]
-
-    def __call__(self, system: str, key: str) -> list[Any]:
-        return [r["evaluation"][system][key] for r in self.records]
-
-    def scores(self, system: str, metric: str) -> list[float]:
-        return [r["evaluation"][system]["scores"][metric] for r in self.records]
-
-
-def _system_summary(
-    column: _Columns, system: System, config: EvalConfig, *, judged: bool, http: HttpJudge | None
-) -> dict[str, Any]:
-    name, baseline = system.name, config.baseline_name
-    # answers from files may lack token counts and finish reasons: those columns use what is known
-    tokens = [t for t in column(name, "tokens") if t is not None]
-    words = column(name, "words")
-    finishes = [f for f in column(name, "finish_reason") if f is not None]
-    entry: dict[str, Any] = {
-        "adapter": system.adapter,
-        **({"answers": system.answers} if system.answers else {}),
-        "metrics": {
-            m: mean_with_ci(
-                column.scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.resamples
-            )
-            for m in config.metrics
-        },
-        "length": {
-            "tokens_mean": statistics.fmean(tokens) if tokens else None,
-            "tokens_median": statistics.median(tokens) if tokens else None,
-            "words_mean": statistics.fmean(words) if words else None,
-            "words_median": statistics.median(words) if words else None,
-        },
-        "truncation_rate": finishes.count("length") / len(finishes) if finishes else None,
-    }
-    if judged:
-        seed = bootstrap_seed(config.seed, name, "judge")
-        entry["judge_reward"] = mean_with_ci(column(name, "judge_reward"), seed=seed, resamples=config.resamples)
-    if name != baseline:  # "vs_base": against the baseline (the base model unless --baseline says otherwise)
-        entry["vs_base"] = {
-            m: WinRate.count(column.scores(name, m), column.scores(baseline, m)).rates() for m in config.metrics
-        }
-        if judged:
-            rewards, base_rewards = column(name, "judge_reward"), column(baseline, "judge_reward")
-            entry["judge_reward_vs_base"] = WinRate.count(rewards, base_rewards).rates()
-        if http is not None:
-            entry["judge_vs_base"] = http_judge_rates(column(name, "judge_verdict"))
-    return entry
-
-
-def http_judge_rates(verdicts: Sequence[str | None]) -> dict[str, float | int | None]:
-    """Shares of win/tie/loss among valid verdicts; `invalid` counts replies that could not be read."""
-    valid = [v for v in verdicts if v is not None]
-    rates = WinRate(valid.count("win"), valid.count("tie"), valid.count("loss")).rates()
-    rates["invalid"] = len(verdicts) - len(valid)
-    return rates
+    controls = []
+    for system in others:
+        control = System(control_name(baseline, system.name), None, length_of=system.name)
+        answers = cut_answers(texts(baseline), texts(system.name), cutter)
+        _score_system(records, control.name, answers, metrics, messages)
+        controls.append(control)
+    return controls

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.files import atomic_path
+from stages.eval.stats import excludes_zero
 
 Table = tuple[str, list[str], list[list[str]]]  # title, headers, rows
 
@@ -36,31 +37,105 @@ def eval_tables(summary: dict[str, Any]) -> list[Table]:
         tokens = "-" if length["tokens_mean"] is None else f"{length['tokens_mean']:.1f} / {length['tokens_median']:g}"
         row = [name, *(_score(entry["metrics"][m]) for m in metrics), tokens, _share(entry["truncation_rate"])]
         if judged:
-            reward = entry["judge_reward"]
+            reward = entry.get("judge_reward", {"mean": None})  # length controls are not judged
             row.append("-" if reward["mean"] is None else f"{reward['mean']:.3f}")
         rows.append(row)
     tables: list[Table] = [(f"Held-out scores x100, mean [95% CI], {summary['prompts']} prompts", headers, rows)]
 
+    against = summary.get("baseline", "base")
     others = {name: entry for name, entry in systems.items() if "vs_base" in entry}
     if others:
-        judges = (["judge reward"] if judged else []) + (["judge verdict"] if "judge_url" in summary else [])
-        win_rows = []
-        for name, entry in others.items():
-            cells = [_win_cell(entry["vs_base"][m]) for m in metrics]
-            if judged:
-                cells.append(_win_cell(entry["judge_reward_vs_base"]))
-            if "judge_url" in summary:
-                cells.append(_win_cell(entry["judge_vs_base"]))
-            win_rows.append([name, *cells])
-        against = summary.get("baseline", "base")
-        tables.append((f"Per prompt against {against}: win / tie / loss", ["system", *metrics, *judges], win_rows))
+        tables.append(_difference_table(others, metrics, against))
+        tables.append(_win_table(others, summary, against))
+    controlled = {name: entry for name, entry in others.items() if "vs_length_control" in entry}
+    if controlled:
+        rows = [[name, *(_control_cell(entry, m) for m in metrics)] for name, entry in controlled.items()]
+        title = (
+            f"Length control: each system minus {against}'s answers cut to its lengths, x100 [95% CI] "
+            "(survives: the gain over the cut baseline is above zero; length: the gain over the base is not)"
+        )
+        tables.append((title, ["system", *metrics], rows))
     return tables
+
+
+def _difference_table(others: dict[str, Any], metrics: list[str], against: str) -> Table:
+    rows = [[name, *(_signed(entry["vs_base"][m]["difference"]) for m in metrics)] for name, entry in others.items()]
+    title = f"Difference from {against}, x100, mean [paired bootstrap 95% CI]"
+    return (title, ["system", *metrics], rows)
+
+
+def _win_table(others: dict[str, Any], summary: dict[str, Any], against: str) -> Table:
+    metrics = summary["metrics"]
+    judged = "judge_model" in summary
+    judges = (["judge reward"] if judged else []) + (["judge verdict"] if "judge_url" in summary else [])
+    rows = []
+    for name, entry in others.items():
+        cells = [_win_cell(entry["vs_base"][m]) for m in metrics]
+        if judged:
+            cells.append(_win_cell(entry.get("judge_reward_vs_base", {})))
+        if "judge_url" in summary:
+            cells.append(_win_cell(entry.get("judge_vs_base", {})))
+        rows.append([name, *cells])
+    title = f"Per prompt against {against}: win / tie / loss (sign test p, ties left out)"
+    return (title, ["system", *metrics, *judges], rows)
+
+
+def _signed(entry: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    if entry.get("mean") is None:
+        return "-"
+    low, high = entry["ci95"]
+    return f"{scale * entry['mean']:+.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+
+
+def _control_cell(entry: dict[str, Any], metric: str) -> str:
+    cell = _signed(entry["vs_length_control"][metric]["difference"])
+    return f"{cell} ({gain_status(entry, metric)})"
+
+
+def gain_status(entry: dict[str, Any], metric: str) -> str:
+    """`survives`, `length` (a gain over the base that the cut base gets too), `no gain` or `loss`."""
+    gain = entry["vs_base"][metric]["difference"]
+    if not excludes_zero(gain):
+        interval = gain.get("ci95")
+        return "loss" if interval and interval[1] < 0 else "no gain"
+    control = entry.get("vs_length_control", {}).get(metric)
+    if control is None:
+        return "gain"
+    return "survives" if excludes_zero(control["difference"]) else "length"
+
+
+def verdict(summary: dict[str, Any], system: str, metric: str) -> str:
+    """One line on a system against the baseline in one metric: is the gain real, and is it only length?"""
+    entry = summary["systems"][system]
+    against = summary.get("baseline", "base")
+    comparison = entry["vs_base"][metric]
+    if comparison["difference"]["mean"] is None:
+        return f"{metric}: no prompts, nothing to compare"
+    difference = _signed(comparison["difference"], scale=1.0, digits=3)
+    status = gain_status(entry, metric)
+    control = ""
+    if status in ("survives", "length"):
+        control = _signed(entry["vs_length_control"][metric]["difference"], scale=1.0, digits=3)
+    head = {
+        "survives": f"gain in {metric} {difference} over {against}, survives the length control "
+        f"({control} over {against} cut to the same lengths)",
+        "gain": f"gain in {metric} {difference} over {against} (no length control)",
+        "length": f"gain in {metric} {difference} over {against}, but not over {against} cut to the same lengths "
+        f"({control}): a change of length, not learning",
+        "no gain": f"no significant gain in {metric}: {difference} over {against} (the interval includes 0)",
+        "loss": f"{metric} got worse: {difference} against {against}",
+    }[status]
+    p = comparison.get("sign_p")
+    sign = "" if p is None else f", sign test p={p:.2g}"
+    return f"{head}; wins {_share(comparison['win'])} / losses {_share(comparison['loss'])}{sign}"
 
 
 def _win_cell(rates: dict[str, Any]) -> str:
     if rates.get("win") is None:
         return "-"
     cell = f"{_share(rates['win'])} / {_share(rates['tie'])} / {_share(rates['loss'])}"
+    if rates.get("sign_p") is not None:
+        cell += f" (p={rates['sign_p']:.2g})"
     return cell + (f" ({rates['invalid']} unreadable)" if rates.get("invalid") else "")
 
 

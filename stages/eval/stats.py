@@ -1,7 +1,9 @@
-"""Small statistics shared by `eval` and `eval --agreement`: seeded bootstrap intervals and win rates."""
+"""Small statistics shared by `eval` and `eval --agreement`: seeded bootstrap intervals, paired
+differences, win rates and the sign test."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +47,34 @@ def mean_with_ci(values: Sequence[float], *, seed: int, resamples: int = DEFAULT
     }
 
 
+def paired_difference(
+    system: Sequence[float], base: Sequence[float], *, seed: int, resamples: int = DEFAULT_RESAMPLES
+) -> dict[str, object]:
+    """The mean per-prompt difference `system - base` with a paired bootstrap 95% interval.
+
+    Resampling prompts (each keeps its own pair) measures the gain itself: two systems whose own
+    intervals overlap can still differ significantly when their scores move together prompt by prompt.
+    """
+    differences = [s - b for s, b in zip(system, base, strict=True)]
+    return mean_with_ci(differences, seed=seed, resamples=resamples)
+
+
+def excludes_zero(entry: dict[str, object]) -> bool:
+    """True when a {"mean", "ci95"} interval lies entirely above zero (a gain that is not noise)."""
+    interval = entry.get("ci95")
+    return isinstance(interval, list) and interval[0] > 0
+
+
+def sign_test(wins: int, losses: int) -> float | None:
+    """Two-sided exact sign test: how likely so lopsided a split of the untied prompts is if neither
+    system were better (each untied prompt a fair coin). Ties are left out, as the test prescribes."""
+    n = wins + losses
+    if n == 0:
+        return None
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 @dataclass(frozen=True)
 class WinRate:
     """Per-prompt comparison of a system against the base: higher is a win."""
@@ -67,14 +97,16 @@ class WinRate:
         return self.win + self.tie + self.loss
 
     def rates(self) -> dict[str, float | int | None]:
-        """Shares of prompts won, tied and lost, and the win rate counting a tie as half a win."""
+        """Shares of prompts won, tied and lost, the win rate counting a tie as half a win, and the
+        sign test's p-value of wins against losses."""
         n = self.total
         if not n:
-            return {"win": None, "tie": None, "loss": None, "win_rate": None, "n": 0}
+            return {"win": None, "tie": None, "loss": None, "win_rate": None, "sign_p": None, "n": 0}
         return {
             "win": self.win / n,
             "tie": self.tie / n,
             "loss": self.loss / n,
             "win_rate": (self.win + 0.5 * self.tie) / n,
+            "sign_p": sign_test(self.win, self.loss),
             "n": n,
         }

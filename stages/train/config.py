@@ -237,6 +237,14 @@ class TrainConfig:
             "with the very weights being trained",
         )
         need(
+            self.top_p == 1.0
+            or self.backend == "transformers"
+            or not (self.async_rollouts or self.vllm_importance_sampling_correction),
+            "top_p < 1 cannot be used with async_rollouts or vllm_importance_sampling_correction on an engine: "
+            "vLLM renormalises its log-probs over the nucleus, so the behaviour policy's log-probs would not be "
+            "the trainer's (use top_p 1, as the paper does)",
+        )
+        need(
             self.vllm_importance_sampling_mode in IS_MODES,
             f"vllm_importance_sampling_mode must be one of {', '.join(IS_MODES)}",
         )

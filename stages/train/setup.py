@@ -241,4 +241,3 @@ def _engine_generator(config: TrainConfig, model_path: str, local: Generator) ->
     return Generator(
         local.tokenizer, engine, local.stop_ids, config.model, None, local.system_prompt, local.max_prompt_length
     )
-

@@ -1,0 +1,161 @@
+"""Eval tells a real gain from noise: paired differences, the sign test, the length control, the verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import sacrebleu
+
+from bleuberi_cli.app import app
+from stages.eval.evaluate import EvalConfig, evaluate
+from stages.eval.length_control import TokenCutter, WordCutter, cut_answers
+from stages.eval.report import eval_tables, gain_status, verdict
+from stages.eval.stats import bootstrap_ci, excludes_zero, paired_difference, sign_test
+from tests.conftest import write_jsonl
+
+
+def test_sign_test_by_hand() -> None:
+    # 9 wins, 1 loss: P(X <= 1) for X ~ Bin(10, 1/2) is (1 + 10) / 1024; two-sided doubles it
+    assert sign_test(9, 1) == pytest.approx(22 / 1024)
+    assert sign_test(1, 9) == sign_test(9, 1)
+    assert sign_test(5, 5) == 1.0  # 2 * P(X <= 5) > 1 is capped
+    assert sign_test(3, 0) == pytest.approx(2 / 8)
+    assert sign_test(0, 0) is None
+    # a large split against the normal approximation with continuity correction: z = (60 - 0.5 - 50) / 5
+    z = (60 - 0.5 - 50) / math.sqrt(100 * 0.25)
+    assert sign_test(60, 40) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.02)
+
+
+def test_paired_interval_sees_a_gain_the_separate_intervals_hide() -> None:
+    rng = random.Random(0)
+    base = [rng.uniform(0.0, 1.0) for _ in range(60)]
+    system = [b + 0.02 + rng.uniform(-0.005, 0.005) for b in base]  # always a little better
+    low_sys, _ = bootstrap_ci(system, seed=1)
+    _, high_base = bootstrap_ci(base, seed=2)
+    assert low_sys < high_base  # each system's own intervals overlap...
+    difference = paired_difference(system, base, seed=3)
+    assert difference["mean"] == pytest.approx(sum(s - b for s, b in zip(system, base)) / 60)
+    assert excludes_zero(difference) and difference["ci95"][0] > 0.015  # ...the paired one does not
+
+
+def test_paired_interval_of_a_constant_difference_is_that_constant() -> None:
+    difference = paired_difference([0.5, 0.25, 0.75], [0.25, 0.0, 0.5], seed=0)
+    assert difference["mean"] == 0.25 and difference["ci95"] == [0.25, 0.25]
+    assert not excludes_zero(paired_difference([0.1, 0.2], [0.2, 0.1], seed=0))
+
+
+def test_word_cutter_by_hand() -> None:
+    cutter = WordCutter()
+    assert cutter.count("  Été à Paris,\nvraiment  ") == 4
+    assert cutter.cut("  Été à Paris,\nvraiment  ", 3) == "  Été à Paris,"
+    assert cutter.cut("one two", 5) == "one two"
+    assert cutter.cut("one two", 0) == "" and cutter.count("") == 0
+
+
+class CharTokenizer:
+    """One token per character: a tokenizer whose cuts are known by hand."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_token_cutter_cuts_each_base_answer_to_the_system_length() -> None:
+    cutter = TokenCutter(CharTokenizer())
+    answers = cut_answers(["abcdef", "xy", "hello"], ["123", "12345", ""], cutter)
+    assert [a["completion"] for a in answers] == ["abc", "xy", ""]  # never longer than the base's own answer
+    assert [a["tokens"] for a in answers] == [3, 2, 0]
+
+
+REFERENCE = "the cat sat on the mat"
+HELDOUT = [{"id": f"h{i}", "prompt": f"q{i}", "references": [REFERENCE]} for i in range(6)]
+
+
+def _answers(path, texts: list[str]):
+    return write_jsonl(path, [{"id": f"h{i}", "completion": t} for i, t in enumerate(texts)])
+
+
+def _bleu(text: str) -> float:
+    return sacrebleu.sentence_bleu(text, [REFERENCE]).score / 100
+
+
+def test_a_gain_that_is_only_length_is_called_length(tmp_path) -> None:
+    # the base says the reference and then rambles; "short" says exactly the base's first six words
+    base = [f"{REFERENCE} and then some more words number {i}" for i in range(6)]
+    short = [REFERENCE] * 6
+    config = EvalConfig(
+        model=None,
+        answers=[f"base={_answers(tmp_path / 'b.jsonl', base)}", f"short={_answers(tmp_path / 's.jsonl', short)}"],
+        metrics=["bleu"],
+        resamples=200,
+    )
+    result = evaluate([dict(r) for r in HELDOUT], config)
+    systems = result.summary["systems"]
+    assert list(systems) == ["base", "short", "base@len(short)"]
+    control = systems["base@len(short)"]
+    assert control["length_of"] == "short" and control["metrics"]["bleu"]["mean"] == pytest.approx(1.0)
+    gain = systems["short"]["vs_base"]["bleu"]["difference"]
+    assert gain["mean"] == pytest.approx(1.0 - statistics_mean([_bleu(t) for t in base]))
+    assert excludes_zero(gain)
+    assert systems["short"]["vs_length_control"]["bleu"]["difference"]["mean"] == 0.0
+    assert gain_status(systems["short"], "bleu") == "length"
+    line = verdict(result.summary, "short", "bleu")
+    assert "a change of length, not learning" in line and "sign test p=0.031" in line  # 6-0: 2 / 64
+
+
+def test_a_gain_beyond_length_survives(tmp_path) -> None:
+    base = [f"a dog ran in the park {i}" for i in range(6)]
+    good = [REFERENCE] * 6  # as long as the base's cut, and right
+    config = EvalConfig(
+        model=None,
+        answers=[f"base={_answers(tmp_path / 'b.jsonl', base)}", f"good={_answers(tmp_path / 'g.jsonl', good)}"],
+        metrics=["bleu", "chrf"],
+        resamples=200,
+    )
+    result = evaluate([dict(r) for r in HELDOUT], config)
+    entry = result.summary["systems"]["good"]
+    cut = [" ".join(t.split()[:6]) for t in base]
+    expected = statistics_mean([1.0 - _bleu(c) for c in cut])
+    assert entry["vs_length_control"]["bleu"]["difference"]["mean"] == pytest.approx(expected)
+    assert gain_status(entry, "bleu") == "survives"
+    assert verdict(result.summary, "good", "bleu").startswith("gain in bleu +")
+    titles = [title for title, _, _ in eval_tables(result.summary)]
+    assert any(t.startswith("Difference from base") for t in titles)
+    assert any(t.startswith("Length control") for t in titles)
+    # and a system worse than the base is a loss, not "no gain"
+    flipped = EvalConfig(
+        model=None,
+        answers=[f"good={tmp_path / 'g.jsonl'}", f"base={tmp_path / 'b.jsonl'}"],
+        metrics=["bleu"],
+        baseline="good",
+        resamples=200,
+    )
+    summary = evaluate([dict(r) for r in HELDOUT], flipped).summary
+    assert gain_status(summary["systems"]["base"], "bleu") == "loss"
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def test_eval_cli_prints_the_verdict_and_can_leave_the_control_out(runner, tmp_path) -> None:
+    held = write_jsonl(tmp_path / "held.jsonl", HELDOUT)
+    base = _answers(tmp_path / "b.jsonl", [f"{REFERENCE} and more {i}" for i in range(6)])
+    short = _answers(tmp_path / "s.jsonl", [REFERENCE] * 6)
+    argv = ["eval", "-i", str(held), "--answers", f"base={base}", "--answers", f"short={short}", "-m", "bleu"]
+    report = tmp_path / "r.json"
+    result = runner.invoke(app, [*argv, "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "short: gain in bleu" in result.stderr and "length" in result.stderr
+    assert "base@len(short)" in json.loads(report.read_text())["systems"]
+    result = runner.invoke(app, [*argv, "--no-length-control", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(report.read_text())
+    assert list(summary["systems"]) == ["base", "short"]
+    assert "vs_length_control" not in summary["systems"]["short"]
+    assert "(no length control)" in result.stderr
