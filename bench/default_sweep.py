@@ -45,6 +45,9 @@ SETTINGS: dict[str, list[str]] = {
     "bleu+rouge": ['train.reward=["bleu", "rouge-l"]'],
     "g8-2prompts": ["train.num_generations=8"],
     "lr1e-4-60steps": ["train.learning_rate=1e-4", "train.max_steps=60", "train.save_steps=20"],
+    "60steps": ["train.max_steps=60", "train.save_steps=20"],
+    "60steps-128prompts": ["select.num=128", "train.max_steps=60", "train.save_steps=20"],
+    "len96-30steps": ["train.max_completion_length=96", "eval.max_new_tokens=96"],
 }
 SELECT_FILES = ("pool.generated.jsonl", "pool.scored.jsonl", "selected.jsonl")
 

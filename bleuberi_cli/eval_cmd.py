@@ -63,7 +63,8 @@ Answers produced elsewhere: --answers NAME=FILE (repeatable) adds a system whose
 not generated: FILE has one record per held-out id with `id` and `completion` (or `completions`, the
 first is used); references come from -i; a missing or extra id is an error. With only --answers (no
 --model, no --adapter) no model is loaded, and --baseline NAME (default: a system named "base", else
-the first) is the system the others are compared with.
+the first) is the system the others are compared with. The same holds with --served systems: without
+--model or --adapter the base model answers nothing (its tokenizer still builds the served prompts).
 
 Metrics: {", ".join(METRICS)} (default: {", ".join(DEFAULT_EVAL_METRICS)}); rm:PATH and rm-url:URL
 report raw reward-model scores, bertscore[:ENCODER] and emb[:ENCODER] encoder similarities.
@@ -145,6 +146,14 @@ def eval_command(
             "the same way; a gain it also gets is length, not learning.",
         ),
     ] = True,
+    reasoning: Annotated[
+        bool,
+        typer.Option(
+            "--reasoning",
+            help="Evaluate adapters trained with `train --reasoning`: its <think>/<answer> system prompt (unless "
+            "--system-prompt), and metrics score only the <answer> part (`-m format` scores the format).",
+        ),
+    ] = False,
     tokenizer: Annotated[
         str | None,
         typer.Option(
@@ -207,7 +216,9 @@ def eval_command(
         from stages.eval.judges import HttpJudge
 
         config = EvalConfig(
-            model=model or (None if answers and not adapter else DEFAULT_MODEL),
+            model=model or (None if answers and not adapter and not served else DEFAULT_MODEL),
+            # without --model and --adapter, the base model answers nothing: it only tokenizes for --served
+            with_base=bool(model or adapter or not (answers or served)),
             adapters=adapter or [],
             answers=answers or [],
             baseline=baseline,
@@ -227,6 +238,7 @@ def eval_command(
             served=served or [],
             length_control=length_control,
             tokenizer=tokenizer,
+            reasoning=reasoning,
         )
         http_judge = None
         if judge_url:

@@ -85,10 +85,28 @@ def test_eval_compares_a_system_served_elsewhere(runner, tiny_model, server, tmp
     result = runner.invoke(app, [*argv, "--served", f"remote={server.url}", "--report", str(tmp_path / "r.json"), "-q"])
     assert result.exit_code == 0, result.stderr
     summary = orjson.loads((tmp_path / "r.json").read_bytes())
-    assert list(summary["systems"]) == ["base", "remote"]
+    assert list(summary["systems"]) == ["base", "remote", "base@len(remote)"]
     assert len(server.requests_to("/v1/completions")) == 3  # the base ran here, the remote system there
     records = read_jsonl_text(result.stdout)
-    assert all(set(r["evaluation"]) == {"base", "remote"} for r in records)
+    assert all(set(r["evaluation"]) == {"base", "remote", "base@len(remote)"} for r in records)
+
+
+def test_eval_of_served_systems_alone_generates_nothing_here(runner, tiny_model, server, tmp_path, monkeypatch):
+    from stages.engines.transformers_engine import TransformersEngine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a local model was loaded to answer")
+
+    monkeypatch.setattr(TransformersEngine, "__init__", refuse)
+    monkeypatch.setattr("bleuberi_cli.eval_cmd.DEFAULT_MODEL", str(tiny_model))  # its tokenizer builds the prompts
+    path = write_jsonl(tmp_path / "in.jsonl", demo_records(count=3))
+    argv = ["eval", "-i", str(path), "--max-new-tokens", "5", "--bootstrap-resamples", "20", "-q"]
+    served = ["--served", f"a={server.url}", "--served", f"b={server.url}"]
+    result = runner.invoke(app, [*argv, *served, "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.stderr
+    summary = orjson.loads((tmp_path / "r.json").read_bytes())
+    assert list(summary["systems"]) == ["a", "b", "a@len(b)"] and summary["baseline"] == "a"
+    assert len(server.requests_to("/v1/completions")) == 6  # both systems answered there, none here
 
 
 def test_a_dead_server_is_one_line_and_exit_1(runner, tiny_model, tmp_path):

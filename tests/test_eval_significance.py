@@ -159,3 +159,20 @@ def test_eval_cli_prints_the_verdict_and_can_leave_the_control_out(runner, tmp_p
     assert list(summary["systems"]) == ["base", "short"]
     assert "vs_length_control" not in summary["systems"]["short"]
     assert "(no length control)" in result.stderr
+
+
+def test_reasoning_mode_scores_the_answer_and_the_format(tmp_path) -> None:
+    think = [f"<think>step {i}</think><answer>{REFERENCE}</answer>" for i in range(6)]
+    plain = [f"{REFERENCE} and more {i}" for i in range(6)]
+    specs = [f"plain={_answers(tmp_path / 'p.jsonl', plain)}", f"think={_answers(tmp_path / 't.jsonl', think)}"]
+    summary = evaluate(
+        [dict(r) for r in HELDOUT],
+        EvalConfig(model=None, answers=specs, metrics=["bleu", "format"], reasoning=True, resamples=50),
+    ).summary
+    think_entry, plain_entry = summary["systems"]["think"], summary["systems"]["plain"]
+    assert think_entry["metrics"]["bleu"]["mean"] == 1.0  # only the <answer> part is scored
+    assert think_entry["metrics"]["format"]["mean"] == 1.0 and plain_entry["metrics"]["format"]["mean"] == 0.0
+    assert plain_entry["metrics"]["bleu"]["mean"] == pytest.approx(statistics_mean([_bleu(t) for t in plain]))
+    without = evaluate([dict(r) for r in HELDOUT], EvalConfig(model=None, answers=specs, metrics=["bleu"]))
+    assert without.summary["systems"]["think"]["metrics"]["bleu"]["mean"] < 1.0  # the tags count against it
+    assert EvalConfig(model=None, answers=specs, reasoning=True).prompt.startswith("You are a helpful assistant")

