@@ -40,7 +40,7 @@ SETTINGS: dict[str, list[str]] = {
     "lr1e-4": ["train.learning_rate=1e-4"],
     "lr1e-4-beta0": ["train.learning_rate=1e-4", "train.beta=0.0"],
     "len96-20steps": ["train.max_completion_length=96", "train.max_steps=20", "eval.max_new_tokens=96"],
-    "mask-truncated": ["train.mask_truncated_completions=true"],
+    "mask-truncated": ["train.mask_truncated=true"],
     "bleu-paper": ['train.reward=["bleu-paper"]'],
     "bleu+rouge": ['train.reward=["bleu", "rouge-l"]'],
     "g8-2prompts": ["train.num_generations=8"],
@@ -75,13 +75,27 @@ def copy_selection(source: Path, target: Path) -> float:
     return float(ledger["select"].get("seconds", 0.0))
 
 
+def selects_by_default(name: str) -> bool:
+    return not any(o.startswith(("select.", "data.")) for o in SETTINGS[name])
+
+
+def finished_selections(out: Path) -> dict[int, Path]:
+    """Run folders of an earlier sweep whose default selection is done, by seed: donors for this one."""
+    donors: dict[int, Path] = {}
+    for name in (n for n in SETTINGS if selects_by_default(n)):
+        for ledger in out.glob(f"{name}-s*/stages.json"):
+            if json.loads(ledger.read_text()).get("select", {}).get("done"):
+                donors.setdefault(int(ledger.parent.name.rpartition("-s")[2]), ledger.parent)
+    return donors
+
+
 def run_setting(name: str, seed: int, out: Path, donors: dict[int, Path]) -> tuple[Path, float]:
     """`bleuberi run` for one setting and seed; returns the run folder and its time (select included)."""
     overrides = [*SETTINGS[name], f"seed={seed}"]
     run_dir = out / f"{name}-s{seed}"
     copied = 0.0
-    selects_by_default = not any(o.startswith(("select.", "data.")) for o in SETTINGS[name])
-    if seed in donors and selects_by_default and not (run_dir / "stages.json").exists():
+    default_select = selects_by_default(name)
+    if seed in donors and default_select and not (run_dir / "stages.json").exists():
         copied = copy_selection(donors[seed], run_dir)
     args = ["run", "-o", str(run_dir), "-q"]
     for item in overrides:
@@ -91,7 +105,7 @@ def run_setting(name: str, seed: int, out: Path, donors: dict[int, Path]) -> tup
     with open(run_dir.parent / f"{run_dir.name}.summary.json", "wb") as summary:
         bleuberi(*args, stdout=summary)
     seconds = time.perf_counter() - start + copied
-    if selects_by_default:
+    if default_select:
         donors.setdefault(seed, run_dir)
     return run_dir, seconds
 
@@ -140,7 +154,7 @@ def sweep(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "sweep.jsonl"
     done = {(r["setting"], r["seed"], r["set"]) for r in read_rows(results)}
-    donors: dict[int, Path] = {}
+    donors = finished_selections(out)
     names = args.only.split(",") if args.only else list(SETTINGS)
     seeds = [int(s) for s in args.seeds.split(",")]
     extras = [Path(p).resolve() for p in args.extra]

@@ -9,6 +9,7 @@ import statistics
 import numpy as np
 import pytest
 import sacrebleu
+from transformers import AutoTokenizer
 
 from bleuberi_cli.app import app
 from stages.core.errors import UsageError
@@ -126,9 +127,15 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
 
     result, config = evaluated
     assert [r["id"] for r in result.records] == [r["id"] for r in demo_records(count=6)]
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
     for record in result.records:
-        assert set(record["evaluation"]) == {"base", "lora"}
-        for answer in record["evaluation"].values():
+        assert set(record["evaluation"]) == {"base", "lora", "base@len(lora)"}
+        # the length control: the base's answer cut to as many of the model's tokens as the lora's answer has
+        ids = tokenizer(record["evaluation"]["base"]["completion"], add_special_tokens=False)["input_ids"]
+        keep = len(tokenizer(record["evaluation"]["lora"]["completion"], add_special_tokens=False)["input_ids"])
+        cut = record["evaluation"]["base"]["completion"] if keep >= len(ids) else tokenizer.decode(ids[:keep])
+        assert record["evaluation"]["base@len(lora)"]["completion"] == cut
+        for answer in (record["evaluation"][name] for name in ("base", "lora")):
             assert set(answer["scores"]) == set(config.metrics)
             # Scores are the registry's metrics on the answer, not something computed on the side.
             assert answer["scores"]["bleu"] == get_metric("bleu").sentence_score(
@@ -182,7 +189,7 @@ def test_eval_command_writes_records_and_reports(runner, tiny_model, tiny_adapte
     md = runner.invoke(app, [*args, "--report", str(tmp_path / "report.md")])
     assert md.exit_code == 0, md.stderr
     rows = read_jsonl_text(md.stdout)
-    assert [set(r["evaluation"]) for r in rows] == [{"base", "lora"}] * 3
+    assert [set(r["evaluation"]) for r in rows] == [{"base", "lora", "base@len(lora)"}] * 3
     report = (tmp_path / "report.md").read_text()
     assert "| system | bleu | rouge-l | tokens mean / median | truncated |" in report
     assert "| lora |" in report and "win / tie / loss" in report
@@ -191,7 +198,7 @@ def test_eval_command_writes_records_and_reports(runner, tiny_model, tiny_adapte
     as_json = runner.invoke(app, [*args, "-q", "--report", str(tmp_path / "report.json")])
     assert as_json.exit_code == 0 and as_json.stderr == ""
     summary = json.loads((tmp_path / "report.json").read_text())
-    assert summary["metrics"] == ["bleu", "rouge-l"] and set(summary["systems"]) == {"base", "lora"}
+    assert summary["metrics"] == ["bleu", "rouge-l"] and set(summary["systems"]) == {"base", "lora", "base@len(lora)"}
 
 
 def test_eval_rejects_a_missing_adapter(runner, tiny_model, tmp_path) -> None:

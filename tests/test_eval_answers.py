@@ -124,7 +124,7 @@ def test_generated_and_given_systems_side_by_side(runner, files, tiny_model, tmp
     result = runner.invoke(app, [*argv, "--bootstrap-resamples", "10", "--report", str(report), "-q"])
     assert result.exit_code == 0, result.output
     summary = json.loads(report.read_text())
-    assert list(summary["systems"]) == ["base", "old"] and summary["baseline"] == "base"
+    assert list(summary["systems"]) == ["base", "old", "base@len(old)"] and summary["baseline"] == "base"
     assert summary["model"] == str(tiny_model)
     assert summary["systems"]["base"]["length"]["tokens_mean"] <= 2  # generated here, counted by the tokenizer
     assert set(summary["systems"]["old"]["vs_base"]) == {"bleu", "bleu-paper", "chrf", "rouge-l"}

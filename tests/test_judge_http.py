@@ -141,6 +141,7 @@ def test_a_malformed_reply_is_retried_then_counted_invalid_and_not_cached(server
         "tie": 0.0,
         "loss": 1 / 3,
         "win_rate": 2 / 3,
+        "sign_p": 1.0,  # 2 wins, 1 loss: 2 * P(X <= 1 | n=3) = 2 * 4/8
         "n": 3,
         "invalid": 1,
     }
