@@ -206,7 +206,9 @@ def test_reduced_demo_run_on_the_default_model(runner, tmp_path) -> None:
     assert record["model"] == "smollm2-135m" and record["prompts"] == 4
     base, trained = record["systems"]["base"], record["systems"]["trained"]
     assert 0 <= base["metrics"]["bleu"]["mean"] <= 1 and 0 <= trained["metrics"]["bleu"]["mean"] <= 1
-    assert "held-out bleu (4 prompts): base " in result.stderr
+    assert "held-out (4 prompts), trained vs base: " in result.stderr  # the verdict line
+    assert set(record["systems"]) == {"base", "trained", "base@len(trained)"}
+    assert record["systems"]["trained"]["vs_base"]["bleu"]["difference"]["n"] == 4
     answers = read_jsonl_text((tmp_path / "demo/eval/records.jsonl").read_text())
     assert all(a["evaluation"]["base"]["completion"] for a in answers)  # the real model answers something
     assert (tmp_path / "demo/train/reward.png").stat().st_size > 0
