@@ -15,10 +15,10 @@ HELP = """Run the BLEUBERI recipe end to end in one run folder:
 \b
   1. select  the base model answers the pool; the hardest N answers by BLEU are kept
   2. train   GRPO + LoRA with BLEU against the references as the reward
-  3. eval    base vs trained on the held-out set: metrics, bootstrap intervals, win rate
+  3. eval    base vs trained on the held-out set: paired intervals, wins, a length control, a verdict
 
 With no CONFIG it runs the demo: the embedded model (smollm2-135m) and demo data, sized to finish
-in about 10 minutes on a 2-core CPU. Precedence: --set KEY=VALUE > CONFIG > built-in defaults;
+in about 7 minutes on a 2-core CPU. Precedence: --set KEY=VALUE > CONFIG > built-in defaults;
 unknown keys and wrong types are errors. A rerun skips the stages whose configuration and inputs are
 unchanged (hashes in RUN_DIR/stages.json) and continues an interrupted stage where it stopped.
 
