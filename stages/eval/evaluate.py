@@ -149,11 +149,9 @@ class EvalConfig:
     @property
     def prompt(self) -> str | None:
         """--system-prompt, else in reasoning mode the prompt `train --reasoning` trained with."""
-        if self.system_prompt is None and self.reasoning:
-            from stages.metrics.reasoning import REASONING_SYSTEM_PROMPT
+        from stages.metrics.reasoning import system_prompt_for
 
-            return REASONING_SYSTEM_PROMPT
-        return self.system_prompt
+        return system_prompt_for(self.system_prompt, self.reasoning)
 
     @property
     def sampling(self) -> SamplingParams:

@@ -18,6 +18,12 @@ REASONING_SYSTEM_PROMPT = (
     "like this: <think> reasoning here </think><answer> final answer here </answer>."
 )
 
+
+def system_prompt_for(system_prompt: str | None, reasoning: bool) -> str | None:
+    """The system turn to use: the one given, else in reasoning mode the one asking for <think>/<answer>."""
+    return REASONING_SYSTEM_PROMPT if system_prompt is None and reasoning else system_prompt
+
+
 # Whole completion: a think block, then an answer block, nothing else but whitespace around and between
 # them. DOTALL: reasoning and answers span lines. (The paper's code matched `^<think>.*?</think><answer>.*?
 # </answer>$` without DOTALL, so a line break anywhere failed the format; this is the intended reading.)

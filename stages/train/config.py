@@ -146,11 +146,9 @@ class TrainConfig:
 
     def resolved_system_prompt(self) -> str | None:
         """--system-prompt, else in reasoning mode the prompt that asks for <think>/<answer>."""
-        if self.system_prompt is None and self.reasoning:
-            from stages.metrics.reasoning import REASONING_SYSTEM_PROMPT
+        from stages.metrics.reasoning import system_prompt_for
 
-            return REASONING_SYSTEM_PROMPT
-        return self.system_prompt
+        return system_prompt_for(self.system_prompt, self.reasoning)
 
     def scorer(self, device: str = "auto") -> Scorer:
         """The reward: every spec, combined by reward_combine; answers extracted in reasoning mode."""
