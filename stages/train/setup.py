@@ -73,12 +73,7 @@ def set_up(
     say: Callable[[str], None],
     overwrite: bool = False,
 ) -> TrainRun:
-    from stages.core.models import resolve_device
-
-    device = resolve_device(config.device)
-    dist = Distributed.from_env(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    device, dist = _placement(config.device)
     digest = records_digest(records)
     checkpoint = None
     if resume:
@@ -133,13 +128,30 @@ def set_up(
         input_digest=digest,
     )
     if run.rollouts.external and config.algo == "grpo":
-        gap = check_same_base_model(model, generator, temperature=config.temperature, where=generator.engine.name)
-        say(f"rollouts from the {generator.engine.name} engine (probe log-prob gap to the trainer {gap:.4f})")
-        run.rollouts.publish(model, first_step)
+        _connect_engine(run, say)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "config.json", _run_record(run, records, digest, report))
     return run
+
+
+def _placement(device_name: str) -> tuple[torch.device, Distributed]:
+    """The device this process trains on: under torchrun each CUDA process takes its local rank's GPU."""
+    from stages.core.models import resolve_device
+
+    device = resolve_device(device_name)
+    dist = Distributed.from_env(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    return device, dist
+
+
+def _connect_engine(run: TrainRun, say: Callable[[str], None]) -> None:
+    """Check that the rollout engine serves the trainer's base model, then give it the current adapter."""
+    engine = run.generator.engine.name
+    gap = check_same_base_model(run.model, run.generator, temperature=run.config.temperature, where=engine)
+    say(f"rollouts from the {engine} engine (probe log-prob gap to the trainer {gap:.4f})")
+    run.rollouts.publish(run.model, run.first_step)
 
 
 def _autocast(model: Any, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[None]]:

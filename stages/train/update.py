@@ -112,15 +112,7 @@ def policy_update(
     for iteration in range(num_iterations):
         totals = [0.0, 0.0, 0.0]  # loss, kl sum, clipped tokens
         for mb in batches:
-            entropy_mask = None
-            with autocast():
-                if loss_config.top_entropy_quantile < 1.0:  # TRL: the quantile of each micro-batch's tokens
-                    logp, entropy = completion_logprobs_and_entropy(model, mb.batch, temperature)
-                    entropy_mask = high_entropy_mask(
-                        entropy, mb.batch.completion_mask, loss_config.top_entropy_quantile
-                    )
-                else:
-                    logp = completion_logprobs(model, mb.batch, temperature)
+            logp, entropy_mask = _policy_logprobs(model, mb.batch, temperature, loss_config, autocast)
             mask = mb.batch.completion_mask
             if iteration == 0:
                 _add_drift(drift, logp.detach(), mb.sampled_logp, mask)
@@ -149,6 +141,22 @@ def policy_update(
     stats.logprob_drift_mean = drift_sum / max(global_tokens, 1)
     stats.logprob_drift_max = dist.max(drift[1], device)
     return stats
+
+
+def _policy_logprobs(
+    model: Any,
+    batch: PackedBatch,
+    temperature: float,
+    loss_config: LossConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager[None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's completion log-probs, and the high-entropy token mask when the loss trains on those only."""
+    with autocast():
+        if loss_config.top_entropy_quantile >= 1.0:
+            return completion_logprobs(model, batch, temperature), None
+        logp, entropy = completion_logprobs_and_entropy(model, batch, temperature)
+    # TRL takes the quantile over each micro-batch's own tokens.
+    return logp, high_entropy_mask(entropy, batch.completion_mask, loss_config.top_entropy_quantile)
 
 
 def _add_drift(drift: list[float], trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
