@@ -35,28 +35,27 @@ and peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+# Siblings in bench/, which is sys.path[0] when this file runs as a script.
+from gpu_generation import SHAPES
+from vllm_server import TreeRssPoller, VllmServer, start_server, stop_server
+
 BENCH = Path(__file__).resolve().parent
 PROMPTS_PER_STEP = 2  # bench/train_bench.py's run_trl reads 2 prompts per step from the pool
-SERVER_START_DEADLINE = 600.0
 LORA_RANK = 16
 
 
@@ -108,128 +107,6 @@ def _train_bench() -> Any:
     import train_bench
 
     return train_bench
-
-
-# --- the vLLM server (started by this script, killed at exit) -------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
-def server_command(model: str, port: int, max_lora_rank: int = LORA_RANK) -> list[str]:
-    """The vLLM 0.32 OpenAI server as the project notes found it works with bleuberi (see stages/engines/server.py)."""
-    import torch
-
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", "smol", "--dtype", "float32", "--max-model-len", "2048",
-               "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--logprobs-mode", "processed_logprobs",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    if not torch.cuda.is_available():
-        command.append("--no-enable-chunked-prefill")  # seeded requests kill the CPU engine otherwise
-    return command
-
-
-@dataclass
-class VllmServer:
-    process: subprocess.Popen
-    url: str
-    log: Path
-    start_seconds: float
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
-_SERVERS: list[subprocess.Popen] = []
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """Stop a server and its engine processes (its own process group)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    if process in _SERVERS:
-        _SERVERS.remove(process)
-
-
-def _stop_all_servers() -> None:
-    for process in list(_SERVERS):
-        stop_server(process)
-
-
-atexit.register(_stop_all_servers)
-
-
-def start_server(model: str, log: Path, deadline: float = SERVER_START_DEADLINE) -> VllmServer:
-    """Start a vLLM OpenAI server on a free port and wait until /v1/models answers."""
-    port = _free_port()
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    start = time.monotonic()
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            server_command(model, port), stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    _SERVERS.append(process)
-    url = f"http://127.0.0.1:{port}/v1"
-    while not _answers(url + "/models"):
-        if process.poll() is not None or time.monotonic() - start > deadline:
-            stop_server(process)
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the vLLM server did not come up (exit {process.poll()}); log {log}:\n{tail}")
-        time.sleep(1)
-    return VllmServer(process, url, log, time.monotonic() - start)
-
-
-class TreeRssPoller:
-    """The largest summed RSS of a process and its descendants, polled in a thread (psutil)."""
-
-    def __init__(self, pid: int, every: float = 0.5) -> None:
-        self.pid, self.every, self.peak_mb = pid, every, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            import psutil
-        except ImportError:
-            return
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                total = 0
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        total += proc.memory_info().rss
-                self.peak_mb = max(self.peak_mb, total / 2**20)
-            except psutil.Error:
-                return
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> TreeRssPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --- child measurements ---------------------------------------------------------------------------------
@@ -372,7 +249,7 @@ class Bench:
     def server_url(self) -> tuple[str, int]:
         if self.server is None or not self.server.alive():
             log = self.logs / f"server-{self.server_starts}.log"
-            self.server = start_server(self.model, log)
+            self.server = start_server(self.model, log, max_lora_rank=LORA_RANK)
             self.server_starts += 1
             say(f"  vLLM server up after {self.server.start_seconds:.1f} s ({self.server.url}, log {log})")
         return self.server.url, self.server.process.pid
@@ -587,115 +464,6 @@ def cpu_main(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(payload, indent=1))
 
 
-# --- GPU: the transformers engine on a random model built from a config -----------------------------------
-
-SHAPES: dict[str, dict[str, int]] = {
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-}  # fmt: skip
-
-
-def random_model_generation(
-    device: str, shape: str, prompts: int, samples: int, tokens: int, prompt_length: int, batch_size: int
-) -> dict[str, Any]:
-    """Tokens/s of the transformers engine on a random-weight model of `shape` (bf16; no download)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from stages.engines.base import SamplingParams, derive_seed
-    from stages.engines.transformers_engine import TransformersEngine
-
-    cuda = device.startswith("cuda")
-    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=False, max_position_embeddings=32768)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.eval()
-    weights_gb = None
-    if cuda:
-        torch.cuda.synchronize()
-        weights_gb = torch.cuda.memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-    build_seconds = time.perf_counter() - t0
-    vocab = config.vocab_size
-    stop = vocab - 1  # random weights: an end token is as likely as any other (~1 in 150k per step)
-    engine = TransformersEngine(model, stop_ids={stop}, pad_id=0)
-    rng = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab - 1, (prompts, prompt_length), generator=rng).tolist()
-    params = SamplingParams(tokens, 0.9)
-    engine.sample(ids[:1], [[1, 2]], SamplingParams(4, 0.9))  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    produced = 0
-    for start in range(0, prompts, batch_size):
-        chunk = ids[start : start + batch_size]
-        seeds = [[derive_seed(42, start + i, k) for k in range(samples)] for i in range(len(chunk))]
-        produced += sum(len(s.token_ids) for group in engine.sample(chunk, seeds, params) for s in group)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t1
-    out: dict[str, Any] = {
-        "shape": shape,
-        "device_name": device,
-        "weights_gb": None,
-        "peak_allocated_gb": None,
-        "peak_reserved_gb": None,
-        "parameters_b": sum(p.numel() for p in model.parameters()) / 1e9,
-        "build_seconds": build_seconds,
-        "seconds": seconds,
-        "tokens": produced,
-        "tokens_per_second": produced / seconds,
-    }
-    if cuda:
-        out.update(
-            device_name=torch.cuda.get_device_name(),
-            weights_gb=weights_gb,
-            peak_allocated_gb=torch.cuda.max_memory_allocated() / 2**30,
-            peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30,
-        )
-    return out
-
-
-def cuda_main(args: argparse.Namespace) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit(
-            f"--device cuda needs a CUDA GPU, and torch {torch.__version__} sees none here "
-            f"(built for CUDA: {torch.version.cuda or 'no, a CPU build'}). Run it on a GPU machine with a CUDA "
-            "build of torch; without --device the CPU engine comparison runs."
-        )
-    random_model_report(args, "cuda")
-
-
-def random_model_report(args: argparse.Namespace, device: str) -> None:
-    sizes = Sizes()
-    prompts, samples, tokens = args.prompts or sizes.prompts, args.samples or sizes.samples, args.tokens or sizes.tokens
-    say(f"start {time.strftime('%Y-%m-%d %H:%M:%S')}: {load_average()}")
-    r = random_model_generation(device, args.shape, prompts, samples, tokens, args.prompt_length, args.tf_batch_size)
-    say(
-        f"transformers engine, random {args.shape} ({r['parameters_b']:.2f} B parameters, bf16) on "
-        f"{r['device_name']}: {prompts} prompts of {args.prompt_length} random tokens x {samples} samples x "
-        f"<= {tokens} new tokens, temperature 0.9, {args.tf_batch_size} prompts a batch"
-    )
-    say("| model | batch (rows) | sampling s | tokens | tokens/s | weights GB | peak allocated GB | peak reserved GB |")
-    say("|---|---|---|---|---|---|---|---|")
-    gb = [f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("weights_gb", "peak_allocated_gb", "peak_reserved_gb")]
-    say(
-        f"| {args.shape} random | {args.tf_batch_size} ({args.tf_batch_size * samples}) | {r['seconds']:.1f} | "
-        f"{r['tokens']:,} | {r['tokens_per_second']:.1f} | {' | '.join(gb)} |"
-    )
-    say(f"end {time.strftime('%Y-%m-%d %H:%M:%S')}: {load_average()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every measurement")
@@ -725,7 +493,10 @@ def main() -> None:
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # atexit stops the server
     if args.device == "cuda":
-        cuda_main(args)
+        from gpu_generation import cuda_main
+
+        sizes = Sizes()
+        cuda_main(args, args.prompts or sizes.prompts, args.samples or sizes.samples, args.tokens or sizes.tokens)
     else:
         cpu_main(args)
 
