@@ -106,6 +106,7 @@ def test_a_gain_that_is_only_length_is_called_length(tmp_path) -> None:
     assert gain_status(systems["short"], "bleu") == "length"
     line = verdict(result.summary, "short", "bleu")
     assert "a change of length, not learning" in line and "sign test p=0.031" in line  # 6-0: 2 / 64
+    assert line.endswith("(significantly more wins)")
 
 
 def test_a_gain_beyond_length_survives(tmp_path) -> None:
@@ -137,6 +138,21 @@ def test_a_gain_beyond_length_survives(tmp_path) -> None:
     )
     summary = evaluate([dict(r) for r in HELDOUT], flipped).summary
     assert gain_status(summary["systems"]["base"], "bleu") == "loss"
+    assert verdict(summary, "base", "bleu").endswith("sign test p=0.031 (significantly more losses)")  # 0-6
+
+
+def test_the_verdict_names_the_sign_test_direction_only_when_significant() -> None:
+    # a mean gain from a few large wins while most prompts get worse: the line must say so
+    def summary(win: float, loss: float, sign_p: float) -> dict:
+        comparison = {"win": win, "tie": 1 - win - loss, "loss": loss, "sign_p": sign_p,
+                      "difference": {"mean": 0.02, "ci95": [-0.001, 0.04], "n": 175}}  # fmt: skip
+        return {"systems": {"sft": {"vs_base": {"bleu": comparison}}}}
+
+    worse = verdict(summary(0.32, 0.53, 0.0031), "sft", "bleu")
+    assert worse.startswith("no significant gain in bleu: +0.020 [-0.001, 0.040]")
+    assert worse.endswith("wins 32% / losses 53%, sign test p=0.0031 (significantly more losses)")
+    assert verdict(summary(0.45, 0.29, 0.21), "sft", "bleu").endswith("sign test p=0.21")
+    assert verdict(summary(0.45, 0.29, 0.05), "sft", "bleu").endswith("sign test p=0.05")  # not below the level
 
 
 def statistics_mean(values: list[float]) -> float:

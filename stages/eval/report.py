@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.files import atomic_path
-from stages.eval.stats import excludes_zero
+from stages.eval.stats import SIGNIFICANCE, excludes_zero
 
 Table = tuple[str, list[str], list[list[str]]]  # title, headers, rows
 
@@ -126,9 +126,20 @@ def verdict(summary: dict[str, Any], system: str, metric: str) -> str:
         "no gain": f"no significant gain in {metric}: {difference} over {against} (the interval includes 0)",
         "loss": f"{metric} got worse: {difference} against {against}",
     }[status]
+    return f"{head}; wins {_share(comparison['win'])} / losses {_share(comparison['loss'])}{_sign_clause(comparison)}"
+
+
+def _sign_clause(comparison: dict[str, Any]) -> str:
+    """The sign test's p-value, and which way it points when it is significant: the mean can rise on a few
+    large wins while most prompts get worse, and a reader of one line should not miss that."""
     p = comparison.get("sign_p")
-    sign = "" if p is None else f", sign test p={p:.2g}"
-    return f"{head}; wins {_share(comparison['win'])} / losses {_share(comparison['loss'])}{sign}"
+    if p is None:
+        return ""
+    clause = f", sign test p={p:.2g}"
+    if p < SIGNIFICANCE:
+        more = "wins" if comparison["win"] > comparison["loss"] else "losses"
+        clause += f" (significantly more {more})"
+    return clause
 
 
 def _win_cell(rates: dict[str, Any]) -> str:

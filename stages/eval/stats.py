@@ -65,6 +65,9 @@ def excludes_zero(entry: dict[str, object]) -> bool:
     return isinstance(interval, list) and interval[0] > 0
 
 
+SIGNIFICANCE = 0.05  # the level the verdicts use, matching the 95% intervals
+
+
 def sign_test(wins: int, losses: int) -> float | None:
     """Two-sided exact sign test: how likely so lopsided a split of the untied prompts is if neither
     system were better (each untied prompt a fair coin). Ties are left out, as the test prescribes."""
