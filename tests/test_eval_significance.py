@@ -192,3 +192,13 @@ def test_reasoning_mode_scores_the_answer_and_the_format(tmp_path) -> None:
     without = evaluate([dict(r) for r in HELDOUT], EvalConfig(model=None, answers=specs, metrics=["bleu"]))
     assert without.summary["systems"]["think"]["metrics"]["bleu"]["mean"] < 1.0  # the tags count against it
     assert EvalConfig(model=None, answers=specs, reasoning=True).prompt.startswith("You are a helpful assistant")
+
+
+def test_a_bound_that_rounds_to_zero_keeps_its_sign() -> None:
+    # "+0.010 [0.000, 0.022]" reads as touching zero; the interval excludes it, so the line must show that
+    comparison = {"win": 0.5, "tie": 0.1, "loss": 0.4, "sign_p": 0.5,
+                  "difference": {"mean": 0.010, "ci95": [0.0003, 0.022], "n": 175}}  # fmt: skip
+    summary = {"systems": {"s": {"vs_base": {"bleu": comparison}}}}
+    assert verdict(summary, "s", "bleu").startswith("gain in bleu +0.010 [0.0003, 0.022] over base (no length control)")
+    comparison["difference"] = {"mean": -0.0002, "ci95": [-0.010, 0.008], "n": 175}
+    assert "-0.0002 [-0.010, 0.008]" in verdict(summary, "s", "bleu")

@@ -85,7 +85,18 @@ def _signed(entry: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str
     if entry.get("mean") is None:
         return "-"
     low, high = entry["ci95"]
-    return f"{scale * entry['mean']:+.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+    mean, low_text, high_text = (_fixed(scale * value, digits) for value in (entry["mean"], low, high))
+    return f"{'' if mean.startswith('-') else '+'}{mean} [{low_text}, {high_text}]"
+
+
+def _fixed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, with up to three more when those would show a nonzero value as 0: an
+    interval bound of 0.0003 printed "0.000" would read as touching zero when it does not."""
+    for extra in range(4):
+        text = f"{value:.{digits + extra}f}"
+        if value == 0 or float(text) != 0:
+            return text
+    return text
 
 
 def _control_cell(entry: dict[str, Any], metric: str) -> str:
