@@ -238,3 +238,37 @@ def test_rm_url_failure_in_score_command_is_one_line_exit_1(runner, server, tmp_
     assert result.exit_code == 1
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "not JSON" in result.stderr
+
+
+def _hub_cache_with(folder: Path, cache: Path, repo_id: str) -> None:
+    """`folder` laid out as the Hugging Face hub cache stores `repo_id` at one revision (files, not symlinks)."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+
+
+def test_rm_by_hub_id_from_the_local_cache_offline(tiny_rm, tmp_path) -> None:
+    # `rm:ORG/NAME` is found in the hub cache without a network; env vars are read at import: a fresh process
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    _hub_cache_with(tiny_rm, cache, "acme/tiny-rm")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    rows = [{"id": "q0", "prompt": "Name a planet.", "references": ["unused"], "completions": ["Mars."]}]
+    command = [sys.executable, "-m", "bleuberi_cli", "score", "-m", "rm:acme/tiny-rm", "--device", "cpu", "-q"]
+    done = subprocess.run(command, input=json.dumps(rows[0]) + "\n", capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    [row] = read_jsonl_text(done.stdout)
+    expected = alone(tiny_rm, [{"role": "user", "content": "Name a planet."}], "Mars.")
+    assert row["scores"]["rm:acme/tiny-rm"] == pytest.approx([expected], abs=1e-5)
+    # a hub id the cache does not hold: one line naming it, exit 1, nothing on stdout
+    missing = [*command[:5], "rm:acme/other-rm", *command[6:]]
+    failed = subprocess.run(missing, input=json.dumps(rows[0]) + "\n", capture_output=True, text=True, env=env)
+    assert failed.returncode != 0 and failed.stdout == ""
+    assert "acme/other-rm" in failed.stderr and "Traceback" not in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
