@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import orjson
@@ -47,3 +48,10 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
 def demo_records(name: str = "heldout", count: int | None = None) -> list[dict]:
     rows = [orjson.loads(line) for line in (EXAMPLES / "data" / f"{name}.jsonl").read_bytes().splitlines()]
     return rows[:count] if count else rows
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a stand-in or a real server started by a test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

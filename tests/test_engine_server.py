@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from stages.core.errors import ConfigError
 from stages.core.http import JsonClient, ServerError, origin, request_json
 from stages.engines.base import AdapterRef, SamplingParams
 from stages.engines.server import ServerEngine
+from tests.conftest import free_port
 from tests.openai_standin import EOS, Standin
 
 PROMPTS = [[1, 17, 23, 99], [1, 5, 6, 7, 8, 9]]
@@ -43,12 +43,6 @@ def make_adapter(folder: Path, rank: int) -> Path:
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- the HTTP client ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from stages.engines.base import AdapterRef, SamplingParams
-from tests.conftest import demo_records
+from tests.conftest import demo_records, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,12 +41,6 @@ def _on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(url: str) -> bool:
@@ -118,7 +111,7 @@ def _server_command(model_dir: str, port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server_url(model_dir, tmp_path_factory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -259,16 +259,19 @@ def test_rm_by_hub_id_from_the_local_cache_offline(tiny_rm, tmp_path) -> None:
     cache = tmp_path / "hub"
     _hub_cache_with(tiny_rm, cache, "acme/tiny-rm")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    rows = [{"id": "q0", "prompt": "Name a planet.", "references": ["unused"], "completions": ["Mars."]}]
-    command = [sys.executable, "-m", "bleuberi_cli", "score", "-m", "rm:acme/tiny-rm", "--device", "cpu", "-q"]
-    done = subprocess.run(command, input=json.dumps(rows[0]) + "\n", capture_output=True, text=True, env=env)
+    row_in = {"id": "q0", "prompt": "Name a planet.", "references": ["unused"], "completions": ["Mars."]}
+
+    def score(spec: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "bleuberi_cli", "score", "-m", spec, "--device", "cpu", "-q"]
+        return subprocess.run(command, input=json.dumps(row_in) + "\n", capture_output=True, text=True, env=env)
+
+    done = score("rm:acme/tiny-rm")
     assert done.returncode == 0, done.stderr
     [row] = read_jsonl_text(done.stdout)
     expected = alone(tiny_rm, [{"role": "user", "content": "Name a planet."}], "Mars.")
     assert row["scores"]["rm:acme/tiny-rm"] == pytest.approx([expected], abs=1e-5)
     # a hub id the cache does not hold: one line naming it, exit 1, nothing on stdout
-    missing = [*command[:5], "rm:acme/other-rm", *command[6:]]
-    failed = subprocess.run(missing, input=json.dumps(rows[0]) + "\n", capture_output=True, text=True, env=env)
+    failed = score("rm:acme/other-rm")
     assert failed.returncode != 0 and failed.stdout == ""
     assert "acme/other-rm" in failed.stderr and "Traceback" not in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
