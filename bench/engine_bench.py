@@ -114,8 +114,8 @@ def _train_bench() -> Any:
 
 def child_generate(params: dict[str, Any]) -> dict[str, Any]:
     """Tokens/s of one engine: load it, warm it up, then sample every prompt `samples` times."""
-    from stages.engines.base import SamplingParams
-    from stages.engines.generator import EngineOptions, Generator
+    from stages.engines.base import EngineOptions, SamplingParams
+    from stages.engines.generator import Generator
 
     backend = params["backend"]
     records = _train_bench().load_records(params["prompts"])
@@ -160,6 +160,7 @@ def child_generate(params: dict[str, Any]) -> dict[str, Any]:
 
 def child_grpo(params: dict[str, Any]) -> dict[str, Any]:
     """bleuberi's GRPO trainer with rollouts from one engine: 1 warm-up step, then `steps` timed steps."""
+    from stages.engines.base import EngineOptions
     from stages.train.config import TrainConfig
     from stages.train.loop import train
 
@@ -177,9 +178,7 @@ def child_grpo(params: dict[str, Any]) -> dict[str, Any]:
         temperature=0.9,
         save_steps=10_000,
         device="cpu",
-        backend=params["backend"],
-        server_url=params.get("server_url"),
-        concurrency=params["concurrency"],
+        engine=EngineOptions(params["backend"], params.get("server_url"), concurrency=params["concurrency"]),
         async_rollouts=params["async_rollouts"],
     )
     records = _train_bench().load_records(PROMPTS_PER_STEP * (steps + 1))

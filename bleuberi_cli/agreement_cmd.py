@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bleuberi_cli.common import emit_results, report_reading, say
+
+if TYPE_CHECKING:
+    from stages.eval.config import EvalConfig
 
 
 def agreement(
-    input: str | None,
-    output: str | None,
-    metrics: list[str],
-    *,
-    seed: int,
-    resamples: int,
-    report: str | None,
-    skip_invalid: bool,
-    quiet: bool,
+    input: str | None, output: str | None, config: EvalConfig, *, report: str | None, skip_invalid: bool, quiet: bool
 ) -> None:
-    """Score every preference pair with every metric and the baselines; write the pairs and the table."""
+    """Score every preference pair with every metric (config.metrics) and the baselines; write the pairs
+    and the table."""
     from stages.eval.agreement import PairStats, measure_agreement, read_pairs
     from stages.eval.report import agreement_tables
 
     stats = PairStats()
     pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=stats))
-    result = measure_agreement(pairs, metrics, seed=seed, resamples=resamples, dropped_both_bad=stats.dropped_both_bad)
+    result = measure_agreement(
+        pairs, config.metrics, seed=config.seed, resamples=config.resamples, dropped_both_bad=stats.dropped_both_bad
+    )
     report_reading(stats, quiet=quiet)
     if not pairs:
         say("no pairs: nothing to measure", quiet=quiet)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli import env_cmd, eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, train_cmd
-from bleuberi_cli.common import State
+from bleuberi_cli.common import PanelledCommand, State
 
 app = typer.Typer(
     name="bleuberi",
@@ -44,13 +44,16 @@ def _root(
     State.verbose = verbose
 
 
-app.command("generate", help=generate_cmd.HELP)(generate_cmd.generate)
-app.command("score", help=score_cmd.HELP)(score_cmd.score)
-app.command("select", help=select_cmd.HELP)(select_cmd.select)
-app.command("train", help=train_cmd.HELP)(train_cmd.train)
-app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_command)
-app.command("run", help=run_cmd.HELP)(run_cmd.run_command)
-app.command("env", help=env_cmd.HELP)(env_cmd.env_command)
+for name, module, command in (
+    ("generate", generate_cmd, generate_cmd.generate),
+    ("score", score_cmd, score_cmd.score),
+    ("select", select_cmd, select_cmd.select),
+    ("train", train_cmd, train_cmd.train),
+    ("eval", eval_cmd, eval_cmd.eval_command),
+    ("run", run_cmd, run_cmd.run_command),
+    ("env", env_cmd, env_cmd.env_command),
+):
+    app.command(name, help=module.HELP, cls=PanelledCommand)(command)
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
+import click
 import typer
+import typer.core
 from rich.console import Console
 
 from stages.core.errors import BleuberiError, Interrupted, OutputClosed
@@ -22,6 +24,28 @@ console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sy
 
 class State:
     verbose = False
+
+
+class PanelledCommand(typer.core.TyperCommand):
+    """Plain-text help with the options grouped under their panels (a config field's `panel`), the
+    ungrouped ones first under "Options"."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        arguments: list[tuple[str, str]] = []
+        panels: dict[str, list[tuple[str, str]]] = {"Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        sections = ([("Arguments", arguments)] if arguments else []) + list(panels.items())
+        for title, rows in sections:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
 
 
 InputOpt = Annotated[

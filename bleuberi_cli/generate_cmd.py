@@ -6,34 +6,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bleuberi_cli.common import (
-    InputOpt,
-    OutputOpt,
-    QuietOpt,
-    SeedOpt,
-    SkipInvalidOpt,
-    boundary,
-    progress,
-    read_all_records,
-    say,
-)
-from bleuberi_cli.model_options import (
-    ApiKeyEnvOpt,
-    BackendOpt,
-    ChatOnlyOpt,
-    ConcurrencyOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    ServerModelOpt,
-    ServerUrlOpt,
-    SystemPromptOpt,
-    TrustRemoteCodeOpt,
-)
-from stages.core.models import DEFAULT_MODEL
+from bleuberi_cli.common import InputOpt, OutputOpt, QuietOpt, SkipInvalidOpt, boundary, progress, read_all_records, say
+from bleuberi_cli.config_options import with_config_options
 from stages.core.records import NORMALISATION_HELP
+from stages.generate import GenerateConfig
 
 if TYPE_CHECKING:
+    from stages.engines.generator import Generator
     from stages.generate import GenerateStats
 
 HELP = f"""Sample completions from a causal LM for each record's prompt.
@@ -57,56 +36,11 @@ Examples:
 """
 
 
+@with_config_options(GenerateConfig)
 def generate(
+    config: GenerateConfig,
     input: InputOpt = None,
     output: OutputOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    adapter: Annotated[
-        str | None,
-        typer.Option("--adapter", metavar="PATH", help="A PEFT LoRA folder (e.g. train's adapter/); merged for speed."),
-    ] = None,
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", metavar="N", help="Completions per prompt.")] = 1,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", metavar="N", help="Stop a completion after this many tokens.")
-    ] = 256,
-    temperature: Annotated[
-        float, typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 = greedy.")
-    ] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", metavar="P", help="Nucleus sampling mass, in (0, 1].")] = 1.0,
-    seed: SeedOpt = 42,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", metavar="N", help="Prompts per batch (each with n samples).")
-    ] = 8,
-    max_batch_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-batch-tokens",
-            metavar="N",
-            help="Also cap rows x (longest prompt + max new tokens) per batch, to bound memory.",
-        ),
-    ] = None,
-    max_prompt_length: Annotated[
-        int | None,
-        typer.Option("--max-prompt-length", metavar="N", help="Cut longer prompts from the left (counted)."),
-    ] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    system_prompt: SystemPromptOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    backend: BackendOpt = "transformers",
-    server_url: ServerUrlOpt = None,
-    server_model: ServerModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 8,
-    server_chat_only: ChatOnlyOpt = False,
-    as_references: Annotated[
-        bool,
-        typer.Option(
-            "--as-references",
-            help="Append the generated texts to each record's `references` (deduplicated; `reference_sources` "
-            "says which came from which model) instead of adding `completions`. Records may lack references.",
-        ),
-    ] = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -118,46 +52,33 @@ def generate(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.engines.generator import EngineOptions, Generator
-        from stages.generate import check_params, generate_file
-
-        params = check_params(num_samples, max_new_tokens, temperature, top_p)
-        engine = EngineOptions(backend, server_url, server_model, api_key_env, concurrency, server_chat_only)
+        from stages.generate import generate_file
 
         def load() -> Generator:
-            say(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""), quiet=quiet)
-            return Generator.load(
-                model,
-                adapter=adapter,
-                device=device,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                system_prompt=system_prompt,
-                max_prompt_length=max_prompt_length,
-                engine=engine,
-            )
+            say(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
+            return config.load()
 
         records = read_all_records(
-            input, skip_invalid=skip_invalid, quiet=quiet, purpose="generate", references_optional=as_references
+            input, skip_invalid=skip_invalid, quiet=quiet, purpose="generate", references_optional=config.as_references
         )
         with progress("generating", quiet=quiet, unit="prompts") as advance:
             stats = generate_file(
                 records,
                 output,
                 load,
-                params,
-                n=num_samples,
-                seed=seed,
-                batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens,
+                config.sampling,
+                n=config.num_samples,
+                seed=config.seed,
+                batch_size=config.batch_size,
+                max_batch_tokens=config.max_batch_tokens,
                 resume=resume,
-                as_references=as_references,
+                as_references=config.as_references,
                 on_message=lambda m: say(m, quiet=quiet),
                 on_record=lambda: advance(1),
             )
         if records and not stats.records:
             say(f"nothing to generate: every record is already in {output}", quiet=quiet)
-        _report(stats, output, max_prompt_length, quiet=quiet)
+        _report(stats, output, config.max_prompt_length, quiet=quiet)
 
 
 def _report(stats: GenerateStats, output: str | None, max_prompt_length: int | None, *, quiet: bool) -> None:

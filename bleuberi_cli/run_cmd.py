@@ -55,11 +55,10 @@ def run_command(
 ) -> None:
     with boundary():
         from stages.run.config import load_config, to_toml
-        from stages.train.config import TRAIN_HELP
 
         resolved = load_config(config, set_ or [])
         if print_config:
-            sys.stdout.write(to_toml(resolved, TRAIN_HELP))
+            sys.stdout.write(to_toml(resolved))
             return
         from stages.core.jsonl import JsonlWriter
         from stages.eval.report import eval_tables, print_tables

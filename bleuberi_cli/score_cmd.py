@@ -18,12 +18,14 @@ from bleuberi_cli.common import (
     report_reading,
     say,
 )
-from bleuberi_cli.model_options import DeviceOpt
+from bleuberi_cli.config_options import option_type
 from stages.core.jsonl import JsonlWriter
 from stages.core.records import NORMALISATION_HELP, ReadStats, read_records
+from stages.generate import GenerateConfig
 from stages.metrics import METRICS, SPEC_HELP
 from stages.score import Aggregate, Combine, Scorer, score_records
 
+DeviceOpt = option_type(GenerateConfig, "device")
 METRIC_LIST = "\n".join(f"  {name:<14} {cls.description}" for name, cls in METRICS.items())
 
 HELP = f"""Score each record's `completions` against its `references` (all references at once).

@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from stages.core.errors import UsageError
 from stages.core.jsonl import JsonlWriter, prepare_resume
-from stages.engines.base import Sample, SamplingParams
+from stages.core.options import (
+    device_option,
+    dtype_option,
+    model_option,
+    option,
+    seed_option,
+    system_prompt_option,
+    trust_remote_code_option,
+)
+from stages.engines.base import EngineOptions, Sample, SamplingParams
 from stages.engines.generator import Generator
 
 
@@ -199,7 +208,66 @@ def check_params(n: int, max_new_tokens: int, temperature: float, top_p: float) 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
 
+SAMPLING = "Sampling"
+
+
+@dataclass
+class GenerateConfig:
+    """Every option of `generate` (declared once, here: stages/core/options.py)."""
+
+    model: str = model_option()
+    adapter: str | None = option(
+        None, "a PEFT LoRA folder (e.g. train's adapter/); merged for speed", metavar="PATH", panel="Model"
+    )
+    num_samples: int = option(1, "completions per prompt", metavar="N", flags=("-n", "--num-samples"), panel=SAMPLING)
+    max_new_tokens: int = option(256, "stop a completion after this many tokens", metavar="N", panel=SAMPLING)
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", metavar="T", panel=SAMPLING)
+    top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", metavar="P", panel=SAMPLING)
+    seed: int = seed_option()
+    batch_size: int = option(8, "prompts per batch (each with n samples)", metavar="N", panel=SAMPLING)
+    max_batch_tokens: int | None = option(
+        None,
+        "also cap rows x (longest prompt + max new tokens) per batch, to bound memory",
+        metavar="N",
+        panel=SAMPLING,
+    )
+    max_prompt_length: int | None = option(
+        None, "cut longer prompts from the left (counted)", metavar="N", panel=SAMPLING
+    )
+    device: str = device_option()
+    dtype: str = dtype_option()
+    system_prompt: str | None = system_prompt_option()
+    trust_remote_code: bool = trust_remote_code_option()
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    as_references: bool = option(
+        False,
+        "append the generated texts to each record's `references` (deduplicated; `reference_sources` says which "
+        "came from which model) instead of adding `completions`. Records may lack references",
+    )
+
+    def __post_init__(self) -> None:
+        self.sampling  # noqa: B018 - bad sampling settings fail before any record is read
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return check_params(self.num_samples, self.max_new_tokens, self.temperature, self.top_p)
+
+    def load(self) -> Generator:
+        """The model (with its adapter) in the engine the config names."""
+        return Generator.load(
+            self.model,
+            adapter=self.adapter,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            system_prompt=self.system_prompt,
+            max_prompt_length=self.max_prompt_length,
+            engine=self.engine,
+        )
+
+
 __all__ = [
+    "GenerateConfig",
     "GenerateStats",
     "Generator",
     "SamplingParams",

@@ -98,7 +98,7 @@ def test_eval_of_served_systems_alone_generates_nothing_here(runner, tiny_model,
         raise AssertionError("a local model was loaded to answer")
 
     monkeypatch.setattr(TransformersEngine, "__init__", refuse)
-    monkeypatch.setattr("bleuberi_cli.eval_cmd.DEFAULT_MODEL", str(tiny_model))  # its tokenizer builds the prompts
+    monkeypatch.setattr("stages.eval.config.DEFAULT_MODEL", str(tiny_model))  # its tokenizer builds the prompts
     path = write_jsonl(tmp_path / "in.jsonl", demo_records(count=3))
     argv = ["eval", "-i", str(path), "--max-new-tokens", "5", "--bootstrap-resamples", "20", "-q"]
     served = ["--served", f"a={server.url}", "--served", f"b={server.url}"]

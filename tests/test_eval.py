@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from bleuberi_cli.app import app
 from stages.core.errors import UsageError
-from stages.eval.evaluate import EvalConfig, evaluate, parse_systems
+from stages.eval.config import EvalConfig, parse_systems
+from stages.eval.evaluate import evaluate
 from stages.eval.stats import WinRate, bootstrap_ci, mean_with_ci
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
 
@@ -71,7 +72,7 @@ def test_win_rate_counts_ties_as_half() -> None:
 
 
 def test_summary_by_hand() -> None:
-    from stages.eval.evaluate import System
+    from stages.eval.config import System
     from stages.eval.summary import summarise
 
     def answer(score: float, tokens: int, reason: str = "stop") -> dict:

@@ -10,7 +10,8 @@ import pytest
 import sacrebleu
 
 from bleuberi_cli.app import app
-from stages.eval.evaluate import EvalConfig, evaluate
+from stages.eval.config import EvalConfig
+from stages.eval.evaluate import evaluate
 from stages.eval.length_control import TokenCutter, WordCutter, cut_answers
 from stages.eval.report import eval_tables, gain_status, verdict
 from stages.eval.stats import bootstrap_ci, excludes_zero, paired_difference, sign_test

@@ -352,7 +352,8 @@ from stages.engines.base import Sample
 from stages.engines.generator import Generator
 from stages.score import Scorer
 from stages.train.distributed import Distributed
-from stages.train.rollout import TrainPrompt, score_rollout
+from stages.train.data import TrainPrompt
+from stages.train.grpo import score_rollout
 
 model_dir, out_dir, reference = sys.argv[1], sys.argv[2], sys.argv[3]
 groups = json.loads(sys.argv[4])
@@ -486,8 +487,9 @@ def test_skip_zero_std_and_mask_truncated(tiny_generator, skip_zero_std) -> None
     """Real rewards (BLEU on decoded samples) through score_rollout, then the loss batch."""
     from stages.engines.base import Sample
     from stages.score import Scorer
+    from stages.train.data import TrainPrompt
     from stages.train.distributed import Distributed
-    from stages.train.rollout import TrainPrompt, score_rollout
+    from stages.train.grpo import score_rollout
     from stages.train.update import micro_batches
 
     tokenizer, eos = tiny_generator.tokenizer, tiny_generator.tokenizer.eos_token_id

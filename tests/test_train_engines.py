@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages.core.errors import ModelError, UsageError
-from stages.engines.base import AdapterRef, Sample, SamplingParams
+from stages.engines.base import ENGINES, AdapterRef, EngineOptions, EngineSpec, EngineTarget, Sample, SamplingParams
 from stages.engines.transformers_engine import sample
 from stages.train.config import TrainConfig
 from stages.train.loop import train
@@ -25,7 +25,9 @@ from tests.conftest import demo_records
 class FileSyncedEngine:
     """A separate model that samples with whatever adapter folder it was last pointed at."""
 
-    name = "vllm"  # stands in for an engine of its own
+    name = "file-synced"
+    samples_with_live_policy = False  # an engine of its own: it holds the base model, gets adapters
+    text_only = False
 
     def __init__(self, model_path: str, stop_ids: set[int]) -> None:
         from transformers import AutoModelForCausalLM
@@ -53,8 +55,16 @@ class FileSyncedEngine:
         self.loaded.append(adapter.name)
         self.adapter = adapter
 
+    def sample_messages(self, turns, seeds, sampling):
+        raise AssertionError("training never sends chat turns")
+
     def close(self) -> None:
         pass
+
+
+def register(monkeypatch, start) -> None:
+    """Add an engine to the registry, as a new engine module would: one entry."""
+    monkeypatch.setitem(ENGINES, FileSyncedEngine.name, EngineSpec(start, samples_with_live_policy=False))
 
 
 @pytest.fixture
@@ -62,12 +72,17 @@ def engines(monkeypatch, tiny_model) -> list[FileSyncedEngine]:
     """Every engine the trainer asks for is a FileSyncedEngine on the tiny model."""
     made: list[FileSyncedEngine] = []
 
-    def make_engine(options, *, model_path, stop_ids, **_settings):
-        made.append(FileSyncedEngine(model_path, stop_ids))
+    def start(options: EngineOptions, target: EngineTarget) -> FileSyncedEngine:
+        made.append(FileSyncedEngine(target.model.path, target.stop_ids))
         return made[-1]
 
-    monkeypatch.setattr("stages.engines.generator.make_engine", make_engine)
+    register(monkeypatch, start)
     return made
+
+
+def own_engine() -> EngineOptions:
+    """Options naming the FileSyncedEngine (valid once it is registered)."""
+    return EngineOptions(FileSyncedEngine.name)
 
 
 def config(model: Path, **overrides) -> TrainConfig:
@@ -91,7 +106,7 @@ def adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_each_step_samples_with_the_adapter_of_the_step_before(engines, tiny_model, tmp_path) -> None:
     records = demo_records("pool", 4)
-    result = train(records, config(tiny_model, backend="vllm"), tmp_path / "engine")
+    result = train(records, config(tiny_model, engine=own_engine()), tmp_path / "engine")
     [engine] = engines
     # The probe (base model, no adapter), then steps 1..3 with the adapters after steps 0, 1, 2.
     assert engine.calls == [None, 0, 1, 2]
@@ -106,7 +121,7 @@ def test_each_step_samples_with_the_adapter_of_the_step_before(engines, tiny_mod
 
 def test_async_rollouts_are_one_step_stale(engines, tiny_model, tmp_path) -> None:
     records = demo_records("pool", 6)
-    result = train(records, config(tiny_model, backend="vllm", async_rollouts=True, max_steps=4), tmp_path / "run")
+    result = train(records, config(tiny_model, engine=own_engine(), async_rollouts=True, max_steps=4), tmp_path / "run")
     [engine] = engines
     # Step 1 samples now (adapter 0); step 2 was sampled during step 1 with adapter 0; step 3 during
     # step 2 with adapter 1; step 4 during step 3 with adapter 2: never more than one step behind.
@@ -121,12 +136,9 @@ def test_an_engine_serving_another_model_is_refused(monkeypatch, tiny_model, tmp
 
     other = build_tiny_model(tmp_path / "other", seed=7)
 
-    def make_engine(options, *, model_path, stop_ids, **_settings):
-        return FileSyncedEngine(str(other), stop_ids)
-
-    monkeypatch.setattr("stages.engines.generator.make_engine", make_engine)
+    register(monkeypatch, lambda options, target: FileSyncedEngine(str(other), target.stop_ids))
     with pytest.raises(ModelError, match="does not serve the trainer's base model"):
-        train(demo_records("pool", 2), config(tiny_model, backend="vllm"), tmp_path / "run")
+        train(demo_records("pool", 2), config(tiny_model, engine=own_engine()), tmp_path / "run")
 
 
 def test_async_rollouts_need_an_engine_of_their_own(tiny_model) -> None:
@@ -137,9 +149,9 @@ def test_async_rollouts_need_an_engine_of_their_own(tiny_model) -> None:
 def test_nucleus_sampling_refuses_a_behaviour_policy_from_the_engine(tiny_model) -> None:
     for option in ({"async_rollouts": True}, {"vllm_importance_sampling_correction": True}):
         with pytest.raises(UsageError, match="vLLM renormalises its log-probs over the nucleus"):
-            config(tiny_model, backend="vllm", top_p=0.9, **option)
-        config(tiny_model, backend="vllm", top_p=1.0, **option)  # the full distribution: allowed
-    config(tiny_model, backend="vllm", top_p=0.9)  # on-policy: the loss never uses the engine's log-probs
+            config(tiny_model, engine=EngineOptions("vllm"), top_p=0.9, **option)
+        config(tiny_model, engine=EngineOptions("vllm"), top_p=1.0, **option)  # the full distribution: allowed
+    config(tiny_model, engine=EngineOptions("vllm"), top_p=0.9)  # on-policy: the loss never uses the engine's log-probs
 
 
 def test_engine_importance_weights_follow_trls_modes() -> None:

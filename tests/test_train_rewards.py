@@ -47,11 +47,11 @@ def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path)
 
 
 def test_reasoning_mode_puts_the_format_request_in_the_policys_prompt(tiny_model) -> None:
-    from stages.train.setup import _load_policy
+    from stages.train.policy import load_policy
 
     record = {"id": "a", "prompt": "Name the largest planet.", "references": ["Jupiter."]}
-    _model, generator = _load_policy(TrainConfig(model=str(tiny_model), reasoning=True), torch.device("cpu"))
+    generator = load_policy(TrainConfig(model=str(tiny_model), reasoning=True), torch.device("cpu")).generator
     text = generator.tokenizer.decode(generator.encoder.encode(record))
     assert text.startswith("<|im_start|>system\n") and "<think>" in text and "<answer>" in text
-    _model, plain = _load_policy(TrainConfig(model=str(tiny_model)), torch.device("cpu"))
+    plain = load_policy(TrainConfig(model=str(tiny_model)), torch.device("cpu")).generator
     assert "<think>" not in plain.tokenizer.decode(plain.encoder.encode(record))

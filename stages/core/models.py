@@ -297,13 +297,19 @@ def load_model(
 
 
 def load_generation_config(resolved: ResolvedModel) -> Any:
-    """The model's generation config (its end-of-sequence ids), or None when it has none."""
-    from transformers import GenerationConfig
+    """The model's generation config (its end-of-sequence ids): generation_config.json, else the one
+    transformers derives from config.json when it loads the model; None when there is neither."""
+    from transformers import AutoConfig, GenerationConfig
 
     try:
         return GenerationConfig.from_pretrained(resolved.path, local_files_only=resolved.local_files_only)
     except OSError:
+        pass
+    try:
+        config = AutoConfig.from_pretrained(resolved.path, local_files_only=resolved.local_files_only)
+    except (OSError, ValueError):
         return None
+    return GenerationConfig.from_model_config(config)
 
 
 def adapter_rank(path: Path) -> int | None:

@@ -1,22 +1,27 @@
-"""The engine seam: what every generation engine takes and returns.
+"""The engine seam: what every generation engine takes and returns, and the registry of engines.
 
-An engine turns token-id prompts into sampled completions. Three engines stand behind this seam:
-`transformers` (our own batched sampler, the exact reference), `vllm` (vLLM in this process) and
-`server` (any OpenAI-compatible endpoint). Prompts are encoded and completions decoded locally with
-the trainer's tokenizer, so every engine sees and returns the same token ids.
+An engine turns token-id prompts into sampled completions. The engines stand behind this seam by
+name in `ENGINES`: `transformers` (our own batched sampler, the exact reference), `vllm` (vLLM in this
+process) and `server` (any OpenAI-compatible endpoint). Prompts are encoded and completions decoded
+locally with the trainer's tokenizer, so every engine sees and returns the same token ids.
+
+Adding an engine: a module with a `start(options, target) -> Engine` function, and one line in
+`ENGINES`. The `--backend` choices and every check of a backend name come from that dict.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from stages.core.errors import UsageError
+from stages.core.errors import ModelError, UsageError
+from stages.core.models import ResolvedModel
+from stages.core.options import option
 
-ENGINES = ("transformers", "vllm", "server")
 # The only values vLLM accepts for --max-lora-rank (server) and max_lora_rank (in process).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -67,16 +72,35 @@ class AdapterRef:
     name: str
     version: int
 
+    @classmethod
+    def for_folder(cls, folder: Path) -> AdapterRef:
+        """A fixed adapter (generate, eval): its name follows from its resolved path."""
+        return cls(folder, f"adapter-{derive_seed(folder.resolve()) % 10**8}", 0)
+
 
 class Engine(Protocol):
     """What the generate stage, eval and the GRPO trainer need from an engine."""
 
     name: str
+    # True: the engine samples with the trainer's own model in this process, so it always has the newest
+    # adapter (nothing to publish, nothing to prefetch). False: it holds the base model itself and
+    # samples with the adapter last given to `set_adapter`.
+    samples_with_live_policy: bool
+    # True: answers come back as text without token ids or log-probs (a chat-only endpoint): fine for
+    # generate and eval (through `sample_messages`), not for training.
+    text_only: bool
 
     def sample(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
     ) -> list[list[Sample]]:
         """len(seeds[i]) samples for prompt i, each from its own seed. Returns samples[prompt][k]."""
+        ...
+
+    def sample_messages(
+        self, turns: Sequence[Sequence[dict[str, str]]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[list[Sample]]:
+        """The chat variant, for text-only engines: chat turns in (the engine applies its own template),
+        samples with `text` out. Engines with token ids raise UsageError."""
         ...
 
     def set_adapter(self, adapter: AdapterRef | None) -> None:
@@ -86,3 +110,116 @@ class Engine(Protocol):
     def close(self) -> None:
         """Free what the engine holds (a model, an in-process vLLM, HTTP connections)."""
         ...
+
+
+def stop_token_ids(generation_config: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids from the model's generation config and the tokenizer (engines stop on any)."""
+    ids: set[int] = set()
+    for source in (generation_config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    if not ids:
+        raise ModelError("the model and tokenizer define no end-of-sequence token")
+    return ids
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    """The model an engine is started for."""
+
+    model: ResolvedModel  # where the weights are
+    stop_ids: set[int]
+    pad_id: int
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    adapter: Path | None = None  # sample with this LoRA adapter from the start (checked folder)
+    max_lora_rank: int = 16
+    live_policy: Any = None  # the trainer's model: an engine that samples with it in process uses it
+
+
+EngineFactory = Callable[["EngineOptions", EngineTarget], Engine]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A registered engine: how to start it, and what settings can know before it starts."""
+
+    start: EngineFactory
+    samples_with_live_policy: bool  # as the Engine attribute of the same name
+
+
+def _lazy(module: str) -> EngineFactory:
+    """The `start(options, target)` function of an engine module, imported only when that engine is used."""
+
+    def start(options: EngineOptions, target: EngineTarget) -> Engine:
+        return importlib.import_module(module).start(options, target)
+
+    return start
+
+
+# name -> engine. Only this dict names the engines.
+ENGINES: dict[str, EngineSpec] = {
+    "transformers": EngineSpec(_lazy("stages.engines.transformers_engine"), samples_with_live_policy=True),
+    "vllm": EngineSpec(_lazy("stages.engines.vllm_engine"), samples_with_live_policy=False),
+    "server": EngineSpec(_lazy("stages.engines.server"), samples_with_live_policy=False),
+}
+
+PANEL = "Generation engine"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which engine samples, and where to reach it (`server`)."""
+
+    backend: str = option(
+        "transformers",
+        "who samples: transformers (in this process, the exact reference), vllm (vLLM in this process, CPU or "
+        "GPU), or server (an OpenAI-compatible endpoint at --server-url: vllm serve, SGLang, ...)",
+        choices=tuple(ENGINES),
+        panel=PANEL,
+    )
+    server_url: str | None = option(
+        None,
+        "base URL of the server, ending in /v1, e.g. http://127.0.0.1:8000/v1",
+        metavar="URL",
+        envvar="BLEUBERI_SERVER_URL",
+        panel=PANEL,
+    )
+    server_model: str | None = option(
+        None, "the served model's name (default: the one the server lists)", metavar="NAME", panel=PANEL
+    )
+    api_key_env: str | None = option(
+        None,
+        "environment variable holding the server's API key; sent to that host only, never on a redirect",
+        metavar="VAR",
+        panel=PANEL,
+    )
+    concurrency: int = option(8, "requests in flight to the server at once", metavar="N", panel=PANEL)
+    chat_only: bool = option(
+        False,
+        "the server has only /v1/chat/completions: answers come back as text, with no token ids (fine for "
+        "generate and eval; training needs token ids)",
+        flags=("--server-chat-only",),
+        panel=PANEL,
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in ENGINES:
+            raise UsageError(f"unknown backend {self.backend!r}; choose from {', '.join(ENGINES)}")
+        if self.backend == "server" and not self.server_url:
+            raise UsageError("--backend server needs --server-url URL (the base URL, ending in /v1)")
+        if self.concurrency < 1:
+            raise UsageError("--concurrency must be >= 1")
+
+    @property
+    def samples_with_live_policy(self) -> bool:
+        return ENGINES[self.backend].samples_with_live_policy
+
+
+def start_engine(options: EngineOptions, target: EngineTarget) -> Engine:
+    """Start the engine `options` names for `target`."""
+    return ENGINES[options.backend].start(options, target)

@@ -16,11 +16,25 @@ from typing import TYPE_CHECKING, Any
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.core.records import prompt_messages
-from stages.engines.base import AdapterRef, Engine, Sample, SamplingParams, derive_seed, lora_rank_slot
+from stages.engines.base import (
+    Engine,
+    EngineOptions,
+    EngineTarget,
+    Sample,
+    SamplingParams,
+    derive_seed,
+    lora_rank_slot,
+    start_engine,
+    stop_token_ids,
+)
 from stages.engines.prompts import PromptEncoder
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from stages.core.models import ResolvedModel
 
 # Records read ahead and sorted by prompt length, in batches: more means less padding, later output.
 WINDOW_BATCHES = 16
@@ -59,7 +73,7 @@ class Generator:
         max_prompt_length: int | None = None,
     ) -> Generator:
         """A generator that samples with `model` in this process (the transformers engine)."""
-        from stages.engines.transformers_engine import TransformersEngine, stop_token_ids
+        from stages.engines.transformers_engine import TransformersEngine
 
         stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
         engine = TransformersEngine(model, stop_ids=stop_ids, pad_id=pad_token_id(tokenizer, stop_ids))
@@ -78,95 +92,33 @@ class Generator:
         max_prompt_length: int | None = None,
         engine: EngineOptions | None = None,
     ) -> Generator:
-        """Load the tokenizer, and the model for the transformers engine (an adapter merged into it), or
-        start the engine named by `engine` (vllm in this process, or a server) with the adapter."""
-        if engine is not None and engine.backend != "transformers":
-            return cls._load_with_engine(
-                model,
-                engine,
-                adapter=adapter,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                system_prompt=system_prompt,
-                max_prompt_length=max_prompt_length,
-            )
-        from stages.core.models import (
-            attach_adapter,
-            load_model,
-            load_tokenizer,
-            resolve_device,
-            resolve_dtype,
-            resolve_model,
-        )
-
-        resolved = resolve_model(model)
-        torch_device = resolve_device(device)
-        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-        loaded = load_model(
-            resolved, device=torch_device, dtype=resolve_dtype(dtype, torch_device), trust_remote_code=trust_remote_code
-        )
-        if adapter:
-            loaded = attach_adapter(loaded, adapter, merge=True)  # merged: plain matmuls while sampling
-        return cls.for_model(
-            loaded,
-            tokenizer,
-            model_name=model,
-            adapter=adapter,
-            system_prompt=system_prompt,
-            max_prompt_length=max_prompt_length,
-        )
-
-    @classmethod
-    def _load_with_engine(
-        cls,
-        model: str,
-        options: EngineOptions,
-        *,
-        adapter: str | None,
-        dtype: str,
-        trust_remote_code: bool,
-        system_prompt: str | None,
-        max_prompt_length: int | None,
-    ) -> Generator:
-        """The tokenizer here, the model in the engine (vLLM in this process, or a server)."""
-        from stages.core.models import (
-            adapter_rank,
-            check_adapter,
-            load_generation_config,
-            load_tokenizer,
-            resolve_model,
-        )
-        from stages.engines.transformers_engine import stop_token_ids
+        """The tokenizer here; the engine named by `engine` (default: transformers in this process) started
+        for the model, sampling with `adapter` (merged into the weights by the transformers engine)."""
+        from stages.core.models import adapter_rank, check_adapter, load_tokenizer, resolve_model
 
         resolved = resolve_model(model)
         tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-        stop_ids = stop_token_ids(load_generation_config(resolved), tokenizer)
         folder = check_adapter(adapter) if adapter else None
-        engine = make_engine(
-            options,
-            model_path=resolved.path,
-            stop_ids=stop_ids,
+        target = engine_target(
+            resolved,
+            tokenizer,
+            device=device,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            max_lora_rank=lora_rank_slot(adapter_rank(folder) if folder else None),
+            adapter=folder,
+            lora_rank=adapter_rank(folder) if folder else None,
         )
-        generator = cls(tokenizer, engine, stop_ids, model, adapter, system_prompt, max_prompt_length)
-        if folder:
-            engine.set_adapter(AdapterRef(folder, f"adapter-{derive_seed(folder.resolve()) % 10**8}", 0))
-        return generator
-
-    @property
-    def text_only(self) -> bool:
-        """True for a chat endpoint that returns text and no token ids (generate and eval only)."""
-        return bool(getattr(self.engine, "text_only", False))
+        started = start_engine(engine or EngineOptions(), target)
+        return cls(tokenizer, started, target.stop_ids, model, adapter, system_prompt, max_prompt_length)
 
     @property
     def model(self) -> PreTrainedModel:
         """The in-process model (transformers engine only)."""
-        model = getattr(self.engine, "model", None)
-        if model is None:
+        from stages.engines.transformers_engine import TransformersEngine
+
+        if not isinstance(self.engine, TransformersEngine):
             raise UsageError(f"the {self.engine.name} engine holds no model in this process")
-        return model
+        return self.engine.model
 
     def encode(self, record: dict[str, Any]) -> list[int]:
         return self.encoder.encode(record)
@@ -218,9 +170,9 @@ class Generator:
             results: dict[int, list[Sample]] = {}
             for batch in _batches(order, encoded, batch_size, n, sampling.max_new_tokens, max_batch_tokens):
                 seeds = [[derive_seed(seed, window[i]["id"], k) for k in range(n)] for i in batch]
-                if self.text_only:  # a chat endpoint: the server applies its own template to the turns
+                if self.engine.text_only:  # a chat endpoint: the server applies its own template to the turns
                     turns = [self.encoder.turns(prompt_messages(window[i])) for i in batch]
-                    samples = self.engine.sample_messages(turns, seeds, sampling)  # type: ignore[attr-defined]
+                    samples = self.engine.sample_messages(turns, seeds, sampling)
                 else:
                     samples = self.sample_ids([encoded[i] for i in batch], seeds, sampling)
                 results.update(zip(batch, samples))
@@ -255,57 +207,29 @@ def _batches(
         yield batch
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """Which engine samples, and where to reach it (`server`)."""
-
-    backend: str = "transformers"  # transformers | vllm | server
-    server_url: str | None = None  # base URL ending in /v1
-    server_model: str | None = None  # default: the one model the server lists
-    api_key_env: str | None = None  # environment variable holding the server's API key
-    concurrency: int = 8  # requests in flight to a server
-    chat_only: bool = False  # the server has only /v1/chat/completions: text answers (generate, eval)
-
-    def __post_init__(self) -> None:
-        from stages.engines.base import ENGINES
-
-        if self.backend not in ENGINES:
-            raise UsageError(f"unknown backend {self.backend!r}; choose from {', '.join(ENGINES)}")
-        if self.backend == "server" and not self.server_url:
-            raise UsageError("--backend server needs --server-url URL (the base URL, ending in /v1)")
-        if self.concurrency < 1:
-            raise UsageError("--concurrency must be >= 1")
-
-
-def make_engine(
-    options: EngineOptions,
+def engine_target(
+    resolved: ResolvedModel,
+    tokenizer: PreTrainedTokenizerBase,
     *,
-    model_path: str,
-    stop_ids: set[int],
+    device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
-    max_lora_rank: int = 16,
-) -> Engine:
-    """Start the engine `options` names for a model folder (vllm, server; transformers needs a loaded model)."""
-    if options.backend == "server":
-        from stages.engines.server import ServerEngine
+    adapter: Path | None = None,
+    lora_rank: int | None = None,
+    live_policy: Any = None,
+) -> EngineTarget:
+    """What an engine needs to serve a model: its folder, end-of-sequence and padding ids, the adapter."""
+    from stages.core.models import load_generation_config
 
-        return ServerEngine(
-            options.server_url or "",
-            model=options.server_model,
-            api_key_env=options.api_key_env,
-            concurrency=options.concurrency,
-            stop_ids=stop_ids,
-            chat_only=options.chat_only,
-        )
-    if options.backend == "vllm":
-        from stages.engines.vllm_engine import VllmEngine, vllm_dtype
-
-        return VllmEngine(
-            model_path,
-            dtype=vllm_dtype(dtype),
-            max_lora_rank=max_lora_rank,
-            stop_ids=stop_ids,
-            trust_remote_code=trust_remote_code,
-        )
-    raise UsageError(f"the {options.backend} engine is made from a loaded model (Generator.for_model)")
+    stop_ids = stop_token_ids(load_generation_config(resolved), tokenizer)
+    return EngineTarget(
+        resolved,
+        stop_ids,
+        pad_token_id(tokenizer, stop_ids),
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        adapter=adapter,
+        max_lora_rank=lora_rank_slot(lora_rank),
+        live_policy=live_policy,
+    )

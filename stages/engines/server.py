@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from stages.core.errors import ConfigError, UsageError
 from stages.core.http import JsonClient, ServerError
 from stages.core.models import adapter_rank
-from stages.engines.base import AdapterRef, Sample, SamplingParams, lora_rank_slot
+from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams, lora_rank_slot
 
 T = TypeVar("T")
 ENGINE_DIED_HINT = (
@@ -72,6 +72,7 @@ class ServerEngine:
     """Samples from an OpenAI-compatible server; see the module docstring for the flags it needs."""
 
     name = "server"
+    samples_with_live_policy = False
 
     def __init__(
         self,
@@ -286,6 +287,21 @@ class ServerEngine:
                 self._unload(self.adapter.name)
             self.adapter, self.served = None, self.base_model
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def start(options: EngineOptions, target: EngineTarget) -> ServerEngine:
+    """A client of the server `options` names; the adapter loaded there if given."""
+    engine = ServerEngine(
+        options.server_url or "",
+        model=options.server_model,
+        api_key_env=options.api_key_env,
+        concurrency=options.concurrency,
+        stop_ids=target.stop_ids,
+        chat_only=options.chat_only,
+    )
+    if target.adapter is not None:
+        engine.set_adapter(AdapterRef.for_folder(target.adapter))
+    return engine
 
 
 def _regroup(flat: list[Sample], seeds: Sequence[Sequence[int]]) -> list[list[Sample]]:

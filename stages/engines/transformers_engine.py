@@ -15,28 +15,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from stages.core.errors import ModelError
-from stages.engines.base import AdapterRef, Sample, SamplingParams
+from stages.core.errors import UsageError
+from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
-
-
-def stop_token_ids(generation_config: Any, tokenizer: Any) -> set[int]:
-    """End-of-sequence ids from the model's generation config and the tokenizer (engines stop on any)."""
-    ids: set[int] = set()
-    for source in (generation_config, tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    if not ids:
-        raise ModelError("the model and tokenizer define no end-of-sequence token")
-    return ids
 
 
 def _forward_parameters(model: PreTrainedModel) -> set[str]:
@@ -200,10 +186,13 @@ class TransformersEngine:
     """Samples with a transformers model held in this process: the reference engine.
 
     In training the model is the live policy (the PEFT-wrapped model), so it always samples with the
-    newest adapter weights and `set_adapter` has nothing to do.
+    newest adapter weights and `set_adapter` has nothing to do. Started for generate or eval, it holds
+    the model with the adapter merged into its weights.
     """
 
     name = "transformers"
+    samples_with_live_policy = True
+    text_only = False
 
     def __init__(self, model: PreTrainedModel, *, stop_ids: set[int], pad_id: int) -> None:
         self.model = model
@@ -215,8 +204,28 @@ class TransformersEngine:
     ) -> list[list[Sample]]:
         return sample(self.model, prompts, seeds, sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
 
+    def sample_messages(
+        self, turns: Sequence[Sequence[dict[str, str]]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[list[Sample]]:
+        raise UsageError("the transformers engine samples token ids; chat turns are encoded by the Generator")
+
     def set_adapter(self, adapter: AdapterRef | None) -> None:
         pass
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def start(options: EngineOptions, target: EngineTarget) -> TransformersEngine:
+    """The trainer's live policy when there is one; else the model loaded here, its adapter merged in
+    (plain matmuls while sampling)."""
+    from stages.core.models import attach_adapter, load_model, resolve_device, resolve_dtype
+
+    model = target.live_policy
+    if model is None:
+        device = resolve_device(target.device)
+        dtype = resolve_dtype(target.dtype, device)
+        model = load_model(target.model, device=device, dtype=dtype, trust_remote_code=target.trust_remote_code)
+        if target.adapter is not None:
+            model = attach_adapter(model, str(target.adapter), merge=True)
+    return TransformersEngine(model, stop_ids=target.stop_ids, pad_id=target.pad_id)

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import BleuberiError, ModelError
+from stages.core.errors import BleuberiError, ModelError, UsageError
 from stages.core.models import adapter_rank
-from stages.engines.base import AdapterRef, Sample, SamplingParams
+from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams
 
 INSTALL_HINT = (
     "the vllm engine needs vLLM: `pip install vllm` on a CUDA machine, or on CPU "
@@ -74,6 +74,8 @@ class VllmEngine:
     """vLLM in this process; `sample` and `set_adapter` as every engine."""
 
     name = "vllm"
+    samples_with_live_policy = False
+    text_only = False
 
     def __init__(
         self,
@@ -142,6 +144,11 @@ class VllmEngine:
             start += len(row)
         return out
 
+    def sample_messages(
+        self, turns: Sequence[Sequence[dict[str, str]]], seeds: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Sample]]:
+        raise UsageError("the vllm engine samples token ids; chat turns are encoded by the Generator")
+
     def set_adapter(self, adapter: AdapterRef | None) -> None:
         """A new LoRARequest id per version (vLLM caches adapters by id); the previous one is dropped."""
         previous = self._lora
@@ -176,6 +183,20 @@ class VllmEngine:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def start(options: EngineOptions, target: EngineTarget) -> VllmEngine:
+    """vLLM holding the base model, with a LoRA slot of the target's rank; the adapter loaded if given."""
+    engine = VllmEngine(
+        target.model.path,
+        dtype=vllm_dtype(target.dtype),
+        max_lora_rank=target.max_lora_rank,
+        stop_ids=target.stop_ids,
+        trust_remote_code=target.trust_remote_code,
+    )
+    if target.adapter is not None:
+        engine.set_adapter(AdapterRef.for_folder(target.adapter))
+    return engine
 
 
 def _to_sample(completion: Any, greedy: bool) -> Sample:

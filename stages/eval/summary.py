@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stages.eval.evaluate import EvalConfig, System
+from stages.eval.config import EvalConfig, System
 from stages.eval.length_control import control_name
 from stages.eval.stats import WinRate, bootstrap_seed, mean_with_ci, paired_difference
 from stages.metrics import get_metric
@@ -35,7 +35,7 @@ def summarise(
         for system in systems
     }
     summary: dict[str, Any] = {
-        "model": config.model,
+        "model": config.base_model,
         "prompts": len(records),
         "generation": {
             "max_new_tokens": config.max_new_tokens,

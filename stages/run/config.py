@@ -3,11 +3,14 @@
 Precedence: `--set key=value` > the config file > the defaults below (the demo: the embedded model
 and data, sized for a 2-core CPU). Unknown keys and wrong types are errors that name the key.
 `[train]` takes every option of `bleuberi train` by its TrainConfig name, except the ones shared by
-all stages, which live at the top level (model, seed, device, dtype, system_prompt, trust_remote_code).
+all stages: model, seed, device, dtype, system_prompt and trust_remote_code at the top level, and the
+generation engine in `[engine]`. Every key, its type and its comment come from the option declared on
+the config field (stages/core/options.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import sys
 import types
@@ -17,9 +20,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.core.errors import BleuberiError, ConfigError, UsageError
-from stages.core.models import DEFAULT_MODEL
-from stages.engines.base import SamplingParams
-from stages.engines.generator import EngineOptions
+from stages.core.options import (
+    Leaf,
+    device_option,
+    dtype_option,
+    leaves,
+    model_option,
+    option,
+    system_prompt_option,
+    trust_remote_code_option,
+)
+from stages.engines.base import EngineOptions, SamplingParams
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 from stages.train.config import TrainConfig
 
@@ -27,21 +38,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-# Set once at the top level for every stage (and copied into [train]).
-SHARED = (
-    "model",
-    "seed",
-    "device",
-    "dtype",
-    "system_prompt",
-    "trust_remote_code",
-    "backend",
-    "server_url",
-    "server_model",
-    "api_key_env",
-    "concurrency",
-)
 
 # The demo's training settings; every other [train] key keeps bleuberi train's default.
 DEMO_TRAIN = {
@@ -58,20 +54,22 @@ DEMO_TRAIN = {
 
 @dataclass
 class DataSection:
-    pool: str = "demo:pool"
-    heldout: str = "demo:heldout"
-    max_pool: int = 0
-    max_heldout: int = 0
+    pool: str = option("demo:pool", "training pool (JSONL); demo:pool is the embedded demo pool")
+    heldout: str = option("demo:heldout", "held-out set for eval; demo:heldout is the embedded demo set")
+    max_pool: int = option(0, "use only the first N pool records (0 = all)")
+    max_heldout: int = option(0, "use only the first N held-out records (0 = all)")
 
 
 @dataclass
 class SelectSection:
-    metric: str = "bleu"
-    mode: Literal["hard", "easy", "medium", "random"] = "hard"
-    num: int = 64
-    max_new_tokens: int = 48
-    temperature: float = 0.0
-    batch_size: int = 16
+    metric: str = option("bleu", "metric that ranks the base model's answers")
+    mode: Literal["hard", "easy", "medium", "random"] = option(
+        "hard", "hard (lowest scores, the paper) | easy | medium | random"
+    )
+    num: int = option(64, "how many records to train on")
+    max_new_tokens: int = option(48, "length of the base model's answers")
+    temperature: float = option(0.0, "0 = greedy")
+    batch_size: int = option(16, "prompts per generation batch")
 
     def __post_init__(self) -> None:
         get_metric(self.metric)
@@ -81,11 +79,11 @@ class SelectSection:
 
 @dataclass
 class EvalSection:
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_METRICS))
-    max_new_tokens: int = 48
-    temperature: float = 0.0
-    batch_size: int = 16
-    bootstrap_resamples: int = 1000
+    metrics: list[str] = option(factory=lambda: list(DEFAULT_EVAL_METRICS), help="metrics reported on the held-out set")
+    max_new_tokens: int = option(48, "answer length limit")
+    temperature: float = option(0.0, "0 = greedy")
+    batch_size: int = option(16, "prompts per generation batch")
+    bootstrap_resamples: int = option(1000, "resamples for the 95% intervals")
 
     def __post_init__(self) -> None:
         for name in self.metrics:
@@ -106,29 +104,21 @@ def _demo_train() -> TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: str = DEFAULT_MODEL
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    system_prompt: str | None = None
-    trust_remote_code: bool = False
-    backend: Literal["transformers", "vllm", "server"] = "transformers"
-    server_url: str | None = None
-    server_model: str | None = None
-    api_key_env: str | None = None
-    concurrency: int = 8
+    model: str = model_option(help="embedded name (smollm2-135m), local folder or hub id")
+    seed: int = option(42, "one seed for sampling, selection, training and bootstrap")
+    device: str = device_option()
+    dtype: str = dtype_option()
+    system_prompt: str | None = system_prompt_option()
+    trust_remote_code: bool = trust_remote_code_option()
+    engine: EngineOptions = field(default_factory=EngineOptions)  # who samples, in every stage
     data: DataSection = field(default_factory=DataSection)
     select: SelectSection = field(default_factory=SelectSection)
     train: TrainConfig = field(default_factory=_demo_train)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def train_config(self) -> TrainConfig:
-        """[train] with the shared top-level settings filled in."""
-        return TrainConfig(**{**self.train.to_dict(), **{k: getattr(self, k) for k in SHARED}})
-
-    def engine_options(self) -> EngineOptions:
-        """The engine every stage samples with (select, train rollouts, eval)."""
-        return EngineOptions(self.backend, self.server_url, self.server_model, self.api_key_env, self.concurrency)
+        """[train] with the settings shared by every stage filled in."""
+        return dataclasses.replace(self.train, **{name: getattr(self, name) for name in SHARED})
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -137,40 +127,26 @@ class RunConfig:
         return values
 
 
-SECTIONS: dict[str, type] = {"data": DataSection, "select": SelectSection, "train": TrainConfig, "eval": EvalSection}
-
-HELP: dict[str, str] = {
-    "model": "embedded name (smollm2-135m), local folder or hub id",
-    "seed": "one seed for sampling, selection, training and bootstrap",
-    "device": "auto | cpu | cuda | mps",
-    "dtype": "auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16",
-    "system_prompt": "a system turn for every prompt",
-    "trust_remote_code": "let the model repository run its own code",
-    "backend": "who samples in every stage: transformers | vllm (in process) | server (OpenAI-compatible)",
-    "server_url": "base URL of the server, ending in /v1 (backend server)",
-    "server_model": "the served model's name (default: the one the server lists)",
-    "api_key_env": "environment variable holding the server's API key (sent to that host only)",
-    "concurrency": "requests in flight to the server",
-    "data.pool": "training pool (JSONL); demo:pool is the embedded demo pool",
-    "data.heldout": "held-out set for eval; demo:heldout is the embedded demo set",
-    "data.max_pool": "use only the first N pool records (0 = all)",
-    "data.max_heldout": "use only the first N held-out records (0 = all)",
-    "select.metric": "metric that ranks the base model's answers",
-    "select.mode": "hard (lowest scores, the paper) | easy | medium | random",
-    "select.num": "how many records to train on",
-    "select.max_new_tokens": "length of the base model's answers",
-    "select.temperature": "0 = greedy",
-    "select.batch_size": "prompts per generation batch",
-    "eval.metrics": "metrics reported on the held-out set",
-    "eval.max_new_tokens": "answer length limit",
-    "eval.temperature": "0 = greedy",
-    "eval.batch_size": "prompts per generation batch",
-    "eval.bootstrap_resamples": "resamples for the 95% intervals",
+SECTIONS: dict[str, type] = {
+    "engine": EngineOptions,
+    "data": DataSection,
+    "select": SelectSection,
+    "train": TrainConfig,
+    "eval": EvalSection,
 }
+TOP = [f.name for f in fields(RunConfig) if f.name not in SECTIONS]
+# Set once for every stage (top-level keys and [engine]); [train] takes them from there.
+SHARED = [*TOP, "engine"]
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+def config_keys() -> dict[str, Leaf]:
+    """Every key a config file may set ("seed", "engine.backend", "train.beta", ...) and its option."""
+    keys = {}
+    for leaf in leaves(RunConfig):
+        if leaf.path[:1] == ("train",) and (leaf.path[1:2] or (leaf.name,))[0] in SHARED:
+            continue  # set at the top level or in [engine], for every stage
+        keys[leaf.key] = leaf
+    return keys
 
 
 def _type_name(value: Any) -> str:
@@ -178,8 +154,10 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def check_value(value: Any, hint: Any) -> str | None:
-    """None when `value` fits the type hint, else what was expected."""
+def check_value(value: Any, hint: Any, choices: tuple[str, ...] = ()) -> str | None:
+    """None when `value` fits the type hint (and is one of `choices`, when given), else what was expected."""
+    if choices and value is not None and value not in choices:
+        return "one of " + ", ".join(repr(c) for c in choices)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
@@ -202,46 +180,41 @@ def check_value(value: Any, hint: Any) -> str | None:
     raise TypeError(f"unsupported config type {hint!r}")  # pragma: no cover - a programming error
 
 
-def _unknown(key: str, known: list[str], source: str) -> ConfigError:
-    name = key.rpartition(".")[2]
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+def _unknown(key: str, source: str) -> ConfigError:
+    if "." in key and key.partition(".")[0] not in SECTIONS:
+        key = key.partition(".")[0]  # an unknown table: name it, not its key
+    section, _, name = key.rpartition(".")
+    same_place = [k.rpartition(".")[2] for k in KEYS if k.rpartition(".")[0] == section]
+    same_place += list(SECTIONS) if not section else []
+    close = difflib.get_close_matches(name, same_place, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    if "." not in key:  # a section's option given without its section: name the section
-        owners = [f"{section}.{name}" for section, cls in SECTIONS.items() if name in {f.name for f in fields(cls)}]
-        hint = f" (did you mean {owners[0]!r}?)" if owners else hint
-    if name in SHARED:
-        hint = f" ({name} is set at the top level, for every stage)"
+    elsewhere = [k for k in KEYS if k.rpartition(".")[2] == name and k != key]
+    if elsewhere:  # the option exists, in another place: name it
+        where = elsewhere[0]
+        hint = (
+            f" ({name} is set at the top level, for every stage)" if "." not in where else f" (did you mean {where!r}?)"
+        )
     return ConfigError(f"{source}: unknown key {key!r}{hint}")
 
 
 def _set(target: dict[str, Any], key: str, value: Any, source: str) -> None:
     """Check one dotted key and its value against the schema; store it in `target` (nested dicts)."""
-    section, dot, name = key.partition(".")
-    top = [f.name for f in fields(RunConfig) if f.name not in SECTIONS]
-    if not dot:
-        if section in SECTIONS:
-            raise ConfigError(f"{source}: key {key!r}: expected a table ([{section}])")
-        if section not in top:
-            raise _unknown(key, top + list(SECTIONS), source)
-        hint = _hints(RunConfig)[section]
-    else:
-        if section not in SECTIONS:
-            raise _unknown(section, top + list(SECTIONS), source)
-        known = [f.name for f in fields(SECTIONS[section]) if not (section == "train" and f.name in SHARED)]
-        if name not in known:
-            raise _unknown(key, known, source)
-        hint = _hints(SECTIONS[section])[name]
-    problem = check_value(value, hint)
+    if key in SECTIONS:
+        raise ConfigError(f"{source}: key {key!r}: expected a table ([{key}])")
+    leaf = KEYS.get(key)
+    if leaf is None:
+        raise _unknown(key, source)
+    problem = check_value(value, leaf.hint, leaf.info.choices)
     if problem:
         example = ""
-        if typing.get_origin(hint) is list and not isinstance(value, list):  # show how a list is written
+        if typing.get_origin(leaf.hint) is list and not isinstance(value, list):  # show how a list is written
             items = f'"{value}"' if isinstance(value, str) else "..."
             example = f" (a TOML list: --set '{key}=[{items}]')" if source == "--set" else f" (a TOML list: [{items}])"
         raise ConfigError(f"{source}: key {key!r}: expected {problem}, got {_type_name(value)} {value!r}{example}")
-    if dot:
-        target.setdefault(section, {})[name] = value
+    if leaf.path:
+        target.setdefault(leaf.path[0], {})[leaf.name] = value
     else:
-        target[section] = value
+        target[leaf.name] = value
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -297,9 +270,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def build(values: dict[str, Any]) -> RunConfig:
     defaults = RunConfig()
     sections = {}
-    for name, cls in SECTIONS.items():
+    for name in SECTIONS:
         try:
-            sections[name] = cls(**{**asdict(getattr(defaults, name)), **values.get(name, {})})
+            sections[name] = dataclasses.replace(getattr(defaults, name), **values.get(name, {}))
         except BleuberiError as error:
             raise ConfigError(f"[{name}]: {error}") from None
     top = {k: v for k, v in values.items() if k not in SECTIONS}
@@ -321,22 +294,22 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def to_toml(config: RunConfig, train_help: dict[str, str]) -> str:
-    """The whole configuration as commented TOML. Unset optional keys are shown commented out."""
+def to_toml(config: RunConfig) -> str:
+    """The whole configuration as commented TOML (comments: each option's help). Unset optional keys are
+    shown commented out."""
     values = config.to_dict()
     lines = ["# bleuberi run configuration. Precedence: --set KEY=VALUE > this file > built-in defaults.", ""]
-
-    def emit(key: str, value: Any, comment: str) -> None:
-        name = key.rpartition(".")[2]
+    section = ""
+    for leaf in KEYS.values():
+        if leaf.path and leaf.path[0] != section:
+            section = leaf.path[0]
+            lines += ["", f"[{section}]"]
+        value = values[section][leaf.name] if leaf.path else values[leaf.name]
         if value is None:
-            lines.append(f"# {name} =   # not set: {comment}")
+            lines.append(f"# {leaf.name} =   # not set: {leaf.info.help}")
         else:
-            lines.append(f"{name} = {_toml_value(value)}  # {comment}")
-
-    for key in (k for k in values if k not in SECTIONS):
-        emit(key, values[key], HELP[key])
-    for section in SECTIONS:
-        lines += ["", f"[{section}]"]
-        for key, value in values[section].items():
-            emit(key, value, train_help[key] if section == "train" else HELP[f"{section}.{key}"])
+            lines.append(f"{leaf.name} = {_toml_value(value)}  # {leaf.info.help}")
     return "\n".join(lines) + "\n"
+
+
+KEYS = config_keys()

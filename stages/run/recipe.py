@@ -30,7 +30,6 @@ from stages.core.jsonl import JsonlWriter
 from stages.core.lock import folder_lock
 from stages.core.records import read_records
 from stages.run.config import RunConfig, to_toml
-from stages.train.config import TRAIN_HELP
 
 STAGES = ("select", "train", "eval")
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
@@ -107,8 +106,12 @@ class RunResult:
 def _shared(config: RunConfig) -> dict[str, Any]:
     # device changes numerics only in the last bits; a run moved from CPU to GPU keeps its stages. So do
     # a server's address, key and concurrency; the engine itself changes the samples.
-    keys = ("model", "seed", "dtype", "system_prompt", "trust_remote_code", "backend", "server_model")
-    return {k: getattr(config, k) for k in keys}
+    keys = ("model", "seed", "dtype", "system_prompt", "trust_remote_code")
+    return {
+        **{k: getattr(config, k) for k in keys},
+        "backend": config.engine.backend,
+        "server_model": config.engine.server_model,
+    }
 
 
 def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -136,7 +139,7 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
             trust_remote_code=config.trust_remote_code,
             system_prompt=config.system_prompt,
             max_prompt_length=config.train.max_prompt_length,
-            engine=config.engine_options(),
+            engine=config.engine,
         )
 
     # Always appended as answers finish, so an interrupted selection continues where it stopped.
@@ -212,7 +215,8 @@ def eval_metrics(config: RunConfig) -> list[str]:
 
 
 def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callable[[str, int], None] | None) -> None:
-    from stages.eval.evaluate import EvalConfig, evaluate
+    from stages.eval.config import EvalConfig
+    from stages.eval.evaluate import evaluate
     from stages.eval.report import eval_tables, write_report
 
     records = _head(list(read_records(data_path(config.data.heldout))), config.data.max_heldout)
@@ -231,7 +235,7 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
         reasoning=config.train.reasoning,
         trust_remote_code=config.trust_remote_code,
         resamples=config.eval.bootstrap_resamples,
-        engine=config.engine_options(),
+        engine=config.engine,
     )
     result = evaluate(records, eval_config, on_progress=on_progress, on_message=lambda m: say(f"eval: {m}"))
     folder = run_dir / "eval"
@@ -291,7 +295,7 @@ def _run_stages(
     on_eval_progress: Callable[[str, int], None] | None,
 ) -> RunResult:
     with atomic_path(run_dir / "config.toml") as tmp:
-        tmp.write_text(to_toml(config, TRAIN_HELP))
+        tmp.write_text(to_toml(config))
     ledger = StageLedger.open(run_dir)
     select_digest, train_digest, eval_digest = stage_digests(config)
     steps: dict[str, tuple[str, Callable[[bool], None]]] = {

@@ -12,7 +12,17 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from stages.core.errors import UsageError
-from stages.core.models import DEFAULT_MODEL
+from stages.core.options import (
+    device_option,
+    dtype_option,
+    model_option,
+    option,
+    seed_option,
+    system_prompt_option,
+    trust_remote_code_option,
+)
+from stages.engines.base import PANEL as ENGINE_PANEL
+from stages.engines.base import EngineOptions
 
 if TYPE_CHECKING:
     from stages.score import Scorer
@@ -42,84 +52,168 @@ class LossConfig:
 
 
 Algo = Literal["grpo", "sft"]
-Backend = Literal["transformers", "vllm", "server"]
 ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 Schedule = Literal["constant_with_warmup", "linear", "cosine"]
 
+# --help panels
+WHAT, LORA, SAMPLING, BATCH, LOSS, OUTPUTS = (
+    "What to train",
+    "LoRA",
+    "Sampling",
+    "Batch and schedule",
+    "GRPO loss",
+    "Checkpoints and logging",
+)
+
 
 @dataclass
 class TrainConfig:
+    """Every option of `train`. Each field is declared once: `bleuberi train --FLAG`, the `[train]` key of
+    `bleuberi run` and its `--print-config` comment all come from it."""
+
     # what to train
-    model: str = DEFAULT_MODEL
-    algo: Algo = "grpo"
-    reward: list[str] = field(default_factory=lambda: ["bleu"])  # NAME[:ARG][:WEIGHT], combined by reward_combine
-    reward_combine: RewardCombine = "sum"
-    reasoning: bool = False  # <think>/<answer> system prompt, a format reward, metrics on the answer only
-    system_prompt: str | None = None
-    trust_remote_code: bool = False
+    model: str = model_option(help="causal LM to train")
+    algo: Algo = option("grpo", "grpo | sft (the paper's SFT baseline)", panel=WHAT)
+    reward: list[str] = option(
+        factory=lambda: ["bleu"],
+        help="NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL; "
+        "several are combined by reward_combine",
+        metavar="NAME[:ARG][:WEIGHT]",
+        panel=WHAT,
+    )
+    reward_combine: RewardCombine = option(
+        "sum", "sum (weighted sum; RM logits are not 0..1) | zscore (per-group z-scores, weighted mean)", panel=WHAT
+    )
+    reasoning: bool = option(
+        False, "ask for <think>...</think><answer>...</answer>, add a format reward, score only the answer", panel=WHAT
+    )
+    system_prompt: str | None = system_prompt_option()
+    trust_remote_code: bool = trust_remote_code_option()
     # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = option(16, "LoRA rank", metavar="R", panel=LORA)
+    lora_alpha: int = option(32, "LoRA scale numerator (scale = alpha / r)", metavar="A", panel=LORA)
     # 0 keeps the training forward identical to the sampling forward (on-policy ratios are exactly 1).
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_dropout: float = option(
+        0.0, "LoRA dropout; 0 keeps sampling and training forwards identical", metavar="P", panel=LORA
+    )
+    target_modules: list[str] = option(
+        factory=lambda: ["all-linear"],
+        help="LoRA targets; all-linear = every linear layer but the output head",
+        metavar="NAME",
+        panel=LORA,
+    )
     # sampling (paper: G=8, temperature 0.9, 512/512)
-    num_generations: int = 8
-    temperature: float = 0.9
-    top_p: float = 1.0
-    max_prompt_length: int = 512
-    max_completion_length: int = 512
-    drop_long: bool = False  # drop prompts over max_prompt_length instead of cutting them from the left
+    num_generations: int = option(8, "G: completions sampled per prompt (paper: 8)", metavar="G", panel=SAMPLING)
+    temperature: float = option(0.9, "sampling temperature (paper: 0.9)", metavar="T", panel=SAMPLING)
+    top_p: float = option(1.0, "nucleus sampling mass", metavar="P", panel=SAMPLING)
+    max_prompt_length: int = option(
+        512, "longer prompts are cut from the left (or dropped, with drop_long)", metavar="N", panel=SAMPLING
+    )
+    max_completion_length: int = option(512, "new tokens per completion (paper: 512)", metavar="N", panel=SAMPLING)
+    drop_long: bool = option(False, "drop over-long prompts instead of cutting them", panel=SAMPLING)
     # batch and schedule
-    per_device_train_batch_size: int = 8  # completions per device per sampling batch
-    grad_accum: int = 1  # sampling batches per optimizer step
-    micro_batch: int | None = None  # completions per forward/backward (default: per_device_train_batch_size)
-    max_steps: int | None = None  # default: enough steps for num_train_epochs
-    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = option(
+        8, "completions per sampling batch (a multiple of num_generations)", metavar="N", panel=BATCH
+    )
+    grad_accum: int = option(1, "sampling batches per optimizer step", metavar="K", panel=BATCH)
+    micro_batch: int | None = option(
+        None, "completions per forward/backward (default: per_device_train_batch_size)", metavar="N", panel=BATCH
+    )
+    max_steps: int | None = option(None, "optimizer steps (default: from num_train_epochs)", metavar="N", panel=BATCH)
+    num_train_epochs: float = option(1.0, "passes over the prompts", metavar="E", panel=BATCH)
     # The paper's 1e-6 is for full fine-tuning. LoRA's best learning rate is about ten times the full
     # fine-tuning one (Schulman et al., "LoRA Without Regret", 2025), hence 1e-5.
-    learning_rate: float = 1e-5
-    lr_scheduler_type: Schedule = "constant_with_warmup"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.2
+    learning_rate: float = option(
+        1e-5,
+        "peak learning rate (bleuberi train's default 1e-5 is 10x the paper's full-FT 1e-6)",
+        metavar="LR",
+        flags=("--learning-rate", "--lr"),
+        panel=BATCH,
+    )
+    lr_scheduler_type: Schedule = option("constant_with_warmup", "constant_with_warmup | linear | cosine", panel=BATCH)
+    warmup_ratio: float = option(0.05, "share of steps with a linear warmup", metavar="R", panel=BATCH)
+    weight_decay: float = option(0.0, "AdamW weight decay", metavar="W", panel=BATCH)
+    max_grad_norm: float = option(0.2, "gradient clipping (paper: 0.2)", metavar="N", panel=BATCH)
     # GRPO (paper: beta 0.04; TRL's current loss default is dapo)
-    beta: float = 0.04
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # default: epsilon
-    loss_type: LossType = "dapo"
-    scale_rewards: ScaleRewards = "group"
-    importance_sampling_level: ImportanceLevel = "token"
+    beta: float = option(
+        0.04, "KL weight towards the base model (paper: 0.04); 0 skips the reference pass", metavar="B", panel=LOSS
+    )
+    epsilon: float = option(0.2, "lower clip range of the probability ratio", metavar="E", panel=LOSS)
+    epsilon_high: float | None = option(
+        None,
+        "upper clip range (default: epsilon); for cispo the ratio cap itself (default 5.0)",
+        metavar="E",
+        panel=LOSS,
+    )
+    loss_type: LossType = option(
+        "dapo",
+        "grpo | bnpo | dapo | dr_grpo | cispo: how token losses are averaged (bnpo: a token mean per step, "
+        "not per micro-batch as in TRL)",
+        panel=LOSS,
+    )
+    scale_rewards: ScaleRewards = option("group", "group | batch | none: the std advantages are divided by", panel=LOSS)
+    importance_sampling_level: ImportanceLevel = option(
+        "token", "token | sequence (GSPO; with a token-level loss a warning says why not)", panel=LOSS
+    )
     # TRL 1.16 defaults to True. False is the objective the paper trained with (TRL before this option: the
     # plain k3 term); on-policy the ratio is 1 either way and only the KL gradient differs (~1e-2 relative).
-    use_bias_correction_kl: bool = False
-    delta: float | None = None
-    top_entropy_quantile: float = 1.0
-    num_iterations: int = 1
-    mask_truncated: bool = False
-    skip_zero_std: bool = False
+    use_bias_correction_kl: bool = option(
+        False,
+        "weight the KL term by the ratio (TRL: true; false = the paper's objective)",
+        flags=("--use-bias-correction-kl/--no-use-bias-correction-kl",),
+        panel=LOSS,
+    )
+    delta: float | None = option(
+        None,
+        "two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high; INTELLECT-2)",
+        metavar="D",
+        panel=LOSS,
+    )
+    top_entropy_quantile: float = option(
+        1.0,
+        "policy loss only on this top share of tokens by entropy (1 = all; paper value 0.2)",
+        metavar="Q",
+        panel=LOSS,
+    )
+    num_iterations: int = option(1, "optimizer updates per rollout (mu)", metavar="MU", panel=LOSS)
+    mask_truncated: bool = option(False, "leave completions cut at the length limit out of the loss", panel=LOSS)
+    skip_zero_std: bool = option(False, "leave groups with equal rewards out of the loss pass", panel=LOSS)
     # rollout engine (who samples): transformers in this process, vllm in this process, or a server
-    backend: Backend = "transformers"
-    server_url: str | None = None  # base URL ending in /v1 (backend server)
-    server_model: str | None = None  # default: the one model the server lists
-    api_key_env: str | None = None  # environment variable holding the server's API key
-    concurrency: int = 8  # requests in flight to the server
+    engine: EngineOptions = field(default_factory=EngineOptions)
     # Sample step t+1 while step t trains, with the adapter of step t-1 (one step stale, never more).
-    async_rollouts: bool = False
+    async_rollouts: bool = option(
+        False,
+        "sample step t+1 while step t trains, with the adapter of step t-1 (vllm/server only)",
+        panel=ENGINE_PANEL,
+    )
     # TRL's correction for the engine-vs-trainer log-prob mismatch (off: engines here run fp32 on CPU).
-    vllm_importance_sampling_correction: bool = False
-    vllm_importance_sampling_mode: ImportanceSamplingMode = "token_truncate"
-    vllm_importance_sampling_clip_max: float = 3.0
+    vllm_importance_sampling_correction: bool = option(
+        False,
+        "TRL's truncated importance sampling for engine-vs-trainer log-prob drift",
+        flags=("--vllm-importance-sampling-correction/--no-vllm-importance-sampling-correction",),
+        panel=ENGINE_PANEL,
+    )
+    vllm_importance_sampling_mode: ImportanceSamplingMode = option(
+        "token_truncate", "token_truncate | token_mask | sequence_truncate | sequence_mask", panel=ENGINE_PANEL
+    )
+    vllm_importance_sampling_clip_max: float = option(
+        3.0, "upper bound C of the importance ratio (truncate: clip; mask: drop above)", metavar="C", panel=ENGINE_PANEL
+    )
     # hardware
-    device: str = "auto"
-    dtype: str = "auto"
-    gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU (where it only costs time)
+    device: str = device_option()
+    dtype: str = dtype_option()
+    gradient_checkpointing: bool | None = option(
+        None,
+        "default: on for CUDA, off on CPU",
+        flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
+        panel="Model",
+    )
     # bookkeeping
-    seed: int = 42
-    save_steps: int = 50
-    save_total_limit: int | None = 3
-    logging_steps: int = 1
+    seed: int = seed_option()
+    save_steps: int = option(50, "checkpoint every N steps", metavar="N", panel=OUTPUTS)
+    save_total_limit: int | None = option(3, "keep the newest N checkpoints", metavar="N", panel=OUTPUTS)
+    logging_steps: int = option(1, "metrics every N steps", metavar="N", panel=OUTPUTS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,10 +277,11 @@ class TrainConfig:
         return self.completions_per_step // self.num_generations
 
     def validate(self) -> None:
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise UsageError(message)
+        self._validate_batches()
+        self._validate_loss()
+        self._validate_rollouts()
 
+    def _validate_batches(self) -> None:
         need(self.algo in ("grpo", "sft"), f"unknown algo {self.algo!r}; choose grpo or sft")
         need(self.num_generations >= 2 or self.algo == "sft", "num_generations must be >= 2 (GRPO compares samples)")
         need(self.per_device_train_batch_size >= 1 and self.grad_accum >= 1, "batch sizes must be >= 1")
@@ -202,6 +297,12 @@ class TrainConfig:
         need(self.learning_rate > 0, "learning_rate must be > 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        need(self.max_prompt_length >= 1 and self.max_completion_length >= 1, "length limits must be >= 1")
+        need(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "bad LoRA settings")
+        need(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
+
+    def _validate_loss(self) -> None:
         need(self.beta >= 0, "beta must be >= 0")
         need(
             0 < self.epsilon < 1 and self.loss_config().epsilon_high > 0,
@@ -217,27 +318,24 @@ class TrainConfig:
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence")
         need(self.num_iterations >= 1, "num_iterations must be >= 1")
-        need(self.temperature > 0, "temperature must be > 0 for training (sampling needs randomness)")
-        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        need(self.max_prompt_length >= 1 and self.max_completion_length >= 1, "length limits must be >= 1")
-        need(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "bad LoRA settings")
         need(bool(self.reward), "at least one --reward is needed")
         if self.algo == "grpo":
             self.scorer()  # bad specs fail now; model-based rewards only load when first used
-        need(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
-        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
-        need(self.backend in ("transformers", "vllm", "server"), "backend must be transformers, vllm or server")
-        need(self.backend != "server" or bool(self.server_url), "backend server needs server_url (ending in /v1)")
-        need(self.concurrency >= 1, "concurrency must be >= 1")
+
+    def _validate_rollouts(self) -> None:
+        need(self.temperature > 0, "temperature must be > 0 for training (sampling needs randomness)")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         need(
-            not self.async_rollouts or self.backend != "transformers",
+            not self.engine.chat_only, "training needs token ids: a chat-only server (server_chat_only) cannot be used"
+        )
+        live = self.engine.samples_with_live_policy
+        need(
+            not self.async_rollouts or not live,
             "async_rollouts needs an engine of its own (backend vllm or server): the transformers engine samples "
             "with the very weights being trained",
         )
         need(
-            self.top_p == 1.0
-            or self.backend == "transformers"
-            or not (self.async_rollouts or self.vllm_importance_sampling_correction),
+            self.top_p == 1.0 or live or not (self.async_rollouts or self.vllm_importance_sampling_correction),
             "top_p < 1 cannot be used with async_rollouts or vllm_importance_sampling_correction on an engine: "
             "vLLM renormalises its log-probs over the nucleus, so the behaviour policy's log-probs would not be "
             "the trainer's (use top_p 1, as the paper does)",
@@ -252,64 +350,7 @@ class TrainConfig:
         return asdict(self)
 
 
-# One line per option, for `bleuberi run --print-config` (a test checks every field has one).
-TRAIN_HELP: dict[str, str] = {
-    "model": "causal LM to train",
-    "algo": "grpo | sft (the paper's SFT baseline)",
-    "reward": "NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL",
-    "reward_combine": "sum (weighted sum; RM logits are not 0..1) | zscore (per-group z-scores, weighted mean)",
-    "reasoning": "ask for <think>...</think><answer>...</answer>, add a format reward, score only the answer",
-    "system_prompt": "a system turn for every prompt",
-    "trust_remote_code": "let the model repository run its own code",
-    "lora_r": "LoRA rank",
-    "lora_alpha": "LoRA scale numerator (scale = alpha / r)",
-    "lora_dropout": "LoRA dropout; 0 keeps sampling and training forwards identical",
-    "target_modules": "LoRA targets; all-linear = every linear layer but the output head",
-    "num_generations": "G: completions sampled per prompt (paper: 8)",
-    "temperature": "sampling temperature (paper: 0.9)",
-    "top_p": "nucleus sampling mass",
-    "max_prompt_length": "longer prompts are cut from the left (or dropped, with drop_long)",
-    "max_completion_length": "new tokens per completion (paper: 512)",
-    "drop_long": "drop over-long prompts instead of cutting them",
-    "per_device_train_batch_size": "completions per sampling batch (a multiple of num_generations)",
-    "grad_accum": "sampling batches per optimizer step",
-    "micro_batch": "completions per forward/backward (default: per_device_train_batch_size)",
-    "max_steps": "optimizer steps (default: from num_train_epochs)",
-    "num_train_epochs": "passes over the prompts",
-    "learning_rate": "peak learning rate (bleuberi train's default 1e-5 is 10x the paper's full-FT 1e-6)",
-    "lr_scheduler_type": "constant_with_warmup | linear | cosine",
-    "warmup_ratio": "share of steps with a linear warmup",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping (paper: 0.2)",
-    "beta": "KL weight towards the base model (paper: 0.04); 0 skips the reference pass",
-    "epsilon": "lower clip range of the probability ratio",
-    "epsilon_high": "upper clip range (default: epsilon); for cispo the ratio cap itself (default 5.0)",
-    "loss_type": (
-        "grpo | bnpo | dapo | dr_grpo | cispo: how token losses are averaged (bnpo: a token mean per step, "
-        "not per micro-batch as in TRL)"
-    ),
-    "scale_rewards": "group | batch | none: the std advantages are divided by",
-    "importance_sampling_level": "token | sequence (GSPO; with a token-level loss a warning says why not)",
-    "use_bias_correction_kl": "weight the KL term by the ratio (TRL: true; false = the paper's objective)",
-    "delta": "two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high; INTELLECT-2)",
-    "top_entropy_quantile": "policy loss only on this top share of tokens by entropy (1 = all; paper value 0.2)",
-    "num_iterations": "optimizer updates per rollout (mu)",
-    "mask_truncated": "leave completions cut at the length limit out of the loss",
-    "skip_zero_std": "leave groups with equal rewards out of the loss pass",
-    "backend": "rollout engine: transformers (in process) | vllm (in process) | server (OpenAI-compatible)",
-    "server_url": "base URL of the server, ending in /v1 (backend server)",
-    "server_model": "the served model's name (default: the one the server lists)",
-    "api_key_env": "environment variable holding the server's API key (sent to that host only)",
-    "concurrency": "requests in flight to the server",
-    "async_rollouts": "sample step t+1 while step t trains, with the adapter of step t-1 (vllm/server only)",
-    "vllm_importance_sampling_correction": "TRL's truncated importance sampling for engine-vs-trainer log-prob drift",
-    "vllm_importance_sampling_mode": "token_truncate | token_mask | sequence_truncate | sequence_mask",
-    "vllm_importance_sampling_clip_max": "upper bound C of the importance ratio (truncate: clip; mask: drop above)",
-    "device": "auto | cpu | cuda | mps",
-    "dtype": "auto | float32 | bfloat16 | float16",
-    "gradient_checkpointing": "default: on for CUDA, off on CPU",
-    "seed": "random seed",
-    "save_steps": "checkpoint every N steps",
-    "save_total_limit": "keep the newest N checkpoints",
-    "logging_steps": "metrics every N steps",
-}
+def need(condition: bool, message: str) -> None:
+    """A setting that cannot work: a usage error naming it."""
+    if not condition:
+        raise UsageError(message)

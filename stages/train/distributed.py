@@ -8,7 +8,9 @@ whole batch. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,15 @@ class Distributed:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def mean_std(self, values: Sequence[float], device: torch.device) -> tuple[float, float]:
+        """Mean and unbiased standard deviation of numbers spread over the ranks (0, 0 for none)."""
+        total, total_sq, count = self.sum([sum(values), sum(v * v for v in values), float(len(values))], device)
+        if count == 0:
+            return 0.0, 0.0
+        mean = total / count
+        variance = max(total_sq - total * mean, 0.0) / (count - 1) if count > 1 else 0.0
+        return mean, math.sqrt(variance)
 
     def max(self, value: float, device: torch.device) -> float:
         """The largest of one number over ranks."""

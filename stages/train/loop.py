@@ -1,14 +1,15 @@
 """The `train` stage: LoRA GRPO (or SFT) on records with references. It reads top to bottom: set-up
 (stages/train/setup.py), then the step loop, then the outputs.
 
-One GRPO step (stages/train/step.py; the math is in stages/train/loss.py):
+One GRPO step is one page, stages/train/grpo.py (the math is in stages/train/loss.py):
   1. take this step's prompts (a fresh shuffle each epoch; each rank its own share);
-  2. sample G completions per prompt from the current policy (stages/train/rollout.py);
+  2. sample G completions per prompt from the current policy or an engine on its newest adapter;
   3. reward each completion with the chosen metrics against the record's references;
   4. turn rewards into group-relative advantages;
-  5. reference log-probs with the adapter switched off (no second model), then `num_iterations`
-     clipped policy-gradient updates (stages/train/update.py);
-  6. log metrics; every `save_steps` write an atomic, resumable checkpoint.
+  5-6. micro-batches; reference log-probs with the adapter switched off (no second model), then
+     `num_iterations` clipped policy-gradient updates (stages/train/update.py);
+  7. publish the adapter to an engine of its own; 8. the step's record.
+Every `save_steps` the loop writes an atomic, resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from stages.core.files import remove_leftovers
 from stages.core.lock import folder_lock
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
+from stages.train.grpo import grpo_step
 from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged
 from stages.train.setup import TrainRun, set_up
 from stages.train.sft import sft_update
-from stages.train.step import grpo_step
 from stages.train.telemetry import Telemetry, check_installed
 
 
@@ -137,59 +138,46 @@ def _train(
     """The step loop, then the outputs."""
     config = run.config
     log = StepLog(run.output_dir / "metrics.jsonl", enabled=run.dist.is_main, first_step=run.first_step)
-
+    steps = run.plan.steps
     with sigint_requests_stop() as stop_requested:
-        for step in range(run.first_step, run.steps):
+        for step in range(run.first_step, steps):
             record = train_step(run, step)
-            if (step + 1) % config.logging_steps == 0 or step + 1 == run.steps:
+            if (step + 1) % config.logging_steps == 0 or step + 1 == steps:
                 log.write(record)
                 if on_step and run.dist.is_main:
                     on_step(record)
             interrupted = stop_requested.is_set()
-            if (step + 1) % config.save_steps == 0 or step + 1 == run.steps or interrupted:
+            if (step + 1) % config.save_steps == 0 or step + 1 == steps or interrupted:
                 checkpoint = _save_checkpoint(run, step + 1)
                 if interrupted:
                     raise TrainingInterrupted(checkpoint)
 
     adapter = run.output_dir / "adapter"
+    model, tokenizer = run.policy.model, run.policy.generator.tokenizer
     if run.dist.is_main:
-        save_adapter(run.model, run.generator.tokenizer, adapter, model_name=run.config.model)
+        save_adapter(model, tokenizer, adapter, model_name=run.config.model)
         plot_metrics(log.path, run.output_dir / "reward.png", say)
         if merge_to:
-            save_merged(run.model, run.generator.tokenizer, Path(merge_to))
+            save_merged(model, tokenizer, Path(merge_to))
             say(f"merged model written to {merge_to}")
     run.dist.barrier()
     run.dist.close()
-    return TrainResult(run.output_dir, run.steps, adapter, log.records)
+    return TrainResult(run.output_dir, steps, adapter, log.records)
 
 
 def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     """One optimizer step (GRPO rollout + update, or an SFT batch); returns its metrics record."""
     t0 = time.perf_counter()
-    config, dist = run.config, run.dist
-    lr = lr_at(step, run.steps, config)
-    for group in run.optimizer.param_groups:
+    lr = lr_at(step, run.plan.steps, run.config)
+    for group in run.policy.optimizer.param_groups:
         group["lr"] = lr
-    if config.algo == "sft":
-        picked, _ = run.step_share(step)
-        metrics = sft_update(
-            run.model,
-            run.trainable,
-            run.optimizer,
-            [run.items[i] for i in picked],
-            config=config,
-            dist=dist,
-            device=run.device,
-            pad_id=run.generator.pad_id,
-            autocast=run.autocast,
-        )
+    if run.config.algo == "sft":
+        metrics = sft_update(run.policy, run.plan.items_at(step), config=run.config, dist=run.dist)
     else:
         metrics = grpo_step(run, step)
-        metrics["reward_combine"] = config.reward_combine  # how `rewards` made the reward (sum | zscore)
-        run.rollouts.publish(run.model, step + 1)
     return {
         "step": step + 1,
-        "epoch": round((step + 1) * run.per_step_global / len(run.items), 4),
+        "epoch": run.plan.epoch_after(step),
         "lr": lr,
         **metrics,
         "seconds": round(time.perf_counter() - t0, 4),
@@ -202,11 +190,11 @@ def _save_checkpoint(run: TrainRun, step: int) -> Path:
         save_checkpoint(
             folder,
             step=step,
-            model=run.model,
-            optimizer=run.optimizer,
-            trainable=run.trainable,
+            model=run.policy.model,
+            optimizer=run.policy.optimizer,
+            trainable=run.policy.trainable,
             # the run's own record of its settings and data, which --resume checks against
-            extra={"total_steps": run.steps, "config": run.config.to_dict(), "input_sha256": run.input_digest},
+            extra={"total_steps": run.plan.steps, "config": run.config.to_dict(), "input_sha256": run.input_digest},
             keep_last=run.config.save_total_limit,
         )
     run.dist.barrier()

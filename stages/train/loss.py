@@ -73,10 +73,13 @@ class Denominator:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group") -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group", batch_std: float | None = None
+) -> torch.Tensor:
     """Advantages for rewards laid out group after group (shape [n_groups * group_size]).
 
-    With scale="batch" the std is taken over `rewards` as given: pass the whole batch.
+    scale="batch" divides by the std of the whole batch: `batch_std` when given (the batch is spread over
+    ranks: every rank passes the std of all of them), else the std of `rewards` as given.
     """
     grouped = rewards.view(-1, group_size)
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
@@ -85,6 +88,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else None
     elif scale == "batch":
+        if batch_std is not None:
+            return centred / (batch_std + 1e-4)
         std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else None
     else:
         raise ValueError(f"unknown scale_rewards {scale!r}; choose group, batch or none")

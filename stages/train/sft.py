@@ -6,19 +6,18 @@ tokens (the reference followed by the end-of-sequence token), never of the promp
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stages.engines.generator import Generator
 from stages.train.config import TrainConfig
+from stages.train.data import TrainPrompt
 from stages.train.distributed import Distributed
 from stages.train.logprobs import completion_logprobs, pack
-from stages.train.rollout import TrainPrompt
+
+if TYPE_CHECKING:
+    from stages.train.policy import Policy
 
 
 @dataclass
@@ -38,41 +37,28 @@ def sft_examples(prompts: list[TrainPrompt], generator: Generator, max_answer_le
     return examples
 
 
-def sft_update(
-    model: Any,
-    trainable: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    examples: list[SftExample],
-    *,
-    config: TrainConfig,
-    dist: Distributed,
-    device: torch.device,
-    pad_id: int,
-    autocast: Callable[[], contextlib.AbstractContextManager[None]],
-) -> dict[str, Any]:
+def sft_update(policy: Policy, examples: list[SftExample], *, config: TrainConfig, dist: Distributed) -> dict[str, Any]:
     t0 = time.perf_counter()
+    device = policy.device
     local_tokens = sum(len(e.answer_ids) for e in examples)
     (global_tokens,) = dist.sum([float(local_tokens)], device)
     size = config.micro_batch or config.per_device_train_batch_size
-    model.train()
+    policy.model.train()
     nll = 0.0
     for start in range(0, len(examples), size):
         chunk = examples[start : start + size]
-        batch = pack([e.prompt_ids for e in chunk], [e.answer_ids for e in chunk], pad_id, device)
-        with autocast():
-            logp = completion_logprobs(model, batch, 1.0)
+        batch = pack([e.prompt_ids for e in chunk], [e.answer_ids for e in chunk], policy.generator.pad_id, device)
+        with policy.autocast():
+            logp = completion_logprobs(policy.model, batch, 1.0)
         loss = -(logp * batch.completion_mask).sum() / max(global_tokens, 1.0)
         loss.backward()
         nll += float(loss.detach())
-    dist.sum_gradients(trainable)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = policy.apply_gradients(dist, config.max_grad_norm)
     (nll,) = dist.sum([nll], device)
     seconds = time.perf_counter() - t0
     return {
         "loss": round(nll, 6),
         "answer_tokens": int(global_tokens),
-        "grad_norm": round(float(grad_norm), 6),
+        "grad_norm": round(grad_norm, 6),
         "tokens_per_second": round(global_tokens / max(seconds, 1e-9), 1),
     }

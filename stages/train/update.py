@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stages.train.config import LossConfig, TrainConfig
 from stages.train.distributed import Distributed
 from stages.train.logprobs import PackedBatch, completion_logprobs, completion_logprobs_and_entropy, pack
-from stages.train.loss import Denominator, LossConfig, engine_importance_weights, grpo_loss, high_entropy_mask
-from stages.train.rollout import Rollout
+from stages.train.loss import Denominator, LossParts, engine_importance_weights, grpo_loss, high_entropy_mask
+from stages.train.policy import Policy
+
+if TYPE_CHECKING:
+    from stages.train.grpo import Rollout
 
 
 @dataclass
@@ -49,6 +53,11 @@ class SamplerCorrection:
     importance_mode: str | None = None
     importance_clip_max: float = 3.0
 
+    @classmethod
+    def of(cls, config: TrainConfig) -> SamplerCorrection:
+        mode = config.vllm_importance_sampling_mode if config.vllm_importance_sampling_correction else None
+        return cls(config.async_rollouts, mode, config.vllm_importance_sampling_clip_max)
+
 
 def micro_batches(
     rollout: Rollout, *, size: int, pad_id: int, device: torch.device, mask_truncated: bool
@@ -70,27 +79,13 @@ def micro_batches(
     return batches
 
 
-def policy_update(
-    model: Any,
-    trainable: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    batches: list[MicroBatch],
-    *,
-    loss_config: LossConfig,
-    num_iterations: int,
-    temperature: float,
-    max_grad_norm: float,
-    max_completion_length: int,
-    dist: Distributed,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[None]],
-    correction: SamplerCorrection = SamplerCorrection(),
-) -> UpdateStats:
+def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig, dist: Distributed) -> UpdateStats:
     """Reference log-probs once (when beta > 0), then num_iterations optimizer updates on the same rollout.
 
     The ratio's "old" policy is the one that sampled: on policy with one iteration that is the current
     weights (ratio exactly 1); with several iterations or async rollouts, the sampler's log-probs.
     """
+    device, loss_config = policy.device, config.loss_config()
     local_tokens = sum(int(mb.batch.completion_mask.sum()) for mb in batches)
     sequences, global_tokens = dist.sum([float(sum(len(mb.rows) for mb in batches)), float(local_tokens)], device)
     denominator = Denominator.for_step(
@@ -99,48 +94,85 @@ def policy_update(
         n_tokens_global=int(global_tokens),
         n_tokens_local=local_tokens,
         world_size=dist.world_size,
-        max_completion_length=max_completion_length,
+        max_completion_length=config.max_completion_length,
     )
     if loss_config.beta != 0.0:
-        with torch.no_grad(), model.disable_adapter(), autocast():
+        with torch.no_grad(), policy.model.disable_adapter(), policy.autocast():
             for mb in batches:
-                mb.ref_logp = completion_logprobs(model, mb.batch, temperature)
-
+                mb.ref_logp = completion_logprobs(policy.model, mb.batch, config.temperature)
+    correction = SamplerCorrection.of(config)
     stats = UpdateStats()
-    drift = [0.0, 0.0]  # sum and max of |sampler - trainer| log-prob over active tokens
-    model.train()
-    for iteration in range(num_iterations):
-        totals = [0.0, 0.0, 0.0]  # loss, kl sum, clipped tokens
+    drift = Drift()
+    policy.model.train()
+    for iteration in range(config.num_iterations):
+        sums = LossSums()
         for mb in batches:
-            logp, entropy_mask = _policy_logprobs(model, mb.batch, temperature, loss_config, autocast)
-            mask = mb.batch.completion_mask
-            if iteration == 0:
-                _add_drift(drift, logp.detach(), mb.sampled_logp, mask)
-                if correction.importance_mode:
-                    mb.sampling_weight = engine_importance_weights(
-                        logp, mb.sampled_logp, mask, correction.importance_mode, correction.importance_clip_max
-                    )
-            old = mb.sampled_logp if num_iterations > 1 or correction.behaviour_old else logp.detach()
-            parts = grpo_loss(
-                logp, old, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight, entropy_mask
-            )
+            parts = _micro_batch_loss(policy, mb, config, loss_config, denominator, correction, drift, iteration)
             parts.loss.backward()
-            totals[0] += float(parts.loss.detach())
-            totals[1] += parts.kl_sum
-            totals[2] += parts.clipped_tokens
-        dist.sum_gradients(trainable)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss, kl_sum, clipped = dist.sum(totals, device)
-        stats.loss += loss / num_iterations
-        stats.kl += kl_sum / max(global_tokens, 1) / num_iterations
-        stats.clip_fraction += clipped / max(global_tokens, 1) / num_iterations
-        stats.grad_norm += float(grad_norm) / num_iterations
-    (drift_sum,) = dist.sum([drift[0]], device)
+            sums.add(parts)
+        grad_norm = policy.apply_gradients(dist, config.max_grad_norm)
+        loss, kl_sum, clipped = dist.sum([sums.loss, sums.kl, sums.clipped_tokens], device)
+        n = config.num_iterations
+        stats.loss += loss / n
+        stats.kl += kl_sum / max(global_tokens, 1) / n
+        stats.clip_fraction += clipped / max(global_tokens, 1) / n
+        stats.grad_norm += grad_norm / n
+    (drift_sum,) = dist.sum([drift.total], device)
     stats.logprob_drift_mean = drift_sum / max(global_tokens, 1)
-    stats.logprob_drift_max = dist.max(drift[1], device)
+    stats.logprob_drift_max = dist.max(drift.largest, device)
     return stats
+
+
+def _micro_batch_loss(
+    policy: Policy,
+    mb: MicroBatch,
+    config: TrainConfig,
+    loss_config: LossConfig,
+    denominator: Denominator,
+    correction: SamplerCorrection,
+    drift: Drift,
+    iteration: int,
+) -> LossParts:
+    """One micro-batch's share of the step's loss, with the trainer's log-probs from a fresh forward pass."""
+    logp, entropy_mask = _policy_logprobs(policy.model, mb.batch, config.temperature, loss_config, policy.autocast)
+    mask = mb.batch.completion_mask
+    if iteration == 0:
+        drift.add(logp.detach(), mb.sampled_logp, mask)
+        if correction.importance_mode:
+            mb.sampling_weight = engine_importance_weights(
+                logp, mb.sampled_logp, mask, correction.importance_mode, correction.importance_clip_max
+            )
+    old = mb.sampled_logp if config.num_iterations > 1 or correction.behaviour_old else logp.detach()
+    return grpo_loss(
+        logp, old, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight, entropy_mask
+    )
+
+
+@dataclass
+class LossSums:
+    """The micro-batches' losses and statistics summed over one optimizer update."""
+
+    loss: float = 0.0
+    kl: float = 0.0
+    clipped_tokens: float = 0.0
+
+    def add(self, parts: LossParts) -> None:
+        self.loss += float(parts.loss.detach())
+        self.kl += parts.kl_sum
+        self.clipped_tokens += parts.clipped_tokens
+
+
+@dataclass
+class Drift:
+    """|sampler - trainer| log-prob over active tokens: the sum and the largest."""
+
+    total: float = 0.0
+    largest: float = 0.0
+
+    def add(self, trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
+        gap = (trainer - sampler).abs() * mask
+        self.total += float(gap.sum())
+        self.largest = max(self.largest, float(gap.max()) if gap.numel() else 0.0)
 
 
 def _policy_logprobs(
@@ -157,9 +189,3 @@ def _policy_logprobs(
         logp, entropy = completion_logprobs_and_entropy(model, batch, temperature)
     # TRL takes the quantile over each micro-batch's own tokens.
     return logp, high_entropy_mask(entropy, batch.completion_mask, loss_config.top_entropy_quantile)
-
-
-def _add_drift(drift: list[float], trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
-    gap = (trainer - sampler).abs() * mask
-    drift[0] += float(gap.sum())
-    drift[1] = max(drift[1], float(gap.max()) if gap.numel() else 0.0)

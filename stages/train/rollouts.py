@@ -1,16 +1,16 @@
-"""Rollouts from an engine of their own (vLLM in this process, or a server), kept on the newest adapter.
+"""Sampling each step's groups, and keeping an engine of their own on the trainer's newest adapter.
 
-After every optimizer step the trainer saves only the LoRA adapter (safetensors, atomically) under
-`<run>/engine-adapters/step-N` and tells the engine to sample with it under a new name (engines cache
-by name, so a name is never reused). No merging and no full-weight transfer. The folder of the version
-before is kept until the engine has moved on; older ones are removed.
+An engine that samples with the live policy (the transformers engine) always has the newest weights:
+nothing to publish, nothing to prefetch. An engine that holds the base model itself (vLLM in this
+process, or a server) gets only the LoRA adapter after every optimizer step: saved (safetensors,
+atomically) under `<run>/engine-adapters/step-N` and loaded under a new name (engines cache by name, so
+a name is never reused). No merging and no full-weight transfer. The folder of the version before is
+kept until the engine has moved on; older ones are removed.
 
 With `async_rollouts`, step t+1's groups are sampled in a background thread while step t trains,
 with the adapter of step t-1: one step stale, never more, because the new adapter is published only
 after that sampling has finished. The update then takes its clipped ratio against the sampler's
 log-probs (the behaviour policy). With the option off, sampling waits for the newest adapter.
-
-The transformers engine samples with the live policy itself: nothing to publish, nothing to prefetch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from stages.core.errors import ModelError
 from stages.core.files import atomic_folder
 from stages.engines.base import AdapterRef, Sample, SamplingParams, derive_seed
 from stages.engines.generator import Generator
+from stages.train.data import StepPlan, TrainPrompt
 from stages.train.distributed import Distributed
 
 ADAPTERS_DIR = "engine-adapters"
@@ -36,38 +37,79 @@ ADAPTERS_DIR = "engine-adapters"
 SAME_MODEL_TOLERANCE = 0.5
 PROBE = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
-Sampler = Callable[[int], list[Sample]]  # step -> this rank's samples for that step
 
+class Rollouts:
+    """Samples G completions per prompt for each step, from the engine on the newest adapter."""
 
-class RolloutEngine:
-    """Samples each step's groups and keeps the engine on the trainer's newest adapter."""
-
-    def __init__(self, generator: Generator, output_dir: Path, dist: Distributed, *, async_rollouts: bool) -> None:
-        self.generator = generator
+    def __init__(
+        self,
+        generator: Generator,
+        plan: StepPlan[TrainPrompt],
+        sampling: SamplingParams,
+        *,
+        group_size: int,
+        prompts_per_batch: int,
+        seed: int,
+        output_dir: Path,
+        dist: Distributed,
+        async_rollouts: bool,
+        autocast: Callable[[], Any],
+    ) -> None:
+        self.generator, self.plan, self.sampling = generator, plan, sampling
+        self.group_size, self.prompts_per_batch, self.seed = group_size, prompts_per_batch, seed
+        self.dist, self.autocast = dist, autocast
         self.folder = output_dir / ADAPTERS_DIR
-        self.dist = dist
-        self.async_rollouts = async_rollouts
-        self.external = generator.engine.name != "transformers"
-        tag = f"{output_dir.resolve()}|{os.getpid()}|{time.time()}"
-        self.tag = hashlib.sha256(tag.encode()).hexdigest()[:8]
+        self.tag = hashlib.sha256(f"{output_dir.resolve()}|{os.getpid()}|{time.time()}".encode()).hexdigest()[:8]
         self.published: list[Path] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if async_rollouts else None
         self.pending: tuple[int, Future[list[Sample]]] | None = None
 
-    def samples(self, step: int, sample: Sampler, *, last_step: int) -> list[Sample]:
-        """This step's samples (prefetched, or sampled now); with async rollouts, start the next step's."""
+    @property
+    def engine_of_its_own(self) -> bool:
+        return not self.generator.engine.samples_with_live_policy
+
+    def samples(self, step: int) -> list[Sample]:
+        """This step's samples on this rank, group after group (prefetched, or sampled now); with async
+        rollouts, start sampling the next step's."""
         if self.pending is not None and self.pending[0] == step:
             samples = self.pending[1].result()
             self.pending = None
         else:
-            samples = sample(step)
-        if self.pool is not None and step + 1 < last_step:
-            self.pending = (step + 1, self.pool.submit(sample, step + 1))
+            samples = self.sample(step)
+        if self.pool is not None and step + 1 < self.plan.steps:
+            self.pending = (step + 1, self.pool.submit(self.sample, step + 1))
         return samples
+
+    def sample(self, step: int) -> list[Sample]:
+        """G samples for each of this rank's prompts at `step`, seeded by (seed, step, global position, k):
+        independent of the world size and of how prompts are batched."""
+        picked, positions = self.plan.share(step)
+        prompts = [self.plan.items[i] for i in picked]
+        per_batch = self.prompts_per_batch
+        samples: list[Sample] = []
+        with self.autocast():
+            for start in range(0, len(prompts), per_batch):
+                seeds = [
+                    [derive_seed(self.seed, "sample", step, position, k) for k in range(self.group_size)]
+                    for position in positions[start : start + per_batch]
+                ]
+                ids = [p.ids for p in prompts[start : start + per_batch]]
+                for group in self.generator.sample_ids(ids, seeds, self.sampling):
+                    samples.extend(group)
+        return samples
+
+    def connect(self, model: Any, *, first_step: int, temperature: float, say: Callable[[str], None]) -> None:
+        """Check that an engine of its own serves the trainer's base model, then give it the current adapter."""
+        if not self.engine_of_its_own:
+            return
+        name = self.generator.engine.name
+        gap = check_same_base_model(model, self.generator, temperature=temperature, where=name)
+        say(f"rollouts from the {name} engine (probe log-prob gap to the trainer {gap:.4f})")
+        self.publish(model, first_step)
 
     def publish(self, model: Any, version: int) -> None:
         """Make the engine sample with the adapter as it is now (after `version` optimizer steps)."""
-        if not self.external:
+        if not self.engine_of_its_own:
             return
         if self.pending is not None:
             self.pending[1].result()  # the sampling in flight uses the version before: let it finish first

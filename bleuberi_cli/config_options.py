@@ -1,0 +1,123 @@
+"""Command-line options made from a config dataclass (see stages/core/options.py), so each option is
+declared once, on its config field.
+
+    @app.command()
+    @with_config_options(TrainConfig)
+    def train(output_dir: ..., config: TrainConfig) -> None: ...
+
+typer reads a command's parameters from its signature. The decorator gives the command the signature
+typer should see: the function's own parameters (minus `config`), then one option per config field
+(nested groups flattened); when the command runs, it builds the config from those options and passes
+it as `config`. A list option left empty, like any option left out, keeps the field's default.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from bleuberi_cli.common import boundary
+from stages.core.options import Leaf, build, leaves
+
+CONFIG_PARAMETER = "config"
+
+
+def flags_of(leaf: Leaf) -> tuple[str, ...]:
+    """The option's names: declared ones, else --field-name (a bool that may be on or off: --x/--no-x)."""
+    if leaf.info.flags:
+        return leaf.info.flags
+    flag = "--" + leaf.name.replace("_", "-")
+    if _is_bool(leaf.hint) and (leaf.default is not False):
+        return (f"{flag}/--no-{flag[2:]}",)
+    return (flag,)
+
+
+def sentence(help: str) -> str:
+    """A config comment as --help text: a capital and a full stop, unless it starts with a value list
+    (`grpo | sft`) or a name (`constant_with_warmup`), which keep their case."""
+    first, _, rest = help.partition(" ")
+    if first.isalpha() and first.islower() and not rest.startswith("|"):
+        help = first.capitalize() + " " + rest
+    return help if help.endswith(".") else help + "."
+
+
+def _is_bool(hint: Any) -> bool:
+    return hint is bool or (typing.get_origin(hint) in (typing.Union, _union_type()) and bool in typing.get_args(hint))
+
+
+def _union_type() -> Any:
+    import types
+
+    return types.UnionType
+
+
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(hint) is list
+
+
+def cli_parameter(leaf: Leaf) -> inspect.Parameter:
+    """A typer option for one config field."""
+    info = leaf.info
+    settings: dict[str, Any] = {"help": sentence(info.help), "rich_help_panel": info.panel}
+    if info.metavar:
+        settings["metavar"] = info.metavar
+    if info.envvar:
+        settings["envvar"] = info.envvar
+    hint, default = leaf.hint, leaf.default
+    if info.choices:  # a str whose values come from a registry: typer shows and checks Literal values
+        hint = typing.Literal[info.choices]  # type: ignore[valid-type]
+    if _is_list(hint):  # typer wants `list[T] | None = None`; None (or empty) keeps the field's default
+        hint, default = hint | None, None
+        settings["show_default"] = ", ".join(map(str, leaf.default)) or False
+    option = typer.Option(*flags_of(leaf), **settings)
+    return inspect.Parameter(
+        leaf.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, option]
+    )
+
+
+def option_type(config_class: type, name: str) -> Any:
+    """One config field's option, as an `Annotated` type for a command that has no config of its own."""
+    [leaf] = [leaf for leaf in leaves(config_class) if leaf.name == name]
+    return cli_parameter(leaf).annotation
+
+
+def cli_leaves(config_class: type) -> list[Leaf]:
+    return [leaf for leaf in leaves(config_class) if leaf.info.cli]
+
+
+def with_config_options(config_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of `config_class`; it receives the built config as `config`."""
+    options = cli_leaves(config_class)
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(command).parameters.values()
+            if p.name != CONFIG_PARAMETER
+        ]
+        clash = {p.name for p in own} & {leaf.name for leaf in options}
+        if clash:
+            raise TypeError(f"{command.__name__}: parameters {sorted(clash)} are also {config_class.__name__} fields")
+        names = {leaf.name for leaf in options}
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {k: v for k, v in kwargs.items() if k in names and v is not None and v != []}
+            rest = {k: v for k, v in kwargs.items() if k not in names}
+            with boundary():  # a refused setting is the command's one-line usage error
+                config = build(config_class, values)
+            return command(**rest, **{CONFIG_PARAMETER: config})
+
+        parameters = [*own, *(cli_parameter(leaf) for leaf in options)]
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # typer must read the signature above, not the function's own
+        return run
+
+    return decorate

@@ -1,0 +1,255 @@
+"""What `eval` compares and how: the systems, the metrics, generation settings, judges.
+
+Every field is one `bleuberi eval` option (declared once, here; stages/core/options.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stages.core.errors import UsageError
+from stages.core.models import DEFAULT_MODEL
+from stages.core.options import (
+    device_option,
+    dtype_option,
+    option,
+    seed_option,
+    system_prompt_option,
+    trust_remote_code_option,
+)
+from stages.engines.base import EngineOptions, SamplingParams
+from stages.eval.stats import DEFAULT_RESAMPLES
+from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
+
+if TYPE_CHECKING:
+    from stages.eval.judges import HttpJudge, RewardModelJudge
+
+BASE = "base"
+SYSTEMS, GENERATION, COMPARISON, JUDGES = "Systems", "Generation", "Comparison", "Judges"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    adapter: str | None
+    answers: str | None = None  # a file of answers produced elsewhere: nothing is generated
+    engine: EngineOptions | None = None  # a system served elsewhere (default: the eval's own engine)
+    length_of: str | None = None  # a length control: the baseline cut to this system's answer lengths
+
+
+def parse_systems(
+    adapter_specs: Sequence[str], answer_specs: Sequence[str] = (), *, with_base: bool = True
+) -> list[System]:
+    """`PATH[=NAME]` adapter specs and `NAME=FILE` answer specs -> systems, the base first (unless
+    `with_base` is False). A default adapter name is its folder's name (or the run folder's, for `.../adapter`)."""
+    from stages.eval.answers import parse_answer_spec
+
+    systems = [System(BASE, None)] if with_base else []
+    for spec in answer_specs:
+        name, path = parse_answer_spec(spec)
+        if name in {s.name for s in systems}:
+            raise UsageError(f"two systems are named {name!r}; give each --answers its own NAME")
+        systems.append(System(name, None, path))
+    for spec in adapter_specs:
+        path, sep, name = spec.partition("=")
+        if not path or (sep and not name):
+            raise UsageError(f"bad --adapter {spec!r}: expected PATH or PATH=NAME")
+        if not name:
+            folder = Path(path.rstrip("/"))
+            name = folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+        if name in {s.name for s in systems}:
+            raise UsageError(f"two systems are named {name!r}; name them with --adapter PATH=NAME")
+        systems.append(System(name, path))
+    return systems
+
+
+def parse_served(spec: str, defaults: EngineOptions) -> System:
+    """`NAME=URL[#MODEL]`: a system answered by an OpenAI-compatible server (the key and chat mode as
+    for the eval's own --api-key-env / --server-chat-only)."""
+    name, sep, target = spec.partition("=")
+    url, _, model = target.partition("#")
+    if not sep or not name or not url:
+        raise UsageError(f"bad --served {spec!r}: expected NAME=URL or NAME=URL#MODEL (URL ending in /v1)")
+    engine = EngineOptions("server", url, model or None, defaults.api_key_env, defaults.concurrency, defaults.chat_only)
+    return System(name, None, engine=engine)
+
+
+@dataclass(frozen=True)
+class JudgeOptions:
+    """The two optional judges, both off by default."""
+
+    judge_model: str | None = option(
+        None, "local reward model folder: scores every answer (win rate by reward)", metavar="PATH", panel=JUDGES
+    )
+    judge_url: str | None = option(
+        None, "OpenAI-compatible endpoint (.../v1) asked for pairwise verdicts", metavar="URL", panel=JUDGES
+    )
+    judge_url_model: str = option("judge", "the `model` sent to --judge-url", metavar="NAME", panel=JUDGES)
+    judge_key_env: str | None = option(
+        None, "environment variable holding the endpoint's API key", metavar="VAR", panel=JUDGES
+    )
+    judge_timeout: float = option(60.0, "seconds per request", metavar="S", panel=JUDGES)
+    judge_retries: int = option(3, "retries per request", metavar="N", panel=JUDGES)
+    judge_cache: str | None = option(
+        None, "verdict cache (default: $BLEUBERI_CACHE/judge)", metavar="DIR", panel=JUDGES
+    )
+
+    def reward_judge(self, device: str) -> RewardModelJudge | None:
+        from stages.eval.judges import RewardModelJudge
+
+        return RewardModelJudge(self.judge_model, device=device) if self.judge_model else None
+
+    def http_judge(self, seed: int) -> HttpJudge | None:
+        from stages.eval.judges import HttpJudge
+
+        if not self.judge_url:
+            return None
+        return HttpJudge(
+            self.judge_url,
+            model=self.judge_url_model,
+            key_env=self.judge_key_env,
+            timeout=self.judge_timeout,
+            retries=self.judge_retries,
+            cache_dir=self.judge_cache,
+            seed=seed,
+        )
+
+
+@dataclass
+class EvalConfig:
+    # Not named (None): the embedded default, unless only --answers or --served systems are given, when
+    # no model answers (a served system still needs one to build its prompts: the default).
+    model: str | None = option(
+        None,
+        f"causal LM that generates the base system (default '{DEFAULT_MODEL}', embedded; none is loaded when "
+        "only --answers are given): embedded name, local folder or hub id",
+        metavar="NAME|PATH|HUB-ID",
+        envvar="BLEUBERI_MODEL",
+        panel=SYSTEMS,
+    )
+    adapters: list[str] = option(
+        factory=list,
+        help="a LoRA adapter to compare with the base; repeatable",
+        metavar="PATH[=NAME]",
+        flags=("--adapter",),
+        panel=SYSTEMS,
+    )
+    answers: list[str] = option(
+        factory=list,
+        help="a system whose answers already exist (JSONL); repeatable",
+        metavar="NAME=FILE",
+        flags=("--answers",),
+        panel=SYSTEMS,
+    )
+    served: list[str] = option(
+        factory=list,
+        help="a system answered by an OpenAI-compatible server elsewhere (prompts through --model's chat template "
+        "as token ids, or as chat turns with --server-chat-only); repeatable",
+        metavar="NAME=URL[#MODEL]",
+        flags=("--served",),
+        panel=SYSTEMS,
+    )
+    baseline: str | None = option(
+        None, "the system others are compared with (default: base)", metavar="NAME", panel=SYSTEMS
+    )
+    metrics: list[str] = option(
+        factory=lambda: list(DEFAULT_EVAL_METRICS),
+        help="metric to report; repeatable",
+        metavar="NAME",
+        flags=("-m", "--metric"),
+        panel=COMPARISON,
+    )
+    max_new_tokens: int = option(256, "answer length limit", metavar="N", panel=GENERATION)
+    temperature: float = option(0.0, "0 = greedy: the answer a user would get", metavar="T", panel=GENERATION)
+    top_p: float = option(1.0, "nucleus sampling mass", metavar="P", panel=GENERATION)
+    seed: int = seed_option()
+    batch_size: int = option(8, "prompts per generation batch", metavar="N", panel=GENERATION)
+    max_prompt_length: int | None = option(None, "cut longer prompts from the left", metavar="N", panel=GENERATION)
+    device: str = device_option()
+    dtype: str = dtype_option()
+    system_prompt: str | None = system_prompt_option()
+    trust_remote_code: bool = trust_remote_code_option()
+    resamples: int = option(
+        DEFAULT_RESAMPLES,
+        "resamples for the 95% intervals",
+        metavar="N",
+        flags=("--bootstrap-resamples",),
+        panel=COMPARISON,
+    )
+    engine: EngineOptions = field(default_factory=EngineOptions)  # who generates the answers
+    length_control: bool = option(
+        True,
+        "add base@len(NAME) per system: the baseline's answers cut to that system's lengths, scored the same "
+        "way; a gain it also gets is length, not learning",
+        panel=COMPARISON,
+    )
+    reasoning: bool = option(
+        False,
+        "evaluate adapters trained with `train --reasoning`: its <think>/<answer> system prompt (unless "
+        "--system-prompt), and metrics score only the <answer> part (`-m format` scores the format)",
+        panel=GENERATION,
+    )
+    tokenizer: str | None = option(
+        None,
+        "counts answer lengths for the length control (default: --model's; with only --answers: words)",
+        metavar="NAME|PATH",
+        panel=COMPARISON,
+    )
+    judges: JudgeOptions = field(default_factory=JudgeOptions)
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise UsageError("at least one --metric is needed")
+        for name in self.metrics:
+            get_metric(name)  # unknown names fail here, before any model is loaded
+        if not self.systems:
+            raise UsageError("nothing to evaluate: give --model, --adapter, --answers or --served")
+        names = [s.name for s in self.systems]
+        if self.baseline is not None and self.baseline not in names:
+            raise UsageError(f"--baseline {self.baseline!r} is not a system; systems: {', '.join(names)}")
+        if self.resamples < 1:
+            raise UsageError("--bootstrap-resamples must be >= 1")
+        self.sampling  # noqa: B018 - validates the sampling parameters early
+
+    @property
+    def with_base(self) -> bool:
+        """Does the base model answer? Not when only answers from files or servers are compared."""
+        return bool(self.model or self.adapters or not (self.answers or self.served))
+
+    @property
+    def base_model(self) -> str | None:
+        """The model loaded here (None: no model at all, only answers from files)."""
+        if self.model:
+            return self.model
+        return None if self.answers and not self.adapters and not self.served else DEFAULT_MODEL
+
+    @property
+    def systems(self) -> list[System]:
+        systems = parse_systems(self.adapters, self.answers, with_base=self.with_base and self.base_model is not None)
+        for spec in self.served:
+            system = parse_served(spec, self.engine)
+            if system.name in {s.name for s in systems}:
+                raise UsageError(f"two systems are named {system.name!r}; give each --served its own NAME")
+            systems.append(system)
+        return systems
+
+    @property
+    def baseline_name(self) -> str:
+        if self.baseline is not None:
+            return self.baseline
+        names = [s.name for s in self.systems]
+        return BASE if BASE in names else names[0]
+
+    @property
+    def prompt(self) -> str | None:
+        """--system-prompt, else in reasoning mode the prompt `train --reasoning` trained with."""
+        from stages.metrics.reasoning import system_prompt_for
+
+        return system_prompt_for(self.system_prompt, self.reasoning)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p)

@@ -1,0 +1,102 @@
+"""What the steps train on: tokenised prompts, and which of them each step (and each rank) takes."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from stages.core.errors import InputError
+from stages.core.records import prompt_messages
+from stages.engines.base import derive_seed
+from stages.engines.prompts import PromptEncoder, cut_left
+
+
+@dataclass
+class TrainPrompt:
+    record_id: str
+    ids: list[int]
+    references: list[str]
+    messages: list[dict[str, str]] | None = None  # the record's prompt turns, for rewards that read them (rm)
+
+
+@dataclass
+class PromptReport:
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+def prepare_prompts(
+    records: Sequence[dict[str, Any]], encoder: PromptEncoder, max_prompt_length: int, drop_long: bool
+) -> tuple[list[TrainPrompt], PromptReport]:
+    """Tokenise every prompt once. Over-long prompts are cut from the left (or dropped), and counted."""
+    report = PromptReport()
+    prompts = []
+    for record in records:
+        ids = encoder.encode(record)
+        if len(ids) > max_prompt_length:
+            if drop_long:
+                report.dropped += 1
+                continue
+            report.truncated += 1
+            ids = cut_left(ids, max_prompt_length)
+        prompts.append(TrainPrompt(record["id"], ids, record["references"], prompt_messages(record)))
+    report.kept = len(prompts)
+    if not prompts:
+        raise InputError("<input>", None, "no usable training prompts (all empty or dropped as too long)")
+    return prompts, report
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_items))
+    random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
+    return order
+
+
+def step_items(step: int, per_step: int, n_items: int, seed: int) -> list[int]:
+    """Item indices used at `step` (all ranks): a fresh shuffle each epoch, epochs laid end to end."""
+    picked = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(position, n_items)
+        picked.append(epoch_order(n_items, seed, epoch)[index])
+    return picked
+
+
+def total_steps(n_items: int, per_step_global: int, epochs: float, max_steps: int | None) -> int:
+    return max_steps if max_steps else max(1, math.ceil(epochs * n_items / per_step_global))
+
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class StepPlan(Generic[Item]):
+    """The items (prompts for GRPO, examples for SFT) and which of them each step takes on each rank."""
+
+    items: list[Item]
+    per_rank: int  # items per step on one rank
+    rank: int
+    world_size: int
+    seed: int
+    steps: int
+
+    @property
+    def per_step(self) -> int:
+        """Items per step on all ranks together."""
+        return self.per_rank * self.world_size
+
+    def share(self, step: int) -> tuple[list[int], list[int]]:
+        """This rank's item indices at `step`, and their positions in the global order (which seed sampling)."""
+        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        picked = step_items(step, self.per_step, len(self.items), self.seed)[mine]
+        return picked, list(range(step * self.per_step, (step + 1) * self.per_step))[mine]
+
+    def items_at(self, step: int) -> list[Item]:
+        return [self.items[i] for i in self.share(step)[0]]
+
+    def epoch_after(self, step: int) -> float:
+        """Passes over the items when `step` (0-based) has finished."""
+        return round((step + 1) * self.per_step / len(self.items), 4)

@@ -1,0 +1,98 @@
+"""The policy being trained: the base model with a LoRA adapter, its optimizer, and the generator that
+samples rollouts (the policy itself, or an engine of its own holding the base model)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages.engines.generator import Generator
+from stages.train.config import TrainConfig
+from stages.train.distributed import Distributed
+
+Autocast = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+@dataclass
+class Policy:
+    model: Any  # the PEFT-wrapped model
+    generator: Generator  # the tokenizer and the engine that samples rollouts
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    autocast: Autocast
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def apply_gradients(self, dist: Distributed, max_grad_norm: float) -> float:
+        """One optimizer step on the summed gradients of every rank; returns the gradient norm before clipping."""
+        dist.sum_gradients(self.trainable)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+
+def load_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """The base model with a fresh LoRA (seeded by the caller), an AdamW over the LoRA weights, and the
+    rollout engine: the policy itself (transformers) or vLLM / a server holding the base model."""
+    from stages.core.models import load_model, load_tokenizer, resolve_dtype, resolve_model
+    from stages.engines.base import start_engine
+    from stages.engines.generator import engine_target
+
+    resolved = resolve_model(config.model)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
+    base = load_model(
+        resolved, device=device, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
+    )
+    model = _with_lora(base, config, device)
+    target = engine_target(
+        resolved,
+        tokenizer,
+        device=str(device),
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        lora_rank=config.lora_r,
+        live_policy=model,
+    )
+    engine = start_engine(config.engine, target)
+    generator = Generator(tokenizer, engine, target.stop_ids, config.model, None, config.resolved_system_prompt())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return Policy(model, generator, trainable, optimizer, device, _autocast(model, device))
+
+
+def _with_lora(base: Any, config: TrainConfig, device: torch.device) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if config.target_modules == ["all-linear"] else config.target_modules
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    gradient_checkpointing = (
+        device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
+    )
+    if gradient_checkpointing:
+        base_model = model.get_base_model()
+        if hasattr(base_model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _autocast(model: Any, device: torch.device) -> Autocast:
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext

@@ -1,0 +1,121 @@
+"""One declaration per option: every config field is a command-line option and a `bleuberi run` key, and
+every option of the commands built from a config is a field (or one of the command's own few)."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import fields, is_dataclass
+
+import pytest
+import typer.main
+
+from bleuberi_cli.app import app
+from stages.eval.config import EvalConfig
+from stages.generate import GenerateConfig
+from stages.run.config import KEYS, SHARED
+from stages.train.config import TrainConfig
+
+# The options a command has besides its config's: where records come from and go, and how it runs.
+OWN = {
+    "train": {
+        "output_dir",
+        "input",
+        "resume",
+        "resume_from",
+        "overwrite",
+        "report_to",
+        "merge_to",
+        "skip_invalid",
+        "quiet",
+    },
+    "generate": {"input", "output", "resume", "skip_invalid", "quiet"},
+    "eval": {"input", "output", "report", "agreement", "skip_invalid", "quiet"},
+}
+CONFIGS = {"train": TrainConfig, "generate": GenerateConfig, "eval": EvalConfig}
+
+
+def field_names(cls: type) -> set[str]:
+    """A config's fields, nested groups flattened (read from the dataclasses, not from the option code)."""
+    hints = typing.get_type_hints(cls)
+    names: set[str] = set()
+    for f in fields(cls):
+        names |= field_names(hints[f.name]) if is_dataclass(hints[f.name]) else {f.name}
+    return names
+
+
+def command_options(name: str) -> set[str]:
+    group = typer.main.get_command(app)
+    return {param.name for param in group.commands[name].params if param.name}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGS))
+def test_every_config_field_is_an_option_and_every_option_a_field(command) -> None:
+    options = command_options(command)
+    fields_ = field_names(CONFIGS[command])
+    assert fields_ <= options, fields_ - options
+    assert options - fields_ == OWN[command], options - fields_
+
+
+def test_every_train_field_is_a_run_config_key_and_every_train_key_a_field() -> None:
+    train_keys = {key.removeprefix("train.") for key in KEYS if key.startswith("train.")}
+    shared = {key.partition(".")[2] or key for key in KEYS if key in SHARED or key.startswith("engine.")}
+    assert train_keys | shared == field_names(TrainConfig)
+    assert not train_keys & shared  # each is set in one place only
+
+
+def test_a_train_option_reaches_the_config(runner, monkeypatch, tmp_path) -> None:
+    """The flags become the config the command runs with (nested engine settings included)."""
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr("bleuberi_cli.train_cmd._run", lambda records, config, *rest: seen.append(config))
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "a", "prompt": "Hi.", "references": ["Hello."]}\n')
+    args = [
+        "train",
+        "-i",
+        str(data),
+        "-o",
+        str(tmp_path / "r"),
+        "--lr",
+        "0.25",
+        "--beta",
+        "0",
+        "--reward",
+        "chrf",
+        "--reward",
+        "bleu:2",
+        "--backend",
+        "server",
+        "--server-url",
+        "http://127.0.0.1:9/v1",
+        "--epsilon-high",
+        "0.3",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    [config] = seen
+    assert (config.learning_rate, config.beta, config.reward, config.epsilon_high) == (
+        0.25,
+        0.0,
+        ["chrf", "bleu:2"],
+        0.3,
+    )
+    assert (config.engine.backend, config.engine.server_url) == ("server", "http://127.0.0.1:9/v1")
+    untouched = TrainConfig()
+    assert (config.num_generations, config.target_modules) == (untouched.num_generations, untouched.target_modules)
+
+
+def test_a_refused_setting_is_one_line_and_exit_2(runner, tmp_path) -> None:
+    result = runner.invoke(app, ["train", "-o", str(tmp_path / "r"), "--num-generations", "3"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "bleuberi: error: per_device_train_batch_size (8) counts completions and must be a multiple of "
+        "num_generations (3)"
+    ]
+
+
+def test_help_groups_options_under_their_panels(runner) -> None:
+    text = runner.invoke(app, ["train", "--help"]).stdout
+    for panel in ("LoRA:", "Sampling:", "GRPO loss:", "Generation engine:", "Run folder:"):
+        assert f"\n{panel}\n" in text
+    lora, sampling = text.index("\nLoRA:\n"), text.index("\nSampling:\n")
+    assert lora < text.index("--lora-r R") < sampling  # an option sits under its own panel
