@@ -54,15 +54,33 @@ def test_arena_winners_are_normalised(result) -> None:
     assert winners["pair-03"] == "a" and winners["pair-04"] == "tie" and "pair-11" not in winners
 
 
-def test_intervals_and_the_random_baseline_are_seeded(result) -> None:
-    pairs = list(read_pairs(PAIRS))
-    again = measure_agreement(pairs, ["bleu", "rouge-l"], seed=42, dropped_both_bad=1)
-    assert again.summary == result.summary
-    other = measure_agreement(list(read_pairs(PAIRS)), ["bleu"], seed=7)
-    coins = [r["agreement"]["random"] for r in result.records]
-    assert set(coins) == {"a", "b"} and coins != [r["agreement"]["random"] for r in other.records]
+def test_the_interval_is_the_bootstrap_distribution_of_the_agreement(result) -> None:
+    """12 pairs, 7 agreeing (0/1 each): a bootstrap mean is Binomial(12, 7/12) / 12, so the 95% percentile
+    interval lies within one step (1/12) of that distribution's 2.5% and 97.5% quantiles."""
+    from math import comb
+
+    n, k = 12, 7
+    cdf, total = [], 0.0
+    for j in range(n + 1):
+        total += comb(n, j) * (k / n) ** j * (1 - k / n) ** (n - j)
+        cdf.append(total)
+    q_low = next(j for j in range(n + 1) if cdf[j] >= 0.025) / n
+    q_high = next(j for j in range(n + 1) if cdf[j] >= 0.975) / n
     low, high = result.summary["agreement"]["bleu"]["ci95"]
-    assert 0 <= low < 7 / 12 < high <= 1
+    assert abs(low - q_low) <= 1 / n and abs(high - q_high) <= 1 / n, (low, high, q_low, q_high)
+    assert high - low > 4 / n  # not a degenerate interval: 12 pairs leave a wide one
+
+
+def test_the_random_baseline_is_a_fair_seeded_coin(result) -> None:
+    """Its agreement is the share of pairs where the coin named the human winner, and its coins follow the
+    seed: another seed flips some of them."""
+    records = result.records
+    coins = [r["agreement"]["random"] for r in records]
+    matches = sum(c == r["winner"] for c, r in zip(coins, records))
+    assert result.summary["agreement"]["random"]["mean"] == pytest.approx(matches / len(records))
+    assert set(coins) == {"a", "b"}
+    other = measure_agreement(list(read_pairs(PAIRS)), ["bleu"], seed=7)
+    assert coins != [r["agreement"]["random"] for r in other.records]
 
 
 @pytest.mark.parametrize(

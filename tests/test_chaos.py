@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -81,6 +82,7 @@ def eval_answers(run_dir: Path) -> list[tuple[str, dict]]:
     return [(r["id"], {s: v["completion"] for s, v in r["evaluation"].items()}) for r in rows]
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_then_resume_equals_one_uninterrupted_run(tiny_model, tmp_path) -> None:
     data = tmp_path / "data"
     data.mkdir()

@@ -23,6 +23,7 @@ def test_the_packaged_demo_data_is_the_examples_data(name) -> None:
     assert packaged.read_bytes() == (EXAMPLES / "data" / f"{name}.jsonl").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_wheel_carries_the_demo_data(tmp_path) -> None:
     source = tmp_path / "src"  # a copy, so the build leaves nothing in the working tree
     source.mkdir()

@@ -9,6 +9,7 @@ import statistics
 import numpy as np
 import pytest
 import sacrebleu
+import torch
 from transformers import AutoTokenizer
 
 from bleuberi_cli.app import app
@@ -124,7 +125,6 @@ def evaluated(tiny_model, tiny_adapter):
 
 
 def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
-    from stages.metrics import get_metric
 
     result, config = evaluated
     assert [r["id"] for r in result.records] == [r["id"] for r in demo_records(count=6)]
@@ -138,10 +138,9 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
         assert record["evaluation"]["base@len(lora)"]["completion"] == cut
         for answer in (record["evaluation"][name] for name in ("base", "lora")):
             assert set(answer["scores"]) == set(config.metrics)
-            # Scores are the registry's metrics on the answer, not something computed on the side.
-            assert answer["scores"]["bleu"] == get_metric("bleu").sentence_score(
-                answer["completion"], record["references"]
-            )
+            # Scores are sacrebleu's sentence BLEU on the answer (the reference implementation, / 100)
+            expected = sacrebleu.sentence_bleu(answer["completion"], record["references"]).score / 100
+            assert answer["scores"]["bleu"] == pytest.approx(expected, abs=1e-12)
             assert 1 <= answer["tokens"] <= 6 and answer["finish_reason"] in ("stop", "length")
     # The adapter changes the answers (it is random and non-zero).
     assert any(r["evaluation"]["base"]["completion"] != r["evaluation"]["lora"]["completion"] for r in result.records)
@@ -177,10 +176,25 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
     assert got["difference"]["mean"] == pytest.approx(statistics.fmean(differences), abs=1e-12)
 
 
-def test_eval_summary_is_reproducible(evaluated, tiny_model, tiny_adapter) -> None:
-    result, config = evaluated
-    again = evaluate(demo_records(count=6), config)
-    assert again.summary == result.summary
+def test_eval_answers_are_transformers_greedy_answers(evaluated, tiny_model, tiny_adapter) -> None:
+    """Each system's answer is what transformers' own greedy `generate` gives for the prompt through the chat
+    template: the base model, and the base with the adapter merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, _ = evaluated
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tiny_adapter))
+    for name, model in (("base", base), ("lora", tuned.merge_and_unload())):
+        for record in result.records:
+            turns = [{"role": "user", "content": record["prompt"]}]
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+            assert record["evaluation"][name]["completion"] == expected
 
 
 def test_eval_command_writes_records_and_reports(runner, tiny_model, tiny_adapter, tmp_path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, ROOT, demo_records, read_jsonl_text, write_jsonl
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")]
 
 
 def make(tmp_path, tiny_model, *targets: str) -> subprocess.CompletedProcess:

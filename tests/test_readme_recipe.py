@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, demo_records, write_jsonl
 
 
@@ -22,6 +24,7 @@ def swap(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
+@pytest.mark.slow
 def test_the_readme_recipe_runs_as_written(tiny_model, tmp_path) -> None:
     script = recipe_block()
     data = tmp_path / "examples" / "data"

@@ -19,7 +19,17 @@ def tiny_rm(tmp_path_factory):
     return build_tiny_rm(tmp_path_factory.mktemp("rm"))
 
 
-def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path) -> None:
+def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path, monkeypatch) -> None:
+    import stages.train.update as update
+
+    losses = []  # what the loss function was called with: the options must reach the loss, not only config.json
+    original = update.grpo_loss
+
+    def spy(logp, old, ref, advantages, mask, config, denominator, sampling_weight=None, entropy_mask=None):
+        losses.append((config, entropy_mask, mask))
+        return original(logp, old, ref, advantages, mask, config, denominator, sampling_weight, entropy_mask)
+
+    monkeypatch.setattr(update, "grpo_loss", spy)
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
     out = tmp_path / "run"
     args = ["train", "-i", str(data), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
@@ -42,8 +52,15 @@ def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path)
         assert step["rewards"]["format"]["mean"] == 0.0  # a random tiny model never writes <think> tags
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["reward"] == ["bleu", f"rm:{tiny_rm}"] and saved["reasoning"] is True
-    assert saved["loss_type"] == "cispo" and saved["use_bias_correction_kl"] is True
-    assert saved["top_entropy_quantile"] == 0.5
+    assert len(losses) == 2  # one micro-batch per step
+    for config, entropy_mask, mask in losses:
+        assert (config.loss_type, config.importance_sampling_level) == ("cispo", "sequence")
+        assert config.use_bias_correction_kl is True and config.top_entropy_quantile == 0.5
+        assert config.epsilon_high == 5.0  # cispo's ratio cap when --epsilon-high is not given
+        # the top half of the active tokens by entropy (ties can keep a few more), never an inactive one
+        active = int(mask.sum())
+        assert entropy_mask is not None and active // 2 <= int(entropy_mask.sum()) < active
+        assert not (entropy_mask & ~mask.bool()).any()
 
 
 def test_reasoning_mode_puts_the_format_request_in_the_policys_prompt(tiny_model) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams
@@ -119,6 +119,31 @@ def sample(
     ]
 
 
+def _prefill(
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], n: int, pad_id: int, cache_arg: str, extra: dict[str, Any]
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One forward pass over the left-padded prompts, then each prompt's KV cache copied n ways.
+    Returns the cache, the next-token logits and the attention mask, one row per sample."""
+    from transformers import DynamicCache
+
+    input_ids, attention, positions = _left_padded(prompts, pad_id, next(model.parameters()).device)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_arg: cache},
+        **extra,
+    )
+    logits = out.logits[:, -1, :]
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        attention = attention.repeat_interleave(n, dim=0)
+    return cache, logits, attention
+
+
 def _decode(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -130,30 +155,14 @@ def _decode(
 ) -> _DecodeState:
     """One prefill per prompt, n copies of its KV cache, then token by token until every row stops."""
     import torch
-    from transformers import DynamicCache
 
-    n = len(seeds[0])
     device = next(model.parameters()).device
-    input_ids, attention, positions = _left_padded(prompts, pad_id, device)
     accepted = _forward_parameters(model)
     # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
     cache_arg = "cache" if "cache" in accepted else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_arg: cache},
-            **extra,
-        )
-        logits = out.logits[:, -1, :]
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits = logits.repeat_interleave(n, dim=0)
-            attention = attention.repeat_interleave(n, dim=0)
+        cache, logits, attention = _prefill(model, prompts, len(seeds[0]), pad_id, cache_arg, extra)
         generators = [torch.Generator(device=device).manual_seed(s) for seed_row in seeds for s in seed_row]
         next_position = attention.sum(-1)
         stop = torch.tensor(sorted(stop_ids), device=device)
