@@ -15,7 +15,7 @@ import typer.core
 from rich.console import Console
 
 from stages.core.errors import BleuberiError, Interrupted, OutputClosed
-from stages.core.records import ReadStats
+from stages.core.records import FieldMap, ReadStats
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
 # Off a terminal (a log file, CI) rich would assume 80 columns and cut table headers; a log has no width.
@@ -54,9 +54,33 @@ InputOpt = Annotated[
         "-i",
         "--input",
         metavar="FILE",
-        help="JSONL input (.jsonl or .jsonl.gz). Default: stdin ('-').",
+        help="Records: .jsonl[.gz], .parquet, .csv, .tsv, .json (an array), or a `datasets` save_to_disk folder "
+        "(by name). Default: stdin ('-'), JSONL.",
         show_default=False,
     ),
+]
+# Other schemas: which fields hold the prompt, the references and the id (see README "Input formats").
+PromptFieldOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt-field",
+        metavar="PATH",
+        help="Take the prompt from this field (dotted for nested ones); a chat list becomes `messages`.",
+        show_default=False,
+    ),
+]
+ReferenceFieldOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reference-field",
+        metavar="PATH",
+        help="Take the references from this field (a string or a list; repeat for several), "
+        "e.g. reward_model.ground_truth.",
+        show_default=False,
+    ),
+]
+IdFieldOpt = Annotated[
+    str | None, typer.Option("--id-field", metavar="PATH", help="Take the id from this field.", show_default=False)
 ]
 OutputOpt = Annotated[
     str | None,
@@ -64,7 +88,8 @@ OutputOpt = Annotated[
         "-o",
         "--output",
         metavar="FILE",
-        help="JSONL output; written to a temporary file and renamed on success ('.gz' compresses). Default: stdout.",
+        help="JSONL output, or Parquet for FILE.parquet; written to a temporary file and renamed on success "
+        "('.gz' compresses). Default: stdout (JSONL).",
         show_default=False,
     ),
 ]
@@ -134,14 +159,24 @@ def report_reading(stats: ReadStats, *, quiet: bool) -> None:
 
 
 def read_all_records(
-    input: str | None, *, skip_invalid: bool, quiet: bool, purpose: str, references_optional: bool = False
+    input: str | None,
+    *,
+    skip_invalid: bool,
+    quiet: bool,
+    purpose: str,
+    references_optional: bool = False,
+    fields: FieldMap | None = None,
 ) -> list[dict]:
     """Every record of a stage that needs them all at once (train, eval); says so when there are none."""
     from stages.core.records import read_records
 
     stats = ReadStats()
     note_stdin(input, quiet=quiet)
-    records = list(read_records(input, skip_invalid=skip_invalid, stats=stats, references_optional=references_optional))
+    records = list(
+        read_records(
+            input, skip_invalid=skip_invalid, stats=stats, references_optional=references_optional, fields=fields
+        )
+    )
     report_reading(stats, quiet=quiet)
     if not records:
         say(f"no records: nothing to {purpose}", quiet=quiet)
@@ -152,10 +187,10 @@ def emit_results(
     records: list[dict], summary: dict, tables: list, *, output: str | None, report: str | None, quiet: bool
 ) -> None:
     """What eval and eval --agreement leave: records on stdout (or -o), tables on stderr, a report file."""
-    from stages.core.jsonl import JsonlWriter
+    from stages.core.formats import open_writer
     from stages.eval.report import print_tables, write_report
 
-    with JsonlWriter(output, tolerate_closed_stdout=True) as writer:
+    with open_writer(output, tolerate_closed_stdout=True) as writer:
         for record in records:
             writer.write(record)
     if not quiet:

@@ -7,9 +7,12 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli.common import (
+    IdFieldOpt,
     InputOpt,
     OutputOpt,
+    PromptFieldOpt,
     QuietOpt,
+    ReferenceFieldOpt,
     SkipInvalidOpt,
     boundary,
     emit_results,
@@ -18,6 +21,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
+from stages.core.records import FieldMap
 from stages.eval.config import EvalConfig
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
 
@@ -67,6 +71,9 @@ Examples:
 def eval_command(
     config: EvalConfig,
     input: InputOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    reference_field: ReferenceFieldOpt = None,
+    id_field: IdFieldOpt = None,
     output: OutputOpt = None,
     report: Annotated[
         str | None,
@@ -84,7 +91,8 @@ def eval_command(
 
             measure(input, output, config, report=report, skip_invalid=skip_invalid, quiet=quiet)
             return
-        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate")
+        fields = FieldMap.of(prompt_field, reference_field, id_field)
+        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate", fields=fields)
         if records:
             _evaluate(records, config, output, report, quiet=quiet)
 

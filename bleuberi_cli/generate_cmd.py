@@ -6,9 +6,21 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bleuberi_cli.common import InputOpt, OutputOpt, QuietOpt, SkipInvalidOpt, boundary, progress, read_all_records, say
+from bleuberi_cli.common import (
+    IdFieldOpt,
+    InputOpt,
+    OutputOpt,
+    PromptFieldOpt,
+    QuietOpt,
+    ReferenceFieldOpt,
+    SkipInvalidOpt,
+    boundary,
+    progress,
+    read_all_records,
+    say,
+)
 from bleuberi_cli.config_options import with_config_options
-from stages.core.records import NORMALISATION_HELP
+from stages.core.records import NORMALISATION_HELP, FieldMap
 from stages.generate import GenerateConfig
 
 if TYPE_CHECKING:
@@ -40,6 +52,9 @@ Examples:
 def generate(
     config: GenerateConfig,
     input: InputOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    reference_field: ReferenceFieldOpt = None,
+    id_field: IdFieldOpt = None,
     output: OutputOpt = None,
     resume: Annotated[
         bool,
@@ -59,7 +74,12 @@ def generate(
             return config.load()
 
         records = read_all_records(
-            input, skip_invalid=skip_invalid, quiet=quiet, purpose="generate", references_optional=config.as_references
+            input,
+            skip_invalid=skip_invalid,
+            quiet=quiet,
+            purpose="generate",
+            references_optional=config.as_references,
+            fields=FieldMap.of(prompt_field, reference_field, id_field),
         )
         with progress("generating", quiet=quiet, unit="prompts") as advance:
             stats = generate_file(

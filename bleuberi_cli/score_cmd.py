@@ -8,9 +8,12 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli.common import (
+    IdFieldOpt,
     InputOpt,
     OutputOpt,
+    PromptFieldOpt,
     QuietOpt,
+    ReferenceFieldOpt,
     SkipInvalidOpt,
     boundary,
     note_stdin,
@@ -19,8 +22,8 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import option_type
-from stages.core.jsonl import JsonlWriter
-from stages.core.records import NORMALISATION_HELP, ReadStats, read_records
+from stages.core.formats import open_writer
+from stages.core.records import NORMALISATION_HELP, FieldMap, ReadStats, read_records
 from stages.generate import GenerateConfig
 from stages.metrics import METRICS, SPEC_HELP
 from stages.score import Aggregate, Combine, Scorer, score_records
@@ -52,6 +55,9 @@ Examples:
 
 def score(
     input: InputOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    reference_field: ReferenceFieldOpt = None,
+    id_field: IdFieldOpt = None,
     output: OutputOpt = None,
     metric: Annotated[
         list[str] | None,
@@ -95,11 +101,12 @@ def score(
         scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate, combine=combine, device=device)
         stats = ReadStats()
         note_stdin(input, quiet=quiet)
-        records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats)
+        fields = FieldMap.of(prompt_field, reference_field, id_field)
+        records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats, fields=fields)
         start = time.perf_counter()
         completions = 0
         total = 0.0
-        with JsonlWriter(output) as writer, progress("scoring", quiet=quiet) as advance:
+        with open_writer(output) as writer, progress("scoring", quiet=quiet) as advance:
             for record in score_records(records, scorer, jobs=jobs):
                 writer.write(record)
                 completions += len(record["completions"])

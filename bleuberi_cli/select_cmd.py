@@ -7,9 +7,12 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli.common import (
+    IdFieldOpt,
     InputOpt,
     OutputOpt,
+    PromptFieldOpt,
     QuietOpt,
+    ReferenceFieldOpt,
     SeedOpt,
     SkipInvalidOpt,
     boundary,
@@ -17,8 +20,8 @@ from bleuberi_cli.common import (
     note_stdin,
     report_reading,
 )
-from stages.core.jsonl import JsonlWriter
-from stages.core.records import ReadStats, read_records
+from stages.core.formats import open_writer
+from stages.core.records import FieldMap, ReadStats, read_records
 from stages.select import Mode, quantiles, select_records
 
 HELP = """Pick N records by their `score` (from `bleuberi score`).
@@ -39,6 +42,9 @@ Examples:
 
 def select(
     input: InputOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    reference_field: ReferenceFieldOpt = None,
+    id_field: IdFieldOpt = None,
     output: OutputOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="Which records to keep (see above).")] = "hard",
     num: Annotated[
@@ -60,13 +66,14 @@ def select(
         stats = ReadStats()
         note_stdin(input, quiet=quiet)
         require = () if mode == "random" else ("score",)
-        pool = list(read_records(input, require=require, skip_invalid=skip_invalid, stats=stats))
+        fields = FieldMap.of(prompt_field, reference_field, id_field)
+        pool = list(read_records(input, require=require, skip_invalid=skip_invalid, stats=stats, fields=fields))
         selection = select_records(pool, mode=mode, num=num, fraction=fraction, seed=seed)
         if plot:
             from stages.select import plot_histogram
 
             plot_histogram(selection, plot, mode)
-        with JsonlWriter(output) as writer:
+        with open_writer(output) as writer:
             for record in selection.chosen:
                 writer.write(record)
         report_reading(stats, quiet=quiet)

@@ -7,8 +7,20 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import InputOpt, QuietOpt, SkipInvalidOpt, StepProgress, boundary, read_all_records, say
+from bleuberi_cli.common import (
+    IdFieldOpt,
+    InputOpt,
+    PromptFieldOpt,
+    QuietOpt,
+    ReferenceFieldOpt,
+    SkipInvalidOpt,
+    StepProgress,
+    boundary,
+    read_all_records,
+    say,
+)
 from bleuberi_cli.config_options import with_config_options
+from stages.core.records import FieldMap
 from stages.metrics import METRICS, SPEC_HELP
 from stages.train.config import TrainConfig
 
@@ -52,6 +64,16 @@ Examples:
 """
 
 RUN = "Run folder"
+ReportToOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--report-to",
+        metavar="NAME",
+        help="Also send each logged step and the config to: tensorboard (into OUTPUT_DIR/tensorboard), "
+        "wandb, mlflow, trackio; repeatable or comma-separated; none (the default). Each needs its package.",
+        rich_help_panel=RUN,
+    ),
+]
 
 
 @with_config_options(TrainConfig)
@@ -62,6 +84,9 @@ def train(
     ],
     config: TrainConfig,
     input: InputOpt = None,
+    prompt_field: PromptFieldOpt = None,
+    reference_field: ReferenceFieldOpt = None,
+    id_field: IdFieldOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output-dir.", rich_help_panel=RUN)
     ] = False,
@@ -79,16 +104,7 @@ def train(
             rich_help_panel=RUN,
         ),
     ] = False,
-    report_to: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--report-to",
-            metavar="NAME",
-            help="Also send each logged step and the config to: tensorboard (into OUTPUT_DIR/tensorboard), "
-            "wandb, mlflow, trackio; repeatable or comma-separated; none (the default). Each needs its package.",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
+    report_to: ReportToOpt = None,
     merge_to: Annotated[
         str | None,
         typer.Option(
@@ -102,7 +118,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on")
+        fields = FieldMap.of(prompt_field, reference_field, id_field)
+        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on", fields=fields)
         if records:
             _run(
                 records,

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import UsageError
-from stages.core.jsonl import JsonlWriter, prepare_resume
+from stages.core.formats import open_writer, refuse_append
+from stages.core.jsonl import prepare_resume
 from stages.core.options import (
     device_option,
     dtype_option,
@@ -168,6 +169,7 @@ def generate_file(
         raise UsageError("--resume needs -o/--output FILE (the file to continue)")
     done: set[str] = set()
     if resume:
+        refuse_append(output)  # before reading it as JSONL: a Parquet file cannot be continued
         state = prepare_resume(output)  # type: ignore[arg-type]
         done = state.ids
         if state.dropped_partial_line:
@@ -176,7 +178,7 @@ def generate_file(
             on_message(f"resuming: {len(done)} records already in {output}")
     todo = [r for r in records if r["id"] not in done]
     stats = GenerateStats()
-    with JsonlWriter(output, flush_each=True, append=resume) as writer:
+    with open_writer(output, flush_each=True, append=resume) as writer:
         if not todo:
             return stats
         start = time.perf_counter()

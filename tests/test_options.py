@@ -20,6 +20,9 @@ OWN = {
     "train": {
         "output_dir",
         "input",
+        "prompt_field",
+        "reference_field",
+        "id_field",
         "resume",
         "resume_from",
         "overwrite",
@@ -28,8 +31,18 @@ OWN = {
         "skip_invalid",
         "quiet",
     },
-    "generate": {"input", "output", "resume", "skip_invalid", "quiet"},
-    "eval": {"input", "output", "report", "agreement", "skip_invalid", "quiet"},
+    "generate": {"input", "prompt_field", "reference_field", "id_field", "output", "resume", "skip_invalid", "quiet"},
+    "eval": {
+        "input",
+        "prompt_field",
+        "reference_field",
+        "id_field",
+        "output",
+        "report",
+        "agreement",
+        "skip_invalid",
+        "quiet",
+    },
 }
 CONFIGS = {"train": TrainConfig, "generate": GenerateConfig, "eval": EvalConfig}
 

@@ -6,6 +6,7 @@ transparent, errors name the source and line, and a failed run never leaves a tr
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import io
@@ -13,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -33,7 +35,7 @@ def source_name(path: str | os.PathLike[str] | None) -> str:
     return STDIN_NAME if is_std_stream(path) else str(path)
 
 
-def _open_binary(path: str | os.PathLike[str] | None) -> BinaryIO:
+def open_binary(path: str | os.PathLike[str] | None) -> BinaryIO:
     if is_std_stream(path):
         stream: BinaryIO = sys.stdin.buffer
         # gzip data piped in is recognised by its magic bytes, so `zcat` is optional.
@@ -49,7 +51,7 @@ def _open_binary(path: str | os.PathLike[str] | None) -> BinaryIO:
     except FileNotFoundError:
         raise InputError(name, None, "no such file") from None
     except IsADirectoryError:
-        raise InputError(name, None, "is a directory, not a JSONL file") from None
+        raise InputError(name, None, "is a directory, not a record file") from None
     except PermissionError:
         raise InputError(name, None, "permission denied") from None
 
@@ -61,7 +63,7 @@ def iter_json_lines(path: str | os.PathLike[str] | None) -> Iterator[tuple[int, 
     the caller decides whether to raise it or skip it; an unreadable file raises.
     """
     source = source_name(path)
-    stream = _open_binary(path)
+    stream = open_binary(path)
     try:
         line_no = 0
         try:
@@ -115,9 +117,27 @@ def prepare_resume(path: str | os.PathLike[str]) -> ResumeState:
     return ResumeState(ids, dropped)
 
 
+def _json_default(value: Any) -> Any:
+    """What Parquet and Arrow files hold beyond JSON: decimals become numbers, bytes text (UTF-8, else base64)."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return base64.b64encode(raw).decode()
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def to_json(value: Any) -> bytes:
+    """One JSON value. Keys keep their order; non-ASCII text is written as UTF-8; dates as ISO 8601."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_json_default)
+
+
 def dumps(record: Any) -> bytes:
-    """One JSONL line. Keys keep their order; non-ASCII text is written as UTF-8."""
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    """One JSONL line."""
+    return to_json(record) + b"\n"
 
 
 class JsonlWriter:

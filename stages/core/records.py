@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import orjson
 
 from stages.core.errors import InputError
-from stages.core.jsonl import iter_json_lines, source_name
+from stages.core.formats import iter_rows
+from stages.core.jsonl import source_name
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -32,7 +33,9 @@ NORMALISATION_HELP = (
     "Records are JSON objects, one per line: {id, prompt, references: [str]} or {id, messages, references}. "
     "Also accepted: chat `messages` whose last assistant turn is the reference (Tulu/ShareGPT), "
     "Alpaca `instruction`/`input`/`output`, and `reference` or `ground_truth` for `references`. "
-    "A missing id becomes a hash of the prompt; unknown fields pass through."
+    "A missing id becomes a hash of the prompt; unknown fields pass through. "
+    "-i also reads .parquet, .csv, .tsv, .json (an array) and `datasets` save_to_disk folders; "
+    "--prompt-field, --reference-field and --id-field map other schemas (dotted paths: reward_model.ground_truth)."
 )
 
 
@@ -67,17 +70,17 @@ def _string_list(value: Any, source: str, line: int, name: str) -> list[str]:
     return value
 
 
-def _check_messages(value: Any, source: str, line: int) -> list[dict[str, str]]:
+def _check_messages(value: Any, source: str, line: int, name: str = "messages") -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise InputError(source, line, f"expected a non-empty list of chat turns, got {_type_name(value)}", "messages")
+        raise InputError(source, line, f"expected a non-empty list of chat turns, got {_type_name(value)}", name)
     for i, turn in enumerate(value):
         if not isinstance(turn, dict):
-            raise InputError(source, line, f"turn {i} is {_type_name(turn)}, expected an object", "messages")
+            raise InputError(source, line, f"turn {i} is {_type_name(turn)}, expected an object", name)
         role, content = turn.get("role"), turn.get("content")
         if role not in CHAT_ROLES:
-            raise InputError(source, line, f"turn {i} has role {role!r}, expected one of {CHAT_ROLES}", "messages")
+            raise InputError(source, line, f"turn {i} has role {role!r}, expected one of {CHAT_ROLES}", name)
         if not isinstance(content, str):
-            raise InputError(source, line, f"turn {i} content is {_type_name(content)}, expected a string", "messages")
+            raise InputError(source, line, f"turn {i} content is {_type_name(content)}, expected a string", name)
     return value
 
 
@@ -207,6 +210,87 @@ def _string_list_strict(value: Any, source: str, line: int, name: str) -> list[s
     return _string_list(value, source, line, name)
 
 
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Where another schema keeps the prompt, the references and the id (verl: `prompt`, a chat list, and
+    `reward_model.ground_truth`). Each is a field name or a dotted path into nested objects (a number
+    indexes a list: `conversations.0.value`). The values are copied into the canonical fields before
+    normalisation; the fields they came from stay as they were, except a `prompt` holding a chat list,
+    which becomes `messages`."""
+
+    prompt: str | None = None
+    references: tuple[str, ...] = ()
+    id: str | None = None
+
+    @classmethod
+    def of(cls, prompt: str | None, references: Iterable[str] | None, id: str | None) -> FieldMap | None:
+        """The map the options give, or None when they name no field (records are read as they are)."""
+        mapped = cls(prompt or None, tuple(r for r in references or () if r), id or None)
+        return mapped if mapped != cls() else None
+
+    def apply(self, obj: Any, source: str, line: int) -> Any:
+        if not isinstance(obj, dict):
+            return obj  # normalise names the problem
+        if self.prompt:
+            self._map_prompt(obj, _lookup(obj, self.prompt, source, line, "prompt"), source, line)
+        if self.references:
+            obj["references"] = self._references(obj, source, line)
+        if self.id:
+            value = _lookup(obj, self.id, source, line, "id")
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+                raise InputError(source, line, f"expected a non-empty string or an integer, got {value!r}", self.id)
+            obj["id"] = value
+        return obj
+
+    def _map_prompt(self, obj: dict[str, Any], value: Any, source: str, line: int) -> None:
+        if isinstance(value, str):
+            obj["prompt"] = value
+        elif isinstance(value, list):
+            obj["messages"] = _check_messages(value, source, line, self.prompt)  # type: ignore[arg-type]
+            obj.pop("prompt", None)  # `prompt` would win over `messages`: the chat list moved there
+        else:
+            raise InputError(source, line, f"expected a string or a chat list, got {_type_name(value)}", self.prompt)
+
+    def _references(self, obj: dict[str, Any], source: str, line: int) -> list[str]:
+        """Every named field's text(s), in order. With several fields, null and empty ones are skipped (rows
+        with fewer references than columns); at least one text must remain."""
+        several = len(self.references) > 1
+        texts: list[str] = []
+        for path in self.references:
+            value = _lookup(obj, path, source, line, "reference")
+            if several and value in (None, ""):
+                continue
+            if value is None:
+                raise InputError(source, line, "is null", path)
+            texts += _string_list(value, source, line, path)
+        if not texts:
+            names = ", ".join(self.references)
+            raise InputError(source, line, f"no reference in any of the mapped fields ({names})", "references")
+        return texts
+
+
+def _lookup(obj: dict[str, Any], path: str, source: str, line: int, role: str) -> Any:
+    """The value at a dotted path (a key with dots in its name is taken whole first)."""
+    value = obj.get(path, _MISSING)
+    if value is _MISSING:
+        value = obj
+        for part in path.split("."):
+            if isinstance(value, dict):
+                value = value.get(part, _MISSING)
+            elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+                value = value[int(part)]
+            else:
+                value = _MISSING
+            if value is _MISSING:
+                break
+    if value is _MISSING:
+        raise InputError(source, line, f"missing (the mapped {role} field)", path)
+    return value
+
+
 def duplicate_id(key: str, first_line: dict[str, int], source: str, line: int, *, given: bool) -> None:
     """Refuse an id seen before. Stages key answers, resumes and selections by id, so a second record
     with the same id would be merged into the first or dropped without a word."""
@@ -224,18 +308,20 @@ def read_records(
     skip_invalid: bool = False,
     stats: ReadStats | None = None,
     references_optional: bool = False,
+    fields: FieldMap | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield normalised records from a JSONL file, `-`/None for stdin.
+    """Yield normalised records from a record file in any input format (see formats.py), `-`/None for stdin.
 
-    With `skip_invalid`, records that fail validation are counted in `stats` and skipped; text that is
-    not JSON is skipped the same way. Without it the first bad line raises InputError.
+    `fields` maps another schema's fields onto the canonical ones first. With `skip_invalid`, records that
+    fail validation are counted in `stats` and skipped; text that is not JSON is skipped the same way.
+    Without it the first bad row raises InputError.
     """
     require = tuple(require)
 
     def check(obj: Any, source: str, line: int) -> dict[str, Any]:
         return normalise(obj, source=source, line=line, require=require, references_optional=references_optional)
 
-    return read_validated(path, check, skip_invalid=skip_invalid, stats=stats)
+    return read_validated(path, check, skip_invalid=skip_invalid, stats=stats, fields=fields)
 
 
 T = TypeVar("T")
@@ -249,20 +335,24 @@ def read_validated(
     stats: ReadStats | None = None,
     on_dropped: Callable[[], None] = lambda: None,
     unique_ids: bool = True,
+    fields: FieldMap | None = None,
 ) -> Iterator[T]:
-    """Yield `check(value, source, line)` for every JSON line; the one read-and-skip loop of every reader.
+    """Yield `check(value, source, line)` for every row; the one read-and-skip loop of every reader.
 
-    `check` raises InputError for a bad line (raised, or counted and skipped with `skip_invalid`), or
-    returns None for a valid line that is to be left out (`on_dropped` counts it). With `unique_ids`
-    a record whose id an earlier line already had is a bad line (see `duplicate_id`).
+    `check` raises InputError for a bad row (raised, or counted and skipped with `skip_invalid`), or
+    returns None for a valid row that is to be left out (`on_dropped` counts it). With `unique_ids`
+    a record whose id an earlier row already had is a bad row (see `duplicate_id`). `fields` is applied
+    to each row before `check`.
     """
     source = source_name(path)
     stats = stats if stats is not None else ReadStats()
-    first_line: dict[str, int] = {}  # id -> the line that had it first
-    for line, obj in iter_json_lines(path):
+    first_line: dict[str, int] = {}  # id -> the row that had it first
+    for line, obj in iter_rows(path):
         try:
             if isinstance(obj, InputError):
                 raise obj
+            if fields is not None:
+                obj = fields.apply(obj, source, line)
             given = isinstance(obj, dict) and "id" in obj
             item = check(obj, source, line)
             if unique_ids and isinstance(item, dict) and isinstance(item.get("id"), str):

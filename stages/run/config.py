@@ -30,6 +30,7 @@ from stages.core.options import (
     system_prompt_option,
     trust_remote_code_option,
 )
+from stages.core.records import FieldMap
 from stages.engines.base import EngineOptions, SamplingParams
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
 from stages.train.config import TrainConfig
@@ -54,10 +55,23 @@ DEMO_TRAIN = {
 
 @dataclass
 class DataSection:
-    pool: str = option("demo:pool", "training pool (JSONL); demo:pool is the embedded demo pool")
-    heldout: str = option("demo:heldout", "held-out set for eval; demo:heldout is the embedded demo set")
+    pool: str = option(
+        "demo:pool",
+        "training pool (.jsonl[.gz], .parquet, .csv, .tsv, .json or a save_to_disk folder); demo:pool is the embedded "
+        "demo pool",
+    )
+    heldout: str = option("demo:heldout", "held-out set for eval, in any of those formats; demo:heldout: the demo set")
     max_pool: int = option(0, "use only the first N pool records (0 = all)")
     max_heldout: int = option(0, "use only the first N held-out records (0 = all)")
+    prompt_field: str | None = option(None, "the field holding the prompt (dotted if nested; a chat list is messages)")
+    reference_field: list[str] = option(
+        factory=list, help='the fields holding the references, e.g. ["reward_model.ground_truth"] (verl)'
+    )
+    id_field: str | None = option(None, "the field holding the id")
+
+    def field_map(self) -> FieldMap | None:
+        """How pool and held-out records map onto prompt, references and id (None: read as they are)."""
+        return FieldMap.of(self.prompt_field, self.reference_field, self.id_field)
 
 
 @dataclass

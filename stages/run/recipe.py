@@ -17,7 +17,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,31 +38,42 @@ Say = Callable[[str], None]
 
 
 def data_path(name: str) -> Path:
-    """`demo:pool` / `demo:heldout` -> the embedded demo files; anything else is a path."""
+    """`demo:pool` / `demo:heldout` -> the embedded demo files; anything else is a path (a file, or a
+    `datasets` save_to_disk folder)."""
     if name.startswith("demo:"):
         path = DEMO_DATA / f"{name.removeprefix('demo:')}.jsonl"
         if not path.is_file():
             raise ConfigError(f"{name}: no such demo file (demo:pool and demo:heldout ship with bleuberi)")
         return path
     path = Path(name).expanduser()
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise ConfigError(f"{name}: no such data file")
     return path
+
+
+def read_data(config: RunConfig, name: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """The records of `data.pool` or `data.heldout`, in any input format, mapped by the [data] fields."""
+    return read_records(data_path(name), fields=config.data.field_map(), **options)
 
 
 def empty_input(config: RunConfig) -> str | None:
     """Which data file has no records (a run needs a pool and a held-out set), or None."""
     for key, name in (("data.pool", config.data.pool), ("data.heldout", config.data.heldout)):
-        if next(iter(read_records(data_path(name))), None) is None:
+        if next(iter(read_data(config, name)), None) is None:
             return f"{key} ({name}) is empty"
     return None
 
 
 def file_digest(path: Path) -> str:
+    """The contents' hash; for a folder (save_to_disk), every file's name and contents."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -125,7 +136,7 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
     from stages.score import Scorer, score_records
     from stages.select import select_records
 
-    pool = _head(list(read_records(data_path(config.data.pool))), config.data.max_pool)
+    pool = _head(list(read_data(config, config.data.pool)), config.data.max_pool)
     generated = run_dir / "pool.generated.jsonl"
     if not resume:
         generated.unlink(missing_ok=True)
@@ -219,7 +230,7 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
     from stages.eval.evaluate import evaluate
     from stages.eval.report import eval_tables, write_report
 
-    records = _head(list(read_records(data_path(config.data.heldout))), config.data.max_heldout)
+    records = _head(list(read_data(config, config.data.heldout)), config.data.max_heldout)
     eval_config = EvalConfig(
         model=config.model,
         adapters=[f"{run_dir / 'train' / 'adapter'}=trained"],
@@ -248,11 +259,15 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
 def stage_digests(config: RunConfig) -> tuple[str, str, str]:
     """Each stage's hash: its settings, its input files' contents and the hash of the stage before it."""
     shared = _shared(config)
+    mapped = config.data.field_map()
+    # Only a field map that is set joins the hashes, so the runs made before it existed keep theirs.
+    fields = [asdict(mapped)] if mapped else []
     select_digest = stage_hash(
         "select",
         shared,
         file_digest(data_path(config.data.pool)),
         config.data.max_pool,
+        *fields,
         asdict(config.select),
         config.train.max_prompt_length,
     )
@@ -263,6 +278,7 @@ def stage_digests(config: RunConfig) -> tuple[str, str, str]:
         shared,
         file_digest(data_path(config.data.heldout)),
         config.data.max_heldout,
+        *fields,
         asdict(config.eval),
         eval_metrics(config),
         config.train.max_prompt_length,
