@@ -112,6 +112,11 @@ def _train_bench() -> Any:
 # --- child measurements ---------------------------------------------------------------------------------
 
 
+def _urls(params: dict[str, Any]) -> list[str]:
+    """The server URL of a `server` run as EngineOptions takes it (a list; none for the in-process engines)."""
+    return [params["server_url"]] if params.get("server_url") else []
+
+
 def child_generate(params: dict[str, Any]) -> dict[str, Any]:
     """Tokens/s of one engine: load it, warm it up, then sample every prompt `samples` times."""
     from stages.engines.base import EngineOptions, SamplingParams
@@ -124,7 +129,7 @@ def child_generate(params: dict[str, Any]) -> dict[str, Any]:
         params["model"],
         device="cpu",
         dtype="float32",
-        engine=EngineOptions(backend, params.get("server_url"), concurrency=params["concurrency"]),
+        engine=EngineOptions(backend, _urls(params), concurrency=params["concurrency"]),
     )
     load_seconds = time.perf_counter() - t0
     # The transformers engine as `bleuberi generate` runs it (8 prompts a batch); vLLM gets every prompt at once.
@@ -178,7 +183,7 @@ def child_grpo(params: dict[str, Any]) -> dict[str, Any]:
         temperature=0.9,
         save_steps=10_000,
         device="cpu",
-        engine=EngineOptions(params["backend"], params.get("server_url"), concurrency=params["concurrency"]),
+        engine=EngineOptions(params["backend"], _urls(params), concurrency=params["concurrency"]),
         async_rollouts=params["async_rollouts"],
     )
     records = _train_bench().load_records(PROMPTS_PER_STEP * (steps + 1))

@@ -3,7 +3,8 @@
 Replies have the JSON shape vLLM 0.32 returns (recorded from a real server: see the project notes);
 tokens are deterministic functions of (prompt ids, seed, adapter), so tests can check that seeds,
 adapters and token ids travel correctly. Faults are switched on per test: HTTP 500s, a slow reply, a
-non-JSON reply, a redirect, a dead vLLM engine, and dying mid-run (socket closed, then refused).
+non-JSON reply, a redirect, a dead vLLM engine, and dying mid-run (socket closed, then refused). It
+counts the requests it is answering at once (`peak_in_flight`), to check concurrency limits.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Standin:
         self.redirect_to: str | None = None  # reply 302 to this URL
         self.engine_dead = False  # every request gets vLLM's HTTP 500 for a dead engine
         self.die_after: int | None = None  # after this many more completions, close the socket and stop
+        self.in_flight = 0  # requests being answered now, and the most at once (to check concurrency limits)
+        self.peak_in_flight = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -300,6 +303,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body)
 
     def _serve(self, body: Any) -> None:
+        with self.standin.lock:
+            self.standin.in_flight += 1
+            self.standin.peak_in_flight = max(self.standin.peak_in_flight, self.standin.in_flight)
+        try:
+            self._answer(body)
+        finally:
+            with self.standin.lock:
+                self.standin.in_flight -= 1
+
+    def _answer(self, body: Any) -> None:
         path = self.path.split("?")[0]
         with self.standin.lock:
             self.standin.log.append(

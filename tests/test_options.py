@@ -112,7 +112,7 @@ def test_a_train_option_reaches_the_config(runner, monkeypatch, tmp_path) -> Non
         ["chrf", "bleu:2"],
         0.3,
     )
-    assert (config.engine.backend, config.engine.server_url) == ("server", "http://127.0.0.1:9/v1")
+    assert (config.engine.backend, config.engine.server_url) == ("server", ["http://127.0.0.1:9/v1"])
     untouched = TrainConfig()
     assert (config.num_generations, config.target_modules) == (untouched.num_generations, untouched.target_modules)
 

@@ -182,9 +182,11 @@ class EngineOptions:
         choices=tuple(ENGINES),
         panel=PANEL,
     )
-    server_url: str | None = option(
-        None,
-        "base URL of the server, ending in /v1, e.g. http://127.0.0.1:8000/v1",
+    server_url: list[str] = option(
+        factory=list,
+        help="base URL of the server, ending in /v1, e.g. http://127.0.0.1:8000/v1; several servers of one model "
+        "share the requests, and one that fails is left out (repeat the flag; in BLEUBERI_SERVER_URL: separated by "
+        "spaces)",
         metavar="URL",
         envvar="BLEUBERI_SERVER_URL",
         panel=PANEL,
@@ -198,7 +200,7 @@ class EngineOptions:
         metavar="VAR",
         panel=PANEL,
     )
-    concurrency: int = option(8, "requests in flight to the server at once", metavar="N", panel=PANEL)
+    concurrency: int = option(8, "requests in flight to each server at once", metavar="N", panel=PANEL)
     chat_only: bool = option(
         False,
         "the server has only /v1/chat/completions: answers come back as text, with no token ids (fine for "
@@ -210,8 +212,13 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.backend not in ENGINES:
             raise UsageError(f"unknown backend {self.backend!r}; choose from {', '.join(ENGINES)}")
+        if not isinstance(self.server_url, list):  # library callers: one URL as a string, or None for none
+            object.__setattr__(self, "server_url", [self.server_url] if self.server_url else [])
         if self.backend == "server" and not self.server_url:
             raise UsageError("--backend server needs --server-url URL (the base URL, ending in /v1)")
+        repeated = sorted({url for url in self.server_url if self.server_url.count(url) > 1})
+        if repeated:  # it would get twice the requests of the others
+            raise UsageError(f"--server-url {repeated[0]} is given twice")
         if self.concurrency < 1:
             raise UsageError("--concurrency must be >= 1")
 

@@ -12,6 +12,11 @@ What the server must be started with (checked on vLLM 0.32, see the project note
 - on CPU, `--no-enable-chunked-prefill`: a seeded request whose prompt is prefilled in chunks kills
   the CPU engine ("CPU Generator does not use offset").
 
+Several servers of one model may stand behind one engine (`--server-url` repeated): each request goes
+to one of them, and one that fails is left out while the others carry on (stages/engines/fleet.py).
+Every request carries everything that decides its answer (prompt ids, seed, adapter name), so which
+server answers does not change it.
+
 Token ids are kept as the server returns them: vLLM includes the end-of-sequence token that stopped a
 sample (finish_reason "stop"), which is the Sample convention. `finished` is finish_reason == "stop".
 """
@@ -28,6 +33,7 @@ from stages.core.errors import ConfigError, UsageError
 from stages.core.http import JsonClient, ServerError
 from stages.core.models import adapter_rank
 from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams, lora_rank_slot
+from stages.engines.fleet import ServerFleet, print_notice
 
 T = TypeVar("T")
 ENGINE_DIED_HINT = (
@@ -69,14 +75,15 @@ def _finished(url: str, choice: dict[str, Any]) -> bool:
 
 
 class ServerEngine:
-    """Samples from an OpenAI-compatible server; see the module docstring for the flags it needs."""
+    """Samples from one or several OpenAI-compatible servers serving the same model (see the module
+    docstring for the flags they need, and stages/engines/fleet.py for spreading and failover)."""
 
     name = "server"
     samples_with_live_policy = False
 
     def __init__(
         self,
-        base_url: str,
+        base_urls: str | Sequence[str],
         model: str | None = None,
         api_key_env: str | None = None,
         concurrency: int = 8,
@@ -86,10 +93,10 @@ class ServerEngine:
         backoff: float = 0.5,
         stop_ids: set[int] | None = None,
         chat_only: bool = False,
+        notice: Callable[[str], None] = print_notice,
     ) -> None:
         self.text_only = chat_only  # only /v1/chat/completions: text answers, no token ids
-        if not base_url.rstrip("/").endswith("/v1"):
-            raise ConfigError(f"server URL {base_url!r} must end in /v1 (e.g. http://127.0.0.1:8000/v1)")
+        urls = check_urls([base_urls] if isinstance(base_urls, str) else list(base_urls))
         if concurrency < 1:
             raise ConfigError("server concurrency must be >= 1")
         api_key = None
@@ -97,40 +104,44 @@ class ServerEngine:
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ConfigError(f"the API key variable {api_key_env} is not set")
-        self.client = JsonClient(base_url, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff)
+        clients = [JsonClient(url, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff) for url in urls]
+        self.fleet = ServerFleet(clients, per_server=concurrency, notice=notice)
         self.stop_ids = sorted(stop_ids) if stop_ids else None
         self.base_model = self._choose_model(model)
         self.served = self.base_model  # the `model` field of requests: the base, or the loaded adapter
         self.adapter: AdapterRef | None = None
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="bleuberi-server")
+        self._pool = ThreadPoolExecutor(concurrency * len(clients), thread_name_prefix="bleuberi-server")
 
     # --- models -------------------------------------------------------------------------------------
 
     def list_models(self) -> list[dict[str, Any]]:
-        """/v1/models entries. vLLM lists loaded adapters too, with `parent` = the base model's id."""
-        reply = self.client.call("GET", "models")
-        data = reply.get("data") if isinstance(reply, dict) else None
-        if not isinstance(data, list):
-            raise ServerError(self.client.url("models"), "reply has no 'data' list")
-        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        """/v1/models entries of a live server. vLLM lists loaded adapters too, with `parent` = the base's id."""
+        return self.fleet.call(_models_on)
 
     def _choose_model(self, model: str | None) -> str:
-        entries = self.list_models()
+        """The model every server must list: `model`, else the one base model the first server lists."""
+        listings = self.fleet.on_each(lambda client: (client, _models_on(client)))
+        first, entries = listings[0]
         names = [m["id"] for m in entries]
-        if model is not None:
-            if model not in names:
-                raise ConfigError(
-                    f"{self.client.url('models')} does not list model {model!r}; it lists: "
-                    f"{', '.join(names) or '(none)'}"
-                )
-            return model
-        bases = [m["id"] for m in entries if not m.get("parent")]
-        if len(bases) != 1:
+        if model is not None and model not in names:
             raise ConfigError(
-                f"{self.client.url('models')} lists {len(bases)} base models "
+                f"{first.url('models')} does not list model {model!r}; it lists: {', '.join(names) or '(none)'}"
+            )
+        bases = [m["id"] for m in entries if not m.get("parent")]
+        if model is None and len(bases) != 1:
+            raise ConfigError(
+                f"{first.url('models')} lists {len(bases)} base models "
                 f"({', '.join(bases) or 'none'}): choose one with the server model option"
             )
-        return bases[0]
+        chosen = model if model is not None else bases[0]
+        for client, other in listings[1:]:
+            listed = [m["id"] for m in other]
+            if chosen not in listed:
+                raise ConfigError(
+                    f"{client.url('models')} does not list model {chosen!r}, which {first.base_url} serves; it "
+                    f"lists: {', '.join(listed) or '(none)'}; every server must serve the same model"
+                )
+        return chosen
 
     # --- sampling -----------------------------------------------------------------------------------
 
@@ -149,7 +160,7 @@ class ServerEngine:
     ) -> list[list[Sample]]:
         if self.text_only:
             raise UsageError(
-                f"{self.client.url('chat/completions')} is used as a chat endpoint (text only, no token ids): "
+                f"{self.fleet.first.url('chat/completions')} is used as a chat endpoint (text only, no token ids): "
                 "fine for generate and eval, not for training"
             )
         if len(prompts) != len(seeds):
@@ -174,18 +185,13 @@ class ServerEngine:
             body["logprobs"] = 0  # the sampled token's log-prob only
         if self.stop_ids:
             body["stop_token_ids"] = self.stop_ids
-        reply = self._post("completions", body)
-        return _sample_from_choice(
-            self.client.url("completions"), _first_choice(self.client, reply), params.temperature == 0
-        )
+        greedy = params.temperature == 0
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        try:
-            return self.client.call("POST", path, body)
-        except ServerError as error:
-            if error.status == 500 and "EngineCore" in error.body:
-                raise ServerError(error.url, error.cause + ENGINE_DIED_HINT, status=500, body=error.body) from None
-            raise
+        def on(client: JsonClient) -> Sample:
+            reply = _post(client, "completions", body)
+            return _sample_from_choice(client.url("completions"), _first_choice(client, reply), greedy)
+
+        return self.fleet.call(on)
 
     def sample_messages(
         self, messages_list: Sequence[Sequence[dict[str, str]]], seeds: Sequence[Sequence[int]], params: SamplingParams
@@ -197,13 +203,17 @@ class ServerEngine:
 
     def _chat(self, messages: Sequence[dict[str, str]], seed: int, params: SamplingParams) -> Sample:
         body = {"model": self.served, "messages": list(messages), **self._sampling_fields(seed, params)}
-        reply = self._post("chat/completions", body)
-        url = self.client.url("chat/completions")
-        choice = _first_choice(self.client, reply, "chat/completions")
-        content = (choice.get("message") or {}).get("content")
-        if not isinstance(content, str):
-            raise ServerError(url, "the reply has no message content")
-        return Sample([], [], _finished(url, choice), text=content)
+
+        def on(client: JsonClient) -> Sample:
+            reply = _post(client, "chat/completions", body)
+            url = client.url("chat/completions")
+            choice = _first_choice(client, reply, "chat/completions")
+            content = (choice.get("message") or {}).get("content")
+            if not isinstance(content, str):
+                raise ServerError(url, "the reply has no message content")
+            return Sample([], [], _finished(url, choice), text=content)
+
+        return self.fleet.call(on)
 
     # --- checks -------------------------------------------------------------------------------------
 
@@ -211,91 +221,137 @@ class ServerEngine:
         """log p(completion token | everything before it) under softmax(logits), temperature 1, as the
         served model (or loaded adapter) scores it: to check the server serves the trainer's model.
         Uses vLLM's `prompt_logprobs`; falls back to `echo` + `logprobs` (OpenAI style)."""
-        ids = [*prompt_ids, *completion_ids]
-        body = {"model": self.served, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
-        choice = _first_choice(self.client, self._post("completions", body))
-        scored = choice.get("prompt_logprobs")
-        if isinstance(scored, list) and len(scored) == len(ids):
-            return [float(scored[i][str(ids[i])]["logprob"]) for i in range(len(prompt_ids), len(ids))]
-        body = {"model": self.served, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
-        choice = _first_choice(self.client, self._post("completions", body))
-        values = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        if len(values) < len(ids) or any(v is None for v in values[len(prompt_ids) : len(ids)]):
-            raise ServerError(
-                self.client.url("completions"),
-                "the server cannot score given tokens (neither prompt_logprobs nor echo with logprobs)",
-            )
-        return [float(v) for v in values[len(prompt_ids) : len(ids)]]
+        return self.fleet.call(lambda client: _probe_on(client, self.served, prompt_ids, completion_ids))
 
     # --- adapters -----------------------------------------------------------------------------------
 
     def set_adapter(self, adapter: AdapterRef | None) -> None:
-        """Load the new version, send later requests to it, then unload the previous version."""
+        """Load the new version on every live server, send later requests to it, then unload the
+        previous version on each."""
         previous = self.adapter
         if adapter is not None and (previous is None or adapter.name != previous.name):
-            self._load(adapter)
+            self.fleet.on_each(lambda client: _load(client, adapter))
         self.adapter = adapter
         self.served = adapter.name if adapter is not None else self.base_model
         if previous is not None and (adapter is None or previous.name != adapter.name):
-            self._unload(previous.name)
-
-    def _load(self, adapter: AdapterRef) -> None:
-        url = self.client.url("load_lora_adapter")
-        try:
-            self.client.call_text(
-                "POST", "load_lora_adapter", {"lora_name": adapter.name, "lora_path": str(adapter.path)}
-            )
-        except ServerError as error:
-            message = error.cause
-            if "max_lora_rank" in message or "max-lora-rank" in message:
-                rank = adapter_rank(adapter.path)
-                raise ServerError(
-                    url,
-                    f"adapter {adapter.path} has rank {rank}, more than the server allows: "
-                    f"restart the server with {rank_hint(rank)}",
-                    status=error.status,
-                ) from None
-            if "already been loaded" in message:
-                return  # same name, same version: names are never reused for other weights
-            if error.status == 404 and "lora" not in error.body.lower():
-                raise ServerError(
-                    url,
-                    "the server has no runtime LoRA loading: start it with --enable-lora and "
-                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1",
-                    status=404,
-                ) from None
-            if error.status == 404:
-                raise ServerError(
-                    url,
-                    f"the server cannot read {adapter.path}: the adapter folder must exist at that "
-                    "path on the server's machine",
-                    status=404,
-                ) from None
-            raise
-
-    def _unload(self, name: str) -> None:
-        try:
-            self.client.call_text("POST", "unload_lora_adapter", {"lora_name": name})
-        except ServerError as error:
-            if error.status != 404:  # already gone is fine
-                raise
+            self.fleet.on_each(lambda client: _unload(client, previous.name))
 
     def close(self) -> None:
-        """Unload our adapter (best effort: the server may be gone) and stop the request threads."""
+        """Unload our adapter (best effort: a server may be gone) and stop the request threads."""
         if self.adapter is not None:
-            with contextlib.suppress(ServerError):  # the server may be gone
-                self._unload(self.adapter.name)
+            for server in self.fleet.live:
+                with contextlib.suppress(ServerError):  # the server may be gone
+                    _unload(server.client, self.adapter.name)
             self.adapter, self.served = None, self.base_model
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def check_urls(urls: list[str]) -> list[str]:
+    """At least one base URL, each ending in /v1, none given twice (it would get twice the load)."""
+    if not urls:
+        raise ConfigError("the server engine needs a server URL (ending in /v1)")
+    seen: set[str] = set()
+    for url in urls:
+        if not url.rstrip("/").endswith("/v1"):
+            raise ConfigError(f"server URL {url!r} must end in /v1 (e.g. http://127.0.0.1:8000/v1)")
+        if url.rstrip("/") in seen:
+            raise ConfigError(f"server URL {url!r} is given twice")
+        seen.add(url.rstrip("/"))
+    return urls
+
+
+def _models_on(client: JsonClient) -> list[dict[str, Any]]:
+    reply = client.call("GET", "models")
+    data = reply.get("data") if isinstance(reply, dict) else None
+    if not isinstance(data, list):
+        raise ServerError(client.url("models"), "reply has no 'data' list")
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _post(client: JsonClient, path: str, body: dict[str, Any]) -> Any:
+    try:
+        return client.call("POST", path, body)
+    except ServerError as error:
+        if error.status == 500 and "EngineCore" in error.body:  # a dead vLLM engine: that server is gone
+            raise ServerError(
+                error.url, error.cause + ENGINE_DIED_HINT, status=500, body=error.body, transient=True
+            ) from None
+        raise
+
+
+def _probe_on(client: JsonClient, served: str, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+    ids = [*prompt_ids, *completion_ids]
+    body = {"model": served, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+    choice = _first_choice(client, _post(client, "completions", body))
+    scored = choice.get("prompt_logprobs")
+    if isinstance(scored, list) and len(scored) == len(ids):
+        return [float(scored[i][str(ids[i])]["logprob"]) for i in range(len(prompt_ids), len(ids))]
+    body = {"model": served, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
+    choice = _first_choice(client, _post(client, "completions", body))
+    values = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    if len(values) < len(ids) or any(v is None for v in values[len(prompt_ids) : len(ids)]):
+        raise ServerError(
+            client.url("completions"),
+            "the server cannot score given tokens (neither prompt_logprobs nor echo with logprobs)",
+        )
+    return [float(v) for v in values[len(prompt_ids) : len(ids)]]
+
+
+def _load(client: JsonClient, adapter: AdapterRef) -> None:
+    url = client.url("load_lora_adapter")
+    try:
+        client.call_text("POST", "load_lora_adapter", {"lora_name": adapter.name, "lora_path": str(adapter.path)})
+    except ServerError as error:
+        message = error.cause
+        if "max_lora_rank" in message or "max-lora-rank" in message:
+            rank = adapter_rank(adapter.path)
+            raise ServerError(
+                url,
+                f"adapter {adapter.path} has rank {rank}, more than the server allows: "
+                f"restart the server with {rank_hint(rank)}",
+                status=error.status,
+            ) from None
+        if "already been loaded" in message:
+            return  # same name, same version: names are never reused for other weights
+        if error.status == 404 and "lora" not in error.body.lower():
+            raise ServerError(
+                url,
+                "the server has no runtime LoRA loading: start it with --enable-lora and "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1",
+                status=404,
+            ) from None
+        if error.status == 404:
+            raise ServerError(
+                url,
+                f"the server cannot read {adapter.path}: the adapter folder must exist at that "
+                "path on the server's machine",
+                status=404,
+            ) from None
+        raise
+
+
+def _unload(client: JsonClient, name: str) -> None:
+    try:
+        client.call_text("POST", "unload_lora_adapter", {"lora_name": name})
+    except ServerError as error:
+        if error.status != 404:  # already gone is fine
+            raise
+
+
+# The HTTP client's retries on one server before it is left out (module values, so tests can shorten them).
+RETRIES = 3
+BACKOFF = 0.5
+
+
 def start(options: EngineOptions, target: EngineTarget) -> ServerEngine:
-    """A client of the server `options` names; the adapter loaded there if given."""
+    """A client of the servers `options` names; the adapter loaded on each if given."""
     engine = ServerEngine(
-        options.server_url or "",
+        options.server_url,
         model=options.server_model,
         api_key_env=options.api_key_env,
         concurrency=options.concurrency,
+        retries=RETRIES,
+        backoff=BACKOFF,
         stop_ids=target.stop_ids,
         chat_only=options.chat_only,
     )

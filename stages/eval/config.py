@@ -67,13 +67,16 @@ def parse_systems(
 
 
 def parse_served(spec: str, defaults: EngineOptions) -> System:
-    """`NAME=URL[#MODEL]`: a system answered by an OpenAI-compatible server (the key and chat mode as
-    for the eval's own --api-key-env / --server-chat-only)."""
+    """`NAME=URL[,URL...][#MODEL]`: a system answered by an OpenAI-compatible server, or several serving
+    the same model (the key and chat mode as for the eval's own --api-key-env / --server-chat-only)."""
     name, sep, target = spec.partition("=")
     url, _, model = target.partition("#")
-    if not sep or not name or not url:
+    urls = [u for u in url.split(",") if u]
+    if not sep or not name or not urls:
         raise UsageError(f"bad --served {spec!r}: expected NAME=URL or NAME=URL#MODEL (URL ending in /v1)")
-    engine = EngineOptions("server", url, model or None, defaults.api_key_env, defaults.concurrency, defaults.chat_only)
+    engine = EngineOptions(
+        "server", urls, model or None, defaults.api_key_env, defaults.concurrency, defaults.chat_only
+    )
     return System(name, None, engine=engine)
 
 
