@@ -174,11 +174,27 @@ def test_a_folder_of_several_splits_or_no_dataset_is_refused_by_name(tmp_path) -
         == f"{folder}: holds several splits (train, test): give one split's folder, e.g. {folder}/train"
     )
     assert len(list(read_records(folder / "train"))) == 1
-    with pytest.raises(InputError, match=r"without state\.json"):
+    with pytest.raises(InputError, match=r"neither state\.json \(save_to_disk's\) nor \.parquet files"):
         list(read_records(tmp_path))
     (folder / "train" / "state.json").write_text('{"_data_files": [{"filename": "../../etc/passwd"}]}')
     with pytest.raises(InputError, match="is not a file name in the folder"):
         list(read_records(folder / "train"))
+
+
+def test_a_folder_of_parquet_shards_and_a_single_arrow_file(tmp_path) -> None:
+    good = {"id": "a", "prompt": "P", "references": ["R"]}
+    folder = tmp_path / "train"  # as the hub and Spark store a split: shards in name order
+    folder.mkdir()
+    write_parquet(folder / "train-00001-of-00002.parquet", [{**good, "id": "c", "references": []}])
+    write_parquet(folder / "train-00000-of-00002.parquet", [good, {**good, "id": "b"}])
+    with pytest.raises(InputError) as error:
+        list(read_records(folder))
+    assert str(error.value) == f"{folder}:3: field 'references': expected a non-empty list of strings, got list"
+    assert [row["id"] for _, row in iter_rows(folder)] == ["a", "b", "c"]
+    table = pa.Table.from_pylist([good])
+    with pa.OSFile(str(tmp_path / "one.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)  # the IPC file format, not the stream datasets writes: read all the same
+    assert list(read_records(tmp_path / "one.arrow")) == [good]
 
 
 # --- field maps ------------------------------------------------------------------------------------------

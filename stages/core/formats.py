@@ -1,9 +1,9 @@
 """Record files in the formats users already have: JSONL (the default, and every stream), Parquet, CSV/TSV,
-a JSON array, and a folder written by `datasets`' `save_to_disk`; Parquet out on request.
+a JSON array, a folder written by `datasets`' `save_to_disk` (or of Parquet shards); Parquet out on request.
 
 Every reader yields (row number, object) pairs as `jsonl.iter_json_lines` does, so `records.read_validated`
 stays the one read-and-skip loop. Row numbers are 1-based: JSONL counts lines, the others count data rows
-(a CSV's header is not a row; a save_to_disk folder counts across its shards in order). pyarrow (the `data`
+(a CSV's header is not a row; a folder counts across its shards in order). pyarrow (the `data`
 extra) is imported only when a Parquet or Arrow file is read or written.
 """
 
@@ -39,11 +39,11 @@ def needs_pyarrow(action: str, source: str) -> Any:
 
 
 def input_format(path: str | os.PathLike[str] | None) -> str:
-    """jsonl, json, csv, tsv, parquet, arrow (one Arrow file) or datasets (a save_to_disk folder), by name."""
+    """jsonl, json, csv, tsv, parquet, arrow (one Arrow file) or folder (save_to_disk's, or Parquet shards), by name."""
     if is_std_stream(path):
         return "jsonl"  # streams stay JSONL
     if os.path.isdir(path):  # type: ignore[arg-type]
-        return "datasets"
+        return "folder"
     name = str(path).lower()
     if name.endswith((".parquet", ".arrow")):
         return name.rpartition(".")[2]
@@ -68,9 +68,14 @@ def iter_rows(path: str | os.PathLike[str] | None) -> Iterator[tuple[int, Any]]:
     if kind in ("csv", "tsv"):
         return _table_rows(path, source, "\t" if kind == "tsv" else ",")  # type: ignore[arg-type]
     if kind == "parquet":
-        return _parquet_rows(Path(path), source)  # type: ignore[arg-type]
-    shards = [Path(path)] if kind == "arrow" else _dataset_shards(Path(path), source)  # type: ignore[arg-type]
-    return _arrow_rows(shards, source)
+        return _parquet_rows([Path(path)], source)  # type: ignore[arg-type]
+    if kind == "arrow":
+        return _arrow_rows([Path(path)], source)  # type: ignore[arg-type]
+    folder = Path(path)  # type: ignore[arg-type]
+    parquet_shards = sorted(folder.glob("*.parquet"))  # as the hub and Spark store a split
+    if parquet_shards and not (folder / "state.json").is_file():
+        return _parquet_rows(parquet_shards, source)
+    return _arrow_rows(_dataset_shards(folder, source), source)
 
 
 def _json_rows(path: str | os.PathLike[str], source: str) -> Iterator[tuple[int, Any]]:
@@ -117,16 +122,24 @@ def _table_rows(path: str | os.PathLike[str], source: str, delimiter: str) -> It
             raise InputError(source, row_no + 1, f"cannot read: {error}") from None
 
 
-def _parquet_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(files: list[Path], source: str) -> Iterator[tuple[int, Any]]:
+    """Parquet files in order, row numbers running across them."""
     pa = needs_pyarrow("reading", source)
-    try:
-        parquet = pa.parquet.ParquetFile(path)
-    except FileNotFoundError:
-        raise InputError(source, None, "no such file") from None
-    except (pa.ArrowException, OSError) as error:
-        raise InputError(source, None, f"not a Parquet file ({error})") from None
-    with parquet:
-        yield from _batch_rows(parquet.iter_batches(batch_size=BATCH_ROWS), parquet.schema_arrow)
+    offset = 0
+    for file in files:
+        where = source if len(files) == 1 else f"{source} ({file.name})"
+        try:
+            parquet = pa.parquet.ParquetFile(file)
+        except FileNotFoundError:
+            raise InputError(source, None, "no such file") from None
+        except (pa.ArrowException, OSError) as error:
+            raise InputError(where, None, f"not a Parquet file ({error})") from None
+        count = 0
+        with parquet:
+            batches = parquet.iter_batches(batch_size=BATCH_ROWS)
+            for count, row in _batch_rows(batches, parquet.schema_arrow):  # after the loop: the file's rows
+                yield offset + count, row
+        offset += count
 
 
 def _dataset_shards(folder: Path, source: str) -> list[Path]:
@@ -139,7 +152,7 @@ def _dataset_shards(folder: Path, source: str) -> list[Path]:
             example = f", e.g. {folder / names[0]}" if names else ""
             split_list = ", ".join(names)
             raise InputError(source, None, f"holds several splits ({split_list}): give one split's folder{example}")
-        raise InputError(source, None, "is a directory without state.json: not a `datasets` save_to_disk folder")
+        raise InputError(source, None, "is a folder with neither state.json (save_to_disk's) nor .parquet files")
     try:
         files = [entry["filename"] for entry in orjson.loads(state_file.read_bytes())["_data_files"]]
     except (orjson.JSONDecodeError, KeyError, TypeError):
