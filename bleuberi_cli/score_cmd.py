@@ -25,21 +25,23 @@ from bleuberi_cli.config_options import option_type
 from stages.core.formats import open_writer
 from stages.core.records import NORMALISATION_HELP, FieldMap, ReadStats, read_records
 from stages.generate import GenerateConfig
-from stages.metrics import METRICS, SPEC_HELP
+from stages.metrics import SPEC_HELP, metric_list
 from stages.score import Aggregate, Combine, Scorer, score_records
 
 DeviceOpt = option_type(GenerateConfig, "device")
-METRIC_LIST = "\n".join(f"  {name:<14} {cls.description}" for name, cls in METRICS.items())
+METRIC_LIST = metric_list()
 
 HELP = f"""Score each record's `completions` against its `references` (all references at once).
 
 Adds `scores` ({{metric: [one float per completion]}}), `score` (the record's aggregate) and
 `scoring` (metric signatures). Streams: records are written as soon as they are scored, in order.
-Reference metrics are on 0..1; `rm:PATH` / `rm-url:URL` give raw reward-model scores of the
-conversation (prompt + completion), which `select` can rank by ("hard by RM"). {SPEC_HELP}
+Each metric's range is listed below: reference metrics are on 0..1, `emb` is a cosine (-1..1, in
+practice 0..1); `rm:PATH` / `rm-url:URL` give raw reward-model scores of the conversation (prompt +
+completion), which `select` can rank by ("hard by RM"). `py:FILE.py:FUNCTION` is your own reward
+(README: "Your own reward"); a None it returns is written as null and left out of `score`. {SPEC_HELP}
 
 \b
-Metrics:
+Metrics (name, range, definition):
 {METRIC_LIST}
 
 \b
@@ -48,6 +50,7 @@ Examples:
   bleuberi generate -i pool.jsonl | bleuberi score -m bleu:1 -m rouge-l:0.5 | bleuberi select -n 100
   bleuberi score -i generated.jsonl -m rm:/models/rm | bleuberi select --mode hard -n 100   # hard by RM
   bleuberi score -i generated.jsonl -m bleu -m rm:/models/rm --combine zscore
+  bleuberi score -i generated.jsonl -m bleu -m py:examples/rewards.py:length_band:0.5
 
 {NORMALISATION_HELP}
 """
@@ -105,20 +108,23 @@ def score(
         records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats, fields=fields)
         start = time.perf_counter()
         completions = 0
-        total = 0.0
+        total, scored = 0.0, 0
         with open_writer(output) as writer, progress("scoring", quiet=quiet) as advance:
             for record in score_records(records, scorer, jobs=jobs):
                 writer.write(record)
                 completions += len(record["completions"])
-                total += record["score"]
+                if record["score"] is not None:  # None: a `py:` function rewarded none of its completions
+                    total, scored = total + record["score"], scored + 1
                 advance(1)
         report_reading(stats, quiet=quiet)
         seconds = time.perf_counter() - start
-        mean = total / writer.count if writer.count else float("nan")
+        mean = total / scored if scored else float("nan")
         # `score` is each record's aggregate of its completions; say so only when it is not the mean.
         per_record = "" if scorer.aggregate == "mean" else f" ({scorer.aggregate} per record)"
         say(
             f"scored {writer.count} records ({completions} completions) in {seconds:.2f}s; "
-            f"mean {scorer.score_key}{per_record} = {mean:.4f}" + (f"; written to {output}" if output else ""),
+            f"mean {scorer.score_key}{per_record} = {mean:.4f}"
+            + (f" ({writer.count - scored} records without a score)" if scored < writer.count else "")
+            + (f"; written to {output}" if output else ""),
             quiet=quiet,
         )

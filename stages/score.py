@@ -6,6 +6,9 @@ Library use (the trainer does this for its rewards):
     scorer.rewards(completions, references)      # one float per completion (the weighted sum)
     scorer.score(completions, references)        # {"bleu": [...], "rouge-l": [...], "combined": [...]}
 
+A `py:` function may return None for a completion (no reward): that value stays None, is left out of
+`combined` (TRL's nansum over reward functions; None when no metric gave one) and of the record's aggregate.
+
 Stream use: `score_records(records, scorer, jobs=N)` adds `scores`, `score` and `scoring` to each
 record, in input order, using N worker processes for large streams.
 """
@@ -19,12 +22,12 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from stages.core.errors import UsageError
 from stages.core.records import prompt_messages
-from stages.metrics import Metric, get_metric, parse_weighted
+from stages.metrics import Batch, Metric, get_metric, parse_weighted
 from stages.metrics.reasoning import extract_answer
 
 Aggregate = Literal["mean", "max", "min"]
@@ -40,14 +43,16 @@ CHUNK_RECORDS = 64
 __all__ = ["COMBINED", "Scorer", "parse_weighted", "score_records", "zscores"]
 
 
-def zscores(values: Sequence[float]) -> list[float]:
-    """(x - mean) / (std + 1e-6) within one group; std is the unbiased one (n - 1). One value: 0."""
-    n = len(values)
+def zscores(values: Sequence[float | None]) -> list[float | None]:
+    """(x - mean) / (std + 1e-6) within one group; std is the unbiased one (n - 1). One value: 0.
+    A None (no reward) stays None and is left out of the mean and std."""
+    present = [v for v in values if v is not None]
+    n = len(present)
     if n < 2:
-        return [0.0] * n
-    mean = math.fsum(values) / n
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return [(v - mean) / (std + ZSCORE_EPS) for v in values]
+        return [None if v is None else 0.0 for v in values]
+    mean = math.fsum(present) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in present) / (n - 1))
+    return [None if v is None else (v - mean) / (std + ZSCORE_EPS) for v in values]
 
 
 def available_jobs() -> int:
@@ -135,6 +140,11 @@ class Scorer:
         return any(m.needs_prompt for m in self.metrics)
 
     @property
+    def needs_record(self) -> bool:
+        """True when a metric reads the records themselves (a `py:` function's prompts and columns)."""
+        return any(m.needs_record for m in self.metrics)
+
+    @property
     def in_process(self) -> bool:
         """True when a metric holds a model (or a connection): never spread over worker processes."""
         return any(m.in_process for m in self.metrics)
@@ -145,45 +155,56 @@ class Scorer:
         references: Sequence[str],
         *,
         messages: list[dict[str, str]] | None = None,
-    ) -> dict[str, list[float]]:
-        """Per-metric scores for each completion, plus `combined` when metrics are combined.
+        record: dict[str, Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, list[float | None]]:
+        """Per-metric scores for the completions of one prompt, plus `combined` when metrics are combined.
 
-        `messages` (the prompt's chat turns) is needed by metrics that score the conversation (rm, rm-url).
+        `messages` (the prompt's chat turns) is needed by metrics that score the conversation (rm, rm-url);
+        `record` (the record answered) and `completion_ids` by `py:` functions. Only those return None.
         """
-        answers = [extract_answer(c) for c in completions] if self.extract_answer else completions
-        scores = {
-            m.name: m.sentence_scores(completions if m.full_completion else answers, references, messages=messages)
-            for m in self.metrics
-        }
+        whole = Batch.group(completions, references, messages=messages, record=record, completion_ids=completion_ids)
+        answers = replace(whole, completions=[extract_answer(c) for c in completions]) if self.extract_answer else whole
+        scores = {m.name: m.score_batch(whole if m.full_completion else answers) for m in self.metrics}
         if self.score_key == COMBINED:
-            weights = self.weights or [1.0] * len(self.metrics)
-            columns = [scores[m.name] for m in self.metrics]
-            if self.combine == "zscore":
-                columns = [zscores(column) for column in columns]
-                total = sum(weights)
-                weights = [w / total for w in weights]
-            scores[COMBINED] = [
-                sum(w * column[i] for w, column in zip(weights, columns)) for i in range(len(completions))
-            ]
+            scores[COMBINED] = self._combined([scores[m.name] for m in self.metrics], len(completions))
         return scores
 
-    def score_record(self, record: dict[str, Any]) -> dict[str, list[float]]:
+    def _combined(self, columns: list[list[float | None]], n: int) -> list[float | None]:
+        """The weighted sum (or weighted mean of z-scores) per completion; a None is left out, as TRL's
+        nansum does, and a completion no metric scored gets None."""
+        weights = self.weights or [1.0] * len(columns)
+        if self.combine == "zscore":
+            columns = [zscores(column) for column in columns]
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        combined: list[float | None] = []
+        for i in range(n):
+            present = [(w, column[i]) for w, column in zip(weights, columns) if column[i] is not None]
+            combined.append(sum(w * value for w, value in present) if present else None)  # type: ignore[operator]
+        return combined
+
+    def score_record(self, record: dict[str, Any]) -> dict[str, list[float | None]]:
         """`score` for a normalised record with `completions` (its prompt is passed to metrics that need it)."""
         messages = prompt_messages(record) if self.needs_prompt else None
-        return self.score(record["completions"], record["references"], messages=messages)
+        return self.score(record["completions"], record["references"], messages=messages, record=record)
 
     def rewards(
         self, completions: Sequence[str], references: Sequence[str], *, messages: list[dict[str, str]] | None = None
-    ) -> list[float]:
+    ) -> list[float | None]:
         """One number per completion: the combined reward (or the single metric)."""
         return self.score(completions, references, messages=messages)[self.score_key]
 
-    def aggregate_values(self, values: Sequence[float]) -> float:
+    def aggregate_values(self, values: Sequence[float | None]) -> float | None:
+        """The record's `score` from its completions' values; Nones are left out (None when all are)."""
+        present = [v for v in values if v is not None]
+        if not present:
+            return None
         if self.aggregate == "max":
-            return max(values)
+            return max(present)
         if self.aggregate == "min":
-            return min(values)
-        return sum(values) / len(values)
+            return min(present)
+        return sum(present) / len(present)
 
     def info(self) -> dict[str, Any]:
         """Provenance written with every scored record."""
@@ -200,7 +221,7 @@ class Scorer:
             info["extract_answer"] = True
         return info
 
-    def apply(self, record: dict[str, Any], scores: dict[str, list[float]]) -> dict[str, Any]:
+    def apply(self, record: dict[str, Any], scores: dict[str, list[float | None]]) -> dict[str, Any]:
         """Add `scores` (merged with any earlier ones), `score` and `scoring` to a record."""
         previous = record.get("scores")
         merged = dict(previous) if isinstance(previous, dict) else {}
@@ -223,9 +244,14 @@ def _init_worker(
     _worker_scorer = Scorer(names, weights, aggregate, combine=combine, extract_answer=extract)
 
 
-def _score_chunk(items: list[tuple[list[str], list[str]]]) -> list[dict[str, list[float]]]:
+def _score_chunk(records: list[dict[str, Any]]) -> list[dict[str, list[float | None]]]:
     assert _worker_scorer is not None
-    return [_worker_scorer.score(completions, references) for completions, references in items]
+    return [_worker_scorer.score_record(record) for record in records]
+
+
+def _worker_view(record: dict[str, Any], whole: bool) -> dict[str, Any]:
+    """What a worker needs of a record: all of it for a `py:` function, else only what is scored."""
+    return record if whole else {k: record[k] for k in ("id", "completions", "references") if k in record}
 
 
 def _chunks(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -247,7 +273,8 @@ def score_records(
     `jobs` > 1 spreads the work over that many processes once the stream is longer than two chunks;
     shorter streams are scored in this process, where starting workers would cost more than it saves.
     At most 2 x jobs chunks are in flight, so memory stays bounded on endless streams. Metrics that
-    hold a model (bertscore, emb, rm, rm-url) always score in this process, batched per record.
+    hold a model (bertscore, emb, rm, rm-url) always score in this process, batched per record; a `py:`
+    function is imported once by each worker (in its initializer) and called there.
     """
     jobs = available_jobs() if jobs is None or jobs <= 0 else jobs
     if scorer.in_process:
@@ -268,10 +295,10 @@ def score_records(
     context = multiprocessing.get_context("spawn")
     init_args = (scorer.metric_names, scorer.weights, scorer.aggregate, scorer.combine, scorer.extract_answer)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
-        pending: deque[tuple[list[dict[str, Any]], Future[list[dict[str, list[float]]]]]] = deque()
+        pending: deque[tuple[list[dict[str, Any]], Future[list[dict[str, list[float | None]]]]]] = deque()
 
         def submit(chunk: list[dict[str, Any]]) -> None:
-            items = [(r["completions"], r["references"]) for r in chunk]
+            items = [_worker_view(r, scorer.needs_record) for r in chunk]
             pending.append((chunk, pool.submit(_score_chunk, items)))
 
         def drain_one() -> Iterator[dict[str, Any]]:
@@ -279,9 +306,12 @@ def score_records(
             for record, scores in zip(chunk, future.result()):
                 yield scorer.apply(record, scores)
 
-        for chunk in itertools.chain(head, chunks):
-            submit(chunk)
-            if len(pending) >= 2 * jobs:
+        try:
+            for chunk in itertools.chain(head, chunks):
+                submit(chunk)
+                if len(pending) >= 2 * jobs:
+                    yield from drain_one()
+            while pending:
                 yield from drain_one()
-        while pending:
-            yield from drain_one()
+        finally:  # a failed chunk (or a reader gone) need not wait for the chunks queued after it
+            pool.shutdown(wait=True, cancel_futures=True)

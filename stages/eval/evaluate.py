@@ -22,12 +22,12 @@ compared, and `baseline` (default: one named "base", else the first) takes the b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from stages.eval.config import EvalConfig, System
 from stages.eval.summary import summarise
-from stages.metrics import get_metric
+from stages.metrics import Batch, get_metric
 
 if TYPE_CHECKING:
     from stages.eval.judges import HttpJudge, RewardModelJudge
@@ -164,9 +164,10 @@ def _score_system(
 
         scored = [extract_answer(c) for c in completions]
     references = [r["references"] for r in records]
-    columns = {
-        m.name: m.paired_scores(completions if m.full_completion else scored, references, messages) for m in metrics
-    }
+    # every prompt is compared between systems, so every answer needs a score (a `py:` None is an error)
+    whole = Batch(completions, references, messages, records, missing_ok=False)
+    extracted = replace(whole, completions=scored)
+    columns = {m.name: m.score_batch(whole if m.full_completion else extracted) for m in metrics}
     for i, (record, answer) in enumerate(zip(records, answers)):
         answer["scores"] = {metric: column[i] for metric, column in columns.items()}
         record["evaluation"][name] = answer

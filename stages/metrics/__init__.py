@@ -1,4 +1,5 @@
-"""Reference-based metrics, all on a 0..1 scale, looked up by name in one registry.
+"""Metrics and rewards, looked up by name in one registry. Each declares the range of its scores
+(`Metric.scale`); the list below is derived from the classes themselves.
 
 >>> from stages.metrics import get_metric
 >>> bleu = get_metric("bleu")
@@ -10,20 +11,44 @@ from __future__ import annotations
 
 import math
 import urllib.parse
+from collections.abc import Sequence
 
 from stages.core.errors import UsageError
-from stages.metrics.base import Metric
+from stages.metrics.base import Batch, Metric, scale_text
 from stages.metrics.bleu import Bleu, PaperBleu
 from stages.metrics.chrf import ChrF
 from stages.metrics.neural import BertScore, Embedding
+from stages.metrics.python import PythonReward, RewardFunctionError
 from stages.metrics.reasoning import Format
 from stages.metrics.reward_model import RemoteReward, RewardModel
 from stages.metrics.rouge import BleuRougeF1, RougeL
 
 METRICS: dict[str, type[Metric]] = {
     cls.name: cls
-    for cls in (Bleu, PaperBleu, ChrF, RougeL, BleuRougeF1, BertScore, Embedding, RewardModel, RemoteReward, Format)
+    for cls in (
+        Bleu,
+        PaperBleu,
+        ChrF,
+        RougeL,
+        BleuRougeF1,
+        BertScore,
+        Embedding,
+        RewardModel,
+        RemoteReward,
+        Format,
+        PythonReward,
+    )
 }
+
+
+def metric_list(indent: str = "  ") -> str:
+    """One line per metric: name, range, description (for `score --help` and this package's docstring)."""
+    return "\n".join(
+        f"{indent}{name:<14} {scale_text(cls.scale):<10} {cls.description}" for name, cls in METRICS.items()
+    )
+
+
+__doc__ = f"{__doc__}\nMetrics (name, range of a score, definition):\n\n{metric_list()}\n"
 
 # The exact string metrics: no model, references only, scores on 0..1 (1 for a reference itself).
 STRING_METRICS = ("bleu", "bleu-paper", "chrf", "rouge-l", "bleu-rouge-f1")
@@ -32,9 +57,10 @@ STRING_METRICS = ("bleu", "bleu-paper", "chrf", "rouge-l", "bleu-rouge-f1")
 DEFAULT_EVAL_METRICS = ("bleu", "bleu-paper", "chrf", "rouge-l")
 
 SPEC_HELP = (
-    "A spec is NAME[:ARG][:WEIGHT]. Only rm (PATH), rm-url (URL), bertscore and emb (optional ENCODER) take "
-    "an ARG; a trailing :NUMBER is always the weight (rm:/models/rm:0.5 = that RM with weight 0.5; "
-    "rm-url:http://host:8000/score:2). An rm-url URL needs a path, so a port is never read as a weight."
+    "A spec is NAME[:ARG][:WEIGHT]. Only rm (PATH), rm-url (URL), bertscore and emb (optional ENCODER) and py "
+    "(FILE.py:FUNCTION or module:FUNCTION, your own reward) take an ARG; a trailing :NUMBER is always the weight "
+    "(rm:/models/rm:0.5 = that RM with weight 0.5; rm-url:http://host:8000/score:2; py:rewards.py:no_lists:0.3). "
+    "An rm-url URL needs a path, so a port is never read as a weight."
 )
 
 
@@ -78,6 +104,13 @@ def _finite(weight: float, spec: str) -> float:
     return weight
 
 
+def python_signatures(specs: Sequence[str]) -> list[str]:
+    """The signatures (with the source file's sha256) of the `py:` functions among `specs`, e.g. for a stage
+    hash that must change when a function does. Empty when there are none."""
+    names = [parse_weighted(spec)[0] for spec in specs]
+    return [get_metric(name).signature() for name in names if name.startswith(f"{PythonReward.name}:")]
+
+
 def get_metric(name: str, *, device: str = "auto") -> Metric:
     """A configured metric object by spec without weight: "bleu", "chrf", "rm:PATH", "bertscore:ENCODER", ...
 
@@ -99,6 +132,7 @@ __all__ = [
     "METRICS",
     "SPEC_HELP",
     "STRING_METRICS",
+    "Batch",
     "BertScore",
     "Bleu",
     "BleuRougeF1",
@@ -107,9 +141,14 @@ __all__ = [
     "Format",
     "Metric",
     "PaperBleu",
+    "PythonReward",
     "RemoteReward",
+    "RewardFunctionError",
     "RewardModel",
     "RougeL",
     "get_metric",
+    "metric_list",
     "parse_weighted",
+    "python_signatures",
+    "scale_text",
 ]

@@ -1,15 +1,73 @@
 """The metric interface: configured once, references prepared once, then many hypotheses scored.
 
-Every metric scores on a 0..1 scale (sacrebleu's 0..100 scores are divided by 100).
+Every metric declares the range its scores lie in (`Metric.scale`): the reference metrics are on 0..1
+(sacrebleu's 0..100 scores are divided by 100), `emb` is a cosine (-1..1), reward models and a user's
+own function have no fixed range. `score --help`, the package docstring and the README list these.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 Messages = list[dict[str, str]]  # chat turns: {"role", "content"}
+Scale = tuple[float, float] | None  # (lowest, highest) score; None: no fixed range
+
+
+def scale_text(scale: Scale) -> str:
+    """A range as the help and the README write it: "0..1", "-1..1", or "unbounded"."""
+    if scale is None:
+        return "unbounded"
+    return "..".join(f"{bound:g}" for bound in scale)
+
+
+@dataclass
+class Batch:
+    """Completions scored together, each with its references and, where known, its prompt's chat turns,
+    the record it answers and its token ids.
+
+    `one_prompt`: every completion answers the same record (a GRPO group, one record's completions), so
+    metrics prepare the references once. `missing_ok`: a `py:` function may return None (no reward) for a
+    completion; callers that need a score for every answer (eval) say False.
+    """
+
+    completions: Sequence[str]
+    references: Sequence[Sequence[str]]  # one list per completion
+    messages: Sequence[Messages] | None = None  # one per completion (rm, rm-url)
+    records: Sequence[Mapping[str, Any]] | None = None  # one per completion (py: prompts and record fields)
+    completion_ids: Sequence[Sequence[int]] | None = None
+    one_prompt: bool = False
+    missing_ok: bool = True
+
+    @classmethod
+    def group(
+        cls,
+        completions: Sequence[str],
+        references: Sequence[str],
+        *,
+        messages: Messages | None = None,
+        record: Mapping[str, Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+    ) -> Batch:
+        """The completions of one prompt (a record's, a GRPO group's)."""
+        n = len(completions)
+        return cls(
+            completions,
+            [references] * n,
+            None if messages is None else [messages] * n,
+            None if record is None else [record] * n,
+            completion_ids,
+            one_prompt=True,
+        )
+
+    def record_id(self, index: int) -> str | None:
+        """The id of the record completion `index` answers, when known."""
+        if self.records is None:
+            return None
+        value = self.records[index].get("id")
+        return None if value is None else str(value)
 
 
 class Metric(ABC):
@@ -30,6 +88,11 @@ class Metric(ABC):
     in_process: ClassVar[bool] = False
     # In reasoning mode, scores the whole completion (think + answer), not the extracted answer only.
     full_completion: ClassVar[bool] = False
+    # Reads the record a completion answers (its prompt and other fields), e.g. a user's `py:` function.
+    needs_record: ClassVar[bool] = False
+    # The range every score lies in; None: no fixed range (raw reward-model logits, a user's function).
+    # Declared by every metric (no default), so none can claim 0..1 by omission.
+    scale: ClassVar[Scale]
 
     @abstractmethod
     def prepare(self, references: Sequence[str]) -> Any:
@@ -37,7 +100,7 @@ class Metric(ABC):
 
     @abstractmethod
     def score_prepared(self, hypothesis: str, prepared: Any) -> float:
-        """Score one hypothesis against prepared references, on a 0..1 scale."""
+        """Score one hypothesis against prepared references, within `scale`."""
 
     @abstractmethod
     def signature(self) -> str:
@@ -69,6 +132,19 @@ class Metric(ABC):
             self.sentence_scores([h], r, messages=None if messages is None else messages[i])[0]
             for i, (h, r) in enumerate(zip(hypotheses, references))
         ]
+
+    def score_batch(self, batch: Batch) -> list[float | None]:
+        """One score per completion of `batch`: the entry point every caller uses (score, train, eval).
+
+        The built-in metrics score a one-prompt batch against references prepared once (`sentence_scores`)
+        and a batch across records pair by pair (`paired_scores`); only a `py:` function returns None.
+        """
+        if not batch.completions:
+            return []
+        if batch.one_prompt:
+            messages = None if batch.messages is None else batch.messages[0]
+            return list(self.sentence_scores(batch.completions, batch.references[0], messages=messages))
+        return list(self.paired_scores(batch.completions, batch.references, batch.messages))
 
     def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
         """Corpus-level score: `references[i]` is the list of references of `hypotheses[i]`.

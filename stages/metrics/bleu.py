@@ -116,7 +116,8 @@ class Bleu(Metric):
     """sacrebleu sentence BLEU (defaults), 0..1. Equals `sacrebleu.sentence_bleu(h, refs).score / 100`."""
 
     name = "bleu"
-    description = "sacrebleu sentence BLEU: 13a tokens, exp smoothing, effective order (0..1)"
+    description = "sacrebleu sentence BLEU: 13a tokens, exp smoothing, effective order"
+    scale = (0.0, 1.0)
 
     def prepare(self, references: Sequence[str]) -> NgramReferences:
         return prepare_ngrams([tokenize_13a(r.rstrip()) for r in references])
@@ -148,7 +149,8 @@ class PaperBleu(Metric):
     """HF evaluate "bleu" with smooth=True, as the BLEUBERI paper's reward (0..1)."""
 
     name = "bleu-paper"
-    description = "BLEUBERI's reward: HF evaluate bleu, smooth=True, shortest-reference brevity penalty (0..1)"
+    description = "BLEUBERI's reward: HF evaluate bleu, smooth=True, shortest-reference brevity penalty"
+    scale = (0.0, 1.0)
 
     def prepare(self, references: Sequence[str]) -> NgramReferences:
         return prepare_ngrams([tokenize_13a(r) for r in references])

@@ -61,7 +61,8 @@ def _match_stats(hyp: list[Counter[str]], ref: list[tuple[Counter[str], int]]) -
 
 class ChrF(Metric):
     name = "chrf"
-    description = "sacrebleu chrF (char 6-grams, beta 2), best reference (0..1)"
+    description = "sacrebleu chrF (char 6-grams, beta 2), best reference"
+    scale = (0.0, 1.0)
 
     def prepare(self, references: Sequence[str]) -> list[list[tuple[Counter[str], int]]]:
         return [[(counts, sum(counts.values())) for counts in _char_ngrams(r)] for r in references]

@@ -19,7 +19,9 @@ encoder). Scores lie in about 0.3..1 for a 6-layer MiniLM (unrescaled BERTScore 
 `emb` is the cosine similarity of mean-pooled last-layer token vectors (attention-masked mean over all
 tokens, [CLS]/[SEP] included: sentence-transformers' pooling for all-MiniLM-L6-v2), texts cut at the
 encoder's `max_seq_length` (256 for all-MiniLM-L6-v2) or `model_max_length`; the best reference counts.
-Cosine lies in [-1, 1]; for real text against references it is almost always in 0..1.
+Cosine lies in -1..1 (its declared range); for real text against references it is almost always in 0..1,
+but unrelated texts can score a little below 0 ("An apple is a fruit." against "Quantum chromodynamics."
+gives -0.03).
 
 References are encoded once per reference set (`prepare`) and reused for all G completions of a group;
 completions are encoded in one padded batch.
@@ -208,7 +210,10 @@ class _Tokens:
 
 class BertScore(_EncoderMetric):
     name = "bertscore"
-    description = "BERTScore F1 (bert-score's definition, idf off, no rescaling), best reference; encoder optional"
+    description = "BERTScore F1 (as bert-score; idf off, not rescaled), best reference; about 0.3..1 in practice"
+    # F1 of cosine averages: within -1..1 while precision and recall share a sign, which is all that real
+    # encoders give (about 0.3..1), but not bounded in general, so no range is promised.
+    scale = None
 
     @property
     def layer(self) -> int:
@@ -261,7 +266,8 @@ class BertScore(_EncoderMetric):
 
 class Embedding(_EncoderMetric):
     name = "emb"
-    description = "cosine of mean-pooled sentence embeddings (default all-MiniLM-L6-v2), best reference"
+    description = "cosine of mean-pooled embeddings (default all-MiniLM-L6-v2), best reference; in practice 0..1"
+    scale = (-1.0, 1.0)  # a cosine: unrelated texts can score a little below 0
 
     def _encode(self, texts: list[str]) -> list[torch.Tensor]:
         encoder = self.encoder

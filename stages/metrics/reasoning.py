@@ -44,6 +44,7 @@ class Format(Metric):
 
     name = "format"
     description = "reasoning format: 1 for <think>...</think><answer>...</answer>, else 0 (no references used)"
+    scale = (0.0, 1.0)
     full_completion = True
 
     def prepare(self, references: Sequence[str]) -> None:

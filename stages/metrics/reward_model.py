@@ -47,6 +47,7 @@ def conversation(messages: Messages | None, completion: str, metric: str) -> Mes
 class _ConversationMetric(Metric):
     needs_prompt = True
     in_process = True
+    scale = None  # raw reward-model scores
 
     def prepare(self, references: Sequence[str]) -> None:
         return None  # references are not used
@@ -77,7 +78,7 @@ class _ConversationMetric(Metric):
 class RewardModel(_ConversationMetric):
     name = "rm"
     argument = "PATH"
-    description = "reward model: raw logit of a local sequence-classification RM on the conversation (not 0..1)"
+    description = "reward model: raw logit of a local sequence-classification RM on the conversation"
 
     def __init__(self, argument: str | None = None, *, device: str = "auto", batch_size: int = 8) -> None:
         if not argument:
@@ -168,7 +169,7 @@ def _unused_id(sequences: list[list[int]], preferred: int | None, vocab_size: in
 class RemoteReward(_ConversationMetric):
     name = "rm-url"
     argument = "URL"
-    description = "reward model behind HTTP: POST {batch_conversations} -> {scores} (raw RM scores, not 0..1)"
+    description = "reward model behind HTTP: POST {batch_conversations} -> {scores} (raw RM scores)"
     KEY_ENV = "BLEUBERI_RM_KEY"
 
     def __init__(

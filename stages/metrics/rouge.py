@@ -53,7 +53,8 @@ def _f_measure(lcs: int, hyp_len: int, ref_len: int) -> float:
 
 class RougeL(Metric):
     name = "rouge-l"
-    description = "ROUGE-L F-measure, rouge-score tokens (lowercase ASCII alphanumerics), best reference (0..1)"
+    description = "ROUGE-L F-measure, rouge-score tokens (lowercase ASCII alphanumerics), best reference"
+    scale = (0.0, 1.0)
 
     def prepare(self, references: Sequence[str]) -> list[tuple[dict[str, int], int]]:
         prepared = []
@@ -74,7 +75,8 @@ class BleuRougeF1(Metric):
     """Harmonic mean of `bleu` and `rouge-l` (0 when both are 0), one of the paper's rewards."""
 
     name = "bleu-rouge-f1"
-    description = "harmonic mean of bleu and rouge-l (0..1)"
+    description = "harmonic mean of bleu and rouge-l"
+    scale = (0.0, 1.0)
 
     def __init__(self) -> None:
         self._bleu = Bleu()

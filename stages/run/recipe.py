@@ -168,7 +168,8 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
     scorer = Scorer.from_names([config.select.metric])
     scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=1))
     _write_jsonl(run_dir / "pool.scored.jsonl", scored)
-    selection = select_records(scored, mode=config.select.mode, num=config.select.num, seed=config.seed)
+    ranked = [r for r in scored if r["score"] is not None]  # None: a `py:` metric rewarded none of its answers
+    selection = select_records(ranked, mode=config.select.mode, num=config.select.num, seed=config.seed)
     _write_jsonl(run_dir / "selected.jsonl", selection.chosen)
     mean = sum(selection.chosen_scores) / max(1, len(selection.chosen_scores))
     pool_mean = sum(selection.pool_scores) / max(1, len(selection.pool_scores))
@@ -258,10 +259,13 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
 
 def stage_digests(config: RunConfig) -> tuple[str, str, str]:
     """Each stage's hash: its settings, its input files' contents and the hash of the stage before it."""
+    from stages.metrics import python_signatures
+
     shared = _shared(config)
     mapped = config.data.field_map()
     # Only a field map that is set joins the hashes, so the runs made before it existed keep theirs.
     fields = [asdict(mapped)] if mapped else []
+    # `py:` rewards join by their source's hash (a changed function redoes its stage); runs without keep theirs
     select_digest = stage_hash(
         "select",
         shared,
@@ -270,8 +274,11 @@ def stage_digests(config: RunConfig) -> tuple[str, str, str]:
         *fields,
         asdict(config.select),
         config.train.max_prompt_length,
+        *python_signatures([config.select.metric]),
     )
-    train_digest = stage_hash("train", select_digest, shared, config.train.to_dict())
+    train_digest = stage_hash(
+        "train", select_digest, shared, config.train.to_dict(), *python_signatures(config.train.reward)
+    )
     eval_digest = stage_hash(
         "eval",
         train_digest,
@@ -282,6 +289,7 @@ def stage_digests(config: RunConfig) -> tuple[str, str, str]:
         asdict(config.eval),
         eval_metrics(config),
         config.train.max_prompt_length,
+        *python_signatures(eval_metrics(config)),
     )
     return select_digest, train_digest, eval_digest
 

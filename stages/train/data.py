@@ -20,6 +20,7 @@ class TrainPrompt:
     ids: list[int]
     references: list[str]
     messages: list[dict[str, str]] | None = None  # the record's prompt turns, for rewards that read them (rm)
+    record: dict[str, Any] | None = None  # the record itself, for `py:` rewards (its prompt and other fields)
 
 
 @dataclass
@@ -43,7 +44,7 @@ def prepare_prompts(
                 continue
             report.truncated += 1
             ids = cut_left(ids, max_prompt_length)
-        prompts.append(TrainPrompt(record["id"], ids, record["references"], prompt_messages(record)))
+        prompts.append(TrainPrompt(record["id"], ids, record["references"], prompt_messages(record), record))
     report.kept = len(prompts)
     if not prompts:
         raise InputError("<input>", None, "no usable training prompts (all empty or dropped as too long)")

@@ -11,6 +11,7 @@ import torch
 
 from stages.engines.base import Sample
 from stages.engines.generator import Generator
+from stages.metrics.python import RewardFunctionError
 from stages.score import Scorer
 from stages.train.data import TrainPrompt
 from stages.train.distributed import Distributed
@@ -84,22 +85,43 @@ def score_rollout(
     dist: Distributed,
 ) -> Rollout:
     """Each group's completions scored against its prompt's references, and their advantages (with
-    scale_rewards="batch" the std is that of the whole batch on every rank)."""
+    scale_rewards="batch" the std is that of the whole batch on every rank). A reward function's error
+    stops every rank at this step (they agree on it before any other collective)."""
     completions = [generator.decode(s.token_ids) for s in samples]
-    parts: dict[str, list[float]] = {}
-    combined: list[float] = []
-    for i, prompt in enumerate(prompts):
-        group = completions[i * group_size : (i + 1) * group_size]
-        scores = scorer.score(group, prompt.references, messages=prompt.messages)
-        for name, values in scores.items():
-            parts.setdefault(name, []).extend(values)
-        combined.extend(scores[scorer.score_key])
+    failed: RewardFunctionError | None = None
+    try:
+        parts, combined = _group_rewards(scorer, prompts, samples, completions, group_size)
+    except RewardFunctionError as error:
+        failed = error
+    if dist.enabled and dist.sum([float(failed is not None)], next(generator.model.parameters()).device)[0]:
+        failed = failed or RewardFunctionError("a reward function failed on another rank (its message is there)")
+    if failed is not None:
+        raise failed
     rewards = torch.tensor(combined, dtype=torch.float32)
     batch_std = dist.mean_std(combined, rewards.device)[1] if scale_rewards == "batch" and dist.enabled else None
     advantages = group_advantages(rewards, group_size, scale_rewards, batch_std)  # type: ignore[arg-type]
     zero_std = zero_std_groups(rewards, group_size)
     keep = [row for row in range(len(samples)) if not (skip_zero_std and bool(zero_std[row // group_size]))]
     return Rollout(prompts, samples, completions, rewards, parts, advantages, zero_std, group_size, keep)
+
+
+def _group_rewards(
+    scorer: Scorer, prompts: list[TrainPrompt], samples: list[Sample], completions: list[str], group_size: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Per metric, the values given (a None left out, as TRL's nanmean logs it), and the reward per sample: a
+    None counts as NaN in TRL's nansum over reward functions, so a sample no reward scored gets 0."""
+    parts: dict[str, list[float]] = {}
+    combined: list[float] = []
+    for i, prompt in enumerate(prompts):
+        rows = slice(i * group_size, (i + 1) * group_size)
+        ids = [s.token_ids for s in samples[rows]]
+        scores = scorer.score(
+            completions[rows], prompt.references, messages=prompt.messages, record=prompt.record, completion_ids=ids
+        )
+        for name, values in scores.items():
+            parts.setdefault(name, []).extend(v for v in values if v is not None)
+        combined.extend(0.0 if v is None else v for v in scores[scorer.score_key])
+    return parts, combined
 
 
 class Stopwatch:

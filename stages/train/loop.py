@@ -28,6 +28,7 @@ from typing import Any
 from stages.core.errors import Interrupted
 from stages.core.files import remove_leftovers
 from stages.core.lock import folder_lock
+from stages.metrics.python import RewardFunctionError
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
 from stages.train.grpo import grpo_step
@@ -141,7 +142,10 @@ def _train(
     steps = run.plan.steps
     with sigint_requests_stop() as stop_requested:
         for step in range(run.first_step, steps):
-            record = train_step(run, step)
+            try:
+                record = train_step(run, step)
+            except RewardFunctionError as error:
+                raise _reward_failed(run, step, error) from error
             if (step + 1) % config.logging_steps == 0 or step + 1 == steps:
                 log.write(record)
                 if on_step and run.dist.is_main:
@@ -182,6 +186,18 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
         **metrics,
         "seconds": round(time.perf_counter() - t0, 4),
     }
+
+
+def _reward_failed(run: TrainRun, step: int, error: RewardFunctionError) -> RewardFunctionError:
+    """A `py:` reward failed during `step` (0-based), before the update: the steps finished so far are
+    saved, so the run resumes exactly where it stopped once the function is fixed."""
+    if step == 0:
+        return RewardFunctionError(f"{error}; stopped at step 1, nothing trained yet: fix the function, then rerun")
+    checkpoint = _save_checkpoint(run, step)
+    return RewardFunctionError(
+        f"{error}; stopped at step {step + 1}, the {step} steps before it are saved in {checkpoint}: "
+        "fix the function, then rerun with --resume"
+    )
 
 
 def _save_checkpoint(run: TrainRun, step: int) -> Path:
