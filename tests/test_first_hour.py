@@ -120,4 +120,9 @@ def test_the_adapter_records_the_model_as_the_user_named_it(runner, tiny_model, 
     assert runner.invoke(app, args).exit_code == 0
     record = json.loads((out / "adapter" / "bleuberi_base_model.json").read_text())
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert record == {"model": str(tiny_model), "loaded_from": config["base_model_name_or_path"]}
+    assert record == {
+        "model": str(tiny_model),
+        "loaded_from": config["base_model_name_or_path"],
+        "base_dtype": "float32",
+        "adapter_dtype": "float32",
+    }

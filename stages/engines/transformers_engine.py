@@ -107,10 +107,13 @@ def sample(
     n = len(seeds[0])
     if any(len(s) != n for s in seeds) or len(seeds) != len(prompts):
         raise ValueError("seeds must give the same number of samples for every prompt")
+    from stages.core.precision import float32_logits
+
     was_training = model.training
     model.eval()
     try:
-        state = _decode(model, prompts, seeds, sampling, stop_ids=stop_ids, pad_id=pad_id)
+        with float32_logits(model):  # as the trainer computes them (stages/core/precision.py)
+            state = _decode(model, prompts, seeds, sampling, stop_ids=stop_ids, pad_id=pad_id)
     finally:
         model.train(was_training)
     return [

@@ -41,7 +41,7 @@ class _ChosenLogProbs(torch.autograd.Function):
         lse_all = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = F.linear(hidden[rows], weight, bias).float() / temperature
+            logits = F.linear(hidden[rows].to(weight.dtype), weight, bias).float() / temperature
             lse = torch.logsumexp(logits, dim=-1)
             out[rows] = logits.gather(-1, targets[rows, None])[:, 0] - lse
             lse_all[rows] = lse
@@ -57,16 +57,16 @@ class _ChosenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = F.linear(hidden[rows], weight, bias).float() / temperature
+            logits = F.linear(hidden[rows].to(weight.dtype), weight, bias).float() / temperature
             # d log p(target) / d logits = onehot(target) - softmax(logits), scaled by the incoming grad.
             grad_logits = -torch.exp(logits - lse_all[rows, None])
             grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits *= grad_out[rows, None] / temperature
             grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
+                grad_hidden[rows] = (grad_logits @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ hidden[rows]).float()
+                grad_weight += (grad_logits.T @ hidden[rows].to(weight.dtype)).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
@@ -75,9 +75,17 @@ class _ChosenLogProbs(torch.autograd.Function):
 def chosen_logprobs(
     hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log softmax(head(hidden) / temperature) at `targets`, for hidden [N, H] and targets [N]."""
+    """log softmax(head(hidden) / temperature) at `targets`, for hidden [N, H] and targets [N]. The
+    logits are computed in float32 whatever the model's dtype (stages/core/precision.py)."""
     chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    return _ChosenLogProbs.apply(hidden, head.weight, head.bias, targets, temperature, chunk)
+    weight, bias = _float32_head(head)
+    return _ChosenLogProbs.apply(hidden, weight, bias, targets, temperature, chunk)
+
+
+def _float32_head(head: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from stages.core.precision import float32_weight
+
+    return float32_weight(head.weight), None if head.bias is None else float32_weight(head.bias)
 
 
 @dataclass
@@ -144,9 +152,10 @@ def completion_logprobs_and_entropy(
 def _entropies(hidden: torch.Tensor, head: torch.nn.Linear, temperature: float) -> torch.Tensor:
     """Entropy of softmax(head(hidden) / temperature) per row, chunked like the log-probs."""
     chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    weight, bias = _float32_head(head)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start : start + chunk], head.weight, head.bias).float() / temperature
+        logits = F.linear(hidden[start : start + chunk].to(weight.dtype), weight, bias).float() / temperature
         logp = torch.log_softmax(logits, dim=-1)
         out[start : start + chunk] = -(logp.exp() * logp).sum(-1)
     return out

@@ -91,7 +91,8 @@ def plot_metrics(metrics_path: Path, target: Path, say: Callable[[str], None]) -
 
 
 # Beside adapter_config.json, whose base_model_name_or_path is where the base was loaded from (for the
-# embedded model, a cache folder on this machine): the model as the user named it, to load it elsewhere.
+# embedded model, a cache folder on this machine): the model as the user named it, to load it elsewhere,
+# and the dtypes: the base's as it was trained, and the adapter's (float32 whatever the base's).
 BASE_MODEL_FILE = "bleuberi_base_model.json"
 
 
@@ -103,8 +104,15 @@ def save_adapter(model: Any, tokenizer: Any, target: Path, *, model_name: str | 
         tokenizer.save_pretrained(folder)
         if model_name is not None:
             loaded_from = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            record = {"model": model_name, "loaded_from": loaded_from}
+            record = {"model": model_name, "loaded_from": loaded_from, **_dtypes(model)}
             (folder / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _dtypes(model: Any) -> dict[str, str]:
+    """The base model's weight dtype and the adapter's (trainable) weight dtype, as names."""
+    base = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    adapter = next(p.dtype for p in model.parameters() if p.requires_grad)
+    return {"base_dtype": str(base).removeprefix("torch."), "adapter_dtype": str(adapter).removeprefix("torch.")}
 
 
 def save_merged(model: Any, tokenizer: Any, target: Path) -> None:

@@ -1,0 +1,72 @@
+"""One precision policy for every device: what runs in the model's dtype and what runs in float32.
+
+- The base weights are in `--dtype` (bfloat16 halves memory and, on CPUs with AVX-512 BF16 and on
+  GPUs, speeds up the matmuls).
+- LoRA weights and the optimizer state stay float32 (peft keeps adapter weights in float32 when the base
+  is bf16/fp16; AdamW's state follows its parameters), and the saved adapter is float32.
+- The output projection (the logits) is computed in float32, by the sampler and the trainer alike.
+  Rounding logits to bf16 costs up to half an ulp of a logit (about 0.03 for logits near 10): the largest
+  share of the sampler-vs-trainer log-prob drift and of the KL noise in bf16 (bench/precision_bench.py).
+- Log-probs, entropies, the loss, advantages and the KL are float32 (stages/train/logprobs.py, loss.py).
+
+What bf16 still costs after that: activations are rounded to bf16 at every layer, so a KV-cached decode
+and a full forward pass (different kernels, different summation orders) differ by a few ulps that
+propagate, and a tiny LoRA update moves some activations by one ulp and leaves others: a KL noise floor
+of about 1e-3 on a 135M model (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# Where a frozen low-precision weight keeps its float32 copy (with the weight's version when it was made),
+# so the copy is made once and lives as long as the weight: the head is not a LoRA target, so in training
+# it never changes.
+_COPY = "_bleuberi_float32_copy"
+
+
+def float32_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in float32: itself when it already is; a differentiable cast when it is trained; else a
+    cached copy."""
+    import torch
+
+    if weight.dtype == torch.float32:
+        return weight
+    if weight.requires_grad:
+        return weight.float()
+    cached = getattr(weight, _COPY, None)
+    if cached is None or cached[0] != weight._version:
+        with torch.inference_mode(False):  # a normal tensor, usable by autograd later, even if made while sampling
+            cached = (weight._version, weight.detach().float())
+        setattr(weight, _COPY, cached)
+    return cached[1]
+
+
+@contextlib.contextmanager
+def float32_logits(model: Any) -> Iterator[None]:
+    """While inside, the model's output projection computes its logits in float32 from the last hidden
+    state (nothing changes for a float32 model). The model's own forward still runs, so any scaling it
+    applies to the logits afterwards is kept."""
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype == torch.float32:
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else float32_weight(head.bias)
+        return F.linear(hidden.float(), float32_weight(head.weight), bias)
+
+    head.forward = forward  # an instance attribute: shadows nn.Linear.forward for this module only
+    try:
+        yield
+    finally:
+        del head.forward
