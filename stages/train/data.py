@@ -1,16 +1,19 @@
-"""What the steps train on: tokenised prompts, and which of them each step (and each rank) takes."""
+"""What the steps train on: tokenised prompts, which of them each step (and each rank) takes, and a step's
+rewarded samples."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+import torch
 
 from stages.core.errors import InputError
 from stages.core.records import prompt_messages
-from stages.engines.base import derive_seed
+from stages.engines.base import Sample, derive_seed
 from stages.engines.prompts import PromptEncoder, cut_left
 
 
@@ -101,3 +104,18 @@ class StepPlan(Generic[Item]):
     def epoch_after(self, step: int) -> float:
         """Passes over the items when `step` (0-based) has finished."""
         return round((step + 1) * self.per_step / len(self.items), 4)
+
+
+@dataclass
+class Rollout:
+    """One step's samples on this rank, group after group (G rows per prompt), rewarded."""
+
+    prompts: list[TrainPrompt]
+    samples: list[Sample]  # len = len(prompts) * G
+    completions: list[str]
+    rewards: torch.Tensor  # combined reward per sample
+    reward_parts: dict[str, list[float]]  # per metric
+    advantages: torch.Tensor
+    zero_std: torch.Tensor  # per group
+    group_size: int
+    keep: list[int] = field(default_factory=list)  # rows that go into the loss pass

@@ -4,7 +4,6 @@ update -> publish the adapter -> the step's record. The loss math is in stages/t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +12,7 @@ from stages.engines.base import Sample
 from stages.engines.generator import Generator
 from stages.metrics.python import RewardFunctionError
 from stages.score import Scorer
-from stages.train.data import TrainPrompt
+from stages.train.data import Rollout, TrainPrompt
 from stages.train.distributed import Distributed
 from stages.train.loss import group_advantages, zero_std_groups
 from stages.train.update import UpdateStats, micro_batches, policy_update
@@ -56,21 +55,6 @@ def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
     run.rollouts.publish(policy.model, step + 1)
     # 8. the record
     return {**step_record(rollout, update, dist, policy.device, clock.laps), "reward_combine": config.reward_combine}
-
-
-@dataclass
-class Rollout:
-    """One step's samples on this rank, group after group (G rows per prompt), rewarded."""
-
-    prompts: list[TrainPrompt]
-    samples: list[Sample]  # len = len(prompts) * G
-    completions: list[str]
-    rewards: torch.Tensor  # combined reward per sample
-    reward_parts: dict[str, list[float]]  # per metric
-    advantages: torch.Tensor
-    zero_std: torch.Tensor  # per group
-    group_size: int
-    keep: list[int] = field(default_factory=list)  # rows that go into the loss pass
 
 
 def score_rollout(

@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from stages.train.config import LossConfig, TrainConfig
+from stages.train.data import Rollout
 from stages.train.distributed import Distributed
 from stages.train.logprobs import PackedBatch, completion_logprobs, completion_logprobs_and_entropy, pack
 from stages.train.loss import Denominator, LossParts, engine_importance_weights, grpo_loss, high_entropy_mask
 from stages.train.policy import Policy
-
-if TYPE_CHECKING:
-    from stages.train.grpo import Rollout
 
 
 @dataclass
