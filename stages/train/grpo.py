@@ -39,6 +39,7 @@ def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
         scale_rewards=config.scale_rewards,
         skip_zero_std=config.skip_zero_std,
         dist=dist,
+        device=policy.device,
     )
     clock.lap("score")
     # 5-6. micro-batches of the rows that count, then reference log-probs and the clipped updates
@@ -67,22 +68,25 @@ def score_rollout(
     scale_rewards: str,
     skip_zero_std: bool,
     dist: Distributed,
+    device: torch.device | None = None,
 ) -> Rollout:
     """Each group's completions scored against its prompt's references, and their advantages (with
     scale_rewards="batch" the std is that of the whole batch on every rank). A reward function's error
-    stops every rank at this step (they agree on it before any other collective)."""
+    stops every rank at this step (they agree on it before any other collective). `device` is where the
+    ranks' collectives run (the policy's: a CUDA device under nccl); default the CPU."""
+    device = device or torch.device("cpu")
     completions = [generator.decode(s.token_ids) for s in samples]
     failed: RewardFunctionError | None = None
     try:
         parts, combined = _group_rewards(scorer, prompts, samples, completions, group_size)
     except RewardFunctionError as error:
         failed = error
-    if dist.enabled and dist.sum([float(failed is not None)], next(generator.model.parameters()).device)[0]:
+    if dist.enabled and dist.sum([float(failed is not None)], device)[0]:
         failed = failed or RewardFunctionError("a reward function failed on another rank (its message is there)")
     if failed is not None:
         raise failed
     rewards = torch.tensor(combined, dtype=torch.float32)
-    batch_std = dist.mean_std(combined, rewards.device)[1] if scale_rewards == "batch" and dist.enabled else None
+    batch_std = dist.mean_std(combined, device)[1] if scale_rewards == "batch" and dist.enabled else None
     advantages = group_advantages(rewards, group_size, scale_rewards, batch_std)  # type: ignore[arg-type]
     zero_std = zero_std_groups(rewards, group_size)
     keep = [row for row in range(len(samples)) if not (skip_zero_std and bool(zero_std[row // group_size]))]
