@@ -172,3 +172,34 @@ def test_engine_importance_weights_follow_trls_modes() -> None:
     assert torch.allclose(
         engine_importance_weights(trainer, engine, mask, "sequence_mask", 5.0), torch.tensor([[4.4817]]), atol=1e-4
     )
+
+
+def test_rewards_under_several_ranks_need_no_model_in_the_engine(tiny_model) -> None:
+    """With an engine of its own (vLLM, a server) the generator holds no model: the ranks' agreement on reward
+    errors and the batch std run on the policy's device, not on the engine's model."""
+    from transformers import AutoTokenizer
+
+    from stages.engines.generator import Generator
+    from stages.score import Scorer
+    from stages.train.data import TrainPrompt
+    from stages.train.distributed import Distributed
+    from stages.train.grpo import score_rollout
+
+    class TwoRanks(Distributed):  # this rank's numbers stand for both ranks' (each has the same ones)
+        def sum(self, values, device):
+            assert device == torch.device("cpu")
+            return [2 * v for v in values]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    engine = FileSyncedEngine(str(tiny_model), {tokenizer.eos_token_id})
+    generator = Generator(tokenizer, engine, {tokenizer.eos_token_id})
+    with pytest.raises(UsageError):
+        generator.model  # noqa: B018 - an engine of its own: no model here
+    ids = tokenizer.encode("The cat sat on the mat.", add_special_tokens=False)
+    samples = [Sample(ids, [0.0] * len(ids), True), Sample(ids[:3], [0.0] * 3, False)]
+    prompts = [TrainPrompt("a", ids, ["The cat sat on the mat."])]
+    rollout = score_rollout(
+        generator, Scorer(["bleu"]), prompts, samples, group_size=2, scale_rewards="batch", skip_zero_std=False,
+        dist=TwoRanks(rank=0, world_size=2), device=torch.device("cpu"),
+    )  # fmt: skip
+    assert rollout.rewards[0] == pytest.approx(1.0) and rollout.advantages[0] > 0 > rollout.advantages[1]
