@@ -50,8 +50,11 @@ def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path,
         # z-scores within each group average to 0 over the batch, whatever the raw rewards were
         assert step["rewards"]["combined"]["mean"] == pytest.approx(0.0, abs=1e-6)
         assert step["rewards"]["format"]["mean"] == 0.0  # a random tiny model never writes <think> tags
-    saved = json.loads((out / "config.json").read_text())["config"]
+    recorded = json.loads((out / "config.json").read_text())
+    saved = recorded["config"]
     assert saved["reward"] == ["bleu", f"rm:{tiny_rm}"] and saved["reasoning"] is True
+    signatures = recorded["reward_signatures"]  # what each reward was, so a changed one is seen
+    assert set(signatures) == {"bleu", f"rm:{tiny_rm}", "format"} and str(tiny_rm) in signatures[f"rm:{tiny_rm}"]
     assert len(losses) == 2  # one micro-batch per step
     for config, entropy_mask, mask in losses:
         assert (config.loss_type, config.importance_sampling_level) == ("cispo", "sequence")

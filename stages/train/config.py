@@ -77,7 +77,8 @@ class TrainConfig:
     algo: Algo = option("grpo", "grpo | sft (the paper's SFT baseline)", panel=WHAT)
     reward: list[str] = option(
         factory=lambda: ["bleu"],
-        help="NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL; "
+        help="NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL, "
+        "py:FILE.py:FUNCTION (your own); "
         "several are combined by reward_combine",
         metavar="NAME[:ARG][:WEIGHT]",
         panel=WHAT,

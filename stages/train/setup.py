@@ -157,6 +157,8 @@ def _run_record(run: TrainRun, records: Sequence[dict[str, Any]], report: Prompt
         "dtype": str(run.policy.dtype).replace("torch.", ""),
         "trainable_parameters": sum(p.numel() for p in run.policy.trainable),
         "packages": package_versions(TRAINING_PACKAGES),
+        # each reward's signature: its settings, and for a py: reward its file's content hash
+        "reward_signatures": run.scorer.info()["signatures"] if run.config.algo == "grpo" else {},
     }
 
 
