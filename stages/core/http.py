@@ -143,18 +143,9 @@ def request_bytes(
     raise ServerError(url, f"{last.cause}{tries}{detail}", status=last.status, body=last.body, transient=True)
 
 
-def request_json(
-    method: str,
-    url: str,
-    payload: Any = None,
-    *,
-    headers: dict[str, str] | None = None,
-    timeout: float = 60.0,
-    retries: int = 3,
-    backoff: float = 0.5,
-) -> Any:
-    """The decoded JSON reply of `method url`; see `request_bytes` for retries and errors."""
-    body = request_bytes(method, url, payload, headers=headers, timeout=timeout, retries=retries, backoff=backoff)
+def request_json(method: str, url: str, payload: Any = None, **settings: Any) -> Any:
+    """The decoded JSON reply of `method url`; `settings` and the retries and errors as for `request_bytes`."""
+    body = request_bytes(method, url, payload, **settings)
     try:
         return json.loads(body)
     except ValueError:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 Messages = list[dict[str, str]]  # chat turns: {"role", "content"}
+ReferenceLists = Sequence[Sequence[str]]  # references[i]: the reference texts of hypothesis i
+PromptTurns = Sequence[Messages] | None  # messages[i]: the prompt's chat turns of hypothesis i
 Scale = tuple[float, float] | None  # (lowest, highest) score; None: no fixed range
 
 
@@ -120,10 +122,7 @@ class Metric(ABC):
         return [self.score_prepared(h, prepared) for h in hypotheses]
 
     def paired_scores(
-        self,
-        hypotheses: Sequence[str],
-        references: Sequence[Sequence[str]],
-        messages: Sequence[Messages] | None = None,
+        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
     ) -> list[float]:
         """One score per (hypothesis, its references[, its prompt]) across records, e.g. one system's answers
         in `eval`. Model-based metrics override this to batch across records."""

@@ -112,8 +112,33 @@ def nmt_formula(matches: list[int], possible: list[int], translation_length: int
     return geo_mean * bp
 
 
-class Bleu(Metric):
-    """sacrebleu sentence BLEU (defaults), 0..1. Equals `sacrebleu.sentence_bleu(h, refs).score / 100`."""
+class _NgramBleu(Metric):
+    """A BLEU from n-gram statistics: `_stats` counts one hypothesis against prepared references, `_formula`
+    turns counts into a score. A sentence scores its own counts; the corpus scores the pooled counts."""
+
+    def _stats(self, hypothesis: str, refs: NgramReferences) -> tuple[list[int], list[int], int, int]:
+        raise NotImplementedError
+
+    def _formula(self, correct: list[int], total: list[int], hyp_len: int, ref_len: int) -> float:
+        raise NotImplementedError
+
+    def score_prepared(self, hypothesis: str, prepared: NgramReferences) -> float:
+        return self._formula(*self._stats(hypothesis, prepared))
+
+    def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        _check_corpus(hypotheses, references)
+        correct, total, hyp_len, ref_len = [0] * MAX_ORDER, [0] * MAX_ORDER, 0, 0
+        for hypothesis, refs in zip(hypotheses, references):
+            c, t, h, r = self._stats(hypothesis, self.prepare(refs))
+            correct = [a + b for a, b in zip(correct, c)]
+            total = [a + b for a, b in zip(total, t)]
+            hyp_len, ref_len = hyp_len + h, ref_len + r
+        return self._formula(correct, total, hyp_len, ref_len)
+
+
+class Bleu(_NgramBleu):
+    """sacrebleu sentence BLEU (defaults), 0..1. Equals `sacrebleu.sentence_bleu(h, refs).score / 100`; the
+    corpus score equals sacrebleu `BLEU(effective_order=True).corpus_score(...)` / 100."""
 
     name = "bleu"
     description = "sacrebleu sentence BLEU: 13a tokens, exp smoothing, effective order"
@@ -127,26 +152,16 @@ class Bleu(Metric):
         correct, total = match_counts(tokens, refs)
         return correct, total, len(tokens), closest_ref_length(len(tokens), refs.lengths)
 
-    def score_prepared(self, hypothesis: str, prepared: NgramReferences) -> float:
-        return sacrebleu_formula(*self._stats(hypothesis, prepared)) / 100
-
-    def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-        """Pooled statistics; equals sacrebleu `BLEU(effective_order=True).corpus_score(...)` / 100."""
-        _check_corpus(hypotheses, references)
-        correct, total, sys_len, ref_len = [0] * MAX_ORDER, [0] * MAX_ORDER, 0, 0
-        for hypothesis, refs in zip(hypotheses, references):
-            c, t, s, r = self._stats(hypothesis, self.prepare(refs))
-            correct = [a + b for a, b in zip(correct, c)]
-            total = [a + b for a, b in zip(total, t)]
-            sys_len, ref_len = sys_len + s, ref_len + r
-        return sacrebleu_formula(correct, total, sys_len, ref_len) / 100
+    def _formula(self, correct: list[int], total: list[int], hyp_len: int, ref_len: int) -> float:
+        return sacrebleu_formula(correct, total, hyp_len, ref_len) / 100
 
     def signature(self) -> str:
         return f"bleu|case:mixed|eff:yes|tok:13a|smooth:exp|sacrebleu:{version('sacrebleu')}"
 
 
-class PaperBleu(Metric):
-    """HF evaluate "bleu" with smooth=True, as the BLEUBERI paper's reward (0..1)."""
+class PaperBleu(_NgramBleu):
+    """HF evaluate "bleu" with smooth=True, as the BLEUBERI paper's reward (0..1); the corpus score is
+    compute_bleu over the whole corpus (pooled counts and lengths), as evaluate reports it."""
 
     name = "bleu-paper"
     description = "BLEUBERI's reward: HF evaluate bleu, smooth=True, shortest-reference brevity penalty"
@@ -160,19 +175,8 @@ class PaperBleu(Metric):
         matches, possible = match_counts(tokens, refs)
         return matches, possible, len(tokens), min(refs.lengths)
 
-    def score_prepared(self, hypothesis: str, prepared: NgramReferences) -> float:
-        return nmt_formula(*self._stats(hypothesis, prepared))
-
-    def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-        """compute_bleu over the whole corpus (pooled counts and lengths), as evaluate reports it."""
-        _check_corpus(hypotheses, references)
-        matches, possible, t_len, r_len = [0] * MAX_ORDER, [0] * MAX_ORDER, 0, 0
-        for hypothesis, refs in zip(hypotheses, references):
-            m, p, t, r = self._stats(hypothesis, self.prepare(refs))
-            matches = [a + b for a, b in zip(matches, m)]
-            possible = [a + b for a, b in zip(possible, p)]
-            t_len, r_len = t_len + t, r_len + r
-        return nmt_formula(matches, possible, t_len, r_len)
+    def _formula(self, correct: list[int], total: list[int], hyp_len: int, ref_len: int) -> float:
+        return nmt_formula(correct, total, hyp_len, ref_len)
 
     def signature(self) -> str:
         return "bleu-paper|case:mixed|tok:13a|smooth:add-one|bp:shortest-ref|max-order:4"

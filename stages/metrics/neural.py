@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import ModelError, UsageError
-from stages.metrics.base import Messages, Metric, _check_corpus, _check_references, right_padded
+from stages.metrics.base import (
+    Messages,
+    Metric,
+    PromptTurns,
+    ReferenceLists,
+    _check_corpus,
+    _check_references,
+    right_padded,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -173,10 +181,7 @@ class _EncoderMetric(Metric):
         return self._scores(hypotheses, self.prepare(_check_references(references)))
 
     def paired_scores(
-        self,
-        hypotheses: Sequence[str],
-        references: Sequence[Sequence[str]],
-        messages: Sequence[Messages] | None = None,
+        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
     ) -> list[float]:
         _check_corpus(hypotheses, references)
         flat = [ref for refs in references for ref in _check_references(refs)]

@@ -50,7 +50,7 @@ from types import ModuleType
 from typing import Any
 
 from stages.core.errors import BleuberiError, UsageError
-from stages.metrics.base import Batch, Messages, Metric
+from stages.metrics.base import Batch, Messages, Metric, PromptTurns, ReferenceLists
 
 # Passed by name; a record field with one of these names is not passed as a column.
 RESERVED = frozenset({"prompt", "prompts", "completion", "completions", "references", "completion_ids", "evaluation"})
@@ -223,10 +223,7 @@ class PythonReward(Metric):
         return self.score_batch(batch)  # type: ignore[return-value]  # no None: missing_ok is False
 
     def paired_scores(
-        self,
-        hypotheses: Sequence[str],
-        references: Sequence[Sequence[str]],
-        messages: Sequence[Messages] | None = None,
+        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
     ) -> list[float]:
         return self.score_batch(Batch(hypotheses, references, messages, missing_ok=False))  # type: ignore[return-value]
 

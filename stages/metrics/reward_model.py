@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import ModelError, UsageError
-from stages.metrics.base import Messages, Metric, _check_corpus, right_padded
+from stages.metrics.base import Messages, Metric, PromptTurns, ReferenceLists, _check_corpus, right_padded
 
 REQUEST_CONVERSATIONS = 64
 
@@ -61,10 +61,7 @@ class _ConversationMetric(Metric):
         return self.score_conversations([conversation(messages, h, self.name) for h in hypotheses])
 
     def paired_scores(
-        self,
-        hypotheses: Sequence[str],
-        references: Sequence[Sequence[str]],
-        messages: Sequence[Messages] | None = None,
+        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
     ) -> list[float]:
         _check_corpus(hypotheses, references)
         if messages is None:
