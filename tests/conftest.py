@@ -55,3 +55,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# The sizes a tiny training run needs: fast on the tiny model, still a real GRPO step.
+TINY_TRAIN = {"num-generations": 4, "per-device-train-batch-size": 4, "max-completion-length": 4, "max-steps": 1}
+
+
+def train_args(data: Path, out: Path, model: Path | str, **options: object) -> list[str]:
+    """`bleuberi train` argv on a tiny model: TINY_TRAIN's sizes, overridden or extended by `options`
+    (max_steps=3 -> --max-steps 3; True -> a bare flag; None -> left out)."""
+    settings = {**TINY_TRAIN, **{name.replace("_", "-"): value for name, value in options.items()}}
+    args = ["train", "-i", str(data), "-o", str(out), "--model", str(model)]
+    for name, value in settings.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is not None and value is not False:
+            args += [f"--{name}", str(value)]
+    return args

@@ -15,7 +15,7 @@ from bleuberi_cli.app import app
 from stages.core import jsonl
 from stages.core.errors import WriteFailed
 from stages.core.jsonl import JsonlWriter
-from tests.conftest import ROOT, demo_records, write_jsonl
+from tests.conftest import ROOT, demo_records, train_args, write_jsonl
 
 SCORED = [{"id": f"q{i}", "prompt": "p", "references": ["the cat sat"], "completions": ["the cat"]} for i in range(50)]
 
@@ -91,8 +91,7 @@ def test_a_checkpoint_on_a_full_disk_names_it(runner, tiny_model, tmp_path, monk
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
-    args = ["train", "-i", str(data), "-o", str(out), "--model", str(tiny_model), "--num-generations", "4",
-            "--per-device-train-batch-size", "4", "--max-completion-length", "4", "--max-steps", "1"]  # fmt: skip
+    args = train_args(data, out, tiny_model)
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("bleuberi")]

@@ -12,7 +12,7 @@ import pytest
 
 from bleuberi_cli.app import app
 from stages.core.lock import LOCK_NAME, FolderLocked, folder_lock
-from tests.conftest import ROOT, demo_records, write_jsonl
+from tests.conftest import ROOT, demo_records, train_args, write_jsonl
 
 HOLD = """import sys, time
 from stages.core.lock import folder_lock
@@ -20,12 +20,6 @@ with folder_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
 """
-
-
-def train_args(model, data, out) -> list[str]:
-    return ["train", "-i", str(data), "-o", str(out), "--model", str(model), "--num-generations", "4",
-            "--per-device-train-batch-size", "4", "--max-completion-length", "4", "--max-steps", "2",
-            "--save-steps", "1"]  # fmt: skip
 
 
 def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path) -> None:
@@ -43,7 +37,7 @@ def test_train_and_run_refuse_a_locked_folder_until_its_holder_dies(runner, tiny
     try:
         assert holder.stdout.readline() == b"locked\n"
         data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
-        busy = runner.invoke(app, train_args(tiny_model, data, out))
+        busy = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, save_steps=1))
         assert busy.exit_code == 1 and busy.stdout == ""
         assert (
             f"in use by another bleuberi process (pid {holder.pid} on " in busy.stderr and busy.stderr.count("\n") == 1
@@ -54,7 +48,7 @@ def test_train_and_run_refuse_a_locked_folder_until_its_holder_dies(runner, tiny
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert (out / LOCK_NAME).exists()  # left by the killed holder: stale, and must not block
-    done = runner.invoke(app, train_args(tiny_model, data, out))
+    done = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, save_steps=1))
     assert done.exit_code == 0, done.stderr
     assert not (out / LOCK_NAME).exists()
 
@@ -68,7 +62,7 @@ def test_a_finished_run_removes_only_our_own_leftovers(runner, tiny_model, tmp_p
     for path in ours + theirs:
         path.write_text("x")
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
-    done = runner.invoke(app, train_args(tiny_model, data, out))
+    done = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, save_steps=1))
     assert done.exit_code == 0, done.stderr
     assert not any(p.exists() for p in ours) and not (out / "checkpoints" / ".step-1.k2j4h6g8").exists()
     assert all(p.exists() for p in theirs)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, demo_records, write_jsonl
+from tests.conftest import ROOT, demo_records, train_args, write_jsonl
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -38,9 +38,7 @@ def _interrupt_after_first_line(process: subprocess.Popen, deadline: float = 120
 def test_sigint_during_train_saves_a_checkpoint_and_says_how_to_resume(tiny_model, tmp_path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", demo_records("pool", 8))
     run_dir = tmp_path / "run"
-    args = ["train", "-i", str(data), "-o", str(run_dir), "--model", str(tiny_model), "--device", "cpu"]
-    args += ["--max-steps", "200", "--num-generations", "2", "--per-device-train-batch-size", "4"]
-    args += ["--max-completion-length", "4", "--save-steps", "1000"]
+    args = train_args(data, run_dir, tiny_model, device="cpu", max_steps=200, num_generations=2, save_steps=1000)
     process = _start(args, tmp_path)
     _stdout, stderr = _interrupt_after_first_line(process)
     assert process.returncode == 130, stderr

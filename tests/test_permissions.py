@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bleuberi_cli.app import app
-from tests.conftest import demo_records, write_jsonl
+from tests.conftest import demo_records, train_args, write_jsonl
 
 
 @pytest.fixture
@@ -30,8 +30,7 @@ def modes(root: Path) -> dict[str, str]:
 def test_every_output_follows_the_umask(runner, tiny_model, tmp_path, umask_002) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
     out = tmp_path / "run"
-    args = ["train", "-i", str(data), "-o", str(out), "--model", str(tiny_model), "--num-generations", "4",
-            "--per-device-train-batch-size", "4", "--max-completion-length", "4", "--max-steps", "1"]  # fmt: skip
+    args = train_args(data, out, tiny_model)
     assert runner.invoke(app, args).exit_code == 0
     scored = runner.invoke(
         app, ["score", "-i", str(out / "metrics.jsonl"), "--skip-invalid", "-o", str(out / "s.jsonl")]

@@ -10,12 +10,7 @@ import pytest
 
 from bleuberi_cli.app import app
 from stages.train.telemetry import flatten_numbers
-from tests.conftest import demo_records, write_jsonl
-
-
-def train_args(model, data, out, *more: str) -> list[str]:
-    sizes = ["--num-generations", "4", "--per-device-train-batch-size", "4", "--max-completion-length", "4"]
-    return ["train", "-i", str(data), "-o", str(out), "--model", str(model), *sizes, "--max-steps", "2", *more]
+from tests.conftest import demo_records, train_args, write_jsonl
 
 
 def test_flatten_numbers_keeps_numbers_only() -> None:
@@ -28,7 +23,7 @@ def test_tensorboard_gets_every_logged_step_and_the_config(runner, tiny_model, t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
-    result = runner.invoke(app, train_args(tiny_model, data, out, "--report-to", "tensorboard"))
+    result = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, report_to="tensorboard"))
     assert result.exit_code == 0, result.stderr
     logged = [orjson.loads(line) for line in (out / "metrics.jsonl").read_bytes().splitlines()]
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
@@ -43,16 +38,16 @@ def test_tensorboard_gets_every_logged_step_and_the_config(runner, tiny_model, t
 
 def test_no_tracker_by_default(runner, tiny_model, tmp_path) -> None:
     data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
-    assert runner.invoke(app, train_args(tiny_model, data, out)).exit_code == 0
+    assert runner.invoke(app, train_args(data, out, tiny_model, max_steps=2)).exit_code == 0
     assert not (out / "tensorboard").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_a_missing_tracker_stops_before_any_work(runner, tiny_model, tmp_path) -> None:
     data, out = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4)), tmp_path / "run"
-    result = runner.invoke(app, train_args(tiny_model, data, out, "--report-to", "tensorboard,wandb"))
+    result = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, report_to="tensorboard,wandb"))
     assert result.exit_code == 1
     assert result.stderr == "bleuberi: error: --report-to wandb needs the wandb package: pip install wandb\n"
     assert not (out / "config.json").exists()
-    bad = runner.invoke(app, train_args(tiny_model, data, out, "--report-to", "comet"))
+    bad = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, report_to="comet"))
     assert bad.exit_code == 1 and "--report-to comet: expected none or any of tensorboard" in bad.stderr

@@ -11,7 +11,7 @@ from bleuberi_cli.app import app
 from stages.core.errors import UsageError
 from stages.train.config import TrainConfig
 from stages.train.loop import train
-from tests.conftest import demo_records, write_jsonl
+from tests.conftest import demo_records, train_args, write_jsonl
 
 
 def small_config(model, **overrides) -> TrainConfig:
@@ -43,23 +43,7 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tiny_model, tmp_path
 def test_the_cli_refuses_in_one_line(runner, tiny_model, tmp_path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
     out = tmp_path / "run"
-    args = [
-        "train",
-        "-i",
-        str(data),
-        "-o",
-        str(out),
-        "--model",
-        str(tiny_model),
-        "--num-generations",
-        "4",
-        "--per-device-train-batch-size",
-        "8",
-        "--max-completion-length",
-        "4",
-        "--max-steps",
-        "1",
-    ]
+    args = train_args(data, out, tiny_model, per_device_train_batch_size=8)
     assert runner.invoke(app, args).exit_code == 0
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2 and refused.stdout == ""
