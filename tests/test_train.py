@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bleuberi_cli.app import app
 from stages.train.config import TrainConfig
 from stages.train.loop import lr_at, train
-from tests.conftest import ROOT, demo_records, free_port, read_jsonl_text, write_jsonl
+from tests.conftest import ROOT, demo_records, free_port, read_jsonl_text, train_args, write_jsonl
 
 LEARN_RECORDS = [
     {"id": "a", "prompt": "name the largest planet", "references": ["jupiter is the largest planet"]},
@@ -74,31 +74,8 @@ def test_a_short_run_raises_the_bleu_reward(word_model, tmp_path) -> None:
 def test_train_command_outputs(runner, tiny_model, tmp_path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=6))
     out = tmp_path / "run"
-    args = [
-        "train",
-        "-i",
-        str(data),
-        "-o",
-        str(out),
-        "--model",
-        str(tiny_model),
-        "--num-generations",
-        "4",
-        "--per-device-train-batch-size",
-        "8",
-        "--max-completion-length",
-        "8",
-        "--max-steps",
-        "3",
-        "--save-steps",
-        "2",
-        "--lr",
-        "1e-3",
-        "--reward",
-        "bleu",
-        "--reward",
-        "rouge-l:0.5",
-    ]
+    sizes = {"per_device_train_batch_size": 8, "max_completion_length": 8, "max_steps": 3, "save_steps": 2}
+    args = [*train_args(data, out, tiny_model, **sizes, lr="1e-3", reward="bleu"), "--reward", "rouge-l:0.5"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     stdout_records = read_jsonl_text(result.stdout)
@@ -161,30 +138,8 @@ def _env() -> dict[str, str]:
 
 
 def _train_args(model: Path, data: Path, out: Path, steps: int) -> list[str]:
-    return [
-        "train",
-        "-i",
-        str(data),
-        "-o",
-        str(out),
-        "--model",
-        str(model),
-        "--num-generations",
-        "4",
-        "--per-device-train-batch-size",
-        "8",
-        "--max-completion-length",
-        "6",
-        "--max-steps",
-        str(steps),
-        "--save-steps",
-        "2",
-        "--lr",
-        "5e-3",
-        "--save-total-limit",
-        "10",
-        "-q",
-    ]
+    sizes = {"per_device_train_batch_size": 8, "max_completion_length": 6, "max_steps": steps, "save_steps": 2}
+    return [*train_args(data, out, model, **sizes, lr="5e-3", save_total_limit=10), "-q"]
 
 
 @pytest.mark.slow
@@ -440,62 +395,20 @@ def test_batch_scaled_advantages_under_torchrun_are_the_whole_batchs(tiny_model,
 
 
 def test_bad_training_input(runner, tiny_model, tmp_path) -> None:
-    model = ["--model", str(tiny_model), "--num-generations", "4", "--per-device-train-batch-size", "8"]
+    sizes = {"per_device_train_batch_size": 8, "max_completion_length": None, "max_steps": None}
     no_refs = write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "prompt": "Say hi."}])
-    result = runner.invoke(app, ["train", "-i", str(no_refs), "-o", str(tmp_path / "r1"), *model])
+    result = runner.invoke(app, train_args(no_refs, tmp_path / "r1", tiny_model, **sizes))
     assert result.exit_code == 1 and f"{no_refs}:1: field 'references': missing" in result.stderr
     long_prompt = write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "prompt": "word " * 200, "references": ["ok"]}])
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "-i",
-            str(long_prompt),
-            "-o",
-            str(tmp_path / "r2"),
-            *model,
-            "--max-prompt-length",
-            "16",
-            "--drop-long",
-        ],
-    )
+    dropped = train_args(long_prompt, tmp_path / "r2", tiny_model, **sizes, max_prompt_length=16, drop_long=True)
+    result = runner.invoke(app, dropped)
     assert result.exit_code == 1 and "no usable training prompts" in result.stderr
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "-i",
-            str(long_prompt),
-            "-o",
-            str(tmp_path / "r3"),
-            *model,
-            "--max-prompt-length",
-            "16",
-            "--max-steps",
-            "1",
-            "--max-completion-length",
-            "4",
-        ],
-    )
+    cut = train_args(long_prompt, tmp_path / "r3", tiny_model, per_device_train_batch_size=8, max_prompt_length=16)
+    result = runner.invoke(app, cut)
     assert result.exit_code == 0, result.stderr
     assert "1 cut from the left" in result.stderr
     assert json.loads((tmp_path / "r3" / "config.json").read_text())["input"]["prompts_truncated"] == 1
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "-i",
-            str(long_prompt),
-            "-o",
-            str(tmp_path / "r4"),
-            "--model",
-            str(tiny_model),
-            "--num-generations",
-            "3",
-            "--per-device-train-batch-size",
-            "8",
-        ],
-    )
+    result = runner.invoke(app, train_args(long_prompt, tmp_path / "r4", tiny_model, **sizes, num_generations=3))
     assert result.exit_code == 2 and "multiple of num_generations" in result.stderr
 
 
