@@ -71,7 +71,7 @@ def generate(
 
         def load() -> Generator:
             say(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
-            return config.load()
+            return config.load(say=lambda m: say(m, quiet=quiet))
 
         records = read_all_records(
             input,

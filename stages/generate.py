@@ -30,6 +30,7 @@ from stages.core.options import (
     option,
     seed_option,
     system_prompt_option,
+    threads_option,
     trust_remote_code_option,
 )
 from stages.engines.base import EngineOptions, Sample, SamplingParams
@@ -238,6 +239,7 @@ class GenerateConfig:
     )
     device: str = device_option()
     dtype: str = dtype_option()
+    threads: int | None = threads_option()
     system_prompt: str | None = system_prompt_option()
     trust_remote_code: bool = trust_remote_code_option()
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -254,8 +256,8 @@ class GenerateConfig:
     def sampling(self) -> SamplingParams:
         return check_params(self.num_samples, self.max_new_tokens, self.temperature, self.top_p)
 
-    def load(self) -> Generator:
-        """The model (with its adapter) in the engine the config names."""
+    def load(self, say: Callable[[str], None] | None = None) -> Generator:
+        """The model (with its adapter) in the engine the config names, with this process's thread budget."""
         return Generator.load(
             self.model,
             adapter=self.adapter,
@@ -265,6 +267,8 @@ class GenerateConfig:
             system_prompt=self.system_prompt,
             max_prompt_length=self.max_prompt_length,
             engine=self.engine,
+            threads=self.threads,
+            say=say,
         )
 
 

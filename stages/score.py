@@ -241,6 +241,9 @@ def _init_worker(
     names: list[str], weights: list[float] | None, aggregate: Aggregate, combine: Combine, extract: bool
 ) -> None:
     global _worker_scorer
+    from stages.core.threads import one_thread_per_worker
+
+    one_thread_per_worker()  # the pool already has one worker per core
     _worker_scorer = Scorer(names, weights, aggregate, combine=combine, extract_answer=extract)
 
 

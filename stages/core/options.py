@@ -151,3 +151,14 @@ def system_prompt_option() -> Any:
 
 def seed_option() -> Any:
     return option(42, "random seed: same seed, same result", metavar="N")
+
+
+def threads_option() -> Any:
+    return option(
+        None,
+        "torch intra-op threads for this process (default: a budget from the cores it may use, shared with "
+        "torchrun's local ranks, a local engine and busy neighbours; see README 'Threads on the CPU')",
+        metavar="N",
+        envvar="BLEUBERI_THREADS",
+        panel="Model",
+    )

@@ -91,11 +91,16 @@ class Generator:
         system_prompt: str | None = None,
         max_prompt_length: int | None = None,
         engine: EngineOptions | None = None,
+        threads: int | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> Generator:
         """The tokenizer here; the engine named by `engine` (default: transformers in this process) started
-        for the model, sampling with `adapter` (merged into the weights by the transformers engine)."""
+        for the model, sampling with `adapter` (merged into the weights by the transformers engine). This
+        process's thread budget is applied first (`threads` overrides it; `say` logs the choice)."""
         from stages.core.models import adapter_rank, check_adapter, load_tokenizer, resolve_model
+        from stages.core.threads import apply_thread_budget
 
+        apply_thread_budget(threads, say=say)
         resolved = resolve_model(model)
         tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
         folder = check_adapter(adapter) if adapter else None

@@ -8,8 +8,9 @@ so that the engine keeps the Sample contract:
 - on CPU, `enable_chunked_prefill=False`: a seeded request whose prompt is prefilled in chunks kills
   the engine ("CPU Generator does not use offset"), and every later call fails;
 - on CPU, `VLLM_ENABLE_V1_MULTIPROCESSING=0` (the engine core stays in this process instead of a
-  spawned one that re-imports `__main__`) and `OMP_NUM_THREADS` set to torch's thread count: unset,
-  vLLM drops torch to one thread for the whole process (8x slower sampling, and a slower trainer);
+  spawned one that re-imports `__main__`) and `OMP_NUM_THREADS` set to the engine's thread share (see
+  stages/core/threads.py): unset, vLLM drops torch to one thread for the whole process (8x slower
+  sampling, and a slower trainer);
 - an adapter's rank is checked against `max_lora_rank` before vLLM sees it: a rejected LoRARequest
   leaves the in-process engine waiting forever on the next `generate`.
 Greedy samples get log-probs 0.0 (the contract), as vLLM would report T=1 log-probs for them.
@@ -55,11 +56,15 @@ def _on_cpu() -> bool:
 
 
 def _cpu_environment() -> None:
-    """Environment vLLM reads when the engine starts; values the user set are kept."""
+    """Environment vLLM reads when the engine starts; values the user set are kept. OMP_NUM_THREADS (which
+    keeps vLLM from dropping torch to one thread) is the engine's share of this process's thread budget."""
     import torch
 
+    from stages.core.threads import current_budget, set_child_threads
+
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    budget = current_budget()
+    set_child_threads((budget.engine_threads or budget.threads) if budget else torch.get_num_threads())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is a fraction of RAM
 
 

@@ -18,6 +18,7 @@ from stages.core.options import (
     option,
     seed_option,
     system_prompt_option,
+    threads_option,
     trust_remote_code_option,
 )
 from stages.engines.base import EngineOptions, SamplingParams
@@ -173,6 +174,7 @@ class EvalConfig:
     max_prompt_length: int | None = option(None, "cut longer prompts from the left", metavar="N", panel=GENERATION)
     device: str = device_option()
     dtype: str = dtype_option()
+    threads: int | None = threads_option()
     system_prompt: str | None = system_prompt_option()
     trust_remote_code: bool = trust_remote_code_option()
     resamples: int = option(

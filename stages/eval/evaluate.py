@@ -97,9 +97,11 @@ def evaluate(
     """Generate, score and compare. Adds `evaluation` ({system: answer and scores}) to each record. The
     judges are config.judges' unless given."""
     from stages.core.records import prompt_messages
+    from stages.core.threads import apply_thread_budget
     from stages.eval.answers import read_answers
 
     say = on_message or (lambda message: None)
+    apply_thread_budget(config.threads, say=say)  # before any model (generator, encoder, judge) is loaded
     reward_judge = reward_judge or config.judges.reward_judge(config.device)
     http_judge = http_judge or config.judges.http_judge(config.seed)
     systems = config.systems

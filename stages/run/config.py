@@ -3,7 +3,7 @@
 Precedence: `--set key=value` > the config file > the defaults below (the demo: the embedded model
 and data, sized for a 2-core CPU). Unknown keys and wrong types are errors that name the key.
 `[train]` takes every option of `bleuberi train` by its TrainConfig name, except the ones shared by
-all stages: model, seed, device, dtype, system_prompt and trust_remote_code at the top level, and the
+all stages: model, seed, device, dtype, threads, system_prompt and trust_remote_code at the top level, and the
 generation engine in `[engine]`. Every key, its type and its comment come from the option declared on
 the config field (stages/core/options.py).
 """
@@ -28,6 +28,7 @@ from stages.core.options import (
     model_option,
     option,
     system_prompt_option,
+    threads_option,
     trust_remote_code_option,
 )
 from stages.core.records import FieldMap
@@ -122,6 +123,7 @@ class RunConfig:
     seed: int = option(42, "one seed for sampling, selection, training and bootstrap")
     device: str = device_option()
     dtype: str = dtype_option()
+    threads: int | None = threads_option()
     system_prompt: str | None = system_prompt_option()
     trust_remote_code: bool = trust_remote_code_option()
     engine: EngineOptions = field(default_factory=EngineOptions)  # who samples, in every stage

@@ -29,6 +29,7 @@ from stages.core.files import atomic_path, remove_leftovers
 from stages.core.jsonl import JsonlWriter
 from stages.core.lock import folder_lock
 from stages.core.records import read_records
+from stages.core.threads import apply_thread_budget, current_budget
 from stages.run.config import RunConfig, to_toml
 
 STAGES = ("select", "train", "eval")
@@ -100,8 +101,15 @@ class StageLedger:
             return "new"
         return "done" if entry.get("done") else "partial"
 
-    def mark(self, stage: str, digest: str, *, done: bool, seconds: float | None = None) -> None:
-        self.entries[stage] = {"hash": digest, "done": done, **({"seconds": round(seconds, 1)} if seconds else {})}
+    def mark(
+        self, stage: str, digest: str, *, done: bool, seconds: float | None = None, threads: int | None = None
+    ) -> None:
+        self.entries[stage] = {
+            "hash": digest,
+            "done": done,
+            **({"seconds": round(seconds, 1)} if seconds else {}),
+            **({"threads": threads} if threads else {}),  # the intra-op threads the stage ran with
+        }
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(self.entries, indent=2) + "\n")
 
@@ -248,6 +256,7 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
         trust_remote_code=config.trust_remote_code,
         resamples=config.eval.bootstrap_resamples,
         engine=config.engine,
+        threads=config.threads,
     )
     result = evaluate(records, eval_config, on_progress=on_progress, on_message=lambda m: say(f"eval: {m}"))
     folder = run_dir / "eval"
@@ -320,6 +329,7 @@ def _run_stages(
 ) -> RunResult:
     with atomic_path(run_dir / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
+    apply_thread_budget(config.threads, say=say)  # once, before any stage loads a model
     ledger = StageLedger.open(run_dir)
     select_digest, train_digest, eval_digest = stage_digests(config)
     steps: dict[str, tuple[str, Callable[[bool], None]]] = {
@@ -349,7 +359,10 @@ def _run_stages(
                 f"interrupted during {stage}; the work so far is kept in {run_dir}: "
                 f"run the same `bleuberi run` command (same config, -o {run_dir}) to continue"
             ) from None
-        ledger.mark(stage, digest, done=True, seconds=time.perf_counter() - start)
+        budget = current_budget()
+        ledger.mark(
+            stage, digest, done=True, seconds=time.perf_counter() - start, threads=budget.threads if budget else None
+        )
         ran.append(stage)
     summary = orjson.loads((run_dir / "eval" / "report.json").read_bytes())
     return RunResult(run_dir, summary, ran, skipped)

@@ -19,6 +19,7 @@ from stages.core.options import (
     option,
     seed_option,
     system_prompt_option,
+    threads_option,
     trust_remote_code_option,
 )
 from stages.engines.base import PANEL as ENGINE_PANEL
@@ -204,6 +205,7 @@ class TrainConfig:
     # hardware
     device: str = device_option()
     dtype: str = dtype_option()
+    threads: int | None = threads_option()
     gradient_checkpointing: bool | None = option(
         None,
         "default: on for CUDA, off on CPU",
@@ -294,6 +296,7 @@ class TrainConfig:
             )
         need(self.micro_batch is None or self.micro_batch >= 1, "micro_batch must be >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        need(self.threads is None or self.threads >= 1, "threads must be >= 1")
         need(self.num_train_epochs > 0, "num_train_epochs must be > 0")
         need(self.learning_rate > 0, "learning_rate must be > 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")

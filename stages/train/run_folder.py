@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = {
     "save_total_limit",
     "logging_steps",
     "device",
+    "threads",
     "server_url",
     "server_model",
     "api_key_env",

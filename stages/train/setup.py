@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import torch
 
+from stages.core.threads import ThreadBudget, apply_thread_budget, engine_competes
 from stages.core.versions import package_versions
 from stages.engines.base import SamplingParams
 from stages.score import Scorer
@@ -42,6 +43,7 @@ class TrainRun:
     scorer: Scorer
     rollouts: Rollouts
     input_digest: str = ""  # the records' hash, recorded in every checkpoint
+    threads: ThreadBudget | None = None  # this process's intra-op threads, and why
 
 
 def set_up(
@@ -54,6 +56,7 @@ def set_up(
     overwrite: bool = False,
 ) -> TrainRun:
     device, dist = _placement(config.device)
+    threads = _thread_budget(config, device, say)
     digest = records_digest(records)
     checkpoint = None
     if resume:
@@ -81,7 +84,9 @@ def set_up(
     rollouts = _rollouts(config, policy, plan, output_dir, dist)
     if config.algo == "grpo":
         rollouts.connect(policy.model, first_step=first_step, temperature=config.temperature, say=say)
-    run = TrainRun(config, output_dir, dist, policy, plan, first_step, config.scorer(str(device)), rollouts, digest)
+    run = TrainRun(
+        config, output_dir, dist, policy, plan, first_step, config.scorer(str(device)), rollouts, digest, threads
+    )
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "config.json", _run_record(run, records, report))
@@ -140,6 +145,15 @@ def _placement(device_name: str) -> tuple[torch.device, Distributed]:
     return device, dist
 
 
+def _thread_budget(config: TrainConfig, device: torch.device, say: Callable[[str], None]) -> ThreadBudget:
+    """Before the model loads: the threads this process trains with (a local engine that samples while it
+    trains gets its share; see stages/core/threads.py)."""
+    engine = config.engine
+    concurrent = config.algo == "grpo" and config.async_rollouts
+    local = engine_competes(engine.backend, engine.server_url, device.type, concurrent)
+    return apply_thread_budget(config.threads, local_engine=local, say=say)
+
+
 def _run_record(run: TrainRun, records: Sequence[dict[str, Any]], report: PromptReport) -> dict[str, Any]:
     """config.json: the settings, the data's hash and counts, the hardware and the package versions."""
     return {
@@ -155,6 +169,7 @@ def _run_record(run: TrainRun, records: Sequence[dict[str, Any]], report: Prompt
         "world_size": run.dist.world_size,
         "device": str(run.policy.device),
         "dtype": str(run.policy.dtype).replace("torch.", ""),
+        "threads": run.threads.to_dict() if run.threads else None,
         "trainable_parameters": sum(p.numel() for p in run.policy.trainable),
         "packages": package_versions(TRAINING_PACKAGES),
         # each reward's signature: its settings, and for a py: reward its file's content hash
