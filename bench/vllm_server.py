@@ -1,25 +1,21 @@
-"""A vLLM OpenAI server for the benchmarks: started on a free port, killed at exit, its RSS polled.
-
-The command line is the one the project notes found to work with bleuberi on vLLM 0.32 (see
-stages/engines/server.py): runtime LoRA loading, processed log-probs, and on the CPU no chunked prefill.
-"""
+"""A vLLM OpenAI server for the benchmarks: started on a free port (stages/engines/vllm_server.py has the
+command line and the start), killed at exit, its RSS polled."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from stages.engines.vllm_server import LocalServer, start_vllm_server, stop_process_group
+
+VllmServer = LocalServer  # the name engine_bench uses
+
 SERVER_START_DEADLINE = 600.0
+_SERVERS: list[subprocess.Popen] = []
 
 
 def _free_port() -> int:
@@ -28,82 +24,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
-def server_command(model: str, port: int, max_lora_rank: int) -> list[str]:
-    """The vLLM 0.32 OpenAI server as the project notes found it works with bleuberi (see stages/engines/server.py)."""
-    import torch
-
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", "smol", "--dtype", "float32", "--max-model-len", "2048",
-               "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--logprobs-mode", "processed_logprobs",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    if not torch.cuda.is_available():
-        command.append("--no-enable-chunked-prefill")  # seeded requests kill the CPU engine otherwise
-    return command
-
-
-@dataclass
-class VllmServer:
-    process: subprocess.Popen
-    url: str
-    log: Path
-    start_seconds: float
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
-_SERVERS: list[subprocess.Popen] = []
+def start_server(model: str, log: Path, *, max_lora_rank: int, deadline: float = SERVER_START_DEADLINE) -> LocalServer:
+    """Start a vLLM OpenAI server on a free port (stopped at exit at the latest) and wait until it answers."""
+    server = start_vllm_server(model, log, port=_free_port(), max_lora_rank=max_lora_rank, deadline=deadline)
+    _SERVERS.append(server.process)
+    return server
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    """Stop a server and its engine processes (its own process group)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_process_group(process)
     if process in _SERVERS:
         _SERVERS.remove(process)
 
 
-def _stop_all_servers() -> None:
-    for process in list(_SERVERS):
-        stop_server(process)
-
-
-atexit.register(_stop_all_servers)
-
-
-def start_server(model: str, log: Path, *, max_lora_rank: int, deadline: float = SERVER_START_DEADLINE) -> VllmServer:
-    """Start a vLLM OpenAI server on a free port and wait until /v1/models answers."""
-    port = _free_port()
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    start = time.monotonic()
-    with open(log, "wb") as sink:
-        command = server_command(model, port, max_lora_rank)
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    _SERVERS.append(process)
-    url = f"http://127.0.0.1:{port}/v1"
-    while not _answers(url + "/models"):
-        if process.poll() is not None or time.monotonic() - start > deadline:
-            stop_server(process)
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the vLLM server did not come up (exit {process.poll()}); log {log}:\n{tail}")
-        time.sleep(1)
-    return VllmServer(process, url, log, time.monotonic() - start)
+atexit.register(lambda: [stop_server(process) for process in list(_SERVERS)])
 
 
 class TreeRssPoller:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,20 +32,6 @@ pytestmark = [
 GREEDY_TOKENS = 48
 MIN_GREEDY_AGREEMENT = 6  # of 8 prompts; measured 8/8 (server and in-process, fp32, CPU)
 SERVER_START_DEADLINE = 300.0
-
-
-def _on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def make_adapter(model_dir: str, folder: Path, *, rank: int = 16, scale: float = 0.02) -> Path:
@@ -99,49 +82,20 @@ def adapted_reference(model_dir, adapter):
     return Generator.load(model_dir, device="cpu", dtype="float32", adapter=str(adapter))
 
 
-def _server_command(model_dir: str, port: int) -> list[str]:
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-               "--served-model-name", "smol", "--dtype", "float32", "--max-model-len", "2048",
-               "--enable-lora", "--max-lora-rank", "16", "--logprobs-mode", "processed_logprobs",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    if _on_cpu():
-        command.append("--no-enable-chunked-prefill")  # seeded requests kill the CPU engine otherwise
-    return command
-
-
 @pytest.fixture(scope="module")
 def server_url(model_dir, tmp_path_factory) -> Iterator[str]:
-    port = free_port()
+    from stages.engines.vllm_server import start_vllm_server
+
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            _server_command(model_dir, port), stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}/v1"
     try:
-        start = time.monotonic()
-        while not _answers(url + "/models"):
-            if process.poll() is not None or time.monotonic() - start > SERVER_START_DEADLINE:
-                tail = log.read_text(errors="replace")[-3000:]
-                pytest.fail(f"vLLM server did not come up (exit {process.poll()}); log {log}:\n{tail}")
-            time.sleep(1)
-        print(f"vLLM server up after {time.monotonic() - start:.1f} s")
-        yield url
+        server = start_vllm_server(model_dir, log, port=free_port(), deadline=SERVER_START_DEADLINE)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    print(f"vLLM server up after {server.start_seconds:.1f} s")
+    try:
+        yield server.url
     finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and its engine processes (its own process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
