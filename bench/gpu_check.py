@@ -439,7 +439,8 @@ def part_drift(args: argparse.Namespace, shape: str, tokenizer: Any) -> Result:
     )
     finite = all(math.isfinite(figures[k]) for k in ("logprob_diff_mean", "logprob_diff_max", "loss_diff"))
     if not finite or figures["logprob_diff_mean"] > args.max_drift:
-        return Result("drift", shape, "bf16 vs fp32", "FAIL", figures, f"over --max-drift {args.max_drift}: {detail}")
+        why = f"over --max-drift {args.max_drift}" if finite else "not finite"
+        return Result("drift", shape, "bf16 vs fp32", "FAIL", figures, f"{why}: {detail}")
     return Result("drift", shape, "bf16 vs fp32", figures=figures, detail=detail)
 
 

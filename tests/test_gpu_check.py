@@ -182,3 +182,26 @@ def test_tiny_run_on_the_cpu_passes_every_part_and_reports_its_figures(tmp_path)
     assert 0 < drift["logprob_diff_mean"] <= drift["logprob_diff_max"]
     assert drift["loss_diff"] == pytest.approx(abs(drift["loss_bf16"] - drift["loss_fp32"]))
     assert 0 < drift["tokens"] <= 2 * 8 * 8  # --batch 16 / G 8 = 2 prompts x 8 samples x <= 8 tokens
+
+
+def test_a_grpo_child_past_the_budget_is_stopped_with_all_it_started(monkeypatch, tmp_path) -> None:
+    """The child (torchrun and its worker) runs in a session of its own: at the budget's end the whole session
+    is stopped and the part reads "timed out" (a failure)."""
+    gpu_check = load_script()
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(gpu_check, "remaining", lambda args: 1.0)  # torchrun alone takes longer to start
+    args = gpu_check.parse_args(["--device", "cpu", "--tiny"])
+    result = gpu_check.part_grpo(args, "tiny", "ddp", tmp_path / "no-model", tmp_path)
+    assert (result.status, result.detail) == ("timed out", "stopped after 1 s (the budget's end)")
+    (child,) = started
+    assert child.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child.pid, 0)  # nothing of its session is left
+    assert gpu_check.verdict([result])[0] == 1
