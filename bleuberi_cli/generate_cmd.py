@@ -20,6 +20,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
+from stages.core.preflight import preflight
 from stages.core.records import NORMALISATION_HELP, FieldMap
 from stages.generate import GenerateConfig
 
@@ -69,6 +70,8 @@ def generate(
     with boundary():
         from stages.generate import generate_file
 
+        preflight(inputs=[input], models=[config.model], adapters=[config.adapter])
+
         def load() -> Generator:
             say(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
             return config.load(say=lambda m: say(m, quiet=quiet))
@@ -81,7 +84,7 @@ def generate(
             references_optional=config.as_references,
             fields=FieldMap.of(prompt_field, reference_field, id_field),
         )
-        with progress("generating", quiet=quiet, unit="prompts") as advance:
+        with progress("generating", quiet=quiet, total=len(records), unit="prompts") as advance:
             stats = generate_file(
                 records,
                 output,
@@ -94,7 +97,8 @@ def generate(
                 resume=resume,
                 as_references=config.as_references,
                 on_message=lambda m: say(m, quiet=quiet),
-                on_record=lambda: advance(1),
+                on_todo=advance.set_total,
+                on_batch=lambda prompts, _tokens: advance(prompts),
             )
         if records and not stats.records:
             say(f"nothing to generate: every record is already in {output}", quiet=quiet)

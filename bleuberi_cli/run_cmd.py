@@ -10,7 +10,7 @@ import typer
 
 from bleuberi_cli.common import QuietOpt, StepProgress, boundary, console, say
 
-HELP = """Run the BLEUBERI recipe end to end in one run folder:
+HELP = """Run the BLEUBERI recipe (select, train, eval) end to end in one run folder.
 
 \b
   1. select  the base model answers the pool; the hardest N answers by BLEU are kept
@@ -36,7 +36,7 @@ Examples:
 
 def run_command(
     config: Annotated[
-        Path | None, typer.Argument(metavar="[CONFIG.toml]", help="Run configuration; default: the demo.")
+        Path | None, typer.Argument(metavar="CONFIG.toml", help="Run configuration; default: the demo.")
     ] = None,
     output_dir: Annotated[
         Path | None,
@@ -61,20 +61,37 @@ def run_command(
             sys.stdout.write(to_toml(resolved))
             return
         from stages.core.jsonl import JsonlWriter
+        from stages.core.preflight import preflight
         from stages.eval.report import eval_tables, print_tables
-        from stages.run.recipe import empty_input, headline, run_recipe
+        from stages.run.recipe import empty_input, eval_metrics, headline, run_recipe
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
-        if problem := empty_input(resolved):
+        if problem := empty_input(resolved):  # the data files first: a missing one is named here
             say(f"no records: {problem}, nothing to run", quiet=quiet)
             return
+        specs = [resolved.select.metric, *resolved.train.reward, *eval_metrics(resolved)]
+        preflight(models=[resolved.model], specs=specs)
         say(f"run folder: {run_dir}", quiet=quiet)
-        # One live display at a time (rich allows no more): the training step line. Select and eval
-        # report by stage messages.
-        with StepProgress(quiet) as show_step:
-            result = run_recipe(resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_step=show_step)
+        # One live display at a time (rich allows no more): the training step line, which select and
+        # eval use for their progress too (off a terminal: a line per batch).
+        steps = StepProgress(quiet)
+        with steps as show_step:
+            result = run_recipe(
+                resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_step=show_step, on_progress=steps.stage
+            )
         with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
             stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
         if not quiet:
             print_tables(eval_tables(result.summary), console)
             console.print(headline(result.summary, resolved), markup=False)
+            say(where_things_are(run_dir))
+
+
+def where_things_are(run_dir: Path) -> str:
+    """The last line of a run: where to look next."""
+    train = run_dir / "train"
+    parts = [f"report in {run_dir / 'eval' / 'report.md'}", f"adapter in {train / 'adapter'}"]
+    parts.append(f"training metrics in {train / 'metrics.jsonl'}")
+    if (train / "reward.png").is_file():
+        parts.append(f"reward curve in {train / 'reward.png'}")
+    return "done: " + "; ".join(parts)

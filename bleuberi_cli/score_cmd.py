@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -23,6 +24,7 @@ from bleuberi_cli.common import (
 )
 from bleuberi_cli.config_options import option_type
 from stages.core.formats import open_writer
+from stages.core.preflight import preflight
 from stages.core.records import NORMALISATION_HELP, FieldMap, ReadStats, read_records
 from stages.generate import GenerateConfig
 from stages.metrics import SPEC_HELP, metric_list
@@ -56,56 +58,61 @@ Examples:
 """
 
 
+MetricOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-m",
+        "--metric",
+        metavar="NAME[:WEIGHT]",
+        help="Metric to compute; repeat for several. With weights, `scores.combined` holds the weighted sum.",
+        show_default="bleu",
+    ),
+]
+WeightOpt = Annotated[
+    list[float] | None,
+    typer.Option(
+        "-w", "--weight", metavar="W", help="Weight for the metric in the same position (alternative to NAME:WEIGHT)."
+    ),
+]
+AggregateOpt = Annotated[Aggregate, typer.Option("--aggregate", help="How a record's completions make its `score`.")]
+CombineOpt = Annotated[
+    Combine,
+    typer.Option(
+        "--combine",
+        "--reward-combine",
+        help="sum: `combined` = weighted sum (with weights); zscore: each metric z-scored within the "
+        "record's completions, then the weighted mean (the paper's BLEU+RM; a record's mean is then 0).",
+    ),
+]
+JobsOpt = Annotated[
+    int, typer.Option("-j", "--jobs", metavar="N", help="Worker processes for large streams (0 = all cores).")
+]
+
+
 def score(
     input: InputOpt = None,
     prompt_field: PromptFieldOpt = None,
     reference_field: ReferenceFieldOpt = None,
     id_field: IdFieldOpt = None,
     output: OutputOpt = None,
-    metric: Annotated[
-        list[str] | None,
-        typer.Option(
-            "-m",
-            "--metric",
-            metavar="NAME[:WEIGHT]",
-            help="Metric to compute; repeat for several. With weights, `scores.combined` holds the weighted sum.",
-            show_default="bleu",
-        ),
-    ] = None,
-    weight: Annotated[
-        list[float] | None,
-        typer.Option(
-            "-w",
-            "--weight",
-            metavar="W",
-            help="Weight for the metric in the same position (alternative to NAME:WEIGHT).",
-        ),
-    ] = None,
-    aggregate: Annotated[
-        Aggregate, typer.Option("--aggregate", help="How a record's completions make its `score`.")
-    ] = "mean",
-    combine: Annotated[
-        Combine,
-        typer.Option(
-            "--combine",
-            "--reward-combine",
-            help="sum: `combined` = weighted sum (with weights); zscore: each metric z-scored within the "
-            "record's completions, then the weighted mean (the paper's BLEU+RM; a record's mean is then 0).",
-        ),
-    ] = "sum",
+    metric: MetricOpt = None,
+    weight: WeightOpt = None,
+    aggregate: AggregateOpt = "mean",
+    combine: CombineOpt = "sum",
     device: DeviceOpt = "auto",
-    jobs: Annotated[
-        int, typer.Option("-j", "--jobs", metavar="N", help="Worker processes for large streams (0 = all cores).")
-    ] = 0,
+    jobs: JobsOpt = 0,
     skip_invalid: SkipInvalidOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
+        preflight(inputs=[input], specs=metric or [])
         scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate, combine=combine, device=device)
         stats = ReadStats()
         note_stdin(input, quiet=quiet)
         fields = FieldMap.of(prompt_field, reference_field, id_field)
-        records = read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats, fields=fields)
+        records = Timed(
+            read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats, fields=fields)
+        )
         start = time.perf_counter()
         completions = 0
         total, scored = 0.0, 0
@@ -117,14 +124,37 @@ def score(
                     total, scored = total + record["score"], scored + 1
                 advance(1)
         report_reading(stats, quiet=quiet)
-        seconds = time.perf_counter() - start
         mean = total / scored if scored else float("nan")
         # `score` is each record's aggregate of its completions; say so only when it is not the mean.
         per_record = "" if scorer.aggregate == "mean" else f" ({scorer.aggregate} per record)"
         say(
-            f"scored {writer.count} records ({completions} completions) in {seconds:.2f}s; "
-            f"mean {scorer.score_key}{per_record} = {mean:.4f}"
+            f"scored {writer.count} records ({completions} completions) in "
+            f"{_elapsed(time.perf_counter() - start, records.waited)}; mean {scorer.score_key}{per_record} = {mean:.4f}"
             + (f" ({writer.count - scored} records without a score)" if scored < writer.count else "")
             + (f"; written to {output}" if output else ""),
             quiet=quiet,
         )
+
+
+class Timed:
+    """An iterator that counts the time spent waiting for its items: in a pipe, the stage upstream."""
+
+    def __init__(self, items: Iterator[dict]) -> None:
+        self.items, self.waited = items, 0.0
+
+    def __iter__(self) -> Timed:
+        return self
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
+def _elapsed(seconds: float, waited: float) -> str:
+    """The time spent scoring, and apart from it the time spent reading or waiting for input (an upstream
+    `generate` in a pipe), so a slow producer does not read as a slow scorer."""
+    work = f"{seconds - waited:.2f}s"
+    return work if waited < 1.0 else f"{work} (and {waited:.1f}s reading or waiting for input)"

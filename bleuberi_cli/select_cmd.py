@@ -21,6 +21,7 @@ from bleuberi_cli.common import (
     report_reading,
 )
 from stages.core.formats import open_writer
+from stages.core.preflight import preflight
 from stages.core.records import FieldMap, ReadStats, read_records
 from stages.select import Mode, quantiles, select_records
 
@@ -63,6 +64,7 @@ def select(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
+        preflight(inputs=[input])
         stats = ReadStats()
         note_stdin(input, quiet=quiet)
         require = () if mode == "random" else ("score",)

@@ -20,17 +20,18 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
+from stages.core.preflight import preflight
 from stages.core.records import FieldMap
-from stages.metrics import METRICS, SPEC_HELP
+from stages.metrics import SPEC_HELP
 from stages.train.config import TrainConfig
 
 HELP = f"""Fine-tune a LoRA adapter with GRPO, rewarding each sampled completion by reference metrics.
 
 The BLEUBERI recipe: ... | bleuberi select --mode hard -n 5000 | bleuberi train -o runs/x. Each step
-samples --num-generations completions for each of its prompts, rewards them with --reward
-(NAME[:ARG][:WEIGHT] specs: reference metrics, reward models, encoders; several are combined by
---reward-combine), and takes clipped policy-gradient steps with a KL penalty towards the base model
-(the same weights with the adapter switched off). {SPEC_HELP}
+samples --num-generations completions for each of its prompts, rewards them with --reward (reference
+metrics, reward models, encoders, your own function; several are combined by --reward-combine), and
+takes clipped policy-gradient steps with a KL penalty towards the base model (the same weights with the
+adapter switched off). {SPEC_HELP}
 
 Batch sizes count completions, as in TRL: a step samples per-device-train-batch-size x grad-accum
 completions per device (that many / num-generations prompts). A step is one such rollout followed by
@@ -38,7 +39,8 @@ completions per device (that many / num-generations prompts). A step is one such
 
 Writes to --output-dir: adapter/ (final LoRA), checkpoints/step-N/ (resumable), metrics.jsonl,
 reward.png, config.json. stdout carries the same per-step metric records, so `| jq .reward_mean` works.
-Ctrl-C saves a checkpoint and stops; --resume continues exactly where it stopped. Reads all records
+Ctrl-C finishes the step in progress, saves a checkpoint and stops (it says so at once); a second
+Ctrl-C stops at once, losing only that step. --resume continues exactly where it stopped. Reads all records
 into memory. Data parallelism: `torchrun --nproc_per_node N -m bleuberi_cli train ...` (torchrun runs a
 module or a script, not the `bleuberi` command).
 
@@ -48,8 +50,6 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) holds the base model once, and after every o
 LoRA adapter is saved and loaded into it under a new name. The loss's log-probs always come from the
 trainer's own forward pass; metrics.jsonl logs the engine-vs-trainer drift. --async-rollouts samples
 step t+1 while step t trains (one step stale, never more).
-
-Rewards: {", ".join(METRICS)}.
 
 \b
 Examples:
@@ -118,6 +118,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
+        resume_folder = resume_from if resume_from not in (None, "latest") else None
+        preflight(inputs=[input, resume_folder], models=[config.model], specs=config.reward)
         fields = FieldMap.of(prompt_field, reference_field, id_field)
         records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on", fields=fields)
         if records:

@@ -22,7 +22,7 @@ from typing import Any
 
 from stages.core.errors import UsageError
 from stages.core.formats import open_writer, refuse_append
-from stages.core.jsonl import prepare_resume
+from stages.core.jsonl import prepare_resume, put_in_order
 from stages.core.options import (
     device_option,
     dtype_option,
@@ -115,9 +115,11 @@ def generate_records(
     stats: GenerateStats | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     as_references: bool = False,
+    in_order: bool = True,
 ) -> Iterator[dict[str, Any]]:
-    """Add `completions` and `generation` to each record, in input order (with `as_references`, the texts
-    go to `references` instead, for building multi-reference sets from strong models)."""
+    """Add `completions` and `generation` to each record (with `as_references`, the texts go to `references`
+    instead, for building multi-reference sets from strong models). In input order, or with `in_order=False`
+    each batch as soon as it is done (see `Generator.generate`)."""
     stats = stats if stats is not None else GenerateStats()
     info = generation_info(
         params,
@@ -130,7 +132,14 @@ def generate_records(
     )
     start = time.perf_counter()
     for record, samples in generator.generate(
-        records, params, n=n, seed=seed, batch_size=batch_size, max_batch_tokens=max_batch_tokens, on_batch=on_batch
+        records,
+        params,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        on_batch=on_batch,
+        in_order=in_order,
     ):
         stats.records += 1
         stats.completions += len(samples)
@@ -158,51 +167,61 @@ def generate_file(
     resume: bool = False,
     as_references: bool = False,
     on_message: Callable[[str], None] = lambda message: None,
-    on_record: Callable[[], None] = lambda: None,
+    on_batch: Callable[[int, int], None] | None = None,
+    on_todo: Callable[[int], None] = lambda count: None,
 ) -> GenerateStats:
     """Generate for every record not already in `output` and write each as it finishes.
 
     With `resume`, records whose id is in `output` are skipped, a half-written last line left by a
-    kill is cut off, and new records are appended; the model is loaded only if anything is left to do.
-    Output order is input order, so a resumed file equals an uninterrupted one.
+    kill is cut off, and each batch is appended (and flushed) the moment it is done, so a kill loses at
+    most the batch in progress; once every record is there the file is put in input order, so a resumed
+    file equals an uninterrupted one. Otherwise records are written in input order. The model is loaded
+    only if anything is left to do. `on_todo(count)` says how many records are left, before the model
+    loads; `on_batch(prompts, new_tokens)` follows each finished batch.
     """
     if resume and output is None:
         raise UsageError("--resume needs -o/--output FILE (the file to continue)")
-    done: set[str] = set()
-    if resume:
-        refuse_append(output)  # before reading it as JSONL: a Parquet file cannot be continued
-        state = prepare_resume(output)  # type: ignore[arg-type]
-        done = state.ids
-        if state.dropped_partial_line:
-            on_message(f"dropped a half-written last line from {output}")
-        if done:
-            on_message(f"resuming: {len(done)} records already in {output}")
+    done = _already_done(output, on_message) if resume else set()
     todo = [r for r in records if r["id"] not in done]
+    on_todo(len(todo))
     stats = GenerateStats()
     with open_writer(output, flush_each=True, append=resume) as writer:
-        if not todo:
-            return stats
-        start = time.perf_counter()
-        generator = load_generator()
-        stats.load_seconds = time.perf_counter() - start
-        try:
-            outputs = generate_records(
-                todo,
-                generator,
-                params,
-                n=n,
-                seed=seed,
-                batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens,
-                stats=stats,
-                as_references=as_references,
-            )
-            for record in outputs:
-                writer.write(record)
-                on_record()
-        finally:
-            generator.close()
+        if todo:
+            start = time.perf_counter()
+            generator = load_generator()
+            stats.load_seconds = time.perf_counter() - start
+            try:
+                outputs = generate_records(
+                    todo,
+                    generator,
+                    params,
+                    n=n,
+                    seed=seed,
+                    batch_size=batch_size,
+                    max_batch_tokens=max_batch_tokens,
+                    stats=stats,
+                    on_batch=on_batch,
+                    as_references=as_references,
+                    in_order=not resume,
+                )
+                for record in outputs:
+                    writer.write(record)
+            finally:
+                generator.close()
+    if resume:  # also when a kill came after the last batch but before this
+        put_in_order(output, [r["id"] for r in records])  # type: ignore[arg-type]
     return stats
+
+
+def _already_done(output: str | Path | None, on_message: Callable[[str], None]) -> set[str]:
+    """The ids already in `output` (a half-written last line is cut off first)."""
+    refuse_append(output)  # before reading it as JSONL: a Parquet file cannot be continued
+    state = prepare_resume(output)  # type: ignore[arg-type]
+    if state.dropped_partial_line:
+        on_message(f"dropped a half-written last line from {output}")
+    if state.ids:
+        on_message(f"resuming: {len(state.ids)} records already in {output}")
+    return state.ids
 
 
 def check_params(n: int, max_new_tokens: int, temperature: float, top_p: float) -> SamplingParams:

@@ -125,7 +125,7 @@ def test_a_gain_beyond_length_survives(tmp_path) -> None:
     expected = statistics_mean([1.0 - _bleu(c) for c in cut])
     assert entry["vs_length_control"]["bleu"]["difference"]["mean"] == pytest.approx(expected)
     assert gain_status(entry, "bleu") == "survives"
-    assert verdict(result.summary, "good", "bleu").startswith("gain in bleu +")
+    assert verdict(result.summary, "good", "bleu").startswith("gain in bleu (x100) +")
     titles = [title for title, _, _ in eval_tables(result.summary)]
     assert any(t.startswith("Difference from base") for t in titles)
     assert any(t.startswith("Length control") for t in titles)
@@ -150,7 +150,7 @@ def test_the_verdict_names_the_sign_test_direction_only_when_significant() -> No
         return {"systems": {"sft": {"vs_base": {"bleu": comparison}}}}
 
     worse = verdict(summary(0.32, 0.53, 0.0031), "sft", "bleu")
-    assert worse.startswith("no significant gain in bleu: +0.020 [-0.001, 0.040]")
+    assert worse.startswith("no significant gain in mean bleu (x100): +2.0 [-0.1, 4.0]")  # x100, as the tables
     assert worse.endswith("wins 32% / losses 53%, sign test p=0.0031 (significantly more losses)")
     assert verdict(summary(0.45, 0.29, 0.21), "sft", "bleu").endswith("sign test p=0.21")
     assert verdict(summary(0.45, 0.29, 0.05), "sft", "bleu").endswith("sign test p=0.05")  # not below the level
@@ -196,10 +196,11 @@ def test_reasoning_mode_scores_the_answer_and_the_format(tmp_path) -> None:
 
 
 def test_a_bound_that_rounds_to_zero_keeps_its_sign() -> None:
-    # "+0.010 [0.000, 0.022]" reads as touching zero; the interval excludes it, so the line must show that
+    # x100 "+1.0 [0.0, 2.2]" reads as touching zero; the interval excludes it, so the line must show that
     comparison = {"win": 0.5, "tie": 0.1, "loss": 0.4, "sign_p": 0.5,
                   "difference": {"mean": 0.010, "ci95": [0.0003, 0.022], "n": 175}}  # fmt: skip
     summary = {"systems": {"s": {"vs_base": {"bleu": comparison}}}}
-    assert verdict(summary, "s", "bleu").startswith("gain in bleu +0.010 [0.0003, 0.022] over base (no length control)")
+    line = verdict(summary, "s", "bleu")
+    assert line.startswith("gain in bleu (x100) +1.0 [0.03, 2.2] over base (no length control)")
     comparison["difference"] = {"mean": -0.0002, "ci95": [-0.010, 0.008], "n": 175}
-    assert "-0.0002 [-0.010, 0.008]" in verdict(summary, "s", "bleu")
+    assert "-0.02 [-1.0, 0.8]" in verdict(summary, "s", "bleu")

@@ -2,7 +2,8 @@
 temporary name, then rename. A failure or a kill leaves the old target as it was.
 
 Temporary names start with a dot and the target's name (`.NAME.XXXX.tmp` for files, `.NAME.XXXX` for
-folders), so our own leftovers can be told apart from anything else (`remove_leftovers`). Permissions
+folders), so our own leftovers can be told apart from anything else (`remove_leftovers` for a folder we
+lock; `remove_stale_temp_files` for one file's, by the flock each writer holds on its temporary file). Permissions
 are those a plain `open()` / `mkdir()` would give under the current umask (mkstemp and mkdtemp would
 give 0600/0700), also for what libraries write into a staging folder through their own temp files.
 A full disk becomes one `WriteFailed` naming the target.
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,11 +53,52 @@ def _umask() -> int:
 
 
 def new_temp_file(target: Path) -> tuple[int, Path]:
-    """An open descriptor and path of a new temporary file beside `target` (umask permissions)."""
+    """An open descriptor and path of a new temporary file beside `target` (umask permissions). The
+    descriptor holds an flock on the file until it is closed (the system drops it when the process dies),
+    which tells `remove_stale_temp_files` that a live writer still owns it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file made a moment ago: no one else holds it
     os.chmod(tmp, 0o666 & ~_umask())
     return fd, Path(tmp)
+
+
+# A temporary file younger than this is left alone even when unlocked: it may be between its creation
+# and its flock (a few microseconds) in another process.
+STALE_AFTER_SECONDS = 1.0
+
+
+def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the `.NAME.XXXXXXXX.tmp` files that killed writers of `target` left beside it. One that a
+    live process still writes (it holds the file's flock) is kept, so two commands writing the same
+    output never remove each other's work. Called when a write of `target` succeeds."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in target.parent.iterdir():
+            if pattern.match(path.name) and _unowned(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _unowned(path: Path) -> bool:
+    """A regular, not recent file whose flock no process holds."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < STALE_AFTER_SECONDS:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # BlockingIOError: a live writer holds it
+        return False
+    finally:
+        os.close(fd)
 
 
 def open_permissions(folder: Path) -> None:
@@ -73,8 +118,7 @@ def open_permissions(folder: Path) -> None:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
     target = Path(path)
-    fd, tmp = new_temp_file(target)
-    os.close(fd)
+    fd, tmp = new_temp_file(target)  # kept open until the end: its flock marks the file as ours
     try:
         yield tmp
         if tmp.is_file():  # a library may have replaced our file with its own 0600 one
@@ -86,6 +130,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if cause := out_of_space(error):
             raise WriteFailed(str(target), cause + kept_note(target)) from error
         raise
+    finally:
+        os.close(fd)
+    remove_stale_temp_files(target)  # what killed writers of this target left
 
 
 @contextlib.contextmanager

@@ -10,9 +10,10 @@ import base64
 import contextlib
 import gzip
 import io
+import itertools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import IO, Any, BinaryIO
 import orjson
 
 from stages.core.errors import InputError, OutputClosed, WriteFailed
-from stages.core.files import kept_note, new_temp_file, out_of_space
+from stages.core.files import atomic_path, kept_note, new_temp_file, out_of_space, remove_stale_temp_files
 
 STDIN_NAME = "<stdin>"
 STDOUT_NAME = "<stdout>"
@@ -117,6 +118,24 @@ def prepare_resume(path: str | os.PathLike[str]) -> ResumeState:
     return ResumeState(ids, dropped)
 
 
+def put_in_order(path: str | os.PathLike[str], ids: Sequence[str]) -> bool:
+    """Rewrite a JSONL file of records so they follow `ids` (records whose id is not listed keep their
+    order, after the others); atomically, and only when they are not in that order already. Returns
+    whether the file was rewritten. Used after appending batches in the order they finished."""
+    target = Path(path)
+    if not target.exists():
+        return False
+    lines = [line + b"\n" for line in target.read_bytes().splitlines() if line.strip()]
+    rank = {record_id: i for i, record_id in enumerate(ids)}
+    keys = [rank.get(orjson.loads(line).get("id"), len(rank)) for line in lines]
+    if all(a <= b for a, b in itertools.pairwise(keys)):
+        return False
+    ordered = [line for _, line in sorted(zip(keys, lines), key=lambda pair: pair[0])]  # stable: ties keep order
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"".join(ordered))
+    return True
+
+
 def _json_default(value: Any) -> Any:
     """What Parquet and Arrow files hold beyond JSON: decimals become numbers, bytes text (UTF-8, else base64)."""
     if isinstance(value, Decimal):
@@ -144,7 +163,8 @@ class JsonlWriter:
     """Writes records to stdout, or to a file through a temporary file that is renamed on success.
 
     Use as a context manager. If the block raises, the temporary file is removed and any earlier
-    file at the target path is left untouched. With `flush_each=True` every record reaches the
+    file at the target path is left untouched; on success the temporary files that killed writers of the
+    same target left are removed too. With `flush_each=True` every record reaches the
     reader at once (useful for slow producers such as generation). With `append=True` records are
     appended to the file as they come (for resumable runs; see `prepare_resume`).
     """
@@ -239,6 +259,8 @@ class JsonlWriter:
         assert self._stream is not None and self._raw is not None
         if self.append:
             self._raw.close()  # what was written stays: that is what resuming continues from
+            if exc_type is None:
+                remove_stale_temp_files(self.path)
             return
         assert self._tmp_path is not None
         if exc_type is None:
@@ -254,6 +276,7 @@ class JsonlWriter:
                     self._raw.close()
                 self._tmp_path.unlink(missing_ok=True)
                 raise self._write_failed(error) from error
+            remove_stale_temp_files(self.path)  # what killed writers of this output left beside it
         else:
             with contextlib.suppress(Exception):
                 self._raw.close()

@@ -18,8 +18,9 @@ import importlib.util
 import json
 import os
 import socket
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,6 +157,15 @@ def _source_stamp(spec: EmbeddedModel, gguf: Path) -> dict[str, object]:
     return {"package": distribution, "version": installed, "bytes": gguf.stat().st_size, "format": CONVERSION_FORMAT}
 
 
+def _silent(message: str) -> None:
+    pass
+
+
+# Where the one-time conversion of an embedded model says what it is doing (it takes seconds to
+# minutes); silent for library use, pointed at stderr by the CLI (unless -q).
+conversion_notice: Callable[[str], None] = _silent
+
+
 def embedded_model_dir(name: str) -> Path:
     """The checkpoint folder of an embedded model, converting it on first use.
 
@@ -169,7 +179,12 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_root() / "models" / f"{name}-{key}"
     if (target / "bleuberi-source.json").is_file():
         return target
+    conversion_notice(
+        f"converting {name} ({gguf.name}) once into a checkpoint in {target} (later uses load it at once)"
+    )
+    start = time.perf_counter()
     _convert_gguf(gguf, target, stamp)
+    conversion_notice(f"converted {name} in {time.perf_counter() - start:.0f}s")
     return target
 
 
@@ -325,6 +340,8 @@ def adapter_rank(path: Path) -> int | None:
 def check_adapter(path: str) -> Path:
     """A PEFT LoRA folder with safetensors weights (pickled .bin adapters are refused)."""
     folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelError(f"{path}: no such adapter folder")
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{path}: not a LoRA adapter folder (no adapter_config.json)")
     if not (folder / "adapter_model.safetensors").is_file():

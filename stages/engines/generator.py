@@ -158,13 +158,18 @@ class Generator:
         batch_size: int = 8,
         max_batch_tokens: int | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        in_order: bool = True,
     ) -> Iterator[tuple[dict[str, Any], list[Sample]]]:
-        """Yield (record, n samples) in input order.
+        """Yield (record, n samples) as batches finish.
 
         Records are read in windows of WINDOW_BATCHES batches; inside a window they are sorted by prompt
         length so each batch holds prompts of similar length (little padding). `max_batch_tokens` caps
         batch rows x (longest prompt + max_new_tokens) as well. `on_batch(prompts, new_tokens)` reports
         progress. Sample k of a record is seeded from (seed, record id, k), whatever its batch.
+
+        `in_order`: records come out in input order, each as soon as it and every record before it in
+        its window are done. Otherwise each batch's records come out the moment the batch is done
+        (completion order), so a writer that keeps them loses at most the batch in progress to a kill.
         """
         if n < 1 or batch_size < 1:
             raise UsageError("num_samples and batch_size must be >= 1")
@@ -173,18 +178,33 @@ class Generator:
             encoded = [self.encode(record) for record in window]
             order = sorted(range(len(window)), key=lambda i: -len(encoded[i]))
             results: dict[int, list[Sample]] = {}
+            next_out = 0  # in input order: the first record of the window not yet yielded
             for batch in _batches(order, encoded, batch_size, n, sampling.max_new_tokens, max_batch_tokens):
-                seeds = [[derive_seed(seed, window[i]["id"], k) for k in range(n)] for i in batch]
-                if self.engine.text_only:  # a chat endpoint: the server applies its own template to the turns
-                    turns = [self.encoder.turns(prompt_messages(window[i])) for i in batch]
-                    samples = self.engine.sample_messages(turns, seeds, sampling)
-                else:
-                    samples = self.sample_ids([encoded[i] for i in batch], seeds, sampling)
-                results.update(zip(batch, samples))
+                samples = self._sample_batch([window[i] for i in batch], [encoded[i] for i in batch], sampling, n, seed)
                 if on_batch:
                     on_batch(len(batch), sum(len(s.token_ids) for group in samples for s in group))
-            for i, record in enumerate(window):
-                yield record, results[i]
+                if not in_order:
+                    yield from ((window[i], group) for i, group in zip(batch, samples))
+                    continue
+                results.update(zip(batch, samples))
+                while next_out in results:
+                    yield window[next_out], results.pop(next_out)
+                    next_out += 1
+
+    def _sample_batch(
+        self,
+        records: Sequence[dict[str, Any]],
+        encoded: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        n: int,
+        seed: int,
+    ) -> list[list[Sample]]:
+        """n samples for each record of one batch."""
+        seeds = [[derive_seed(seed, record["id"], k) for k in range(n)] for record in records]
+        if self.engine.text_only:  # a chat endpoint: the server applies its own template to the turns
+            turns = [self.encoder.turns(prompt_messages(record)) for record in records]
+            return self.engine.sample_messages(turns, seeds, sampling)
+        return self.sample_ids(encoded, seeds, sampling)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,6 +1,7 @@
 """Summaries of `eval` as tables: the same rows feed the Markdown report and the table on stderr.
 
-Scores are shown x100 (as BLEU is usually quoted); the JSON summary keeps the 0..1 scale.
+Scores are shown x100 (as BLEU is usually quoted), in the tables and in the verdict line alike; the JSON
+summary keeps the 0..1 scale.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def eval_tables(summary: dict[str, Any]) -> list[Table]:
         tables.append(_win_table(others, summary, against))
     controlled = {name: entry for name, entry in others.items() if "vs_length_control" in entry}
     if controlled:
-        rows = [[name, *(_control_cell(entry, m) for m in metrics)] for name, entry in controlled.items()]
+        rows = [[name, *(_control_cell(entry, m, against) for m in metrics)] for name, entry in controlled.items()]
         title = (
-            f"Length control: each system minus {against}'s answers cut to its lengths, x100 [95% CI] "
-            "(survives: a gain over the base that holds against the cut base too; length: a gain over the base "
-            "that the cut base gets as well; no gain: none over the base)"
+            f"Length control: each system minus {against}'s answers cut to its lengths, x100 [95% CI]; in "
+            f"brackets, what the gain over {against} is: survives (it holds against the cut {against} too), "
+            f"length only (the cut {against} gets it as well), no gain over {against}, or worse than {against}"
         )
         tables.append((title, ["system", *metrics], rows))
     return tables
@@ -99,9 +100,13 @@ def _fixed(value: float, digits: int) -> str:
     return text
 
 
-def _control_cell(entry: dict[str, Any], metric: str) -> str:
+def _control_cell(entry: dict[str, Any], metric: str, against: str = "base") -> str:
+    """The difference from the cut baseline, labelled with what the gain over the baseline itself is: a
+    cell reads "+7.9 [2.6, 13.7] (no gain over base)", never a bare "(no gain)" beside a positive interval."""
     cell = _signed(entry["vs_length_control"][metric]["difference"])
-    return f"{cell} ({gain_status(entry, metric)})"
+    label = {"length": "length only", "no gain": f"no gain over {against}", "loss": f"worse than {against}"}
+    status = gain_status(entry, metric)
+    return f"{cell} ({label.get(status, status)})"
 
 
 def gain_status(entry: dict[str, Any], metric: str) -> str:
@@ -117,40 +122,48 @@ def gain_status(entry: dict[str, Any], metric: str) -> str:
 
 
 def verdict(summary: dict[str, Any], system: str, metric: str) -> str:
-    """One line on a system against the baseline in one metric: is the gain real, and is it only length?"""
+    """One line on a system against the baseline in one metric: is the gain real, and is it only length?
+    Differences are x100, as in the tables."""
     entry = summary["systems"][system]
     against = summary.get("baseline", "base")
     comparison = entry["vs_base"][metric]
     if comparison["difference"]["mean"] is None:
         return f"{metric}: no prompts, nothing to compare"
-    difference = _signed(comparison["difference"], scale=1.0, digits=3)
+    difference = _signed(comparison["difference"])
     status = gain_status(entry, metric)
     control = ""
     if status in ("survives", "length"):
-        control = _signed(entry["vs_length_control"][metric]["difference"], scale=1.0, digits=3)
+        control = _signed(entry["vs_length_control"][metric]["difference"])
     head = {
-        "survives": f"gain in {metric} {difference} over {against}, survives the length control "
+        "survives": f"gain in {metric} (x100) {difference} over {against}, survives the length control "
         f"({control} over {against} cut to the same lengths)",
-        "gain": f"gain in {metric} {difference} over {against} (no length control)",
-        "length": f"gain in {metric} {difference} over {against}, but not over {against} cut to the same lengths "
-        f"({control}): a change of length, not learning",
-        "no gain": f"no significant gain in {metric}: {difference} over {against} (the interval includes 0)",
-        "loss": f"{metric} got worse: {difference} against {against}",
+        "gain": f"gain in {metric} (x100) {difference} over {against} (no length control)",
+        "length": f"gain in {metric} (x100) {difference} over {against}, but not over {against} cut to the same "
+        f"lengths ({control}): a change of length, not learning",
+        "no gain": f"no significant gain in mean {metric} (x100): {difference} over {against} "
+        "(the interval includes 0)",
+        "loss": f"{metric} (x100) got worse: {difference} against {against}",
     }[status]
-    return f"{head}; wins {_share(comparison['win'])} / losses {_share(comparison['loss'])}{_sign_clause(comparison)}"
+    return head + _per_prompt(comparison, status)
 
 
-def _sign_clause(comparison: dict[str, Any]) -> str:
-    """The sign test's p-value, and which way it points when it is significant: the mean can rise on a few
-    large wins while most prompts get worse, and a reader of one line should not miss that."""
+def _per_prompt(comparison: dict[str, Any], status: str) -> str:
+    """Wins and losses with the sign test, and which way it points when it is significant: the mean can
+    rise on a few large wins while most prompts get worse, and a reader of one line should not miss that.
+    When the sign test points the other way from the mean's verdict the line says "though", so the two
+    do not read as a contradiction."""
+    rates = f"wins {_share(comparison['win'])} / losses {_share(comparison['loss'])}"
     p = comparison.get("sign_p")
     if p is None:
-        return ""
-    clause = f", sign test p={p:.2g}"
-    if p < SIGNIFICANCE:
-        more = "wins" if comparison["win"] > comparison["loss"] else "losses"
-        clause += f" (significantly more {more})"
-    return clause
+        return f"; {rates}"
+    test = f"sign test p={p:.2g}"
+    if p >= SIGNIFICANCE:
+        return f"; {rates}, {test}"
+    more, fewer = ("wins", "losses") if comparison["win"] > comparison["loss"] else ("losses", "wins")
+    mean_gain = status in ("survives", "gain", "length")
+    if (more == "wins") == mean_gain:
+        return f"; {rates}, {test} (significantly more {more})"
+    return f"; per prompt, though, significantly more {more} than {fewer}: {rates}, {test}"
 
 
 def _win_cell(rates: dict[str, Any]) -> str:
@@ -195,12 +208,38 @@ def write_report(path: str | Path, summary: dict[str, Any], tables: list[Table])
 
 
 def print_tables(tables: list[Table], console: Any) -> None:
+    """Each table under its title (a line of its own: never cut to the table's width). A table too wide
+    for the console is printed turned, one row per column, so no header or cell is cut either (and one
+    still too wide folds its cells rather than cutting them)."""
+    for title, headers, rows in tables:
+        table = _rich_table(headers, rows)
+        if rows and _width(table, console) > console.width:
+            table = _rich_table(*_turned(headers, rows))
+        console.print(title, markup=False)
+        console.print(table)
+
+
+def _rich_table(headers: list[str], rows: list[list[str]]) -> Any:
+    from rich import box
     from rich.table import Table as RichTable
 
-    for title, headers, rows in tables:
-        table = RichTable(title=title, title_justify="left")
-        for header in headers:
-            table.add_column(header)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+    table = RichTable(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _width(table: Any, console: Any) -> int:
+    """The table's width with no cell wrapped."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update(width=10**6), table).maximum
+
+
+def _turned(headers: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Rows become columns: the first column's cells head the new columns."""
+    turned_headers = ["", *(row[0] for row in rows)]
+    turned_rows = [[header, *(row[i] for row in rows)] for i, header in enumerate(headers) if i > 0]
+    return turned_headers, turned_rows

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.core.errors import BleuberiError, ConfigError, UsageError
+from stages.core.errors import BleuberiError, ConfigError, ModelError, UsageError
 from stages.core.options import (
     Leaf,
     device_option,
@@ -196,10 +196,26 @@ def check_value(value: Any, hint: Any, choices: tuple[str, ...] = ()) -> str | N
     raise TypeError(f"unsupported config type {hint!r}")  # pragma: no cover - a programming error
 
 
+def _flag_names(leaf: Leaf) -> set[str]:
+    """A field's command-line names as config keys would spell them: `--lr` -> "lr"."""
+    names = set()
+    for flag in leaf.info.flags:
+        for part in flag.split("/"):
+            if part.startswith("--") and not part.startswith("--no-"):
+                names.add(part[2:].replace("-", "_"))
+    return names - {leaf.name}
+
+
 def _unknown(key: str, source: str) -> ConfigError:
     if "." in key and key.partition(".")[0] not in SECTIONS:
         key = key.partition(".")[0]  # an unknown table: name it, not its key
     section, _, name = key.rpartition(".")
+    alias = [k for k, leaf in KEYS.items() if name in _flag_names(leaf)]
+    if alias:  # a flag's other name (`--lr` for learning_rate): the key is the field's name
+        where = next((k for k in alias if k.rpartition(".")[0] == section), alias[0])
+        return ConfigError(
+            f"{source}: unknown key {key!r} (did you mean {where!r}? --{name.replace('_', '-')} is its flag)"
+        )
     same_place = [k.rpartition(".")[2] for k in KEYS if k.rpartition(".")[0] == section]
     same_place += list(SECTIONS) if not section else []
     close = difflib.get_close_matches(name, same_place, n=1, cutoff=0.5)
@@ -243,11 +259,17 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-def parse_override(spec: str) -> tuple[str, Any]:
-    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4). A value that is not TOML is a string."""
+def parse_override(spec: str, config_path: str | Path | None = None) -> tuple[str, Any]:
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4). A value that is not TOML is a string.
+
+    `--set KEY VALUE` (a space for '=') leaves VALUE as the config file argument: `config_path` names it,
+    so the message can say what happened."""
     key, sep, raw = spec.partition("=")
     if not sep or not key.strip():
-        raise UsageError(f"--set {spec!r}: expected KEY=VALUE, e.g. train.max_steps=10")
+        hint = "e.g. train.max_steps=10"
+        if config_path is not None and not Path(config_path).exists():
+            hint = f"a space is not '=': --set {spec}={config_path}"
+        raise UsageError(f"--set {spec!r}: expected KEY=VALUE ({hint})")
     try:
         value = tomllib.loads(f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:
@@ -256,7 +278,9 @@ def parse_override(spec: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the TOML file, then `--set` overrides; every key and type checked."""
+    """Defaults, then the TOML file, then `--set` overrides; every key and type checked. A mistake in a
+    `--set` is a usage error (exit 2), one in the file a ConfigError (exit 1)."""
+    parsed = [parse_override(spec, path) for spec in overrides]  # first: `--set KEY VALUE` reads VALUE as the file
     values: dict[str, Any] = {}
     if path is not None:
         source = str(path)
@@ -271,8 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not overrides:
         return build(values)
     build(values)  # the file alone must be valid: its errors are the file's (exit 1)
-    for spec in overrides:
-        key, value = parse_override(spec)
+    for key, value in parsed:
         try:
             _set(values, key, value, "--set")
         except ConfigError as error:
@@ -289,6 +312,8 @@ def build(values: dict[str, Any]) -> RunConfig:
     for name in SECTIONS:
         try:
             sections[name] = dataclasses.replace(getattr(defaults, name), **values.get(name, {}))
+        except ModelError:
+            raise  # a model that is not there is bad input (exit 1), wherever it was named
         except BleuberiError as error:
             raise ConfigError(f"[{name}]: {error}") from None
     top = {k: v for k, v in values.items() if k not in SECTIONS}

@@ -36,6 +36,8 @@ STAGES = ("select", "train", "eval")
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
 
 Say = Callable[[str], None]
+# A stage's progress: (what, done, total, unit), e.g. ("select: answering the pool", 32, 208, "prompts").
+StageProgress = Callable[[str, int, int, str], None]
 
 
 def data_path(name: str) -> Path:
@@ -133,11 +135,34 @@ def _shared(config: RunConfig) -> dict[str, Any]:
     }
 
 
+@dataclass
+class StageCounter:
+    """A stage's answers done of its total, passed on to `on_progress` as they finish."""
+
+    on_progress: StageProgress | None
+    description: str
+    total: int
+    unit: str
+    done: int = 0
+
+    def start(self, total: int) -> None:
+        """The total left to do, said before the model loads (so the progress line's clock starts then)."""
+        self.total = total
+        self.add(0)
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.on_progress:
+            self.on_progress(self.description, self.done, self.total, self.unit)
+
+
 def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     return records[:limit] if limit > 0 else records
 
 
-def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> None:
+def run_select(
+    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
+) -> None:
     from stages.engines.base import SamplingParams
     from stages.engines.generator import Generator
     from stages.generate import generate_file
@@ -149,8 +174,11 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
     if not resume:
         generated.unlink(missing_ok=True)
 
+    answers = StageCounter(on_progress, "select: answering the pool", len(pool), "prompts")
+
     def load() -> Generator:
-        say(f"select: the base model answers the pool ({len(pool)} prompts)")
+        left = f"{answers.total} of {len(pool)}" if answers.total < len(pool) else str(len(pool))
+        say(f"select: the base model answers the pool ({left} prompts)")
         return Generator.load(
             config.model,
             device=config.device,
@@ -171,6 +199,8 @@ def run_select(config: RunConfig, run_dir: Path, *, resume: bool, say: Say) -> N
         batch_size=config.select.batch_size,
         resume=True,
         on_message=lambda m: say(f"select: {m}"),
+        on_todo=answers.start,
+        on_batch=lambda prompts, _tokens: answers.add(prompts),
     )
     answered = {r["id"]: r for r in read_records(generated, require=("completions",))}
     scorer = Scorer.from_names([config.select.metric])
@@ -234,7 +264,7 @@ def eval_metrics(config: RunConfig) -> list[str]:
     return metrics + [m for m in dict.fromkeys(extra) if m not in metrics]
 
 
-def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callable[[str, int], None] | None) -> None:
+def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: StageProgress | None = None) -> None:
     from stages.eval.config import EvalConfig
     from stages.eval.evaluate import evaluate
     from stages.eval.report import eval_tables, write_report
@@ -258,7 +288,11 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: Callabl
         engine=config.engine,
         threads=config.threads,
     )
-    result = evaluate(records, eval_config, on_progress=on_progress, on_message=lambda m: say(f"eval: {m}"))
+    answers = StageCounter(on_progress, "eval: answering the held-out set", 0, "answers")
+    answers.start(len(records) * sum(1 for system in eval_config.systems if not system.answers))
+    result = evaluate(
+        records, eval_config, on_progress=lambda _system, n: answers.add(n), on_message=lambda m: say(f"eval: {m}")
+    )
     folder = run_dir / "eval"
     _write_jsonl(folder / "records.jsonl", result.records)
     tables = eval_tables(result.summary)
@@ -309,11 +343,12 @@ def run_recipe(
     *,
     say: Say = lambda message: None,
     on_train_step: Callable[[dict], None] | None = None,
-    on_eval_progress: Callable[[str, int], None] | None = None,
+    on_progress: StageProgress | None = None,
 ) -> RunResult:
+    """The three stages into `run_dir`. `on_progress` follows select's and eval's answers as they finish."""
     run_dir = Path(run_dir)
     with folder_lock(run_dir):  # one run per folder at a time
-        result = _run_stages(config, run_dir, say, on_train_step, on_eval_progress)
+        result = _run_stages(config, run_dir, say, on_train_step, on_progress)
         # A finished run removes what killed attempts left behind (only our temporary names).
         for folder in (run_dir, run_dir / "eval", run_dir / "train", run_dir / "train" / "checkpoints"):
             remove_leftovers(folder)
@@ -325,7 +360,7 @@ def _run_stages(
     run_dir: Path,
     say: Say,
     on_train_step: Callable[[dict], None] | None,
-    on_eval_progress: Callable[[str, int], None] | None,
+    on_progress: StageProgress | None,
 ) -> RunResult:
     with atomic_path(run_dir / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
@@ -333,12 +368,15 @@ def _run_stages(
     ledger = StageLedger.open(run_dir)
     select_digest, train_digest, eval_digest = stage_digests(config)
     steps: dict[str, tuple[str, Callable[[bool], None]]] = {
-        "select": (select_digest, lambda resume: run_select(config, run_dir, resume=resume, say=say)),
+        "select": (
+            select_digest,
+            lambda resume: run_select(config, run_dir, resume=resume, say=say, on_progress=on_progress),
+        ),
         "train": (
             train_digest,
             lambda resume: run_train(config, run_dir, resume=resume, say=say, on_step=on_train_step),
         ),
-        "eval": (eval_digest, lambda resume: run_eval(config, run_dir, say=say, on_progress=on_eval_progress)),
+        "eval": (eval_digest, lambda resume: run_eval(config, run_dir, say=say, on_progress=on_progress)),
     }
     ran, skipped = [], []
     for stage in STAGES:

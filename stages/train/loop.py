@@ -68,8 +68,10 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 
 
 @contextlib.contextmanager
-def sigint_requests_stop() -> Iterator[threading.Event]:
-    """Ctrl-C sets a flag; the loop finishes the step, saves a checkpoint and stops."""
+def sigint_requests_stop(notice: Callable[[], str] | None = None) -> Iterator[threading.Event]:
+    """Ctrl-C sets a flag and at once writes `notice()` to stderr; the loop finishes the step, saves a
+    checkpoint and stops. A second Ctrl-C stops at once (KeyboardInterrupt): the step in progress is lost,
+    the checkpoints saved before it are kept."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -81,6 +83,9 @@ def sigint_requests_stop() -> Iterator[threading.Event]:
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         stop.set()
+        if notice:  # now, not when the step ends (a step can take minutes); os.write: no buffered stream reentered
+            with contextlib.suppress(OSError):
+                os.write(2, f"{notice()}\n".encode())
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -140,8 +145,11 @@ def _train(
     config = run.config
     log = StepLog(run.output_dir / "metrics.jsonl", enabled=run.dist.is_main, first_step=run.first_step)
     steps = run.plan.steps
-    with sigint_requests_stop() as stop_requested:
+    current = [run.first_step + 1]
+    notice = f"bleuberi: Ctrl-C: finishing step {{}} of {steps}, then saving a checkpoint; Ctrl-C again to stop now"
+    with sigint_requests_stop((lambda: notice.format(current[0])) if run.dist.is_main else None) as stop_requested:
         for step in range(run.first_step, steps):
+            current[0] = step + 1
             try:
                 record = train_step(run, step)
             except RewardFunctionError as error:
@@ -195,8 +203,9 @@ def _reward_failed(run: TrainRun, step: int, error: RewardFunctionError) -> Rewa
         return RewardFunctionError(f"{error}; stopped at step 1, nothing trained yet: fix the function, then rerun")
     checkpoint = _save_checkpoint(run, step)
     return RewardFunctionError(
-        f"{error}; stopped at step {step + 1}, the {step} steps before it are saved in {checkpoint}: "
-        "fix the function, then rerun with --resume"
+        f"{error}; stopped at step {step + 1}, "
+        + ("the step before it is" if step == 1 else f"the {step} steps before it are")
+        + f" saved in {checkpoint}: fix the function, then rerun with --resume"
     )
 
 

@@ -78,7 +78,8 @@ def set_up(
     count = sum(p.numel() for p in policy.trainable)
     say(
         f"{config.algo.upper()} on {len(plan.items)} {'examples' if config.algo == 'sft' else 'prompts'}: "
-        f"{plan.steps} steps, {count / 1e6:.2f}M trainable parameters, {device}, world size {dist.world_size}, "
+        f"{plan.steps} step{'' if plan.steps == 1 else 's'}, {count / 1e6:.2f}M trainable parameters, {device}, "
+        f"world size {dist.world_size}, "
         f"setup {time.perf_counter() - start:.1f}s"
     )
     rollouts = _rollouts(config, policy, plan, output_dir, dist)
