@@ -362,12 +362,16 @@ class StepProgress:
         return self.show
 
     def show(self, record: dict) -> None:
+        """A logged training step: the live line on a terminal; off one (logs, CI, nohup) a line per step,
+        so minutes of training are not minutes of silence."""
+        parts = [f"step {record['step']}"]
+        for key in ("reward_mean", "kl", "loss", "completion_length_mean", "seconds"):
+            if key in record:
+                parts.append(f"{key} {record[key]:.4g}")
         if self.live:
-            parts = [f"step {record['step']}"]
-            for key in ("reward_mean", "kl", "loss", "completion_length_mean", "seconds"):
-                if key in record:
-                    parts.append(f"{key} {record[key]:.4g}")
             self.live.update(" | ".join(parts))
+        elif not self.quiet:
+            say("train: " + " | ".join(parts))
 
     def stage(self, description: str, done: int, total: int, unit: str) -> None:
         """`done` of `total` finished in a stage: the live line on a terminal, else a line per batch."""

@@ -553,3 +553,15 @@ def test_learning_rate_schedules() -> None:
     assert [lr_at(s, 4, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     cosine = TrainConfig(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler_type="cosine")
     assert lr_at(2, 4, cosine) == pytest.approx(0.5)
+
+
+def test_off_a_terminal_each_logged_step_is_a_line_on_stderr(runner, tiny_model, tmp_path) -> None:
+    """A log file (CI, nohup) sees training progress step by step, not minutes of silence; -q silences it."""
+    data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
+    result = runner.invoke(app, train_args(data, tmp_path / "run", tiny_model, max_steps=2))
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train: step")]
+    assert [line.split(" | ")[0] for line in lines] == ["train: step 1", "train: step 2"]
+    assert all("reward_mean" in line and "kl" in line for line in lines)
+    quiet = runner.invoke(app, [*train_args(data, tmp_path / "quiet", tiny_model, max_steps=2), "-q"])
+    assert quiet.exit_code == 0 and "train: step" not in quiet.stderr
