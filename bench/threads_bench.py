@@ -17,8 +17,8 @@ pair and busy run with the budget (no override: each process chooses for itself)
 (BLEUBERI_THREADS = the cores, what every process did before: torch's default of one thread per core).
 Each is repeated --repeats times in turn (alone, pair on, pair off, busy on, busy off, ...) and the
 median is reported, as a ratio to the median alone time. The `threads:` line each process logs is
-collected, so the table shows what the budget chose. Goals (issue 18), with the budget: pair <= 2.3x
-alone, busy <= 1.5x alone.
+collected, so the table shows what the budget chose ("2>1": chosen again while it ran). Goals
+(issue 18), with the budget: pair <= 2.3x alone, busy <= 1.5x alone.
 
 --cpus 0,1 runs every process (the neighbour too) on those cores only, for a larger machine.
 --async-rollouts adds `bleuberi train --backend vllm --async-rollouts` (vLLM in this process samples step
@@ -63,7 +63,7 @@ class Sizes:
 @dataclass
 class Timing:
     seconds: float
-    threads: list[int]  # what each process logged, in start order
+    threads: list[str]  # what each process chose, in start order ("2>1": chosen again while it ran)
     step_seconds: float | None = None  # train: the median step after the first
 
 
@@ -104,7 +104,7 @@ def run_command(args: list[str], env: dict[str, str], cpus: set[int] | None, out
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"bleuberi {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    chosen = [int(m.group(1)) for m in THREADS_LINE.finditer(done.stderr)][:1]
+    chosen = [">".join(m.group(1) for m in THREADS_LINE.finditer(done.stderr))]
     steps = [json.loads(line)["seconds"] for line in done.stdout.splitlines() if line.startswith('{"step"')]
     step = statistics.median(steps[1:]) if len(steps) > 1 else None
     out.append(Timing(seconds, chosen, step))
@@ -200,7 +200,7 @@ def print_table(rows: list[Row]) -> None:
         base = alone.get(row.command)
         ratio = f"{row.median / base:.2f}x" if base else "-"
         goal = f"<= {GOALS[row.situation]}x" if row.budget == "on" and row.situation in GOALS else ""
-        chosen = "; ".join(",".join(map(str, t.threads)) or "?" for t in row.runs)
+        chosen = "; ".join(",".join(t.threads) or "?" for t in row.runs)
         runs = ", ".join(f"{t.seconds:.1f}" for t in row.runs)
         cells = [row.command, row.situation, row.budget, f"{row.median:.1f}", ratio, goal, chosen, runs]
         print("| " + " | ".join(cells) + " |")

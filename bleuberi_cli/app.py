@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-# First: importing it starts the window in which the thread budget measures what other processes do
-# while this one starts up (stages/core/threads.py).
-import stages.core.threads  # noqa: F401
-
-# isort: split
 import sys
 import warnings
 from typing import Annotated

@@ -7,14 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
-from stages.core import threads
+from stages.core import neighbours, threads
 from stages.core.errors import UsageError
-from stages.core.threads import CpuSnapshot, ThreadBudget, busy_between, choose_threads, engine_competes
+from stages.core.neighbours import CpuSnapshot, Look, busy_between
+from stages.core.threads import ThreadBudget, choose_threads, engine_competes
 from tests.conftest import ROOT, demo_records, read_jsonl_text, write_jsonl
 
 ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLEUBERI_THREADS", threads.OURS, "LOCAL_WORLD_SIZE")
@@ -30,40 +32,49 @@ def restore_threads(monkeypatch):
         else:
             monkeypatch.delenv(name, raising=False)
     before = torch.get_num_threads()
-    monkeypatch.setattr(threads, "_current", None)
-    monkeypatch.setattr(threads, "_current_key", None)
+    for name in ("_current", "_current_key", "_last_look", "_say"):
+        monkeypatch.setattr(threads, name, None)
     yield
     torch.set_num_threads(before)
 
 
-# (cores, local world size, local engine, busy cores of other processes) -> (threads, engine share);
-# the expected counts follow the rules in stages/core/threads.py, worked out by hand.
+# (cores, local world size, other bleuberi processes, local engine, busy cores of other processes)
+#   -> (threads, engine share); the expected counts follow the rules in stages/core/threads.py, by hand.
 BUDGETS = [
-    ((2, 1, False, 0.0), (2, None)),  # alone on a quiet 2-core machine: torch's own default, kept
-    ((2, 1, False, 0.05), (2, None)),  # background noise is not a neighbour
-    ((2, 1, False, 0.49), (2, None)),  # less than half a core busy
-    ((2, 1, False, 0.5), (1, None)),  # half a core, rounded up: one core is not free
-    ((2, 1, False, 1.0), (1, None)),  # one busy single-threaded neighbour
-    ((2, 1, False, 2.0), (1, None)),  # the machine full: never below 1
-    ((2, 1, False, 7.0), (1, None)),
-    ((2, 2, False, 0.0), (1, None)),  # torchrun: 2 local ranks share 2 cores
-    ((16, 4, False, 0.0), (4, None)),
-    ((16, 4, False, 3.0), (4, None)),  # the 3 other ranks loading: 13 free cores still hold 4
-    ((16, 1, False, 13.0), (3, None)),  # 13 busy: 3 free
-    ((3, 4, False, 0.0), (1, None)),  # more ranks than cores: 1 each
-    ((2, 1, True, 0.0), (1, 1)),  # a concurrent local engine: half each
-    ((16, 1, True, 0.0), (8, 8)),
-    ((3, 1, True, 0.0), (1, 1)),  # an odd core is left over
-    ((1, 1, True, 0.0), (1, 1)),  # one core: 1 each, however crowded
-    ((16, 2, True, 0.0), (4, 4)),  # 8 per rank, half of them to the engine
-    ((16, 1, True, 10.0), (6, 6)),  # 6 cores free: each takes 6 of them
+    ((2, 1, 0, False, 0.0), (2, None)),  # alone on a quiet 2-core machine: torch's own default, kept
+    ((2, 1, 0, False, 0.05), (2, None)),  # background noise is not a neighbour
+    ((2, 1, 0, False, 0.49), (2, None)),  # less than half a core busy
+    ((2, 1, 0, False, 0.5), (1, None)),  # half a core, rounded up: one core is not free
+    ((2, 1, 0, False, 1.0), (1, None)),  # one busy single-threaded neighbour
+    ((2, 1, 0, False, 2.0), (1, None)),  # the machine full: never below 1
+    ((2, 1, 0, False, 7.0), (1, None)),
+    ((2, 1, 1, False, 0.0), (1, None)),  # another bleuberi started with it (both idle while they look)
+    ((2, 1, 3, False, 0.0), (1, None)),  # never below 1
+    ((8, 1, 1, False, 0.0), (4, None)),
+    ((8, 1, 2, False, 0.0), (2, None)),  # 8 // 3
+    ((8, 1, 1, False, 4.0), (4, None)),  # the peer's own load is not counted twice
+    ((2, 2, 0, False, 0.0), (1, None)),  # torchrun: 2 local ranks share 2 cores
+    ((16, 4, 0, False, 0.0), (4, None)),
+    ((16, 4, 3, False, 3.0), (4, None)),  # the 3 sibling ranks are peers too, not others
+    ((16, 4, 4, False, 0.0), (3, None)),  # siblings and one other process: 16 // 5
+    ((16, 1, 0, False, 13.0), (3, None)),  # 13 busy: 3 free
+    ((3, 4, 0, False, 0.0), (1, None)),  # more ranks than cores: 1 each
+    ((2, 1, 0, True, 0.0), (1, 1)),  # a concurrent local engine: half each
+    ((16, 1, 0, True, 0.0), (8, 8)),
+    ((3, 1, 0, True, 0.0), (1, 1)),  # an odd core is left over
+    ((1, 1, 0, True, 0.0), (1, 1)),  # one core: 1 each, however crowded
+    ((16, 2, 1, True, 0.0), (4, 4)),  # 8 per rank, half of them to the engine
+    ((16, 1, 1, True, 0.0), (4, 4)),  # 8 for this process, half of them to its engine
+    ((16, 1, 0, True, 10.0), (6, 6)),  # 6 cores free: each takes 6 of them
 ]
 
 
 @pytest.mark.parametrize(("situation", "expected"), BUDGETS)
 def test_the_budget_for_each_situation(situation, expected) -> None:
-    cores, ranks, engine, busy = situation
-    budget = choose_threads(cores, local_world_size=ranks, local_engine=engine, busy_cores=busy, environ={})
+    cores, ranks, peers, engine, busy = situation
+    budget = choose_threads(
+        cores, local_world_size=ranks, peers=peers, local_engine=engine, busy_cores=busy, environ={}
+    )
     assert (budget.threads, budget.engine_threads) == expected
     assert budget.cores == cores
 
@@ -139,20 +150,74 @@ def test_busy_cores_are_other_processes_cpu_time_over_the_window() -> None:
     assert busy_between(start, CpuSnapshot(when=12.0, busy=104.0, own=9.0)) == 0.0
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
-def test_a_busy_neighbour_is_measured() -> None:
+LINUX = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc and flock")
+
+# A child that registers as a bleuberi process in FOLDER, then spins (busy) or sleeps (idle).
+REGISTERED = """
+import sys, time
+from pathlib import Path
+from stages.core import neighbours
+neighbours.register(Path(sys.argv[1]))
+print("registered", flush=True)
+end = time.time() + 60
+while time.time() < end:
+    if sys.argv[2] == "idle":
+        time.sleep(0.05)
+"""
+
+
+def _registered_child(folder, mode: str) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", REGISTERED, str(folder), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert child.stdout.readline().strip() == "registered"
+    return child
+
+
+@LINUX
+def test_a_busy_neighbour_is_measured(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(neighbours, "registry", lambda: tmp_path)  # no bleuberi peers: only the CPU sample
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        start = threads.snapshot()
-        assert threads.others_busy_cores(start) >= 0.5  # the spinning child, at least (others may add)
+        peers, busy = threads.look_around()
+        assert peers == 0 and busy >= 0.5  # the spinning child, at least (others may add)
     finally:
         neighbour.kill()
         neighbour.wait()
 
 
+@LINUX
+def test_registered_peers_are_seen_while_alive(tmp_path) -> None:
+    child = _registered_child(tmp_path, "idle")
+    try:
+        peers = neighbours.live_peers(tmp_path)
+        assert list(peers) == [child.pid] and peers[child.pid] < neighbours.RECENT_SECONDS
+    finally:
+        child.kill()
+        child.wait()
+    assert neighbours.live_peers(tmp_path) == {}  # the lock died with it
+    os.utime(tmp_path / str(child.pid), (0, 0))  # an old file whose lock nobody holds: removed
+    assert neighbours.live_peers(tmp_path) == {} and not (tmp_path / str(child.pid)).exists()
+
+
+@LINUX
+def test_a_peer_counts_when_it_computes_or_has_just_started(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(neighbours, "registry", lambda: tmp_path)
+    children = [_registered_child(tmp_path, "idle"), _registered_child(tmp_path, "busy")]
+    try:
+        assert threads.look_around()[0] == 2  # both just registered: both count, busy or not
+        monkeypatch.setattr(neighbours, "RECENT_SECONDS", 0.0)  # as if they had registered long ago
+        assert threads.look_around()[0] == 1  # the idle one (a notebook that trained an hour ago) no longer
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
 def test_apply_sets_torch_and_the_children_environment(monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's
+    monkeypatch.setattr(threads, "look_around", lambda: pytest.fail("an override needs no look around"))
     said: list[str] = []
     budget = threads.apply_thread_budget(2, say=said.append)
     assert torch.get_num_threads() == 2
@@ -173,7 +238,7 @@ def test_the_vllm_engine_gets_its_share(monkeypatch) -> None:
     for name in ("OMP_NUM_THREADS", "BLEUBERI_THREADS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 6)
-    monkeypatch.setattr(threads, "others_busy_cores", lambda: 0.0)
+    monkeypatch.setattr(threads, "look_around", lambda: (0, 0.0))
     monkeypatch.setattr(threads, "_set_torch_threads", lambda count: None)
     for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):
         monkeypatch.delenv(name, raising=False)
@@ -182,6 +247,50 @@ def test_the_vllm_engine_gets_its_share(monkeypatch) -> None:
     assert (budget.threads, budget.engine_threads) == (3, 3)
     vllm_engine._cpu_environment()
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_process_that_chose_alone_gives_cores_back_and_takes_them_again(monkeypatch) -> None:
+    """recheck() between batches: the others since the last look decide, no waiting, at most every 5 s."""
+    for name in ("OMP_NUM_THREADS", "BLEUBERI_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    clock = [100.0]
+    seen = [(0, 0.0)]  # what the next comparison of two looks finds: (peers, busy cores)
+    applied: list[int] = []
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads, "_set_torch_threads", applied.append)
+    monkeypatch.setattr(time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    monkeypatch.setattr(neighbours, "snapshot", lambda: CpuSnapshot(clock[0], 0.0, 0.0))
+    monkeypatch.setattr(neighbours, "look", lambda: Look(CpuSnapshot(clock[0], 0.0, 0.0)))
+    monkeypatch.setattr(neighbours, "compare", lambda before, after: seen[0])
+    said: list[str] = []
+    assert threads.apply_thread_budget(say=said.append).threads == 4  # alone
+    seen[0] = (1, 1.0)  # another bleuberi came, keeping a core busy
+    clock[0] += 1.0
+    assert threads.recheck() is None  # too soon
+    clock[0] += 5.0
+    assert threads.recheck().threads == 2 and applied[-1] == 2
+    assert said[-1] == "threads: 2 of 4 cores (1 other bleuberi process), was 4"
+    clock[0] += 6.0
+    assert threads.recheck() is None  # still there: unchanged, nothing logged
+    seen[0] = (0, 0.0)  # gone
+    clock[0] += 6.0
+    assert threads.recheck().threads == 4 and applied[-1] == 4
+    answers: list[object] = []
+    clock[0] += 6.0
+    seen[0] = (1, 1.0)
+    worker = threading.Thread(target=lambda: answers.append(threads.recheck()))
+    worker.start()
+    worker.join()
+    assert answers == [None]  # another thread's count is its own (the async rollout thread)
+    monkeypatch.setenv("BLEUBERI_THREADS", "3")
+    assert threads.recheck() is None  # a count the user gave is never changed
+
+
+def test_an_override_is_never_rechecked(monkeypatch) -> None:
+    monkeypatch.setattr(threads, "_set_torch_threads", lambda count: None)
+    threads.apply_thread_budget(2)
+    monkeypatch.setattr(neighbours, "look", lambda: pytest.fail("an override needs no look"))
+    assert threads.recheck() is None
 
 
 def test_score_workers_take_one_thread(monkeypatch) -> None:

@@ -4,24 +4,26 @@ torch starts one intra-op thread per core in every process, and its OpenMP threa
 wait for each other. Two such processes on the same cores thrash: a decode-shaped matmul took 8.5x
 longer with 2 threads than with 1 beside one other job on 2 cores. So each process sizes its pool:
 
-    budget = choose_threads(cores=2, local_world_size=1, busy_cores=1.0)   # 1 thread: a neighbour is busy
-    apply_thread_budget(override=None, say=print)                          # measures, chooses, applies
+    budget = choose_threads(cores=2, busy_cores=1.0)   # 1 thread: a neighbour keeps a core busy
+    apply_thread_budget(override=None, say=print)      # looks around, chooses, applies, logs one line
 
-The rules, in order (the first that applies wins):
+The rules, in order:
 1. `--threads N` (the `threads` option of every stage), then `$BLEUBERI_THREADS`, then an
-   `OMP_NUM_THREADS` the user set: exactly that many threads.
+   `OMP_NUM_THREADS` the user set: exactly that many threads. Nothing else applies.
 2. The cores this process may use (its CPU affinity) are split evenly among torchrun's local ranks
-   (`LOCAL_WORLD_SIZE`).
+   (`LOCAL_WORLD_SIZE`), and among the other bleuberi processes computing on this machine.
 3. A local engine that samples while this process trains (`--async-rollouts` with vLLM in this
-   process on the CPU, or a server on 127.0.0.1/localhost/::1 while training on the CPU) gets half of
-   them, rounded down; the trainer takes the same count, so an odd core is left over for both processes'
-   Python work. At least 1 each. An engine that only samples between training steps shares nothing: it
-   and the trainer never compute at once.
-4. Cores that other processes kept busy while this one started (measured from /proc/stat on the same
-   cores, minus this process's own CPU time, rounded half up) are not counted as free: the count is
-   at most the free cores.
+   process on the CPU, or a server on 127.0.0.1/localhost/::1 while training on the CPU) gets half,
+   rounded down; the trainer takes as many, at least 1 each. An engine that samples only between
+   training steps shares nothing: it and the trainer never compute at once.
+4. Cores that other processes keep busy now (from /proc/stat over a short look, less this process's
+   own CPU time, rounded half up) are not free: the count is at most the free cores.
 5. Never below 1.
 Alone on a quiet 2-core machine a process keeps 2 threads, as torch would.
+
+What the other processes do is seen by stages/core/neighbours.py. A process that chose alone gives
+cores back when others come (and takes them again when they have gone): `recheck()` between batches
+and steps.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from stages.core import neighbours
 from stages.core.errors import UsageError
 
 ENV = "BLEUBERI_THREADS"
@@ -41,8 +45,8 @@ ENV = "BLEUBERI_THREADS"
 # bleuberi) does not take our own value for the user's.
 OURS = "BLEUBERI_CHILD_THREADS"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# Shortest window over which other processes' CPU use is measured; startup usually gives a longer one.
-MIN_WINDOW = 0.25
+LOOK_SECONDS = 0.3  # how long a process watches the others before it chooses
+RECHECK_SECONDS = 5.0  # the shortest time between two rechecks
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ def parse_count(value: str, source: str) -> int:
     return count
 
 
+def local_world_size(environ: Mapping[str, str] | None = None) -> int:
+    value = (os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
 def user_omp_threads(environ: Mapping[str, str]) -> str | None:
     """OMP_NUM_THREADS as the user set it: None when unset, when bleuberi set it for its children, or when
     it is the 1 torchrun sets for every rank of a multi-process launch (the budget splits the cores instead)."""
@@ -89,37 +98,49 @@ def user_omp_threads(environ: Mapping[str, str]) -> str | None:
     return value
 
 
+def overridden(override: int | None, environ: Mapping[str, str]) -> ThreadBudget | None:
+    """Rule 1: the count the user gave (flag, BLEUBERI_THREADS, OMP_NUM_THREADS), or None."""
+    if override is not None:
+        if override < 1:
+            raise UsageError(f"--threads {override}: expected a whole number of threads >= 1")
+        return ThreadBudget(override, 0, reason="--threads")
+    for name, value in ((ENV, environ.get(ENV)), ("OMP_NUM_THREADS", user_omp_threads(environ))):
+        if value:
+            return ThreadBudget(parse_count(value, name), 0, reason=f"${name}")
+    return None
+
+
 def choose_threads(
     cores: int,
     *,
     local_world_size: int = 1,
+    peers: int = 0,
     local_engine: bool = False,
     busy_cores: float = 0.0,
     override: int | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ThreadBudget:
-    """The thread count for a process that may use `cores` cores (see the module's rules)."""
-    environ = os.environ if environ is None else environ
+    """The thread count for a process that may use `cores` cores (rules in the module's docstring).
+    `peers`: other bleuberi processes computing on these cores (torchrun siblings included or not: they
+    are never counted twice); `busy_cores`: what all other processes keep busy now."""
     cores = max(1, cores)
-    if override is not None:
-        if override < 1:
-            raise UsageError(f"--threads {override}: expected a whole number of threads >= 1")
-        return ThreadBudget(override, cores, reason="--threads")
-    for name, value in ((ENV, environ.get(ENV)), ("OMP_NUM_THREADS", user_omp_threads(environ))):
-        if value:
-            return ThreadBudget(parse_count(value, name), cores, reason=f"${name}")
+    given = overridden(override, os.environ if environ is None else environ)
+    if given is not None:
+        return ThreadBudget(given.threads, cores, reason=given.reason)
     ranks = max(1, local_world_size)
-    share = max(1, cores // ranks)
-    notes = [f"{ranks} local ranks"] if ranks > 1 else []
+    share, notes = max(1, cores // ranks), [f"{ranks} local ranks"] if ranks > 1 else []
+    others = max(0, peers - (ranks - 1))  # the siblings are peers too
+    if others:
+        share = min(share, max(1, cores // (ranks + others)))
+        notes.append(f"{others} other bleuberi process{'es' if others > 1 else ''}")
     engine = None
     if local_engine:
-        engine = max(1, share // 2)
-        share = engine
+        share = engine = max(1, share // 2)
         notes.append(f"{engine} left to the local engine")
-    busy = int(max(0.0, busy_cores) + 0.5)  # rounded half up: a half-busy neighbour still spins us off a core
+    busy = int(max(0.0, busy_cores) + 0.5)  # rounded half up: half a busy core still preempts our threads
     if busy and share > cores - busy:
         share = max(1, cores - busy)
-        engine = share if engine else None  # the engine shares this process's cores, or the free ones
+        engine = share if engine else None
         notes.append(f"other processes busy on {busy_cores:.1f} cores")
     return ThreadBudget(share, cores, engine, ", ".join(notes))
 
@@ -134,9 +155,7 @@ def available_cores() -> int:
 
 def is_loopback(url: str | None) -> bool:
     """Is this server URL on this machine (127.0.0.1, localhost, ::1)?"""
-    if not url:
-        return False
-    host = urlsplit(url).hostname or ""
+    host = (urlsplit(url).hostname or "") if url else ""
     return host in LOOPBACK or host.startswith("127.")
 
 
@@ -151,77 +170,29 @@ def engine_competes(backend: str, server_urls: object, device_type: str, concurr
     if backend == "vllm":
         return True
     urls = server_urls if isinstance(server_urls, (list, tuple)) else [server_urls]
-    return backend == "server" and any(is_loopback(u if isinstance(u, str) else None) for u in urls)
-
-
-# --- measuring what other processes use ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    when: float  # time.monotonic()
-    busy: float  # CPU seconds spent on this process's cores, by every process, since boot
-    own: float  # CPU seconds this process has used
-
-
-def snapshot() -> CpuSnapshot | None:
-    """The CPU time spent on this process's cores (from /proc/stat), or None where it cannot be read."""
-    try:
-        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-        with open("/proc/stat") as f:
-            lines = [line.split() for line in f if line.startswith("cpu") and not line.startswith("cpu ")]
-    except (AttributeError, OSError):
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    # user nice system idle iowait irq softirq steal: all but idle and iowait are work
-    busy = sum(sum(int(v) for i, v in enumerate(f[1:9]) if i not in (3, 4)) for f in lines if f[0] in allowed)
-    times = os.times()
-    return CpuSnapshot(time.monotonic(), busy / ticks, times.user + times.system)
-
-
-_mark: CpuSnapshot | None = snapshot()  # at import: the window then spans this process's start-up
-
-
-def mark() -> None:
-    """Start the measuring window now (the CLI calls it first thing, before the heavy imports)."""
-    global _mark
-    _mark = snapshot()
-
-
-def others_busy_cores(since: CpuSnapshot | None = None) -> float:
-    """How many cores other processes kept busy (on this process's cores) since `since` (default: the
-    mark). A window shorter than MIN_WINDOW is extended by waiting. 0.0 where /proc/stat is missing."""
-    start = since or _mark or snapshot()
-    if start is None:
-        return 0.0
-    wait = MIN_WINDOW - (time.monotonic() - start.when)
-    if wait > 0:
-        time.sleep(wait)
-    end = snapshot()
-    return 0.0 if end is None else busy_between(start, end)
-
-
-def busy_between(start: CpuSnapshot, end: CpuSnapshot) -> float:
-    """Cores kept busy by other processes between two snapshots: all CPU time on our cores, less ours."""
-    seconds = max(end.when - start.when, 1e-6)
-    return max(0.0, (end.busy - start.busy) - (end.own - start.own)) / seconds
+    return backend == "server" and any(is_loopback(u) for u in urls if isinstance(u, str))
 
 
 # --- applying it ----------------------------------------------------------------------------------------
 
 _current: ThreadBudget | None = None
 _current_key: tuple[int | None, int, bool] | None = None  # (override, local ranks, local engine) it was made for
+_last_look: neighbours.Look | None = None  # what recheck() compares with
+_say: Callable[[str], None] | None = None  # where apply_thread_budget logged: rechecks log there too
+
+
+def look_around(seconds: float = LOOK_SECONDS) -> tuple[int, float]:
+    """Watch for `seconds`: (bleuberi peers computing or choosing now, cores other processes keep busy)."""
+    global _last_look
+    before = neighbours.look()
+    time.sleep(seconds)
+    _last_look = neighbours.look()
+    return neighbours.compare(before, _last_look)
 
 
 def current_budget() -> ThreadBudget | None:
     """The budget last applied in this process (None: none yet)."""
     return _current
-
-
-def local_world_size(environ: Mapping[str, str] | None = None) -> int:
-    environ = os.environ if environ is None else environ
-    value = environ.get("LOCAL_WORLD_SIZE", "1")
-    return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 def apply_thread_budget(
@@ -234,23 +205,56 @@ def apply_thread_budget(
 
     Once per process: a later call without an override keeps the count already applied (a stage that
     loads several models, or `bleuberi run`'s stages after the run chose), unless it asks for a local
-    engine's share where the first did not. The count also goes to OMP_NUM_THREADS and MKL_NUM_THREADS
-    for the processes this one starts (unless the user set OMP_NUM_THREADS).
+    engine's share where the first did not. The process registers as computing here. The count also
+    goes to OMP_NUM_THREADS and MKL_NUM_THREADS for the processes it starts (unless the user set
+    OMP_NUM_THREADS). Choosing without an override watches the others for LOOK_SECONDS.
     """
-    global _current, _current_key
+    global _current, _current_key, _say
     key = (override, local_world_size(), local_engine)
     if _current is not None and _current_key is not None and _same_request(key, _current_key):
         return _current
-    needs_measure = override is None and not os.environ.get(ENV) and not user_omp_threads(os.environ)
-    busy = others_busy_cores() if needs_measure else 0.0
+    neighbours.register()
+    peers, busy = (0, 0.0) if overridden(override, os.environ) else look_around()
     budget = choose_threads(
-        available_cores(), local_world_size=key[1], local_engine=local_engine, busy_cores=busy, override=override
+        available_cores(),
+        local_world_size=key[1],
+        peers=peers,
+        local_engine=local_engine,
+        busy_cores=busy,
+        override=override,
     )
     _set_torch_threads(budget.threads)
     set_child_threads(budget.threads)
-    _current, _current_key = budget, key
+    _current, _current_key, _say = budget, key, say
     if say is not None:
         say(budget.line())
+    return budget
+
+
+def recheck() -> ThreadBudget | None:
+    """Between batches or steps: choose again from what the other processes did since the last look,
+    without waiting, so a process that started alone gives cores back when another one comes (and takes
+    them again when it has gone). Only for a budget chosen without an override and without a local
+    engine's share, from the main thread, at most every RECHECK_SECONDS. The new budget when it changed."""
+    global _current, _last_look
+    key, last = _current_key, _last_look
+    if _current is None or key is None or key[0] is not None or key[2] or last is None or last.cpu is None:
+        return None
+    now = neighbours.snapshot()  # cheap: the full look only when it is time
+    if now is None or now.when - last.cpu.when < RECHECK_SECONDS:
+        return None
+    if threading.current_thread() is not threading.main_thread() or overridden(None, os.environ):
+        return None  # another thread's count is its own; a variable set since then decides
+    _last_look = neighbours.look()
+    peers, busy = neighbours.compare(last, _last_look)
+    budget = choose_threads(available_cores(), local_world_size=key[1], peers=peers, busy_cores=busy)
+    if budget.threads == _current.threads:
+        return None
+    _set_torch_threads(budget.threads)
+    set_child_threads(budget.threads)
+    if _say is not None:
+        _say(f"{budget.line()}, was {_current.threads}")
+    _current = budget
     return budget
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.core.records import prompt_messages
+from stages.core.threads import recheck as recheck_threads
 from stages.engines.base import (
     Engine,
     EngineOptions,
@@ -146,6 +147,7 @@ class Generator:
     def sample_ids(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
     ) -> list[list[Sample]]:
+        recheck_threads()  # between batches and steps: cores back to a process that came since, or taken again
         return self.engine.sample(prompts, seeds, sampling)
 
     def generate(
