@@ -20,6 +20,9 @@ median is reported, as a ratio to the median alone time. The `threads:` line eac
 collected, so the table shows what the budget chose ("2>1": chosen again while it ran). Goals
 (issue 18), with the budget: pair <= 2.3x alone, busy <= 1.5x alone.
 
+--passive adds the same situations without the budget but with OMP_WAIT_POLICY=PASSIVE (OpenMP threads
+sleep instead of spinning while they wait): the other cure for spinning threads, for comparison; its
+"alone" row is what it costs a process alone.
 --cpus 0,1 runs every process (the neighbour too) on those cores only, for a larger machine.
 --async-rollouts adds `bleuberi train --backend vllm --async-rollouts` (vLLM in this process samples step
 t+1 while step t trains) alone, with the budget's split (half the cores each to the trainer and the
@@ -79,11 +82,15 @@ class Row:
         return statistics.median(t.seconds for t in self.runs)
 
 
-def child_env(budget: bool, cores: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
+def child_env(budget: str, cores: int) -> dict[str, str]:
+    """budget "on" (or "-"): each process chooses; "off": torch's default, one thread per core whatever
+    else runs; "passive": that, with OpenMP's threads sleeping instead of spinning while they wait."""
+    env = {k: v for k, v in os.environ.items() if k not in (*OVERRIDES, "OMP_WAIT_POLICY")}
     env["PYTHONPATH"] = str(ROOT)
-    if not budget:
-        env["BLEUBERI_THREADS"] = str(cores)  # torch's default: one thread per core, whatever else runs
+    if budget in ("off", "passive"):
+        env["BLEUBERI_THREADS"] = str(cores)
+    if budget == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads its OpenMP runtime
     return env
 
 
@@ -159,12 +166,16 @@ def load_line() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
-def measure(command: str, make: Callable[[str], list[str]], cores: int, cpus: set[int] | None, repeats: int):
-    """The five situations of one command, repeated in turn; each call of `make(tag)` gives fresh outputs."""
-    rows = {key: Row(command, *key) for key in [("alone", "-"), *((s, b) for s in GOALS for b in ("on", "off"))]}
+def measure(
+    command: str, make: Callable[[str], list[str]], cores: int, cpus: set[int] | None, repeats: int, passive: bool
+):
+    """The situations of one command, repeated in turn; each call of `make(tag)` gives fresh outputs."""
+    keys = [("alone", "-"), *((s, b) for s in GOALS for b in ("on", "off"))]
+    keys += [(s, "passive") for s in ("alone", *GOALS)] if passive else []
+    rows = {key: Row(command, *key) for key in keys}
     for repeat in range(repeats):
         for (situation, budget), row in rows.items():
-            env = child_env(budget != "off", cores)
+            env = child_env(budget, cores)
             print(f"[{command} {situation} budget {budget} #{repeat + 1}] {load_line()}", file=sys.stderr)
             if situation == "alone":
                 out: list[Timing] = []
@@ -185,9 +196,7 @@ def measure_async(sizes: Sizes, data: Path, folder: Path, cores: int, cpus: set[
         for row in rows:
             print(f"[{row.command} budget {row.budget} #{repeat + 1}] {load_line()}", file=sys.stderr)
             out: list[Timing] = []
-            run_command(
-                train_args(sizes, data, folder / "async", extra), child_env(row.budget == "on", cores), cpus, out
-            )
+            run_command(train_args(sizes, data, folder / "async", extra), child_env(row.budget, cores), cpus, out)
             row.runs.append(out[0])
     return rows
 
@@ -217,6 +226,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[Sizes, Path, Path]:
         from tests.tiny_model import build_tiny_model
 
         sizes = Sizes(str(build_tiny_model(folder / "tiny")), 2, 8, 4, 8)
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # the tiny model knows 512 positions; vLLM asks 2048
     train_data, generate_data = folder / "train.jsonl", folder / "generate.jsonl"
     pool = (DATA / "pool.jsonl").read_text().splitlines()
     heldout = (DATA / "heldout.jsonl").read_text().splitlines()
@@ -232,6 +242,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model: a smoke test, not a measurement")
     parser.add_argument("--cpus", default=None, help="comma-separated core ids every process is pinned to")
     parser.add_argument("--async-rollouts", action="store_true", help="also train with vLLM in process, async")
+    parser.add_argument(
+        "--passive", action="store_true", help="also: no budget, with OMP_WAIT_POLICY=PASSIVE (alone, pair, busy)"
+    )
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
@@ -243,14 +256,15 @@ def main() -> None:
         sizes, train_data, generate_data = prepare(args, folder)
         rows: list[Row] = []
         if args.only in (None, "train"):
-            rows += measure(
-                "train", lambda tag: train_args(sizes, train_data, folder / f"t-{tag}", []), cores, cpus, args.repeats
-            )
+            make = lambda tag: train_args(sizes, train_data, folder / f"t-{tag}", [])  # noqa: E731
+            rows += measure("train", make, cores, cpus, args.repeats, args.passive)
         if args.only in (None, "generate"):
             make = lambda tag: generate_args(sizes, generate_data, folder / f"g-{tag}.jsonl")  # noqa: E731
-            rows += measure("generate", make, cores, cpus, args.repeats)
+            rows += measure("generate", make, cores, cpus, args.repeats, args.passive)
         if args.async_rollouts:
-            rows += measure_async(sizes, train_data, folder, cores, cpus, args.repeats)
+            # vLLM's CPU attention has no kernel for the tiny model's head size: the smoke test uses the real one
+            small = Sizes(train_steps=3, completion_tokens=8) if args.tiny else sizes
+            rows += measure_async(small, train_data, folder, cores, cpus, args.repeats)
     print(f"\n{cores} cores, {args.repeats} repeats, {time.perf_counter() - started:.0f}s; at the end: {load_line()}")
     print_table(rows)
     if args.json:
