@@ -121,8 +121,8 @@ def choose_threads(
     environ: Mapping[str, str] | None = None,
 ) -> ThreadBudget:
     """The thread count for a process that may use `cores` cores (rules in the module's docstring).
-    `peers`: other bleuberi processes computing on these cores (torchrun siblings included or not: they
-    are never counted twice); `busy_cores`: what all other processes keep busy now."""
+    `peers`: other bleuberi processes computing on these cores, this process's torchrun siblings among
+    them (they register too); `busy_cores`: what all other processes keep busy now."""
     cores = max(1, cores)
     given = overridden(override, os.environ if environ is None else environ)
     if given is not None:
