@@ -158,13 +158,17 @@ def _decode(
 ) -> _DecodeState:
     """One prefill per prompt, n copies of its KV cache, then token by token until every row stops."""
     import torch
+    import torch.distributed as dist
 
     device = next(model.parameters()).device
     accepted = _forward_parameters(model)
     # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
     cache_arg = "cache" if "cache" in accepted else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    with torch.inference_mode():
+    sharded = _is_sharded(model)
+    lockstep = _Lockstep(model, pad_id) if sharded and dist.get_world_size() > 1 else None
+    # FSDP keeps the weights it gathers in buffers it reuses for training: no inference tensors then
+    with torch.no_grad() if sharded else torch.inference_mode():
         cache, logits, attention = _prefill(model, prompts, len(seeds[0]), pad_id, cache_arg, extra)
         generators = [torch.Generator(device=device).manual_seed(s) for seed_row in seeds for s in seed_row]
         next_position = attention.sum(-1)
@@ -182,6 +186,8 @@ def _decode(
                 picked, attention, next_position = picked[index], attention[index], next_position[index]
                 state.active = [state.active[i] for i in keep]
             attention = torch.cat([attention, attention.new_ones((len(state.active), 1))], dim=-1)
+            if lockstep:
+                lockstep.busy(True)
             out = model(
                 input_ids=picked[:, None],
                 attention_mask=attention,
@@ -191,7 +197,47 @@ def _decode(
             )
             next_position = next_position + 1
             logits = out.logits[:, -1, :]
+        if lockstep:
+            lockstep.wait_for_others()
     return state
+
+
+class _Lockstep:
+    """A model sharded over ranks (FSDP) gathers each layer's weights from every rank in each forward pass,
+    so all ranks must run the same number of them, while each decodes its own prompts, which stop after
+    different numbers of tokens. Before each decode step every rank says whether it still has rows; a rank
+    that has none runs a one-token forward pass with no cache for as long as another rank decodes."""
+
+    def __init__(self, model: PreTrainedModel, pad_id: int) -> None:
+        import torch
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.idle_input = torch.full((1, 1), pad_id, dtype=torch.long, device=self.device)
+
+    def busy(self, here: bool) -> bool:
+        """Whether any rank still decodes (every rank calls this once per decode step)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(here)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def wait_for_others(self) -> None:
+        while self.busy(False):
+            self.model(input_ids=self.idle_input, use_cache=False)
+
+
+def _is_sharded(model: PreTrainedModel) -> bool:
+    """Whether parts of the model are FSDP units (`train --parallel fsdp`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class TransformersEngine:

@@ -9,6 +9,10 @@ No pickle anywhere: resuming never unpickles data from disk. The learning-rate s
 function of the step, so the step restores it; data order and sampling seeds derive from (seed, step).
 The folder is written under a temporary name and renamed, so `--resume latest` only ever sees
 complete checkpoints.
+
+Under `--parallel fsdp` the adapter and the optimizer moments are sharded over the ranks: every rank
+takes part in gathering them whole, rank 0 writes the same files as a DDP run, and on resume each rank
+keeps its own part of them. A checkpoint is therefore the same whatever the world size and parallelism.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from stages.core.errors import UsageError
 from stages.core.files import atomic_folder
+from stages.train.sharding import gathered_adapter, is_sharded, load_adapter, shard_like, whole
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -59,10 +64,11 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
 def _optimizer_tensors(
     optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter]
 ) -> dict[str, torch.Tensor]:
+    """AdamW's state per trainable parameter, whole (sharded moments are gathered: collective under FSDP)."""
     tensors = {}
     for i, param in enumerate(trainable):
         for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"{i}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
+            tensors[f"{i}.{key}"] = whole(value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
     return tensors
 
 
@@ -70,8 +76,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.P
     for name, value in load_file(str(path)).items():
         index, key = name.split(".", 1)
         param = trainable[int(index)]
-        # AdamW keeps its step count as a CPU tensor and the moments beside their parameter
-        optimizer.state[param][key] = value if key == "step" else value.to(param.device)
+        # AdamW keeps its step count as a CPU tensor and the moments beside their parameter (sharded as it is)
+        optimizer.state[param][key] = value if key == "step" else shard_like(value, param)
 
 
 @dataclass
@@ -89,14 +95,22 @@ def save_checkpoint(
     trainable: list[torch.nn.Parameter],
     extra: dict[str, Any],
     keep_last: int | None = None,
+    write: bool = True,
 ) -> Path:
-    """Write checkpoints/step-N atomically; optionally keep only the newest `keep_last` checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write checkpoints/step-N atomically; optionally keep only the newest `keep_last` checkpoints. Every
+    rank calls it (a sharded policy is gathered by all ranks together); only the one with `write` writes."""
     target = folder / f"step-{step}"
+    if not write and not is_sharded(model):
+        return target
+    adapter = gathered_adapter(model)
+    moments = _optimizer_tensors(optimizer, trainable)
+    if not write:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
     # A checkpoint of the same step from an earlier, interrupted attempt is replaced.
     with atomic_folder(target) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        save_file(_optimizer_tensors(optimizer, trainable), str(staging / "optimizer.safetensors"))
+        model.save_pretrained(staging, safe_serialization=True, state_dict=adapter)
+        save_file(moments, str(staging / "optimizer.safetensors"))
         rng_tensors, rng_plain = _rng_state()
         save_file(rng_tensors, str(staging / "rng.safetensors"))
         state = {
@@ -140,8 +154,9 @@ def load_checkpoint(
     from peft import set_peft_model_state_dict
 
     adapter = load_file(str(path / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, adapter)
-    if getattr(result, "unexpected_keys", None):
+    if is_sharded(model):
+        load_adapter(model, adapter, str(path))
+    elif getattr(set_peft_model_state_dict(model, adapter), "unexpected_keys", None):
         raise UsageError(f"{path}: the checkpoint's adapter does not fit this model/LoRA configuration")
     _load_optimizer(optimizer, trainable, path / "optimizer.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())

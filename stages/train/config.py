@@ -56,6 +56,7 @@ Algo = Literal["grpo", "sft"]
 ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 Schedule = Literal["constant_with_warmup", "linear", "cosine"]
+Parallel = Literal["ddp", "fsdp"]
 
 # --help panels
 WHAT, LORA, SAMPLING, BATCH, LOSS, OUTPUTS = (
@@ -212,6 +213,13 @@ class TrainConfig:
         flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
         panel="Model",
     )
+    # Under torchrun: ddp keeps the whole base model on every rank; fsdp shards it (stages/train/sharding.py).
+    parallel: Parallel = option(
+        "ddp",
+        "under torchrun: ddp (every rank holds the whole model) | fsdp (the model sharded over the ranks: "
+        "for a base larger than one GPU)",
+        panel="Model",
+    )
     # bookkeeping
     seed: int = seed_option()
     save_steps: int = option(50, "checkpoint every N steps", metavar="N", panel=OUTPUTS)
@@ -297,6 +305,7 @@ class TrainConfig:
         need(self.micro_batch is None or self.micro_batch >= 1, "micro_batch must be >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
         need(self.threads is None or self.threads >= 1, "threads must be >= 1")
+        need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r}; choose ddp or fsdp")
         need(self.num_train_epochs > 0, "num_train_epochs must be > 0")
         need(self.learning_rate > 0, "learning_rate must be > 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")

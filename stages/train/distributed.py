@@ -2,8 +2,9 @@
 
 Each rank samples and scores its own share of the prompts; groups never straddle ranks. After the
 backward passes, the LoRA gradients (small: a few million numbers) are summed across ranks in one
-all-reduce. Loss denominators are global counts, so the summed gradient is exactly the gradient of the
-whole batch. Only rank 0 writes files.
+all-reduce (`--parallel ddp`), or reduce-scattered by FSDP after each rank's last micro-batch
+(`--parallel fsdp`, stages/train/sharding.py). Loss denominators are global counts, so the summed gradient is exactly
+the gradient of the whole batch. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -16,12 +17,27 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from stages.core.errors import UsageError
+
+# What torchrun (and any launcher that follows its protocol) sets in every process it starts.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def require_launcher() -> None:
+    """`--parallel fsdp` runs only in processes torchrun started (one process: --nproc_per_node 1)."""
+    if not all(name in os.environ for name in LAUNCHER_VARIABLES):
+        raise UsageError(
+            "--parallel fsdp needs torchrun to start the processes: torchrun --nproc_per_node N "
+            "-m bleuberi_cli train ... (N=1 for one process)"
+        )
+
 
 @dataclass
 class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    sharded: bool = False  # FSDP: every forward pass is collective, gradients are reduced by FSDP
 
     @property
     def enabled(self) -> bool:
@@ -32,9 +48,12 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device_type: str) -> Distributed:
+    def from_env(cls, device_type: str, *, sharded: bool = False) -> Distributed:
+        """The ranks torchrun started (a process group even for one rank when sharded: FSDP needs one)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        if sharded:
+            require_launcher()
+        if world <= 1 and not sharded:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
@@ -42,7 +61,16 @@ class Distributed:
             if device_type == "cuda":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend=backend)
-        return cls(rank, world, local_rank)
+        return cls(rank, world, local_rank, sharded)
+
+    def check_split(self, items: int, per_rank: int, what: str) -> None:
+        """Each step gives every rank its own `per_rank` items: the data must hold one step's worth."""
+        if self.world_size > 1 and items < per_rank * self.world_size:
+            raise UsageError(
+                f"{items} {what} cannot be split over {self.world_size} ranks: each step gives every rank "
+                f"{per_rank} of its own ({per_rank * self.world_size} in all); lower "
+                "--per-device-train-batch-size or start fewer processes"
+            )
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum of a few numbers over ranks."""
@@ -70,7 +98,11 @@ class Distributed:
         return float(tensor)
 
     def sum_gradients(self, trainable: list[torch.nn.Parameter]) -> None:
-        if not self.enabled:
+        """DDP: sum each LoRA gradient over the ranks (sharded parameters' gradients FSDP has reduced already)."""
+        from torch.distributed.tensor import DTensor
+
+        trainable = [p for p in trainable if not isinstance(p, DTensor)]
+        if not self.enabled or not trainable:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -86,5 +118,5 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if (self.enabled or self.sharded) and dist.is_initialized():
             dist.destroy_process_group()

@@ -50,7 +50,7 @@ def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
         device=policy.device,
         mask_truncated=config.mask_truncated,
     )
-    update = policy_update(policy, batches, config, dist) if batches else UpdateStats()
+    update = policy_update(policy, batches, config, dist)  # every rank, even one whose rows were all left out
     clock.lap("update")
     # 7. an engine of its own samples the next step with the adapter as it is now
     run.rollouts.publish(policy.model, step + 1)

@@ -31,10 +31,12 @@ from stages.core.lock import folder_lock
 from stages.metrics.python import RewardFunctionError
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
+from stages.train.distributed import require_launcher
 from stages.train.grpo import grpo_step
-from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged
+from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged, save_merged_from_disk
 from stages.train.setup import TrainRun, set_up
 from stages.train.sft import sft_update
+from stages.train.sharding import gathered_adapter
 from stages.train.telemetry import Telemetry, check_installed
 
 
@@ -111,6 +113,8 @@ def train(
     for warning in config.warnings():
         say(f"warning: {warning}")
     output_dir = Path(output_dir)
+    if config.parallel == "fsdp":
+        require_launcher()  # before the folder is made
     # One run per folder; under torchrun only rank 0 locks (every rank shares the folder).
     main_rank = os.environ.get("RANK", "0") == "0"
     with folder_lock(output_dir) if main_rank else contextlib.nullcontext():
@@ -164,17 +168,30 @@ def _train(
                 if interrupted:
                     raise TrainingInterrupted(checkpoint)
 
-    adapter = run.output_dir / "adapter"
-    model, tokenizer = run.policy.model, run.policy.generator.tokenizer
-    if run.dist.is_main:
-        save_adapter(model, tokenizer, adapter, model_name=run.config.model)
-        plot_metrics(log.path, run.output_dir / "reward.png", say)
-        if merge_to:
-            save_merged(model, tokenizer, Path(merge_to))
-            say(f"merged model written to {merge_to}")
+    adapter = _write_outputs(run, log.path, merge_to, say)
     run.dist.barrier()
     run.dist.close()
     return TrainResult(run.output_dir, steps, adapter, log.records)
+
+
+def _write_outputs(run: TrainRun, metrics: Path, merge_to: str | None, say: Callable[[str], None]) -> Path:
+    """adapter/, reward.png and the merged model, written by rank 0 (a sharded policy's LoRA is first
+    gathered by every rank)."""
+    adapter = run.output_dir / "adapter"
+    model, tokenizer, config = run.policy.model, run.policy.generator.tokenizer, run.config
+    weights = gathered_adapter(model)  # None unless sharded
+    if not run.dist.is_main:
+        return adapter
+    save_adapter(model, tokenizer, adapter, model_name=config.model, state_dict=weights)
+    plot_metrics(metrics, run.output_dir / "reward.png", say)
+    if merge_to and weights is not None:
+        remote = config.trust_remote_code
+        save_merged_from_disk(model, tokenizer, Path(merge_to), base=config.model, adapter=adapter, remote=remote)
+    elif merge_to:
+        save_merged(model, tokenizer, Path(merge_to))
+    if merge_to:
+        say(f"merged model written to {merge_to}")
+    return adapter
 
 
 def train_step(run: TrainRun, step: int) -> dict[str, Any]:
@@ -211,16 +228,16 @@ def _reward_failed(run: TrainRun, step: int, error: RewardFunctionError) -> Rewa
 
 def _save_checkpoint(run: TrainRun, step: int) -> Path:
     folder = run.output_dir / "checkpoints"
-    if run.dist.is_main:
-        save_checkpoint(
-            folder,
-            step=step,
-            model=run.policy.model,
-            optimizer=run.policy.optimizer,
-            trainable=run.policy.trainable,
-            # the run's own record of its settings and data, which --resume checks against
-            extra={"total_steps": run.plan.steps, "config": run.config.to_dict(), "input_sha256": run.input_digest},
-            keep_last=run.config.save_total_limit,
-        )
+    save_checkpoint(  # every rank: a sharded policy is gathered by all of them; rank 0 writes
+        folder,
+        step=step,
+        model=run.policy.model,
+        optimizer=run.policy.optimizer,
+        trainable=run.policy.trainable,
+        # the run's own record of its settings and data, which --resume checks against
+        extra={"total_steps": run.plan.steps, "config": run.config.to_dict(), "input_sha256": run.input_digest},
+        keep_last=run.config.save_total_limit,
+        write=run.dist.is_main,
+    )
     run.dist.barrier()
     return folder / f"step-{step}"

@@ -96,11 +96,14 @@ def plot_metrics(metrics_path: Path, target: Path, say: Callable[[str], None]) -
 BASE_MODEL_FILE = "bleuberi_base_model.json"
 
 
-def save_adapter(model: Any, tokenizer: Any, target: Path, *, model_name: str | None = None) -> None:
-    """The final LoRA: loads with PeftModel.from_pretrained and `bleuberi generate --adapter`."""
+def save_adapter(
+    model: Any, tokenizer: Any, target: Path, *, model_name: str | None = None, state_dict: dict[str, Any] | None = None
+) -> None:
+    """The final LoRA: loads with PeftModel.from_pretrained and `bleuberi generate --adapter`. `state_dict`:
+    the LoRA weights gathered whole from a sharded policy (stages/train/sharding.py)."""
 
     with atomic_folder(target) as folder:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(folder)
         if model_name is not None:
             loaded_from = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -122,3 +125,15 @@ def save_merged(model: Any, tokenizer: Any, target: Path) -> None:
     with atomic_folder(target) as folder:
         merged.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+
+
+def save_merged_from_disk(model: Any, tokenizer: Any, target: Path, *, base: str, adapter: Path, remote: bool) -> None:
+    """`save_merged` for a sharded policy, which no rank holds whole: the base model (`--model`) is loaded
+    again into CPU memory in the dtype it was trained in, and the saved adapter folded into it."""
+    import torch
+
+    from stages.core.models import attach_adapter, load_model, resolve_model
+
+    dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    loaded = load_model(resolve_model(base), device=torch.device("cpu"), dtype=dtype, trust_remote_code=remote)
+    save_merged(attach_adapter(loaded, str(adapter), merge=False), tokenizer, target)

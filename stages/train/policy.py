@@ -30,28 +30,45 @@ class Policy:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """The backward pass of one micro-batch of an optimizer step. A sharded policy reduces gradients over
+        the ranks with the step's last micro-batch only: each rank first sums its own, as under DDP (the
+        same sums in the same order, and one reduce-scatter per step instead of one per micro-batch)."""
+        from stages.train.sharding import gradient_sync
+
+        gradient_sync(self.model, last)
+        loss.backward()
+
     def apply_gradients(self, dist: Distributed, max_grad_norm: float) -> float:
         """One optimizer step on the summed gradients of every rank; returns the gradient norm before clipping."""
+        from stages.train.sharding import gradient_norm
+
         dist.sum_gradients(self.trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return gradient_norm(grad_norm)
 
 
-def load_policy(config: TrainConfig, device: torch.device) -> Policy:
+def load_policy(config: TrainConfig, device: torch.device, dist: Distributed | None = None) -> Policy:
     """The base model with a fresh LoRA (seeded by the caller), an AdamW over the LoRA weights, and the
-    rollout engine: the policy itself (transformers) or vLLM / a server holding the base model."""
+    rollout engine: the policy itself (transformers) or vLLM / a server holding the base model. Under
+    `--parallel fsdp` the policy is sharded over the ranks before the optimizer sees its weights."""
     from stages.core.models import load_model, load_tokenizer, resolve_dtype, resolve_model
     from stages.engines.base import start_engine
     from stages.engines.generator import engine_target
 
     resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
-    base = load_model(
-        resolved, device=device, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
-    )
-    model = _with_lora(base, config, device)
+    dtype, remote = resolve_dtype(config.dtype, device), config.trust_remote_code
+    if dist is not None and dist.sharded:
+        from stages.train import sharding
+
+        base = sharding.load_base(resolved, dtype=dtype, ranks=dist, trust_remote_code=remote)
+        model = _with_lora(base, config, device)
+        sharding.shard(model, device, dist)
+    else:
+        model = _with_lora(load_model(resolved, device=device, dtype=dtype, trust_remote_code=remote), config, device)
     target = engine_target(
         resolved,
         tokenizer,

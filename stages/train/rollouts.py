@@ -30,6 +30,7 @@ from stages.engines.base import AdapterRef, Sample, SamplingParams, derive_seed
 from stages.engines.generator import Generator
 from stages.train.data import StepPlan, TrainPrompt
 from stages.train.distributed import Distributed
+from stages.train.sharding import gathered_adapter
 
 ADAPTERS_DIR = "engine-adapters"
 # A different model differs by nats per token; the same weights through another kernel by a few 1e-3
@@ -114,9 +115,10 @@ class Rollouts:
         if self.pending is not None:
             self.pending[1].result()  # the sampling in flight uses the version before: let it finish first
         folder = self.folder / f"step-{version}"
+        weights = gathered_adapter(model)  # a sharded policy's LoRA, gathered by every rank (None otherwise)
         if self.dist.is_main:
             with atomic_folder(folder) as staging:
-                model.save_pretrained(staging, safe_serialization=True)
+                model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         # Ranks sharing one server: every rank's sampling with the old version has finished (and the new
         # folder is written) before any rank loads the new one and unloads the old one; a rank that finds
         # the version already loaded by another just uses it.

@@ -55,7 +55,7 @@ def set_up(
     say: Callable[[str], None],
     overwrite: bool = False,
 ) -> TrainRun:
-    device, dist = _placement(config.device)
+    device, dist = _placement(config.device, sharded=config.parallel == "fsdp")
     threads = _thread_budget(config, device, say)
     digest = records_digest(records)
     checkpoint = None
@@ -67,7 +67,7 @@ def set_up(
     torch.manual_seed(config.seed)  # before the LoRA weights are drawn
 
     start = time.perf_counter()
-    policy = load_policy(config, device)
+    policy = load_policy(config, device, dist)
     plan, report = _plan(records, config, policy, dist, say)
     first_step = 0
     if checkpoint is not None:
@@ -112,6 +112,7 @@ def _plan(
     items: list[Any] = (
         sft_examples(prompts, generator, config.max_completion_length) if config.algo == "sft" else prompts
     )
+    dist.check_split(len(items), config.prompts_per_step, "examples" if config.algo == "sft" else "prompts")
     steps = total_steps(
         len(items), config.prompts_per_step * dist.world_size, config.num_train_epochs, config.max_steps
     )
@@ -135,13 +136,13 @@ def _rollouts(
     )
 
 
-def _placement(device_name: str) -> tuple[torch.device, Distributed]:
+def _placement(device_name: str, *, sharded: bool = False) -> tuple[torch.device, Distributed]:
     """The device this process trains on: under torchrun each CUDA process takes its local rank's GPU."""
     from stages.core.models import resolve_device
 
     device = resolve_device(device_name)
-    dist = Distributed.from_env(device.type)
-    if dist.enabled and device.type == "cuda":
+    dist = Distributed.from_env(device.type, sharded=sharded)
+    if (dist.enabled or dist.sharded) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     return device, dist
 

@@ -51,7 +51,7 @@ def sft_update(policy: Policy, examples: list[SftExample], *, config: TrainConfi
         with policy.autocast():
             logp = completion_logprobs(policy.model, batch, 1.0)
         loss = -(logp * batch.completion_mask).sum() / max(global_tokens, 1.0)
-        loss.backward()
+        policy.backward(loss, last=start + size >= len(examples))
         nll += float(loss.detach())
     grad_norm = policy.apply_gradients(dist, config.max_grad_norm)
     (nll,) = dist.sum([nll], device)

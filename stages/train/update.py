@@ -86,6 +86,10 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
     device, loss_config = policy.device, config.loss_config()
     local_tokens = sum(int(mb.batch.completion_mask.sum()) for mb in batches)
     sequences, global_tokens = dist.sum([float(sum(len(mb.rows) for mb in batches)), float(local_tokens)], device)
+    if not sequences:  # every row on every rank was left out (skip_zero_std)
+        return UpdateStats()
+    if dist.sharded:  # every forward pass gathers weights from all ranks: the same number of passes on each
+        batches = batches + [idle_batch(policy)] * (int(dist.max(float(len(batches)), device)) - len(batches))
     denominator = Denominator.for_step(
         loss_config.loss_type,
         n_sequences=int(sequences),
@@ -104,9 +108,9 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
     policy.model.train()
     for iteration in range(config.num_iterations):
         sums = LossSums()
-        for mb in batches:
+        for i, mb in enumerate(batches):
             parts = _micro_batch_loss(policy, mb, config, loss_config, denominator, correction, drift, iteration)
-            parts.loss.backward()
+            policy.backward(parts.loss, last=i == len(batches) - 1)
             sums.add(parts)
         grad_norm = policy.apply_gradients(dist, config.max_grad_norm)
         loss, kl_sum, clipped = dist.sum([sums.loss, sums.kl, sums.clipped_tokens], device)
@@ -119,6 +123,15 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
     stats.logprob_drift_mean = drift_sum / max(global_tokens, 1)
     stats.logprob_drift_max = dist.max(drift.largest, device)
     return stats
+
+
+def idle_batch(policy: Policy) -> MicroBatch:
+    """A micro-batch that adds nothing to the loss or its gradient: one padding token, masked out."""
+    device, pad = policy.device, policy.generator.pad_id
+    batch = pack([[pad]], [[pad]], pad, device)
+    batch.completion_mask = torch.zeros_like(batch.completion_mask)
+    zero = torch.zeros(1, 1, dtype=torch.float32, device=device)
+    return MicroBatch([], batch, torch.zeros(1, device=device), zero)
 
 
 def _micro_batch_loss(
