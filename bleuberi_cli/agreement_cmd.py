@@ -7,19 +7,18 @@ from typing import TYPE_CHECKING
 from bleuberi_cli.common import emit_results, report_reading, say
 
 if TYPE_CHECKING:
+    from stages.core.records import ReadOptions
     from stages.eval.config import EvalConfig
 
 
-def agreement(
-    input: str | None, output: str | None, config: EvalConfig, *, report: str | None, skip_invalid: bool, quiet: bool
-) -> None:
+def agreement(reading: ReadOptions, output: str | None, config: EvalConfig, *, report: str | None, quiet: bool) -> None:
     """Score every preference pair with every metric (config.metrics) and the baselines; write the pairs
     and the table."""
     from stages.eval.agreement import PairStats, measure_agreement, read_pairs
     from stages.eval.report import agreement_tables
 
     stats = PairStats()
-    pairs = list(read_pairs(input, skip_invalid=skip_invalid, stats=stats))
+    pairs = list(read_pairs(reading.input, skip_invalid=reading.skip_invalid, stats=stats))
     result = measure_agreement(
         pairs, config.metrics, seed=config.seed, resamples=config.resamples, dropped_both_bad=stats.dropped_both_bad
     )

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from stages.core import models
 from stages.core.errors import BleuberiError, Interrupted, OutputClosed
-from stages.core.records import FieldMap, ReadStats
+from stages.core.records import ReadOptions, ReadStats
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
 # Off a terminal (a log file, CI) rich would assume 80 columns and cut table headers; a log has no width.
@@ -70,40 +70,7 @@ class PanelledCommand(typer.core.TyperCommand):
                     formatter.write_dl(rows)
 
 
-InputOpt = Annotated[
-    str | None,
-    typer.Option(
-        "-i",
-        "--input",
-        metavar="FILE",
-        help="Records: .jsonl[.gz], .parquet, .csv, .tsv, .json (an array), or a `datasets` save_to_disk folder "
-        "(by name). Default: stdin ('-'), JSONL.",
-        show_default=False,
-    ),
-]
 # Other schemas: which fields hold the prompt, the references and the id (see README "Input formats").
-PromptFieldOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt-field",
-        metavar="PATH",
-        help="Take the prompt from this field (dotted for nested ones); a chat list becomes `messages`.",
-        show_default=False,
-    ),
-]
-ReferenceFieldOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--reference-field",
-        metavar="PATH",
-        help="Take the references from this field (a string or a list; repeat for several), "
-        "e.g. reward_model.ground_truth.",
-        show_default=False,
-    ),
-]
-IdFieldOpt = Annotated[
-    str | None, typer.Option("--id-field", metavar="PATH", help="Take the id from this field.", show_default=False)
-]
 OutputOpt = Annotated[
     str | None,
     typer.Option(
@@ -125,12 +92,6 @@ def _set_quiet(value: bool) -> bool:
 QuietOpt = Annotated[
     bool,
     typer.Option("-q", "--quiet", help="No progress or summary on stderr (errors still show).", callback=_set_quiet),
-]
-SkipInvalidOpt = Annotated[
-    bool,
-    typer.Option(
-        "--skip-invalid", help="Skip records that fail validation (counted in the summary) instead of stopping."
-    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Random seed: same seed, same result.")]
 
@@ -198,24 +159,12 @@ def report_reading(stats: ReadStats, *, quiet: bool) -> None:
 
 
 def read_all_records(
-    input: str | None,
-    *,
-    skip_invalid: bool,
-    quiet: bool,
-    purpose: str,
-    references_optional: bool = False,
-    fields: FieldMap | None = None,
+    reading: ReadOptions, *, quiet: bool, purpose: str, references_optional: bool = False
 ) -> list[dict]:
     """Every record of a stage that needs them all at once (train, eval); says so when there are none."""
-    from stages.core.records import read_records
-
     stats = ReadStats()
-    note_stdin(input, quiet=quiet)
-    records = list(
-        read_records(
-            input, skip_invalid=skip_invalid, stats=stats, references_optional=references_optional, fields=fields
-        )
-    )
+    note_stdin(reading.input, quiet=quiet)
+    records = list(reading.records(stats=stats, references_optional=references_optional))
     report_reading(stats, quiet=quiet)
     if not records:
         say(f"no records: nothing to {purpose}", quiet=quiet)

@@ -41,7 +41,7 @@ def sentence(help: str) -> str:
     """A config comment as --help text: a capital and a full stop, unless it starts with a value list
     (`grpo | sft`) or a name (`constant_with_warmup`), which keep their case."""
     first, _, rest = help.partition(" ")
-    if first.isalpha() and first.islower() and not rest.startswith("|"):
+    if first.rstrip(":,").isalpha() and first.islower() and not rest.startswith("|"):
         help = first.capitalize() + " " + rest
     return help if help.endswith(".") else help + "."
 
@@ -90,31 +90,41 @@ def cli_leaves(config_class: type) -> list[Leaf]:
     return [leaf for leaf in leaves(config_class) if leaf.info.cli]
 
 
-def with_config_options(config_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one option per field of `config_class`; it receives the built config as `config`."""
-    options = cli_leaves(config_class)
+def with_config_options(
+    config_class: type | None = None, **groups: type
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of `config_class` (it receives the built config as `config`) and
+    of each class in `groups` (received under its keyword: `reading=ReadOptions` -> `reading`)."""
+    if config_class is not None:
+        groups = {CONFIG_PARAMETER: config_class, **groups}
+    options = {name: cli_leaves(cls) for name, cls in groups.items()}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(command, include_extras=True)
         own = [
             p.replace(annotation=hints.get(p.name, p.annotation))
             for p in inspect.signature(command).parameters.values()
-            if p.name != CONFIG_PARAMETER
+            if p.name not in groups
         ]
-        clash = {p.name for p in own} & {leaf.name for leaf in options}
-        if clash:
-            raise TypeError(f"{command.__name__}: parameters {sorted(clash)} are also {config_class.__name__} fields")
-        names = {leaf.name for leaf in options}
+        fields = [leaf for leaves_ in options.values() for leaf in leaves_]
+        clash = {p.name for p in own} & {leaf.name for leaf in fields}
+        if clash or len({leaf.name for leaf in fields}) < len(fields):
+            raise TypeError(f"{command.__name__}: an option is declared twice ({sorted(clash)} or in two groups)")
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
-            values = {k: v for k, v in kwargs.items() if k in names and v is not None and v != []}
-            rest = {k: v for k, v in kwargs.items() if k not in names}
+            built = {}
             with boundary():  # a refused setting is the command's one-line usage error
-                config = build(config_class, values)
-            return command(**rest, **{CONFIG_PARAMETER: config})
+                for name, cls in groups.items():
+                    names = {leaf.name for leaf in options[name]}
+                    values = {k: v for k, v in kwargs.items() if k in names and v is not None and v != []}
+                    built[name] = build(cls, values)
+            rest = {
+                k: v for k, v in kwargs.items() if all(k not in {leaf.name for leaf in o} for o in options.values())
+            }
+            return command(**rest, **built)
 
-        parameters = [*own, *(cli_parameter(leaf) for leaf in options)]
+        parameters = [*own, *(cli_parameter(leaf) for leaf in fields)]
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in parameters}
         del run.__wrapped__  # typer must read the signature above, not the function's own

@@ -6,23 +6,10 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import (
-    IdFieldOpt,
-    InputOpt,
-    OutputOpt,
-    PromptFieldOpt,
-    QuietOpt,
-    ReferenceFieldOpt,
-    SkipInvalidOpt,
-    boundary,
-    emit_results,
-    progress,
-    read_all_records,
-    say,
-)
+from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, emit_results, progress, read_all_records, say
 from bleuberi_cli.config_options import with_config_options
 from stages.core.preflight import preflight
-from stages.core.records import FieldMap
+from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
 
@@ -68,13 +55,10 @@ Examples:
 """
 
 
-@with_config_options(EvalConfig)
+@with_config_options(EvalConfig, reading=ReadOptions)
 def eval_command(
     config: EvalConfig,
-    input: InputOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    reference_field: ReferenceFieldOpt = None,
-    id_field: IdFieldOpt = None,
+    reading: ReadOptions,
     output: OutputOpt = None,
     report: Annotated[
         str | None,
@@ -83,24 +67,22 @@ def eval_command(
     agreement: Annotated[
         bool, typer.Option("--agreement", help="Input is human preference pairs: measure metric agreement.")
     ] = False,
-    skip_invalid: SkipInvalidOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
         if agreement:
             from bleuberi_cli.agreement_cmd import agreement as measure
 
-            measure(input, output, config, report=report, skip_invalid=skip_invalid, quiet=quiet)
+            measure(reading, output, config, report=report, quiet=quiet)
             return
         systems = config.systems
         preflight(
-            inputs=[input, *(system.answers for system in systems if system.answers)],
+            inputs=[reading.input, *(system.answers for system in systems if system.answers)],
             models=[config.base_model, config.judges.judge_model],
             adapters=[system.adapter for system in systems],
             specs=config.metrics,
         )
-        fields = FieldMap.of(prompt_field, reference_field, id_field)
-        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="evaluate", fields=fields)
+        records = read_all_records(reading, quiet=quiet, purpose="evaluate")
         if records:
             _evaluate(records, config, output, report, quiet=quiet)
 

@@ -6,22 +6,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bleuberi_cli.common import (
-    IdFieldOpt,
-    InputOpt,
-    OutputOpt,
-    PromptFieldOpt,
-    QuietOpt,
-    ReferenceFieldOpt,
-    SkipInvalidOpt,
-    boundary,
-    progress,
-    read_all_records,
-    say,
-)
+from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, progress, read_all_records, say
 from bleuberi_cli.config_options import with_config_options
 from stages.core.preflight import preflight
-from stages.core.records import NORMALISATION_HELP, FieldMap
+from stages.core.records import NORMALISATION_HELP, ReadOptions
 from stages.generate import GenerateConfig
 
 if TYPE_CHECKING:
@@ -49,13 +37,10 @@ Examples:
 """
 
 
-@with_config_options(GenerateConfig)
+@with_config_options(GenerateConfig, reading=ReadOptions)
 def generate(
     config: GenerateConfig,
-    input: InputOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    reference_field: ReferenceFieldOpt = None,
-    id_field: IdFieldOpt = None,
+    reading: ReadOptions,
     output: OutputOpt = None,
     resume: Annotated[
         bool,
@@ -64,26 +49,18 @@ def generate(
             help="With -o: skip records whose id is already in the file and append the rest as they finish.",
         ),
     ] = False,
-    skip_invalid: SkipInvalidOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
         from stages.generate import generate_file
 
-        preflight(inputs=[input], models=[config.model], adapters=[config.adapter])
+        preflight(inputs=[reading.input], models=[config.model], adapters=[config.adapter])
 
         def load() -> Generator:
             say(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
             return config.load(say=lambda m: say(m, quiet=quiet))
 
-        records = read_all_records(
-            input,
-            skip_invalid=skip_invalid,
-            quiet=quiet,
-            purpose="generate",
-            references_optional=config.as_references,
-            fields=FieldMap.of(prompt_field, reference_field, id_field),
-        )
+        records = read_all_records(reading, quiet=quiet, purpose="generate", references_optional=config.as_references)
         with progress("generating", quiet=quiet, total=len(records), unit="prompts") as advance:
             stats = generate_file(
                 records,

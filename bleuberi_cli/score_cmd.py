@@ -8,24 +8,11 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import (
-    IdFieldOpt,
-    InputOpt,
-    OutputOpt,
-    PromptFieldOpt,
-    QuietOpt,
-    ReferenceFieldOpt,
-    SkipInvalidOpt,
-    boundary,
-    note_stdin,
-    progress,
-    report_reading,
-    say,
-)
-from bleuberi_cli.config_options import option_type
+from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, note_stdin, progress, report_reading, say
+from bleuberi_cli.config_options import option_type, with_config_options
 from stages.core.formats import open_writer
 from stages.core.preflight import preflight
-from stages.core.records import NORMALISATION_HELP, FieldMap, ReadStats, read_records
+from stages.core.records import NORMALISATION_HELP, ReadOptions, ReadStats
 from stages.generate import GenerateConfig
 from stages.metrics import SPEC_HELP, metric_list
 from stages.score import Aggregate, Combine, Scorer, score_records
@@ -89,11 +76,9 @@ JobsOpt = Annotated[
 ]
 
 
+@with_config_options(reading=ReadOptions)
 def score(
-    input: InputOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    reference_field: ReferenceFieldOpt = None,
-    id_field: IdFieldOpt = None,
+    reading: ReadOptions,
     output: OutputOpt = None,
     metric: MetricOpt = None,
     weight: WeightOpt = None,
@@ -101,18 +86,14 @@ def score(
     combine: CombineOpt = "sum",
     device: DeviceOpt = "auto",
     jobs: JobsOpt = 0,
-    skip_invalid: SkipInvalidOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        preflight(inputs=[input], specs=metric or [])
+        preflight(inputs=[reading.input], specs=metric or [])
         scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate, combine=combine, device=device)
         stats = ReadStats()
-        note_stdin(input, quiet=quiet)
-        fields = FieldMap.of(prompt_field, reference_field, id_field)
-        records = Timed(
-            read_records(input, require=("completions",), skip_invalid=skip_invalid, stats=stats, fields=fields)
-        )
+        note_stdin(reading.input, quiet=quiet)
+        records = Timed(reading.records(require=("completions",), stats=stats))
         start = time.perf_counter()
         completions = 0
         total, scored = 0.0, 0

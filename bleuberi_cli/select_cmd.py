@@ -6,23 +6,11 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import (
-    IdFieldOpt,
-    InputOpt,
-    OutputOpt,
-    PromptFieldOpt,
-    QuietOpt,
-    ReferenceFieldOpt,
-    SeedOpt,
-    SkipInvalidOpt,
-    boundary,
-    console,
-    note_stdin,
-    report_reading,
-)
+from bleuberi_cli.common import OutputOpt, QuietOpt, SeedOpt, boundary, console, note_stdin, report_reading
+from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
 from stages.core.preflight import preflight
-from stages.core.records import FieldMap, ReadStats, read_records
+from stages.core.records import ReadOptions, ReadStats
 from stages.select import Mode, quantiles, select_records
 
 HELP = """Pick N records by their `score` (from `bleuberi score`).
@@ -41,11 +29,9 @@ Examples:
 """
 
 
+@with_config_options(reading=ReadOptions)
 def select(
-    input: InputOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    reference_field: ReferenceFieldOpt = None,
-    id_field: IdFieldOpt = None,
+    reading: ReadOptions,
     output: OutputOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="Which records to keep (see above).")] = "hard",
     num: Annotated[
@@ -60,16 +46,14 @@ def select(
         str | None,
         typer.Option("--plot", metavar="FILE.png", help="Write a histogram of pool scores with the selection marked."),
     ] = None,
-    skip_invalid: SkipInvalidOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        preflight(inputs=[input])
+        preflight(inputs=[reading.input])
         stats = ReadStats()
-        note_stdin(input, quiet=quiet)
+        note_stdin(reading.input, quiet=quiet)
         require = () if mode == "random" else ("score",)
-        fields = FieldMap.of(prompt_field, reference_field, id_field)
-        pool = list(read_records(input, require=require, skip_invalid=skip_invalid, stats=stats, fields=fields))
+        pool = list(reading.records(require=require, stats=stats))
         selection = select_records(pool, mode=mode, num=num, fraction=fraction, seed=seed)
         if plot:
             from stages.select import plot_histogram

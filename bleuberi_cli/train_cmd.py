@@ -7,21 +7,10 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import (
-    IdFieldOpt,
-    InputOpt,
-    PromptFieldOpt,
-    QuietOpt,
-    ReferenceFieldOpt,
-    SkipInvalidOpt,
-    StepProgress,
-    boundary,
-    read_all_records,
-    say,
-)
+from bleuberi_cli.common import QuietOpt, StepProgress, boundary, read_all_records, say
 from bleuberi_cli.config_options import with_config_options
 from stages.core.preflight import preflight
-from stages.core.records import FieldMap
+from stages.core.records import ReadOptions
 from stages.metrics import SPEC_HELP
 from stages.train.config import TrainConfig
 
@@ -76,17 +65,14 @@ ReportToOpt = Annotated[
 ]
 
 
-@with_config_options(TrainConfig)
+@with_config_options(TrainConfig, reading=ReadOptions)
 def train(
     output_dir: Annotated[
         str,
         typer.Option("-o", "--output-dir", metavar="DIR", help="Run folder (created if needed).", rich_help_panel=RUN),
     ],
     config: TrainConfig,
-    input: InputOpt = None,
-    prompt_field: PromptFieldOpt = None,
-    reference_field: ReferenceFieldOpt = None,
-    id_field: IdFieldOpt = None,
+    reading: ReadOptions,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output-dir.", rich_help_panel=RUN)
     ] = False,
@@ -114,14 +100,12 @@ def train(
             rich_help_panel=RUN,
         ),
     ] = None,
-    skip_invalid: SkipInvalidOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
         resume_folder = resume_from if resume_from not in (None, "latest") else None
-        preflight(inputs=[input, resume_folder], models=[config.model], specs=config.reward)
-        fields = FieldMap.of(prompt_field, reference_field, id_field)
-        records = read_all_records(input, skip_invalid=skip_invalid, quiet=quiet, purpose="train on", fields=fields)
+        preflight(inputs=[reading.input, resume_folder], models=[config.model], specs=config.reward)
+        records = read_all_records(reading, quiet=quiet, purpose="train on")
         if records:
             _run(
                 records,

@@ -487,13 +487,13 @@ def test_env_lists_the_default_encoder_package(runner) -> None:
 
 
 def test_score_counts_its_own_time_apart_from_waiting_on_the_stage_upstream(runner, monkeypatch) -> None:
-    from bleuberi_cli import score_cmd
+    from stages.core.records import ReadOptions
 
     def slow_upstream(*args, **kwargs):
         time.sleep(1.2)  # a `generate` still answering
         yield {"id": "a", "prompt": "p", "references": ["the cat"], "completions": ["the cat"]}
 
-    monkeypatch.setattr(score_cmd, "read_records", slow_upstream)
+    monkeypatch.setattr(ReadOptions, "records", slow_upstream)
     result = runner.invoke(app, ["score"])
     assert result.exit_code == 0, result.stderr
     summary = result.stderr.strip().splitlines()[-1]

@@ -180,8 +180,10 @@ def test_adapter_changes_outputs_and_matches_unmerged_peft(tiny_model, tiny_adap
         merged_logits = tuned.model(prompt).logits
         peft_logits = unmerged(prompt).logits
         base_logits = generator.model(prompt).logits
-    assert torch.allclose(merged_logits, peft_logits, atol=1e-5)
-    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    # Merging reorders float32 sums: logits of magnitude ~1 agree to a few hundred ulps (~1e-5), far closer
+    # than the adapter moves them (over 1e-2).
+    assert (merged_logits - peft_logits).abs().max() < 1e-4
+    assert (merged_logits - base_logits).abs().max() > 1e-2
 
 
 def test_adapter_option_in_the_command(runner, tiny_model, tiny_adapter, tmp_path) -> None:

@@ -10,41 +10,28 @@ import pytest
 import typer.main
 
 from bleuberi_cli.app import app
+from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.generate import GenerateConfig
 from stages.run.config import KEYS, SHARED
 from stages.train.config import TrainConfig
 
-# The options a command has besides its config's: where records come from and go, and how it runs.
+# The options a command has besides its configs': where records go, and how it runs.
 OWN = {
-    "train": {
-        "output_dir",
-        "input",
-        "prompt_field",
-        "reference_field",
-        "id_field",
-        "resume",
-        "resume_from",
-        "overwrite",
-        "report_to",
-        "merge_to",
-        "skip_invalid",
-        "quiet",
-    },
-    "generate": {"input", "prompt_field", "reference_field", "id_field", "output", "resume", "skip_invalid", "quiet"},
-    "eval": {
-        "input",
-        "prompt_field",
-        "reference_field",
-        "id_field",
-        "output",
-        "report",
-        "agreement",
-        "skip_invalid",
-        "quiet",
-    },
+    "train": {"output_dir", "resume", "resume_from", "overwrite", "report_to", "merge_to", "quiet"},
+    "generate": {"output", "resume", "quiet"},
+    "eval": {"output", "report", "agreement", "quiet"},
+    "score": {"output", "metric", "weight", "aggregate", "combine", "device", "jobs", "quiet"},
+    "select": {"output", "mode", "num", "fraction", "seed", "plot", "quiet"},
 }
-CONFIGS = {"train": TrainConfig, "generate": GenerateConfig, "eval": EvalConfig}
+# Every command that reads records takes ReadOptions (where they come from, how their fields map).
+CONFIGS = {
+    "train": (TrainConfig, ReadOptions),
+    "generate": (GenerateConfig, ReadOptions),
+    "eval": (EvalConfig, ReadOptions),
+    "score": (ReadOptions,),
+    "select": (ReadOptions,),
+}
 
 
 def field_names(cls: type) -> set[str]:
@@ -64,7 +51,7 @@ def command_options(name: str) -> set[str]:
 @pytest.mark.parametrize("command", sorted(CONFIGS))
 def test_every_config_field_is_an_option_and_every_option_a_field(command) -> None:
     options = command_options(command)
-    fields_ = field_names(CONFIGS[command])
+    fields_ = set().union(*(field_names(cls) for cls in CONFIGS[command]))
     assert fields_ <= options, fields_ - options
     assert options - fields_ == OWN[command], options - fields_
 

@@ -87,6 +87,7 @@ def make_lora_adapter(model_folder: Path, adapter_folder: Path, *, seed: int = 1
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_folder)
+    torch.manual_seed(seed)  # LoRA A is drawn from the global generator: the same adapter whatever ran before
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -26,6 +26,7 @@ import orjson
 from stages.core.errors import InputError
 from stages.core.formats import iter_rows
 from stages.core.jsonl import source_name
+from stages.core.options import option
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -299,6 +300,52 @@ def duplicate_id(key: str, first_line: dict[str, int], source: str, line: int, *
         return
     why = "" if given else " (a missing id is a hash of the prompt: give records with the same prompt ids)"
     raise InputError(source, line, f"duplicate id {key!r}, first on line {first_line[key]}{why}", "id")
+
+
+INPUT = "Input"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Where a command's records come from, and where another schema keeps their fields (one option each)."""
+
+    input: str | None = option(
+        None,
+        "records: .jsonl[.gz], .parquet, .csv, .tsv, .json (an array), or a `datasets` save_to_disk folder (by "
+        "name). Default: stdin ('-'), JSONL",
+        metavar="FILE",
+        flags=("-i", "--input"),
+        panel=INPUT,
+    )
+    prompt_field: str | None = option(
+        None,
+        "take the prompt from this field (dotted for nested ones); a chat list becomes `messages`",
+        metavar="PATH",
+        panel=INPUT,
+    )
+    reference_field: list[str] = option(
+        factory=list,
+        help="take the references from this field (a string or a list; repeat for several), "
+        "e.g. reward_model.ground_truth",
+        metavar="PATH",
+        panel=INPUT,
+    )
+    id_field: str | None = option(None, "take the id from this field", metavar="PATH", panel=INPUT)
+    skip_invalid: bool = option(
+        False, "skip records that fail validation (counted in the summary) instead of stopping", panel=INPUT
+    )
+
+    @property
+    def fields(self) -> FieldMap | None:
+        return FieldMap.of(self.prompt_field, self.reference_field, self.id_field)
+
+    def records(
+        self, *, require: Iterable[str] = (), stats: ReadStats | None = None, **settings: Any
+    ) -> Iterator[dict[str, Any]]:
+        """The normalised records (see `read_records`)."""
+        return read_records(
+            self.input, require=require, skip_invalid=self.skip_invalid, stats=stats, fields=self.fields, **settings
+        )
 
 
 def read_records(
