@@ -20,19 +20,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.formats import open_writer, refuse_append
 from stages.core.jsonl import prepare_resume, put_in_order
-from stages.core.options import (
-    device_option,
-    dtype_option,
-    model_option,
-    option,
-    seed_option,
-    system_prompt_option,
-    threads_option,
-    trust_remote_code_option,
-)
+from stages.core.options import option
 from stages.engines.base import EngineOptions, Sample, SamplingParams
 from stages.engines.generator import Generator
 
@@ -237,7 +229,7 @@ SAMPLING = "Sampling"
 class GenerateConfig:
     """Every option of `generate` (declared once, here: stages/core/options.py)."""
 
-    model: str = model_option()
+    model: str = options.model_option()
     adapter: str | None = option(
         None, "a PEFT LoRA folder (e.g. train's adapter/); merged for speed", metavar="PATH", panel="Model"
     )
@@ -245,7 +237,7 @@ class GenerateConfig:
     max_new_tokens: int = option(256, "stop a completion after this many tokens", metavar="N", panel=SAMPLING)
     temperature: float = option(1.0, "sampling temperature; 0 = greedy", metavar="T", panel=SAMPLING)
     top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", metavar="P", panel=SAMPLING)
-    seed: int = seed_option()
+    seed: int = options.seed_option()
     batch_size: int = option(8, "prompts per batch (each with n samples)", metavar="N", panel=SAMPLING)
     max_batch_tokens: int | None = option(
         None,
@@ -256,11 +248,11 @@ class GenerateConfig:
     max_prompt_length: int | None = option(
         None, "cut longer prompts from the left (counted)", metavar="N", panel=SAMPLING
     )
-    device: str = device_option()
-    dtype: str = dtype_option()
-    threads: int | None = threads_option()
-    system_prompt: str | None = system_prompt_option()
-    trust_remote_code: bool = trust_remote_code_option()
+    device: str = options.device_option()
+    dtype: str = options.dtype_option()
+    threads: int | None = options.threads_option()
+    system_prompt: str | None = options.system_prompt_option()
+    trust_remote_code: bool = options.trust_remote_code_option()
     engine: EngineOptions = field(default_factory=EngineOptions)
     as_references: bool = option(
         False,

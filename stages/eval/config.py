@@ -10,17 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
-from stages.core.options import (
-    device_option,
-    dtype_option,
-    option,
-    seed_option,
-    system_prompt_option,
-    threads_option,
-    trust_remote_code_option,
-)
+from stages.core.options import option
 from stages.engines.base import EngineOptions, SamplingParams
 from stages.eval.stats import DEFAULT_RESAMPLES
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
@@ -169,14 +162,14 @@ class EvalConfig:
     max_new_tokens: int = option(256, "answer length limit", metavar="N", panel=GENERATION)
     temperature: float = option(0.0, "0 = greedy: the answer a user would get", metavar="T", panel=GENERATION)
     top_p: float = option(1.0, "nucleus sampling mass", metavar="P", panel=GENERATION)
-    seed: int = seed_option()
+    seed: int = options.seed_option()
     batch_size: int = option(8, "prompts per generation batch", metavar="N", panel=GENERATION)
     max_prompt_length: int | None = option(None, "cut longer prompts from the left", metavar="N", panel=GENERATION)
-    device: str = device_option()
-    dtype: str = dtype_option()
-    threads: int | None = threads_option()
-    system_prompt: str | None = system_prompt_option()
-    trust_remote_code: bool = trust_remote_code_option()
+    device: str = options.device_option()
+    dtype: str = options.dtype_option()
+    threads: int | None = options.threads_option()
+    system_prompt: str | None = options.system_prompt_option()
+    trust_remote_code: bool = options.trust_remote_code_option()
     resamples: int = option(
         DEFAULT_RESAMPLES,
         "resamples for the 95% intervals",

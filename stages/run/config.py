@@ -19,18 +19,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from stages.core import options
 from stages.core.errors import BleuberiError, ConfigError, ModelError, UsageError
-from stages.core.options import (
-    Leaf,
-    device_option,
-    dtype_option,
-    leaves,
-    model_option,
-    option,
-    system_prompt_option,
-    threads_option,
-    trust_remote_code_option,
-)
+from stages.core.options import Leaf, leaves, option
 from stages.core.records import FieldMap
 from stages.engines.base import EngineOptions, SamplingParams
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
@@ -119,13 +110,13 @@ def _demo_train() -> TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: str = model_option(help="embedded name (smollm2-135m), local folder or hub id")
+    model: str = options.model_option(help="embedded name (smollm2-135m), local folder or hub id")
     seed: int = option(42, "one seed for sampling, selection, training and bootstrap")
-    device: str = device_option()
-    dtype: str = dtype_option()
-    threads: int | None = threads_option()
-    system_prompt: str | None = system_prompt_option()
-    trust_remote_code: bool = trust_remote_code_option()
+    device: str = options.device_option()
+    dtype: str = options.dtype_option()
+    threads: int | None = options.threads_option()
+    system_prompt: str | None = options.system_prompt_option()
+    trust_remote_code: bool = options.trust_remote_code_option()
     engine: EngineOptions = field(default_factory=EngineOptions)  # who samples, in every stage
     data: DataSection = field(default_factory=DataSection)
     select: SelectSection = field(default_factory=SelectSection)
@@ -176,8 +167,8 @@ def check_value(value: Any, hint: Any, choices: tuple[str, ...] = ()) -> str | N
         return "one of " + ", ".join(repr(c) for c in choices)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        problems = [check_value(value, option) for option in options]
+        alternatives = [a for a in args if a is not type(None)]
+        problems = [check_value(value, alternative) for alternative in alternatives]
         return None if None in problems else " or ".join(p for p in problems if p)
     if origin is Literal:
         return None if value in args else "one of " + ", ".join(repr(a) for a in args)

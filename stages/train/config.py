@@ -11,17 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from stages.core import options
 from stages.core.errors import UsageError
-from stages.core.options import (
-    device_option,
-    dtype_option,
-    model_option,
-    option,
-    seed_option,
-    system_prompt_option,
-    threads_option,
-    trust_remote_code_option,
-)
+from stages.core.options import option
 from stages.engines.base import PANEL as ENGINE_PANEL
 from stages.engines.base import EngineOptions
 
@@ -75,7 +67,7 @@ class TrainConfig:
     `bleuberi run` and its `--print-config` comment all come from it."""
 
     # what to train
-    model: str = model_option(help="causal LM to train")
+    model: str = options.model_option(help="causal LM to train")
     algo: Algo = option("grpo", "grpo | sft (the paper's SFT baseline)", panel=WHAT)
     reward: list[str] = option(
         factory=lambda: ["bleu"],
@@ -91,8 +83,8 @@ class TrainConfig:
     reasoning: bool = option(
         False, "ask for <think>...</think><answer>...</answer>, add a format reward, score only the answer", panel=WHAT
     )
-    system_prompt: str | None = system_prompt_option()
-    trust_remote_code: bool = trust_remote_code_option()
+    system_prompt: str | None = options.system_prompt_option()
+    trust_remote_code: bool = options.trust_remote_code_option()
     # LoRA
     lora_r: int = option(16, "LoRA rank", metavar="R", panel=LORA)
     lora_alpha: int = option(32, "LoRA scale numerator (scale = alpha / r)", metavar="A", panel=LORA)
@@ -204,9 +196,9 @@ class TrainConfig:
         3.0, "upper bound C of the importance ratio (truncate: clip; mask: drop above)", metavar="C", panel=ENGINE_PANEL
     )
     # hardware
-    device: str = device_option()
-    dtype: str = dtype_option()
-    threads: int | None = threads_option()
+    device: str = options.device_option()
+    dtype: str = options.dtype_option()
+    threads: int | None = options.threads_option()
     gradient_checkpointing: bool | None = option(
         None,
         "default: on for CUDA, off on CPU",
@@ -221,7 +213,7 @@ class TrainConfig:
         panel="Model",
     )
     # bookkeeping
-    seed: int = seed_option()
+    seed: int = options.seed_option()
     save_steps: int = option(50, "checkpoint every N steps", metavar="N", panel=OUTPUTS)
     save_total_limit: int | None = option(3, "keep the newest N checkpoints", metavar="N", panel=OUTPUTS)
     logging_steps: int = option(1, "metrics every N steps", metavar="N", panel=OUTPUTS)
