@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -72,3 +73,35 @@ def train_args(data: Path, out: Path, model: Path | str, **options: object) -> l
         elif value is not None and value is not False:
             args += [f"--{name}", str(value)]
     return args
+
+
+def run_make(tmp_path: Path, model: Path, *targets: str, **changed: str):
+    """examples/Makefile on a tiny model: pool and held-out files in `tmp_path`, outputs in `tmp_path/out`;
+    `changed` overrides its variables (N="3")."""
+    import subprocess
+    import sys
+
+    variables = {
+        "MODEL": str(model),
+        "POOL": str(tmp_path / "pool.jsonl"),
+        "HELDOUT": str(tmp_path / "heldout.jsonl"),
+        "N": "4",
+        "STEPS": "2",
+        "TOKENS": "4",
+        "OUT": str(tmp_path / "out"),
+        "BLEUBERI": f"{sys.executable} -m bleuberi_cli",
+        **changed,
+    }
+    command = ["make", "-f", str(EXAMPLES / "Makefile"), "-C", str(EXAMPLES), *targets]
+    command += [f"{key}={value}" for key, value in variables.items()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` with `processes` local ranks on a free port; append the script or
+    `-m module` and its arguments."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port())]  # fmt: skip

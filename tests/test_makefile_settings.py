@@ -3,34 +3,14 @@ small build, `make N=... STEPS=...` is not "Nothing to be done"."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import EXAMPLES, ROOT, demo_records, write_jsonl
+from tests.conftest import demo_records, run_make, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")]
-
-
-def make(tmp_path, tiny_model, **changed: str) -> subprocess.CompletedProcess:
-    variables = {
-        "MODEL": str(tiny_model),
-        "POOL": str(tmp_path / "pool.jsonl"),
-        "HELDOUT": str(tmp_path / "heldout.jsonl"),
-        "N": "4",
-        "STEPS": "2",
-        "TOKENS": "4",
-        "OUT": str(tmp_path / "out"),
-        "BLEUBERI": f"{sys.executable} -m bleuberi_cli",
-        **changed,
-    }
-    command = ["make", "-f", str(EXAMPLES / "Makefile"), "-C", str(EXAMPLES)]
-    command += [f"{key}={value}" for key, value in variables.items()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def steps_run(result: subprocess.CompletedProcess) -> list[str]:
@@ -42,15 +22,15 @@ def steps_run(result: subprocess.CompletedProcess) -> list[str]:
 def test_changed_settings_redo_the_steps_they_produce(tmp_path, tiny_model) -> None:
     write_jsonl(tmp_path / "pool.jsonl", demo_records("pool", count=8))
     write_jsonl(tmp_path / "heldout.jsonl", demo_records(count=3))
-    assert steps_run(make(tmp_path, tiny_model)) == ["generate", "score", "select", "train", "eval"]
-    assert steps_run(make(tmp_path, tiny_model)) == []  # same settings: nothing to do
+    assert steps_run(run_make(tmp_path, tiny_model)) == ["generate", "score", "select", "train", "eval"]
+    assert steps_run(run_make(tmp_path, tiny_model)) == []  # same settings: nothing to do
 
-    assert steps_run(make(tmp_path, tiny_model, N="3")) == ["select", "train", "eval"]
-    assert steps_run(make(tmp_path, tiny_model, N="3", STEPS="3")) == ["train", "eval"]
+    assert steps_run(run_make(tmp_path, tiny_model, N="3")) == ["select", "train", "eval"]
+    assert steps_run(run_make(tmp_path, tiny_model, N="3", STEPS="3")) == ["train", "eval"]
     steps = [line for line in (tmp_path / "out/train/metrics.jsonl").read_text().splitlines() if line]
     assert len(steps) == 3  # a new run of 3 steps, not the old one continued or refused
     # Generation settings: generated again from the start (not appended to the old answers).
-    redo = make(tmp_path, tiny_model, N="3", STEPS="3", TOKENS="5")
+    redo = run_make(tmp_path, tiny_model, N="3", STEPS="3", TOKENS="5")
     assert steps_run(redo) == ["generate", "score", "select", "train", "eval"]
     generated = (tmp_path / "out/pool.generated.jsonl").read_text().splitlines()
     assert len(generated) == 8 and all('"max_new_tokens":5' in line for line in generated)

@@ -558,19 +558,11 @@ def test_a_reward_failing_on_one_rank_stops_every_rank(tiny_model, rewards, tmp_
     """Under torchrun the ranks agree on a failure before any other collective, so none waits forever."""
     import subprocess
 
-    from tests.conftest import free_port
+    from tests.conftest import torchrun
 
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    launcher = torchrun(2)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*launcher, str(script), str(tiny_model), str(tmp_path), f"py:{rewards}:picky"],

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bleuberi_cli.app import app
 from stages.train.config import TrainConfig
 from stages.train.loop import lr_at, train
-from tests.conftest import ROOT, demo_records, free_port, read_jsonl_text, train_args, write_jsonl
+from tests.conftest import ROOT, demo_records, read_jsonl_text, torchrun, train_args, write_jsonl
 
 LEARN_RECORDS = [
     {"id": "a", "prompt": "name the largest planet", "references": ["jupiter is the largest planet"]},
@@ -290,13 +290,7 @@ def test_two_processes_match_one_process(tiny_model, tmp_path, scale_rewards) ->
     )
     assert single.returncode == 0, single.stderr
     launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *torchrun(2),
         "-m",
         "bleuberi_cli",
         "train",
@@ -361,15 +355,7 @@ def test_batch_scaled_advantages_under_torchrun_are_the_whole_batchs(tiny_model,
     ]
     script = tmp_path / "advantages.py"
     script.write_text(BATCH_SCALED_ADVANTAGES)
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    launcher = torchrun(2)
     done = subprocess.run(
         [*launcher, str(script), str(tiny_model), str(tmp_path), reference, json.dumps(groups)],
         env=_env(),
