@@ -28,23 +28,13 @@ def build_tiny_rm(folder: Path, *, num_labels: int = 1) -> Path:
     """A random Llama sequence classifier with the tiny test tokenizer (ChatML; pad = <|im_end|>, which every
     ChatML conversation contains: the case where padding with the pad id would read the wrong token)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from tests.tiny_model import build_tiny_model
+    from tests.tiny_model import build_tiny_model, tiny_llama_config
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(folder / "lm"))
     torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForSequenceClassification(config)
+    model = LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=num_labels))
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)  # visible differences between conversations
     out = folder / "rm"

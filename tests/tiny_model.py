@@ -25,12 +25,22 @@ CORPUS = [
 ]
 
 
+def tiny_llama_config(tokenizer, **settings):
+    """The tiny Llama's shape (hidden 32, 2 layers, 4 heads, 2 KV heads) for `tokenizer`, plus `settings`."""
+    from transformers import LlamaConfig
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    return LlamaConfig(
+        vocab_size=len(tokenizer), num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, **shape, **settings
+    )
+
+
 def build_tiny_model(folder: Path, *, seed: int = 0, vocab_size: int = 400, words: list[str] | None = None) -> Path:
     """With `words`, the tokenizer is word-level over just those words (for learning tests where random
     outputs must hit reference words often enough to give a reward signal)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     if words:
@@ -55,17 +65,11 @@ def build_tiny_model(folder: Path, *, seed: int = 0, vocab_size: int = 400, word
     )
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_llama_config(
+        tokenizer,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
