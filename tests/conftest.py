@@ -105,3 +105,23 @@ def torchrun(processes: int = 2) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
             "--master_port", str(free_port())]  # fmt: skip
+
+
+def reply(handler, status: int, payload: bytes, **headers: str) -> None:
+    """Answer a test server's request: status, headers (Content_Type -> Content-Type), length, body."""
+    handler.send_response(status)
+    for name, value in headers.items():
+        handler.send_header(name.replace("_", "-"), value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+def serve(handler: type):
+    """A threading HTTP server on a free 127.0.0.1 port, serving `handler` from a daemon thread."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

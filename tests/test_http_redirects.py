@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from stages.core.http import JsonClient, ServerError
 from stages.eval.judges import HttpJudge, JudgeUnavailable
+from tests.conftest import reply, serve
 
 
 class Recorder:
@@ -26,19 +26,13 @@ class Recorder:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 outer.headers.append(dict(self.headers))
                 payload = json.dumps({"choices": [{"message": {"content": "[[A]]"}}]}).encode()
-                self.send_response(status)
-                if location:
-                    self.send_header("Location", location)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                reply(self, status, payload, **({"Location": location} if location else {}))
 
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = serve(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture

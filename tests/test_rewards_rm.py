@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from stages.core.http import ServerError
 from stages.metrics import get_metric
 from stages.metrics.reward_model import RemoteReward
 from stages.score import COMBINED, Scorer, zscores
-from tests.conftest import read_jsonl_text, write_jsonl
+from tests.conftest import read_jsonl_text, reply, serve, write_jsonl
 
 PROMPT = [{"role": "user", "content": "Name the largest planet."}]
 ANSWERS = ["Jupiter is the largest planet.", "Saturn.", "The largest planet in our solar system is Jupiter.", ""]
@@ -152,19 +151,13 @@ class ScoringServer:
                 if fault == "garbled":
                     payload = b"<html>not json</html>"
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    reply(self, 200, payload, Content_Type="application/json")
 
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = serve(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
 
     def close(self) -> None:
         self.server.shutdown()
