@@ -352,12 +352,8 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
         per_device_train_batch_size=spec["batch"], max_prompt_length=spec["prompt_tokens"],
         max_completion_length=spec["completion_tokens"], lora_alpha=2 * spec["lora_r"], dtype="bfloat16",
         device=spec["device"], gradient_checkpointing=True, max_steps=spec["steps"], save_steps=spec["steps"],
-        temperature=TEMPERATURE, learning_rate=1e-5, seed=42,
+        temperature=TEMPERATURE, learning_rate=1e-5, seed=42, parallel=spec["mode"],
     )  # fmt: skip
-    if "parallel" in TrainConfig.__dataclass_fields__:
-        options["parallel"] = spec["mode"]
-    elif spec["mode"] != "ddp":
-        raise RuntimeError("this bleuberi's TrainConfig has no `parallel` option: FSDP is not in this build")
     config = TrainConfig(**options)
     count, vocab = config.prompts_per_step * spec["steps"], spec["vocab_size"]
     records = make_records(count, vocab, spec["prompt_tokens"], seed=2, answer_words=spec["completion_tokens"])

@@ -17,8 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-# The GRPO modes the full CPU run checks (fsdp joins once `train --parallel fsdp` is in the library).
-MODES = ("ddp",)
+MODES = ("ddp", "fsdp")  # `train --parallel`, each under torchrun with one process
 
 
 def load_script() -> ModuleType:
