@@ -269,18 +269,8 @@ class GenerateConfig:
 
     def load(self, say: Callable[[str], None] | None = None) -> Generator:
         """The model (with its adapter) in the engine the config names, with this process's thread budget."""
-        return Generator.load(
-            self.model,
-            adapter=self.adapter,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-            system_prompt=self.system_prompt,
-            max_prompt_length=self.max_prompt_length,
-            engine=self.engine,
-            threads=self.threads,
-            say=say,
-        )
+        prompting = (self.system_prompt, self.max_prompt_length)
+        return Generator.for_stage(self, self.model, adapter=self.adapter, prompting=prompting, say=say)
 
 
 __all__ = [

@@ -125,3 +125,29 @@ def serve(handler: type):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def tiny_overrides(model) -> list[str]:
+    """`bleuberi run` settings that make a whole run take seconds on the tiny model."""
+    return [
+        f"model={model}",
+        "device=cpu",
+        "data.max_pool=6",
+        "data.max_heldout=3",
+        "select.num=2",
+        "select.max_new_tokens=4",
+        "train.max_steps=3",
+        "train.save_steps=1",
+        "train.per_device_train_batch_size=4",
+        "train.max_completion_length=4",
+        "eval.max_new_tokens=4",
+        "eval.bootstrap_resamples=20",
+    ]
+
+
+def run_args(run_dir: Path, model: Path | str, *settings: str) -> list[str]:
+    """`bleuberi run -o RUN_DIR` with the tiny overrides, then `settings`, each as `--set KEY=VALUE`."""
+    args = ["run", "-o", str(run_dir)]
+    for item in [*tiny_overrides(model), *settings]:
+        args += ["--set", item]
+    return args

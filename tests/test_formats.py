@@ -405,7 +405,7 @@ def test_verl_parquet_evaluates_and_writes_parquet(runner, tiny_model, tiny_adap
 
 
 def test_bleuberi_run_on_a_verl_pool_and_a_save_to_disk_heldout(runner, tiny_model, tmp_path) -> None:
-    from tests.test_run import tiny_overrides
+    from tests.conftest import tiny_overrides
 
     pool = write_parquet(tmp_path / "pool.parquet", verl_rows(4))
     heldout = save_to_disk_like(tmp_path / "heldout", [verl_rows(4)[:2], verl_rows(4)[2:3]])

@@ -51,7 +51,7 @@ def test_sigint_during_train_saves_a_checkpoint_and_says_how_to_resume(tiny_mode
 
 
 def test_sigint_during_run_says_how_to_continue(tiny_model, tmp_path) -> None:
-    from tests.test_run import tiny_overrides
+    from tests.conftest import tiny_overrides
 
     overrides = [o for o in tiny_overrides(tiny_model) if not o.startswith("train.max_steps")]
     args = ["run", "-o", str(tmp_path / "run")]

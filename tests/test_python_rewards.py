@@ -577,15 +577,12 @@ def test_a_reward_failing_on_one_rank_stops_every_rank(tiny_model, rewards, tmp_
 
 
 def test_run_selects_trains_and_reports_with_your_reward(runner, tiny_model, tmp_path, monkeypatch) -> None:
-    from tests.test_run import tiny_overrides
+    from tests.conftest import run_args
 
     monkeypatch.chdir(ROOT)
     band, lists = "py:examples/rewards.py:length_band", "py:examples/rewards.py:no_lists"
-    args = ["run", "-o", str(tmp_path / "run"), "--set", f'select.metric="{band}"']
-    args += ["--set", f'train.reward=["bleu", "{lists}:0.3"]', "--set", "train.reward_combine=zscore"]
-    for item in tiny_overrides(tiny_model):
-        args += ["--set", item]
-    result = runner.invoke(app, args)
+    rewards = [f'select.metric="{band}"', f'train.reward=["bleu", "{lists}:0.3"]', "train.reward_combine=zscore"]
+    result = runner.invoke(app, run_args(tmp_path / "run", tiny_model, *rewards))
     assert result.exit_code == 0, result.stderr
     [summary] = read_jsonl_text(result.stdout)
     assert summary["ran"] == ["select", "train", "eval"]

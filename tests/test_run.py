@@ -12,7 +12,7 @@ from bleuberi_cli.app import app
 from stages.core.errors import ConfigError, Interrupted, UsageError
 from stages.run.config import RunConfig, load_config
 from stages.run.recipe import run_recipe
-from tests.conftest import EXAMPLES, read_jsonl_text
+from tests.conftest import EXAMPLES, read_jsonl_text, run_args, tiny_overrides
 
 
 def _declared_keys() -> set[str]:
@@ -115,28 +115,9 @@ def test_bad_overrides_are_usage_errors(runner) -> None:
     assert missing.exit_code == 1 and "/no/such.toml: no such config file" in missing.stderr
 
 
-def tiny_overrides(model) -> list[str]:
-    return [
-        f"model={model}",
-        "device=cpu",
-        "data.max_pool=6",
-        "data.max_heldout=3",
-        "select.num=2",
-        "select.max_new_tokens=4",
-        "train.max_steps=3",
-        "train.save_steps=1",
-        "train.per_device_train_batch_size=4",
-        "train.max_completion_length=4",
-        "eval.max_new_tokens=4",
-        "eval.bootstrap_resamples=20",
-    ]
-
-
 def test_rerun_skips_finished_stages_and_redoes_changed_ones(runner, tiny_model, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    args = ["run", "-o", str(run_dir)]
-    for item in tiny_overrides(tiny_model):
-        args += ["--set", item]
+    args = run_args(run_dir, tiny_model)
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.stderr
     [record] = read_jsonl_text(first.stdout)
@@ -197,10 +178,7 @@ def test_an_interrupted_run_continues_training_from_its_checkpoint(tiny_model, t
 def test_an_empty_heldout_set_stops_before_any_work(runner, tiny_model, tmp_path) -> None:
     empty = tmp_path / "heldout.jsonl"
     empty.write_bytes(b"")
-    args = ["run", "-o", str(tmp_path / "run"), "--set", f"data.heldout={empty}"]
-    for item in tiny_overrides(tiny_model):
-        args += ["--set", item]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, run_args(tmp_path / "run", tiny_model, f"data.heldout={empty}"))
     assert result.exit_code == 0, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert f"data.heldout ({empty}) is empty, nothing to run" in result.stderr

@@ -322,7 +322,7 @@ def test_the_run_config_takes_a_list_of_servers(tmp_path):
 
 
 def test_a_run_selects_trains_and_evaluates_on_two_servers_one_killed(runner, tiny_model, a, b, tmp_path, monkeypatch):
-    from tests.test_run import tiny_overrides
+    from tests.conftest import tiny_overrides
 
     monkeypatch.setattr("stages.train.rollouts.check_same_base_model", lambda *args, **kwargs: 0.0)
     a.die_after = 1  # in the selection pass: it answers one of the 6 pool prompts, then dies

@@ -117,6 +117,33 @@ class Generator:
         started = start_engine(engine or EngineOptions(), target)
         return cls(tokenizer, started, target.stop_ids, model, adapter, system_prompt, max_prompt_length)
 
+    @classmethod
+    def for_stage(
+        cls,
+        settings: Any,
+        model: str,
+        *,
+        adapter: str | None = None,
+        prompting: tuple[str | None, int | None] = (None, None),
+        engine: EngineOptions | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> Generator:
+        """`load` with a stage config's device, dtype, remote-code, engine and thread settings (GenerateConfig,
+        EvalConfig, RunConfig have them all); `prompting` is (system prompt, max prompt length)."""
+        system_prompt, max_prompt_length = prompting
+        return cls.load(
+            model,
+            adapter=adapter,
+            device=settings.device,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            system_prompt=system_prompt,
+            max_prompt_length=max_prompt_length,
+            engine=engine or settings.engine,
+            threads=settings.threads,
+            say=say,
+        )
+
     @property
     def model(self) -> PreTrainedModel:
         """The in-process model (transformers engine only)."""

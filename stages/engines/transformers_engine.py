@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 from stages.core.errors import UsageError
 from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams
 
+TokenRows = Sequence[Sequence[int]]  # one list of token ids per prompt
+SeedRows = Sequence[Sequence[int]]  # seeds[i][k]: the seed of prompt i's k-th sample
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -93,8 +96,8 @@ class _DecodeState:
 
 def sample(
     model: PreTrainedModel,
-    prompts: Sequence[Sequence[int]],
-    seeds: Sequence[Sequence[int]],
+    prompts: TokenRows,
+    seeds: SeedRows,
     sampling: SamplingParams,
     *,
     stop_ids: set[int],
@@ -149,8 +152,8 @@ def _prefill(
 
 def _decode(
     model: PreTrainedModel,
-    prompts: Sequence[Sequence[int]],
-    seeds: Sequence[Sequence[int]],
+    prompts: TokenRows,
+    seeds: SeedRows,
     sampling: SamplingParams,
     *,
     stop_ids: set[int],

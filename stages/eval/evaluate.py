@@ -48,16 +48,9 @@ def generate_answers(
     """One answer per record from one system: text, token count, finish reason."""
     from stages.engines.generator import Generator
 
-    generator = Generator.load(
-        config.base_model,  # type: ignore[arg-type] - systems that generate exist only with a model
-        adapter=system.adapter,
-        device=config.device,
-        dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
-        system_prompt=config.prompt,
-        max_prompt_length=config.max_prompt_length,
-        engine=system.engine or config.engine,
-    )
+    prompting = (config.prompt, config.max_prompt_length)
+    model = config.base_model  # systems that generate exist only with a model
+    generator = Generator.for_stage(config, model, adapter=system.adapter, prompting=prompting, engine=system.engine)  # type: ignore[arg-type]
     answers = []
     for _record, [sample] in generator.generate(
         records, config.sampling, n=1, seed=config.seed, batch_size=config.batch_size

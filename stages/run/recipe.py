@@ -179,14 +179,8 @@ def run_select(
     def load() -> Generator:
         left = f"{answers.total} of {len(pool)}" if answers.total < len(pool) else str(len(pool))
         say(f"select: the base model answers the pool ({left} prompts)")
-        return Generator.load(
-            config.model,
-            device=config.device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            system_prompt=config.system_prompt,
-            max_prompt_length=config.train.max_prompt_length,
-            engine=config.engine,
+        return Generator.for_stage(
+            config, config.model, prompting=(config.system_prompt, config.train.max_prompt_length)
         )
 
     # Always appended as answers finish, so an interrupted selection continues where it stopped.
