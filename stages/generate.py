@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from stages.core.errors import UsageError
 from stages.core.formats import open_writer, refuse_append
 from stages.core.jsonl import prepare_resume, put_in_order
 from stages.core.options import option
+from stages.core.versions import package_version
 from stages.engines.base import EngineOptions, Sample, SamplingParams
 from stages.engines.generator import Generator
 
@@ -49,7 +49,7 @@ def generation_info(
         "temperature": params.temperature,
         "top_p": params.top_p,
         "seed": seed,
-        "bleuberi": version("bleuberi"),
+        "bleuberi": package_version("bleuberi"),
     }
     if system_prompt:
         info["system_prompt"] = system_prompt
