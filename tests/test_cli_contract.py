@@ -207,6 +207,7 @@ def test_bad_line_exits_1_with_one_line_naming_file_line_and_field(runner, name,
 # --- a real process: -q silence and a closed stdout ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_quiet_success_writes_nothing_on_stderr(name, tiny_model, tmp_path) -> None:
     command = COMMANDS[name]
@@ -220,6 +221,7 @@ def test_quiet_success_writes_nothing_on_stderr(name, tiny_model, tmp_path) -> N
     assert len(out) == command.records_out(len(records))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_closed_stdout_is_quiet(name, tiny_model, tmp_path) -> None:
     """The reader is gone before the command writes anything (as `| head -c 0`): every write fails."""

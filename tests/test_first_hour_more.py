@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from bleuberi_cli.app import app
 from tests.conftest import ROOT, demo_records, write_jsonl
@@ -54,6 +55,7 @@ def records_in(path: Path) -> list[dict]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.is_file() else []
 
 
+@pytest.mark.slow
 def test_a_kill_mid_pool_loses_at_most_one_batch_and_resume_equals_one_run(runner, tiny_model, tmp_path) -> None:
     pool = write_jsonl(tmp_path / "pool.jsonl", demo_records("pool", count=12))
     args = ["generate", "-i", str(pool), "--model", str(tiny_model), "--max-new-tokens", "4", "--temperature", "0",
@@ -207,6 +209,7 @@ def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
     raise AssertionError(f"{marker!r} never came; stderr: {lines}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_path) -> None:
     proc, out = train_with_slow_steps(tiny_model, tmp_path)
     try:
@@ -223,6 +226,7 @@ def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_pat
     assert (out / "checkpoints" / "step-1").is_dir()
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_losing_only_the_step_in_progress(tiny_model, tmp_path) -> None:
     proc, out = train_with_slow_steps(tiny_model, tmp_path)
     try:

@@ -132,6 +132,7 @@ def test_cuda_asked_for_without_a_gpu_is_a_usage_error(capsys) -> None:
     assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_check_that_fails_exits_1_and_says_which(tmp_path) -> None:
     """A drift bound of 0 cannot hold in bf16: the part fails, the table says so, the exit code is 1."""
     done = run_script("--device", "cpu", "--tiny", "--parts", "drift", "--max-drift", "0", tmp_path=tmp_path)
@@ -141,6 +142,7 @@ def test_a_check_that_fails_exits_1_and_says_which(tmp_path) -> None:
     assert done.stdout.splitlines()[-1] == "gpu_check: FAILED: 1 of 1 part(s) (drift tiny bf16 vs fp32)"
 
 
+@pytest.mark.slow
 def test_parts_that_no_longer_fit_the_budget_are_skipped_with_exit_3(tmp_path) -> None:
     done = run_script("--device", "cpu", "--tiny", "--parts", "drift", "--budget-seconds", "0.5", tmp_path=tmp_path)
     assert done.returncode == 3, done.stderr

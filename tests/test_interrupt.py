@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, demo_records, train_args, write_jsonl
+
+pytestmark = pytest.mark.slow  # real processes and real signals
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:

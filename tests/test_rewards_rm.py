@@ -184,6 +184,7 @@ def test_rm_url_protocol_and_credentials(server, monkeypatch) -> None:
     assert scores[COMBINED] == pytest.approx([0.5 * len("Jupiter.") + 1.0])
 
 
+@pytest.mark.slow
 def test_rm_url_retries_server_errors_and_timeouts(server) -> None:
     metric = RemoteReward(server.url, timeout=TIMEOUT, retries=2, backoff=0.0)
     server.faults = ["500", "slow"]  # two failures, then an answer within the retries
@@ -233,6 +234,7 @@ def _hub_cache_with(folder: Path, cache: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text("0123abcd")
 
 
+@pytest.mark.slow
 def test_rm_by_hub_id_from_the_local_cache_offline(tiny_rm, tmp_path) -> None:
     # `rm:ORG/NAME` is found in the hub cache without a network; env vars are read at import: a fresh process
     import os

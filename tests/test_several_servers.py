@@ -226,6 +226,7 @@ def test_the_environment_variable_takes_urls_separated_by_spaces(runner, tiny_mo
     assert completions(a) and completions(b)
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_generate_leaves_every_record_written_once(runner, tiny_model, a, b, tmp_path):
     records = demo_records("pool", 40)
     path = write_jsonl(tmp_path / "in.jsonl", records)

@@ -171,6 +171,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_model, tmp_path) ->
     assert steps == list(range(1, 8))  # no step logged twice
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=8))
     out = tmp_path / "run"
