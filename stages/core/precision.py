@@ -8,6 +8,9 @@
   Rounding logits to bf16 costs up to half an ulp of a logit (about 0.03 for logits near 10): the largest
   share of the sampler-vs-trainer log-prob drift and of the KL noise in bf16 (bench/precision_bench.py).
 - Log-probs, entropies, the loss, advantages and the KL are float32 (stages/train/logprobs.py, loss.py).
+- Reward models (`rm:`, `--judge-model`) load as `auto` does: bfloat16 on a CUDA GPU that has it, else
+  float32 (never float16: reward logits are unbounded). The encoder metrics (`bertscore`, `emb`) stay
+  float32: their scores are promised equal to the bert-score / sentence-transformers computation.
 
 What bf16 still costs after that: activations are rounded to bf16 at every layer, so a KV-cached decode
 and a full forward pass (different kernels, different summation orders) differ by a few ulps that
@@ -70,3 +73,10 @@ def float32_logits(model: Any) -> Iterator[None]:
         yield
     finally:
         del head.forward
+
+
+def reward_model_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a reward model scores in on `device` (see the module docstring)."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

@@ -35,6 +35,7 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from stages.core.models import quiet_transformers, resolve_device
+        from stages.core.precision import reward_model_dtype
 
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
@@ -46,7 +47,7 @@ class RewardModelJudge:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                folder, use_safetensors=True, trust_remote_code=trust_remote_code
+                folder, dtype=reward_model_dtype(self.device), use_safetensors=True, trust_remote_code=trust_remote_code
             ).to(self.device)
         except (OSError, ValueError) as error:
             raise ModelError(f"cannot load the reward model {path!r}: {error}") from None

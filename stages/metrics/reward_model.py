@@ -93,16 +93,16 @@ class RewardModel(_ConversationMetric):
     def _load(self) -> tuple[Any, Any, Any]:
         if self._loaded is not None:
             return self._loaded
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from stages.core.models import quiet_transformers, resolve_model
+        from stages.core.precision import reward_model_dtype
         from stages.metrics.neural import metric_device
 
         quiet_transformers()
         resolved = resolve_model(self.path)
         device = metric_device(self.device)
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = reward_model_dtype(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=resolved.local_files_only)
             model = AutoModelForSequenceClassification.from_pretrained(
