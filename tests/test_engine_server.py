@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,11 +78,9 @@ def test_no_retry_on_client_error(server):
 
 
 def test_timeout_is_retried_then_reported(server):
-    server.slow = 1.0
-    start = time.monotonic()
+    server.slow = 1.0  # each reply comes after the 0.2 s timeout: had it been ignored, the call would succeed
     with pytest.raises(ServerError, match="no reply in time after 1 retries"):
         request_json("GET", server.url + "/models", timeout=0.2, retries=1, backoff=0.01)
-    assert time.monotonic() - start < 2.0
     assert len(server.log) == 2
 
 
@@ -93,13 +90,11 @@ def test_reply_that_is_not_json(server):
         request_json("GET", server.url + "/models", retries=0)
 
 
-def test_connection_refused_is_quick_and_says_so():
+def test_connection_refused_says_so():
     url = f"http://127.0.0.1:{free_port()}/v1/models"
-    start = time.monotonic()
     with pytest.raises(ServerError) as caught:
         request_json("GET", url, retries=2, backoff=0.01)
     assert str(caught.value) == f"{url}: connection refused (is the server running?) after 2 retries"
-    assert time.monotonic() - start < 2.0
 
 
 def test_redirect_is_refused_and_the_key_never_reaches_the_target(server, other):
@@ -169,10 +164,11 @@ def test_stop_ids_are_sent(server):
 
 
 def test_requests_run_concurrently(server):
-    server.slow = 0.3
-    start = time.monotonic()
+    """Counted by the server, not timed: every one of the 8 samples is in flight at once (each reply takes
+    2 s, far longer than sending 8 requests takes, even on a loaded machine)."""
+    server.slow = 2.0
     engine(server, concurrency=8).sample([PROMPTS[0]], [list(range(8))], SamplingParams(4, 1.0))
-    assert time.monotonic() - start < 1.5  # one after another would take 2.4 s
+    assert server.peak_in_flight == 8
 
 
 def test_text_only_mode(server):
@@ -301,10 +297,8 @@ def test_sampling_survives_transient_errors(server):
 def test_server_dying_mid_run_fails_fast(server):
     eng = engine(server, concurrency=2)
     server.die_after = 3
-    start = time.monotonic()
     with pytest.raises(ServerError) as caught:
         eng.sample(PROMPTS, [list(range(8)), list(range(8))], SamplingParams(10, 1.0))
-    assert time.monotonic() - start < 5.0
     assert any(cause in str(caught.value) for cause in ("closed the connection", "connection refused"))
 
 
