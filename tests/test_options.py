@@ -119,3 +119,14 @@ def test_help_groups_options_under_their_panels(runner) -> None:
         assert f"\n{panel}\n" in text
     lora, sampling = text.index("\nLoRA:\n"), text.index("\nSampling:\n")
     assert lora < text.index("--lora-r R") < sampling  # an option sits under its own panel
+
+
+def test_the_options_reference_is_made_from_the_declarations() -> None:
+    """docs/options.md is what the declarations print (regenerate: python -m bleuberi_cli.options_doc)."""
+    from bleuberi_cli.options_doc import options_markdown
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "options.md").read_text()
+    assert text == options_markdown()
+    for leaf in ("--learning-rate / `--lr`", "`--server-url`", "`--prompt-field`", "`--judge-url`"):
+        assert leaf in text  # nested groups (engine, judges) and the reading options are in it
