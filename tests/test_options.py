@@ -128,5 +128,5 @@ def test_the_options_reference_is_made_from_the_declarations() -> None:
 
     text = (ROOT / "docs" / "options.md").read_text()
     assert text == options_markdown()
-    for leaf in ("--learning-rate / `--lr`", "`--server-url`", "`--prompt-field`", "`--judge-url`"):
+    for leaf in ("`--learning-rate` / `--lr`", "`--server-url`", "`--prompt-field`", "`--judge-url`"):
         assert leaf in text  # nested groups (engine, judges) and the reading options are in it
