@@ -79,7 +79,7 @@ def set_up(
     say(
         f"{config.algo.upper()} on {len(plan.items)} {'examples' if config.algo == 'sft' else 'prompts'}: "
         f"{plan.steps} step{'' if plan.steps == 1 else 's'}, {count / 1e6:.2f}M trainable parameters, {device}, "
-        f"world size {dist.world_size}, "
+        f"{dtype_note(config.dtype, policy.dtype)}, world size {dist.world_size}, "
         f"setup {time.perf_counter() - start:.1f}s"
     )
     rollouts = _rollouts(config, policy, plan, output_dir, dist)
@@ -134,6 +134,12 @@ def _rollouts(
         async_rollouts=config.async_rollouts,
         autocast=policy.autocast,
     )
+
+
+def dtype_note(asked: str, picked: torch.dtype) -> str:
+    """The base weights' dtype as the log says it: `float32`, or `float32 (auto)` when auto chose it."""
+    name = str(picked).removeprefix("torch.")
+    return f"{name} (auto)" if asked == "auto" else name
 
 
 def _placement(device_name: str, *, sharded: bool = False) -> tuple[torch.device, Distributed]:
