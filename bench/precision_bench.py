@@ -3,8 +3,11 @@
     python bench/precision_bench.py [--steps 4] [--variants fp32,bf16,bf16-logits]
 
 The demo's training settings on the embedded smollm2-135m (4 prompts x G=4 per step, 48 completion tokens,
-prompts up to 256 tokens, LoRA r16 all-linear, beta 0.04, lr 3e-4), each variant in its own child process:
-1 warm-up step, then --steps timed steps (the median step time is reported, and its ratio to fp32's).
+prompts up to 256 tokens, LoRA r16 all-linear, beta 0.04), each variant in its own child process: 1 warm-up
+step, then --steps timed steps (the median step time is reported, and its ratio to fp32's). The learning
+rate is 1e-6 (--lr), so that one update moves the policy by a KL of ~1e-11: the KL measured after it is
+the precision's noise, not learning. First it times one matmul (2048x576 @ 576x1536) in each dtype, and
+says whether the CPU has native bf16 (AVX-512 BF16 or AMX): without it bf16 runs in software.
 
 - fp32: the reference (sampler and trainer agree to ~1e-5 nats per token).
 - bf16: base weights in bfloat16 with bleuberi's precision policy (stages/core/precision.py): logits taken
@@ -36,7 +39,7 @@ PROMPTS_PER_STEP, G, COMPLETION_TOKENS = 4, 4, 48
 VARIANTS = {"fp32": "float32", "bf16": "bfloat16", "bf16-logits": "bfloat16"}
 
 
-def child(variant: str, steps: int) -> dict:
+def child(variant: str, steps: int, lr: float) -> dict:
     """One variant's run, in this (child) process."""
     from stages.train.config import TrainConfig
     from stages.train.loop import train
@@ -54,7 +57,7 @@ def child(variant: str, steps: int) -> dict:
         max_prompt_length=256,
         max_completion_length=COMPLETION_TOKENS,
         max_steps=steps + 1,
-        learning_rate=3e-4,
+        learning_rate=lr,
         save_steps=10_000,
     )
     records = [orjson.loads(line) for line in (DATA / "pool.jsonl").read_bytes().splitlines()]
@@ -71,21 +74,46 @@ def child(variant: str, steps: int) -> dict:
     }
 
 
-def run_variant(variant: str, steps: int) -> dict:
+def run_variant(variant: str, steps: int, lr: float) -> dict:
     code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import precision_bench as b; "
-    code += f"print(json.dumps(b.child({variant!r}, {steps})))"
+    code += f"print(json.dumps(b.child({variant!r}, {steps}, {lr!r})))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def matmul_line() -> str:
+    """One decode-and-train-shaped matmul per dtype, median of 10, and the CPU's bf16 support."""
+    import time
+
+    import torch
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        runs = []
+        for _ in range(11):
+            start = time.perf_counter()
+            a @ b
+            runs.append(time.perf_counter() - start)
+        times[dtype] = statistics.median(runs[1:]) * 1000
+    return (
+        f"matmul 2048x576 @ 576x1536: float32 {times[torch.float32]:.1f} ms, bfloat16 {times[torch.bfloat16]:.1f} ms "
+        f"({times[torch.bfloat16] / times[torch.float32]:.2f}x); native bf16: {', '.join(native) or 'none'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
     parser.add_argument("--variants", default="fp32,bf16,bf16-logits")
+    parser.add_argument("--lr", type=float, default=1e-6, help="learning rate (tiny: the KL after a step is noise)")
     args = parser.parse_args()
-    results = {variant: run_variant(variant, args.steps) for variant in args.variants.split(",")}
+    print(matmul_line())
+    results = {variant: run_variant(variant, args.steps, args.lr) for variant in args.variants.split(",")}
     base = results.get("fp32", {}).get("seconds")
     print(f"{'variant':<12} {'s/step':>7} {'vs fp32':>8} {'sample s':>9} {'update s':>9} "
           f"{'drift mean':>11} {'drift max':>10} {'KL step 2':>10}")  # fmt: skip
