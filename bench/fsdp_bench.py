@@ -3,14 +3,16 @@
     python bench/fsdp_bench.py                     # alone on the machine: both measurements, then the table
     python bench/fsdp_bench.py --table-only        # the computed table only (no training)
 
-Measured: `bleuberi train` under `torchrun --nproc_per_node 2` (gloo), once with `--parallel ddp` and once
-with `--parallel fsdp`: the default model (smollm2-135m), LoRA r16 all-linear, G=4 samples of 1 prompt per
-rank per step, 32 completion tokens, float32, 1 warm-up step then --steps timed steps. Each rank's peak RSS
-(VmHWM) is read when it exits; the step time is the median of `seconds` in metrics.jsonl after the warm-up.
-Printed as FSDP/DDP ratios. Rank 0 reads the whole model under both (under FSDP it then broadcasts it and
-keeps its shard), so the sharding shows in rank 1's peak. Each pair runs twice: with glibc's default
+Measured: `bleuberi train` under `torchrun --nproc_per_node 2` (gloo), with `--parallel ddp`, with
+`--parallel fsdp` (sampling gathers the whole model once per round, the default) and with `--parallel fsdp
+--no-gather-for-sampling` (sampling gathers each layer for each token): the default model (smollm2-135m),
+LoRA r16 all-linear, G=4 samples of 1 prompt per rank per step, 32 completion tokens, float32, 1 warm-up step
+then --steps timed steps. Each rank's peak RSS (VmHWM) is read when it exits; the step time is the median of
+`seconds` in metrics.jsonl after the warm-up.
+Printed as ratios to DDP. Rank 0 reads the whole model under all three (under FSDP it then broadcasts it and
+keeps its shard), so the sharding shows in rank 1's peak. Each mode runs twice: with glibc's default
 allocator settings, and with its mmap threshold fixed (see FIXED_THRESHOLD), which counts live memory only.
-Four runs; about 8 minutes alone on a 2-core machine.
+Six runs; about 10 minutes alone on a 2-core machine.
 
 Computed: peak memory per GPU for a LoRA (r16, all linear layers) on 7B/32B/70B bases under DDP and FSDP
 over 8 GPUs, from the parameter counts (the formula is in `memory_per_gpu`), checked against the CPU
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,15 +172,23 @@ def worker(out: Path, argv: list[str]) -> None:
     main()
 
 
-def measure(parallel: str, args: argparse.Namespace, folder: Path, allocator: dict[str, str]) -> dict[str, object]:
+# the modes compared, as `train` options
+MODES = {
+    "DDP": ["--parallel", "ddp"],
+    "FSDP": ["--parallel", "fsdp"],
+    "FSDP, sharded sampling": ["--parallel", "fsdp", "--no-gather-for-sampling"],
+}
+
+
+def measure(mode: str, args: argparse.Namespace, folder: Path, allocator: dict[str, str]) -> dict[str, object]:
     data = folder / "prompts.jsonl"
     rows = (ROOT / "examples" / "data" / "pool.jsonl").read_text().splitlines()[: 2 * (args.steps + 1)]
     data.write_text("\n".join(rows) + "\n")
-    out = Path(tempfile.mkdtemp(prefix=f"{parallel}-", dir=folder))
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())),
         *(__file__, "--worker", str(out), "train", "-i", str(data), "-o", str(out / "run")),
-        *("--model", args.model, "--parallel", parallel, "--dtype", args.dtype, "--device", "cpu"),
+        *("--model", args.model, *MODES[mode], "--dtype", args.dtype, "--device", "cpu"),
         *("--num-generations", "4", "--per-device-train-batch-size", "4"),
         *("--max-completion-length", str(args.tokens), "--max-steps", str(args.steps + 1)),
         *("--save-steps", "100000", "-q"),
@@ -185,7 +196,7 @@ def measure(parallel: str, args: argparse.Namespace, folder: Path, allocator: di
     env = {**os.environ, "PYTHONPATH": str(ROOT), **allocator}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{parallel} run failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
     steps = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     peaks = [json.loads((out / f"rank-{r}.json").read_text())["peak_rss_kib"] * 1024 for r in (0, 1)]
     return {"step_seconds": statistics.median(s["seconds"] for s in steps[1:]), "peak_rss": peaks}
@@ -198,14 +209,19 @@ FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def report(runs: dict[tuple[str, str], dict], dtype: str, *, check: bool) -> None:
-    print("| | DDP | FSDP | FSDP / DDP |\n|---|---|---|---|")
-    ddp, fsdp = runs["ddp", "default"], runs["fsdp", "default"]
-    a, b = ddp["step_seconds"], fsdp["step_seconds"]
-    print(f"| median step (s) | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+    others = [mode for mode in MODES if mode != "DDP"]
+    print("| | DDP | " + " | ".join(f"{m} | / DDP" for m in others) + " |")
+    print("|---|---|" + "---|---|" * len(others))
+
+    def row(label: str, value: Callable[[str], float], digits: int) -> None:
+        base = value("DDP")
+        cells = " | ".join(f"{value(m):.{digits}f} | {value(m) / base:.2f}" for m in others)
+        print(f"| {label} | {base:.{digits}f} | {cells} |")
+
+    row("median step (s)", lambda m: runs[m, "default"]["step_seconds"], 2)
     for allocator, label in (("default", "glibc default"), ("fixed", "mmap threshold 1 MiB")):
         for r in (0, 1):
-            a, b = (runs[mode, allocator]["peak_rss"][r] / 2**20 for mode in ("ddp", "fsdp"))
-            print(f"| peak RSS rank {r}, {label} (MiB) | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+            row(f"peak RSS rank {r}, {label} (MiB)", lambda m, a=allocator, r=r: runs[m, a]["peak_rss"][r] / 2**20, 0)
     if not check:  # the formula below has the default model's shape
         return
     weight_bytes = 4 if dtype == "float32" else 2
@@ -215,8 +231,12 @@ def report(runs: dict[tuple[str, str], dict], dtype: str, *, check: bool) -> Non
         for mode in ("ddp", "fsdp")
     }
     saved = sum(predicted["ddp"][k] - predicted["fsdp"][k] for k in ("weights", "LoRA + AdamW")) / 2**20
-    measured = (runs["ddp", "fixed"]["peak_rss"][1] - runs["fsdp", "fixed"]["peak_rss"][1]) / 2**20
-    print(f"\nrank 1 saves {measured:.0f} MiB under FSDP (fixed mmap threshold); the formula predicts {saved:.0f} MiB")
+    # the formula counts a training step's peak: sampling that gathers the whole model peaks as DDP does
+    measured = (runs["DDP", "fixed"]["peak_rss"][1] - runs["FSDP, sharded sampling", "fixed"]["peak_rss"][1]) / 2**20
+    print(
+        f"\nrank 1 saves {measured:.0f} MiB under FSDP with sharded sampling (fixed mmap threshold); "
+        f"the formula predicts {saved:.0f} MiB"
+    )
 
 
 def main() -> None:
@@ -235,7 +255,7 @@ def main() -> None:
             runs = {
                 (mode, allocator): measure(mode, args, Path(tmp), env)
                 for allocator, env in (("default", {}), ("fixed", FIXED_THRESHOLD))
-                for mode in ("ddp", "fsdp")
+                for mode in MODES
             }
         print(f"{args.model}, 2 CPU processes (gloo), {args.dtype}, G=4 x 1 prompt per rank, {args.tokens} tokens\n")
         report(runs, args.dtype, check=args.model == "smollm2-135m")

@@ -191,7 +191,9 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_the_same_adapter(runs, tiny_m
 
 @pytest.mark.slow
 def test_two_nodes_with_a_c10d_rendezvous_on_one_machine(runs, tiny_model, tmp_path) -> None:
-    """Two torchrun "nodes" of one process each meet at a c10d rendezvous on 127.0.0.1, as two machines would."""
+    """Two torchrun "nodes" of one process each meet at a c10d rendezvous on 127.0.0.1, as two machines would.
+    They sample from the sharded policy in lockstep (--no-gather-for-sampling) and still end with the adapter
+    of the same two ranks gathering the whole model for sampling: both ways compute the same numbers."""
     out, endpoint = tmp_path / "nodes", f"127.0.0.1:{free_port()}"
     nodes = [
         subprocess.Popen(
@@ -201,7 +203,7 @@ def test_two_nodes_with_a_c10d_rendezvous_on_one_machine(runs, tiny_model, tmp_p
                 "torch.distributed.run",
                 *("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1"),
                 *("--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "rehearsal"),
-                *train_args(tiny_model, runs["data"], out, 4, "--parallel", "fsdp"),
+                *train_args(tiny_model, runs["data"], out, 4, "--parallel", "fsdp", "--no-gather-for-sampling"),
             ],
             env=env(),
             stdout=subprocess.PIPE,
@@ -258,7 +260,8 @@ from stages.train.config import TrainConfig
 from stages.train.distributed import Distributed
 from stages.train.logprobs import completion_logprobs, pack
 from stages.train.policy import load_policy
-from stages.train.sharding import gathered_adapter
+from stages.train.sharding import gathered_adapter, whole_while_sampling
+from torch.distributed.tensor import DTensor
 from stages.train.update import MicroBatch, policy_update
 
 model_dir, out = sys.argv[1], sys.argv[2]
@@ -282,6 +285,10 @@ rows = [[0, 1], [2, 3]] if ranks.rank == 0 else [[1, 2]]  # uneven micro-batch c
 got = {}
 for name, policy in (("sharded", sharded), ("whole", whole)):
     [samples] = sample(policy.model, [prompt], seeds, params, stop_ids=stops, pad_id=tokenizer.pad_token_id)
+    if name == "sharded":  # again, gathered whole once: the ranks decode on their own, no lockstep
+        with whole_while_sampling(policy.model):
+            [gathered] = sample(policy.model, [prompt], seeds, params, stop_ids=stops, pad_id=tokenizer.pad_token_id)
+        still_sharded = any(isinstance(p, DTensor) for p in policy.model.parameters())
     batch = pack([prompt] * 4, [s.token_ids for s in samples], tokenizer.pad_token_id, cpu)
     with torch.no_grad(), policy.model.disable_adapter():
         reference = completion_logprobs(policy.model, batch, 1.0)
@@ -306,6 +313,9 @@ result = {
         abs(a - b) for s, w in zip(s_samples, w_samples) for a, b in zip(s.logprobs, w.logprobs)
     ),
     "reference_gap": float((s_ref - w_ref).abs().max()),
+    "gathered_same": [s.token_ids for s in gathered] == [s.token_ids for s in s_samples]
+    and [s.logprobs for s in gathered] == [s.logprobs for s in s_samples],
+    "resharded_after": still_sharded,
     "stats": [[s.loss, s.kl, s.grad_norm, s.logprob_drift_max] for s in (s_stats, w_stats)],
 }
 if ranks.is_main:
@@ -335,6 +345,8 @@ def test_a_sharded_policy_samples_and_trains_as_the_whole_one(tiny_model, tmp_pa
     for rank in ranks:
         # the same bf16 weights (gathered exactly), the same kernels: the same numbers
         assert rank["same_tokens"] and rank["sampled_logprob_gap"] == 0.0 and rank["reference_gap"] == 0.0
+        # gathered whole for the round (the default in train), then sharded again for the update
+        assert rank["gathered_same"] and rank["resharded_after"]
         sharded, whole = rank["stats"]
         assert sharded == pytest.approx(whole, rel=1e-6, abs=1e-9)
         assert whole[1] > 0 and whole[2] > 0  # a KL term (the second update), a gradient

@@ -168,10 +168,11 @@ def _decode(
     # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
     cache_arg = "cache" if "cache" in accepted else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    sharded = _is_sharded(model)
-    lockstep = _Lockstep(model, pad_id) if sharded and dist.get_world_size() > 1 else None
+    fsdp = _has_fsdp_units(model)
+    sharded_now = fsdp and _holds_shards(model)  # not when gathered whole for sampling (train/sharding.py)
+    lockstep = _Lockstep(model, pad_id) if sharded_now and dist.get_world_size() > 1 else None
     # FSDP keeps the weights it gathers in buffers it reuses for training: no inference tensors then
-    with torch.no_grad() if sharded else torch.inference_mode():
+    with torch.no_grad() if fsdp else torch.inference_mode():
         cache, logits, attention = _prefill(model, prompts, len(seeds[0]), pad_id, cache_arg, extra)
         generators = [torch.Generator(device=device).manual_seed(s) for seed_row in seeds for s in seed_row]
         next_position = attention.sum(-1)
@@ -232,7 +233,7 @@ class _Lockstep:
             self.model(input_ids=self.idle_input, use_cache=False)
 
 
-def _is_sharded(model: PreTrainedModel) -> bool:
+def _has_fsdp_units(model: PreTrainedModel) -> bool:
     """Whether parts of the model are FSDP units (`train --parallel fsdp`)."""
     import torch.distributed as dist
 
@@ -241,6 +242,13 @@ def _is_sharded(model: PreTrainedModel) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _holds_shards(model: PreTrainedModel) -> bool:
+    """Whether some of the model's weights are shards now (each forward pass gathers them: collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 class TransformersEngine:

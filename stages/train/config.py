@@ -212,6 +212,14 @@ class TrainConfig:
         "for a base larger than one GPU)",
         panel="Model",
     )
+    gather_for_sampling: bool = option(
+        True,
+        "under --parallel fsdp, sampling with the live policy (transformers engine) gathers the whole model once "
+        "per round (fast; every rank holds the whole base meanwhile); --no-gather-for-sampling keeps it "
+        "sharded and gathers each layer for each token (slow; for a base that does not fit one device)",
+        flags=("--gather-for-sampling/--no-gather-for-sampling",),
+        panel="Model",
+    )
     # bookkeeping
     seed: int = options.seed_option()
     save_steps: int = option(50, "checkpoint every N steps", metavar="N", panel=OUTPUTS)

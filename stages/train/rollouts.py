@@ -54,11 +54,11 @@ class Rollouts:
         output_dir: Path,
         dist: Distributed,
         async_rollouts: bool,
-        autocast: Callable[[], Any],
+        sampling_context: Callable[[], Any],
     ) -> None:
         self.generator, self.plan, self.sampling = generator, plan, sampling
         self.group_size, self.prompts_per_batch, self.seed = group_size, prompts_per_batch, seed
-        self.dist, self.autocast = dist, autocast
+        self.dist, self.sampling_context = dist, sampling_context
         self.folder = output_dir / ADAPTERS_DIR
         self.tag = hashlib.sha256(f"{output_dir.resolve()}|{os.getpid()}|{time.time()}".encode()).hexdigest()[:8]
         self.published: list[Path] = []
@@ -88,7 +88,7 @@ class Rollouts:
         prompts = [self.plan.items[i] for i in picked]
         per_batch = self.prompts_per_batch
         samples: list[Sample] = []
-        with self.autocast():
+        with self.sampling_context():  # autocast; a sharded policy gathered whole
             for start in range(0, len(prompts), per_batch):
                 seeds = [
                     [derive_seed(self.seed, "sample", step, position, k) for k in range(self.group_size)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,25 @@ def _rollouts(
         output_dir=output_dir,
         dist=dist,
         async_rollouts=config.async_rollouts,
-        autocast=policy.autocast,
+        sampling_context=_sampling_context(config, policy),
     )
+
+
+def _sampling_context(config: TrainConfig, policy: Policy) -> Callable[[], AbstractContextManager[None]]:
+    """What sampling runs under: the policy's autocast, and under --parallel fsdp (by default) the sharded
+    policy gathered whole for the round, when the engine samples with it (stages/train/sharding.py)."""
+    if not (
+        config.parallel == "fsdp" and config.gather_for_sampling and policy.generator.engine.samples_with_live_policy
+    ):
+        return policy.autocast
+    from stages.train.sharding import whole_while_sampling
+
+    @contextmanager
+    def gathered() -> Iterator[None]:
+        with whole_while_sampling(policy.model), policy.autocast():
+            yield
+
+    return gathered
 
 
 def dtype_note(asked: str, picked: torch.dtype) -> str:

@@ -24,13 +24,23 @@ DDP's all-reduce), in float32: the LoRA weights and their gradients are float32 
 dtype, so no mixed-precision policy is needed (each unit gathers its bf16 base weights as bf16 and its
 LoRA as float32, and computes as the unsharded policy does).
 
-Every forward pass is collective: all ranks run the same number of them. Sampling decodes in lockstep
-(stages/engines/transformers_engine.py) and the update pads the ranks' micro-batches to the same count
-(stages/train/update.py).
+Every forward pass is collective: all ranks run the same number of them. The update pads the ranks'
+micro-batches to the same count (stages/train/update.py).
+
+Sampling with the live policy (the transformers engine) decodes one token per forward pass. Gathering
+every layer for every token is what a sharded model costs per forward pass, and for a decode step it is
+all of the work (measured on 2 CPU processes: a step 3.9x DDP's). So by default each round of sampling
+gathers the whole model once, decodes with it like the unsharded policy (no collectives per token), and
+frees it (`whole_while_sampling`; TRL gathers a ZeRO-3 model for generation the same way). Every rank then
+holds the whole base while it samples: for a base that does not fit one device, `--no-gather-for-sampling`
+keeps it sharded (the ranks decode in lockstep, stages/engines/transformers_engine.py), or rollouts come
+from a vLLM server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -219,6 +229,23 @@ def load_adapter(model: Any, tensors: dict[str, torch.Tensor], where: str) -> No
     with torch.no_grad():
         for name, param in trainable.items():
             _copy_whole_into(param, tensors[name])
+
+
+@contextmanager
+def whole_while_sampling(model: Any) -> Iterator[None]:
+    """Gather every FSDP unit of `model` once (collective), keep it whole through any number of forward
+    passes, then free the gathered weights and restore resharding after each forward pass (the decoder, the
+    outermost unit, keeps its weights between forward and backward, as fully_shard sets it by default)."""
+    units = [module for module in model.modules() if _is_fsdp(module)]  # outermost first
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for position, unit in enumerate(units):
+            unit.reshard()
+            unit.set_reshard_after_forward(position > 0, recurse=False)
 
 
 def gradient_sync(model: Any, on: bool) -> None:
