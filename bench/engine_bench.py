@@ -120,7 +120,7 @@ def _urls(params: dict[str, Any]) -> list[str]:
 def child_generate(params: dict[str, Any]) -> dict[str, Any]:
     """Tokens/s of one engine: load it, warm it up, then sample every prompt `samples` times."""
     from stages.engines.base import EngineOptions, SamplingParams
-    from stages.engines.generator import Generator
+    from stages.engines.generator import Batching, Generator
 
     backend = params["backend"]
     records = _train_bench().load_records(params["prompts"])
@@ -135,17 +135,10 @@ def child_generate(params: dict[str, Any]) -> dict[str, Any]:
     # The transformers engine as `bleuberi generate` runs it (8 prompts a batch); vLLM gets every prompt at once.
     batch_size = params["tf_batch_size"] if backend == "transformers" else len(records)
     try:
-        list(generator.generate(records[:2], SamplingParams(8, 0.9), n=2, seed=1, batch_size=batch_size))  # warm-up
+        list(generator.generate(records[:2], SamplingParams(8, 0.9), Batching(2, 1, batch_size)))  # warm-up
         t1 = time.perf_counter()
-        results = list(
-            generator.generate(
-                records,
-                SamplingParams(params["tokens"], 0.9),
-                n=params["samples"],
-                seed=42,
-                batch_size=batch_size,
-            )
-        )
+        batching = Batching(params["samples"], 42, batch_size)
+        results = list(generator.generate(records, SamplingParams(params["tokens"], 0.9), batching))
         seconds = time.perf_counter() - t1
     finally:
         generator.close()
@@ -166,23 +159,16 @@ def child_generate(params: dict[str, Any]) -> dict[str, Any]:
 def child_grpo(params: dict[str, Any]) -> dict[str, Any]:
     """bleuberi's GRPO trainer with rollouts from one engine: 1 warm-up step, then `steps` timed steps."""
     from stages.engines.base import EngineOptions
-    from stages.train.config import TrainConfig
     from stages.train.loop import train
 
-    g, steps = params["num_generations"], params["steps"]
-    config = TrainConfig(
+    steps = params["steps"]
+    config = _train_bench().bench_config(
+        steps,
+        g=params["num_generations"],
+        completion_tokens=params["completion_tokens"],
         model=params["model"],
-        num_generations=g,
-        per_device_train_batch_size=PROMPTS_PER_STEP * g,
-        max_completion_length=params["completion_tokens"],
         lora_r=LORA_RANK,
         lora_alpha=2 * LORA_RANK,
-        max_steps=steps + 1,
-        learning_rate=1e-5,
-        beta=0.04,
-        temperature=0.9,
-        save_steps=10_000,
-        device="cpu",
         engine=EngineOptions(params["backend"], _urls(params), concurrency=params["concurrency"]),
         async_rollouts=params["async_rollouts"],
     )

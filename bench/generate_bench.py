@@ -17,7 +17,7 @@ import orjson
 import torch
 
 from stages.core.models import DEFAULT_MODEL
-from stages.generate import Generator, SamplingParams, generate_records
+from stages.generate import Batching, Generator, SamplingParams, generate_records
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
@@ -57,7 +57,10 @@ def stage(generator: Generator, records: list[dict], n: int, max_new_tokens: int
     start = time.perf_counter()
     out = list(
         generate_records(
-            [dict(r) for r in records], generator, SamplingParams(max_new_tokens, 1.0), n=n, batch_size=batch_size
+            [dict(r) for r in records],
+            generator,
+            SamplingParams(max_new_tokens, 1.0),
+            Batching(n, batch_size=batch_size),
         )
     )
     seconds = time.perf_counter() - start

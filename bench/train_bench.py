@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -43,22 +44,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_bleuberi(steps: int, gradient_checkpointing: bool) -> dict:
+def bench_config(steps: int, *, g: int = G, completion_tokens: int = COMPLETION_TOKENS, **settings: Any) -> Any:
+    """The benchmarks' GRPO step (also bench/engine_bench.py's): PROMPTS_PER_STEP prompts x G samples, lr
+    1e-5, beta 0.04, temperature 0.9, on the CPU, no checkpoints; 1 warm-up step, then `steps` timed."""
     from stages.train.config import TrainConfig
-    from stages.train.loop import train
 
-    config = TrainConfig(
-        num_generations=G,
-        per_device_train_batch_size=PROMPTS_PER_STEP * G,
-        max_completion_length=COMPLETION_TOKENS,
+    return TrainConfig(
+        num_generations=g,
+        per_device_train_batch_size=PROMPTS_PER_STEP * g,
+        max_completion_length=completion_tokens,
         max_steps=steps + 1,
         learning_rate=1e-5,
         beta=0.04,
         temperature=0.9,
         save_steps=10_000,
         device="cpu",
-        gradient_checkpointing=gradient_checkpointing,
+        **settings,
     )
+
+
+def run_bleuberi(steps: int, gradient_checkpointing: bool) -> dict:
+    from stages.train.loop import train
+
+    config = bench_config(steps, gradient_checkpointing=gradient_checkpointing)
     with tempfile.TemporaryDirectory() as out:
         result = train(load_records(2 * (steps + 1)), config, out)
     times = [m["seconds"] for m in result.metrics[1:]]

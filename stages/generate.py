@@ -3,7 +3,7 @@
 Library use:
 
     generator = Generator.load("smollm2-135m")
-    for record in generate_records(records, generator, SamplingParams(64, 0.9), n=4):
+    for record in generate_records(records, generator, SamplingParams(64, 0.9), Batching(n=4)):
         ...                                   # record["completions"], record["generation"]
 
     generate_file(records, "out.jsonl", lambda: Generator.load(...), params, resume=True)   # what the CLI does
@@ -26,7 +26,7 @@ from stages.core.jsonl import prepare_resume, put_in_order
 from stages.core.options import option
 from stages.core.versions import package_version
 from stages.engines.base import EngineOptions, Sample, SamplingParams
-from stages.engines.generator import Generator
+from stages.engines.generator import Batching, Generator
 
 
 def generation_info(
@@ -99,11 +99,8 @@ def generate_records(
     records: Iterable[dict[str, Any]],
     generator: Generator,
     params: SamplingParams,
+    batching: Batching = Batching(),
     *,
-    n: int = 1,
-    seed: int = 42,
-    batch_size: int = 8,
-    max_batch_tokens: int | None = None,
     stats: GenerateStats | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     as_references: bool = False,
@@ -117,22 +114,13 @@ def generate_records(
         params,
         model=generator.model_name,
         adapter=generator.adapter,
-        n=n,
-        seed=seed,
+        n=batching.n,
+        seed=batching.seed,
         backend=generator.engine.name,
         system_prompt=generator.system_prompt,
     )
     start = time.perf_counter()
-    for record, samples in generator.generate(
-        records,
-        params,
-        n=n,
-        seed=seed,
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        on_batch=on_batch,
-        in_order=in_order,
-    ):
+    for record, samples in generator.generate(records, params, batching, on_batch=on_batch, in_order=in_order):
         stats.records += 1
         stats.completions += len(samples)
         stats.new_tokens += sum(len(s.token_ids) for s in samples)
@@ -151,11 +139,8 @@ def generate_file(
     output: str | Path | None,
     load_generator: Callable[[], Generator],
     params: SamplingParams,
+    batching: Batching = Batching(),
     *,
-    n: int = 1,
-    seed: int = 42,
-    batch_size: int = 8,
-    max_batch_tokens: int | None = None,
     resume: bool = False,
     as_references: bool = False,
     on_message: Callable[[str], None] = lambda message: None,
@@ -187,10 +172,7 @@ def generate_file(
                     todo,
                     generator,
                     params,
-                    n=n,
-                    seed=seed,
-                    batch_size=batch_size,
-                    max_batch_tokens=max_batch_tokens,
+                    batching,
                     stats=stats,
                     on_batch=on_batch,
                     as_references=as_references,
@@ -267,6 +249,10 @@ class GenerateConfig:
     def sampling(self) -> SamplingParams:
         return check_params(self.num_samples, self.max_new_tokens, self.temperature, self.top_p)
 
+    @property
+    def batching(self) -> Batching:
+        return Batching(self.num_samples, self.seed, self.batch_size, self.max_batch_tokens)
+
     def load(self, say: Callable[[str], None] | None = None) -> Generator:
         """The model (with its adapter) in the engine the config names, with this process's thread budget."""
         prompting = (self.system_prompt, self.max_prompt_length)
@@ -274,6 +260,7 @@ class GenerateConfig:
 
 
 __all__ = [
+    "Batching",
     "GenerateConfig",
     "GenerateStats",
     "Generator",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import pytest
 from typer.testing import CliRunner
+
+if TYPE_CHECKING:
+    from stages.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -151,3 +155,20 @@ def run_args(run_dir: Path, model: Path | str, *settings: str) -> list[str]:
     for item in [*tiny_overrides(model), *settings]:
         args += ["--set", item]
     return args
+
+
+def small_train_config(model: Path | str, **overrides: object) -> TrainConfig:
+    """A few GRPO steps on a tiny model (tests/test_train.py's run; other tests change what they need)."""
+    from stages.train.config import TrainConfig
+
+    settings = {
+        "model": str(model),
+        "num_generations": 4,
+        "per_device_train_batch_size": 8,
+        "max_completion_length": 8,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "save_steps": 2,
+        "warmup_ratio": 0.0,
+    }
+    return TrainConfig(**{**settings, **overrides})

@@ -128,3 +128,30 @@ def test_generated_and_given_systems_side_by_side(runner, files, tiny_model, tmp
     assert summary["model"] == str(tiny_model)
     assert summary["systems"]["base"]["length"]["tokens_mean"] <= 2  # generated here, counted by the tokenizer
     assert set(summary["systems"]["old"]["vs_base"]) == {"bleu", "bleu-paper", "chrf", "rouge-l"}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
+def test_answers_in_other_formats_score_as_the_jsonl_ones(runner, files, tmp_path, no_model_loads, suffix) -> None:
+    """`--answers` reads what `-i` reads: the same answers as Parquet, CSV or a JSON array give the same report."""
+    pytest.importorskip("pyarrow")
+    from stages.core.formats import open_writer
+
+    held, old, _ = files
+    other = tmp_path / f"old{suffix}"
+    rows = [{"id": k, "completion": v} for k, v in OLD.items()]
+    if suffix == ".json":
+        other.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        other.write_text("id,completion\n" + "".join(f'{r["id"]},"{r["completion"]}"\n' for r in rows))
+    else:
+        with open_writer(other) as writer:
+            for row in rows:
+                writer.write(row)
+    summaries = []
+    for path in (old, other):
+        report = tmp_path / "r.json"
+        argv = ["eval", "-i", str(held), "--answers", f"old={path}", "--report", str(report), "-m", "bleu", "-q"]
+        assert runner.invoke(app, argv).exit_code == 0
+        summaries.append(json.loads(report.read_text())["systems"]["old"]["metrics"])
+    assert summaries[1] == summaries[0]
+    assert summaries[0]["bleu"]["mean"] > 0  # the answers were read (h3 is the reference itself)

@@ -209,17 +209,26 @@ def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
     raise AssertionError(f"{marker!r} never came; stderr: {lines}")
 
 
-@pytest.mark.slow
-def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_path) -> None:
+def interrupt_step_1(tiny_model: Path, tmp_path: Path, *, wait_for: str) -> tuple[list[str], str, Path]:
+    """Ctrl-C once the first (slowed) step has started; then read stderr up to `wait_for`: if that is the
+    acknowledgement, Ctrl-C again. Returns the lines up to `wait_for`, the rest of stderr, and the run folder."""
     proc, out = train_with_slow_steps(tiny_model, tmp_path)
     try:
         read_until(proc, "TEST: step 1 started")
         proc.send_signal(signal.SIGINT)
-        during = read_until(proc, "TEST: step 1 ended")
+        upto = read_until(proc, wait_for)
+        if wait_for == "Ctrl-C again to stop now":
+            proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
         assert proc.wait(timeout=120) == 130
     finally:
         proc.kill()
+    return upto, rest, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_path) -> None:
+    during, rest, out = interrupt_step_1(tiny_model, tmp_path, wait_for="TEST: step 1 ended")
     expected = "bleuberi: Ctrl-C: finishing step 1 of 2, then saving a checkpoint; Ctrl-C again to stop now"
     assert expected in during  # said while the step still ran
     assert f"interrupted; saved {out / 'checkpoints' / 'step-1'}" in rest
@@ -228,16 +237,7 @@ def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_pat
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_losing_only_the_step_in_progress(tiny_model, tmp_path) -> None:
-    proc, out = train_with_slow_steps(tiny_model, tmp_path)
-    try:
-        read_until(proc, "TEST: step 1 started")
-        proc.send_signal(signal.SIGINT)
-        read_until(proc, "Ctrl-C again to stop now")
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        assert proc.wait(timeout=120) == 130
-    finally:
-        proc.kill()
+    _, rest, out = interrupt_step_1(tiny_model, tmp_path, wait_for="Ctrl-C again to stop now")
     assert "TEST: step 1 ended" not in rest  # it did not wait for the step
     assert not (out / "checkpoints" / "step-1").exists()
 

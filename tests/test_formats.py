@@ -252,7 +252,7 @@ def test_no_options_no_map_and_mapped_ids_are_checked_for_duplicates(tmp_path) -
     path = write_parquet(tmp_path / "d.parquet", [{"p": "A", "r": "x", "k": 1}, {"p": "B", "r": "y", "k": 1}])
     with pytest.raises(InputError) as error:
         list(read_records(path, fields=FieldMap("p", ("r",), "k")))
-    assert str(error.value) == f"{path}:2: field 'id': duplicate id '1', first on line 1"  # no hash hint: given
+    assert str(error.value) == f"{path}:2: field 'id': duplicate id '1', first on row 1"  # no hash hint: given
 
 
 # --- Parquet output --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from stages.core.errors import ModelError
 from stages.core.files import publish_folder
 from stages.core.models import resolve_model
 from stages.engines.prompts import PromptEncoder, plain_prompt
-from stages.generate import Generator, SamplingParams, generate_records
+from stages.generate import Batching, Generator, SamplingParams, generate_records
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
 
 
@@ -65,7 +65,7 @@ def test_left_truncation_is_counted(tiny_model) -> None:
 
 def test_n_samples_and_generation_fields(generator) -> None:
     records = demo_records(count=3)
-    out = list(generate_records(records, generator, SamplingParams(8, 1.0), n=3, seed=5, batch_size=2))
+    out = list(generate_records(records, generator, SamplingParams(8, 1.0), Batching(n=3, seed=5, batch_size=2)))
     assert [r["id"] for r in out] == [r["id"] for r in demo_records(count=3)]
     for record in out:
         assert len(record["completions"]) == 3 and all(isinstance(c, str) for c in record["completions"])
@@ -102,7 +102,9 @@ def test_same_seed_same_outputs_and_batching_does_not_matter(generator) -> None:
     params = SamplingParams(12, 1.0, top_p=0.9)
 
     def run(seed: int, batch_size: int) -> list[list[str]]:
-        out = generate_records(demo_records(count=5), generator, params, n=2, seed=seed, batch_size=batch_size)
+        out = generate_records(
+            demo_records(count=5), generator, params, Batching(n=2, seed=seed, batch_size=batch_size)
+        )
         return [r["completions"] for r in out]
 
     first = run(7, 2)
@@ -112,7 +114,10 @@ def test_same_seed_same_outputs_and_batching_does_not_matter(generator) -> None:
 
 
 def test_greedy_is_deterministic(generator) -> None:
-    out = [r["completions"] for r in generate_records(demo_records(count=2), generator, SamplingParams(8, 0.0), n=2)]
+    out = [
+        r["completions"]
+        for r in generate_records(demo_records(count=2), generator, SamplingParams(8, 0.0), Batching(n=2))
+    ]
     assert all(c[0] == c[1] for c in out)
 
 

@@ -11,20 +11,11 @@ from bleuberi_cli.app import app
 from stages.core.errors import UsageError
 from stages.train.config import TrainConfig
 from stages.train.loop import train
-from tests.conftest import demo_records, train_args, write_jsonl
+from tests.conftest import demo_records, small_train_config, train_args, write_jsonl
 
 
 def small_config(model, **overrides) -> TrainConfig:
-    settings = {
-        "model": str(model),
-        "num_generations": 4,
-        "per_device_train_batch_size": 8,
-        "max_completion_length": 4,
-        "max_steps": 2,
-        "save_steps": 2,
-        "warmup_ratio": 0.0,
-    }
-    return TrainConfig(**{**settings, **overrides})
+    return small_train_config(model, **{"max_completion_length": 4, "max_steps": 2, "learning_rate": 1e-5, **overrides})
 
 
 def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tiny_model, tmp_path) -> None:

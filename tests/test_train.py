@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bleuberi_cli.app import app
 from stages.train.config import TrainConfig
 from stages.train.loop import lr_at, train
-from tests.conftest import ROOT, demo_records, read_jsonl_text, torchrun, train_args, write_jsonl
+from tests.conftest import ROOT, demo_records, read_jsonl_text, small_train_config, torchrun, train_args, write_jsonl
 
 LEARN_RECORDS = [
     {"id": "a", "prompt": "name the largest planet", "references": ["jupiter is the largest planet"]},
@@ -37,18 +37,7 @@ def word_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("words") / "model", words=words)
 
 
-def small_config(model: Path, **overrides) -> TrainConfig:
-    settings = {
-        "model": str(model),
-        "num_generations": 4,
-        "per_device_train_batch_size": 8,
-        "max_completion_length": 8,
-        "max_steps": 3,
-        "learning_rate": 1e-2,
-        "save_steps": 2,
-        "warmup_ratio": 0.0,
-    }
-    return TrainConfig(**{**settings, **overrides})
+small_config = small_train_config
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:

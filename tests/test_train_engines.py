@@ -19,7 +19,7 @@ from stages.engines.base import ENGINES, AdapterRef, EngineOptions, EngineSpec, 
 from stages.engines.transformers_engine import sample
 from stages.train.config import TrainConfig
 from stages.train.loop import train
-from tests.conftest import demo_records
+from tests.conftest import demo_records, small_train_config
 
 
 class FileSyncedEngine:
@@ -86,18 +86,9 @@ def own_engine() -> EngineOptions:
 
 
 def config(model: Path, **overrides) -> TrainConfig:
-    settings = {
-        "model": str(model),
-        "device": "cpu",
-        "num_generations": 2,
-        "per_device_train_batch_size": 4,
-        "max_completion_length": 6,
-        "max_steps": 3,
-        "learning_rate": 5e-2,
-        "warmup_ratio": 0.0,
-        "save_steps": 100,
-    }
-    return TrainConfig(**{**settings, **overrides})
+    """tests/test_train.py's small run, smaller: G=2, 6 tokens, a large lr (engines must see the update)."""
+    settings = {"device": "cpu", "num_generations": 2, "per_device_train_batch_size": 4, "max_completion_length": 6}
+    return small_train_config(model, **{**settings, "learning_rate": 5e-2, "save_steps": 100, **overrides})
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:

@@ -60,6 +60,12 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def repeatable(help: str, *, metavar: str, panel: str | None = None, flag: str | None = None) -> Any:
+    """A list option given once per value on the command line (`--adapter A --adapter B`), a list in the
+    config file; empty by default. `flag`: the singular spelling, when the field's name is a plural."""
+    return option(factory=list, help=help, metavar=metavar, panel=panel, flags=(flag,) if flag else ())
+
+
 def info_of(field: dataclasses.Field[Any]) -> OptionInfo | None:
     return field.metadata.get(META_KEY)
 

@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import orjson
 
 from stages.core.errors import InputError
-from stages.core.formats import iter_rows
+from stages.core.formats import input_format, iter_rows
 from stages.core.jsonl import source_name
-from stages.core.options import option
+from stages.core.options import option, repeatable
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -299,7 +299,8 @@ def duplicate_id(key: str, first_line: dict[str, int], source: str, line: int, *
         first_line[key] = line
         return
     why = "" if given else " (a missing id is a hash of the prompt: give records with the same prompt ids)"
-    raise InputError(source, line, f"duplicate id {key!r}, first on line {first_line[key]}{why}", "id")
+    where = "line" if input_format(source) in ("jsonl", "json") else "row"  # a table's numbers count rows
+    raise InputError(source, line, f"duplicate id {key!r}, first on {where} {first_line[key]}{why}", "id")
 
 
 INPUT = "Input"
@@ -323,10 +324,8 @@ class ReadOptions:
         metavar="PATH",
         panel=INPUT,
     )
-    reference_field: list[str] = option(
-        factory=list,
-        help="take the references from this field (a string or a list; repeat for several), "
-        "e.g. reward_model.ground_truth",
+    reference_field: list[str] = repeatable(
+        "take the references from this field (a string or a list; repeat for several), e.g. reward_model.ground_truth",
         metavar="PATH",
         panel=INPUT,
     )

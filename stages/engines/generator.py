@@ -2,7 +2,7 @@
 
 generator = Generator.load("smollm2-135m")                  # load once
 ids = generator.encode(record)                              # chat template applied
-for record, samples in generator.generate(records, SamplingParams(64, 0.9), n=4, seed=42):
+for record, samples in generator.generate(records, SamplingParams(64, 0.9), Batching(n=4, seed=42)):
     ...                                                     # samples[k].token_ids / .logprobs / .finished
 """
 
@@ -44,6 +44,18 @@ WINDOW_BATCHES = 16
 def pad_token_id(tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> int:
     """Padding is masked out everywhere, so any id works: the tokenizer's, else an end-of-sequence id."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a stage's records are sampled: `n` samples each, sample k seeded from (seed, record id, k), at most
+    `batch_size` records a batch and, with `max_batch_tokens`, at most that many batch rows x (longest
+    prompt + max_new_tokens), to bound memory."""
+
+    n: int = 1
+    seed: int = 42
+    batch_size: int = 8
+    max_batch_tokens: int | None = None
 
 
 @dataclass
@@ -181,35 +193,34 @@ class Generator:
         self,
         records: Iterable[dict[str, Any]],
         sampling: SamplingParams,
+        batching: Batching = Batching(),
         *,
-        n: int = 1,
-        seed: int = 42,
-        batch_size: int = 8,
-        max_batch_tokens: int | None = None,
         on_batch: Callable[[int, int], None] | None = None,
         in_order: bool = True,
     ) -> Iterator[tuple[dict[str, Any], list[Sample]]]:
         """Yield (record, n samples) as batches finish.
 
         Records are read in windows of WINDOW_BATCHES batches; inside a window they are sorted by prompt
-        length so each batch holds prompts of similar length (little padding). `max_batch_tokens` caps
-        batch rows x (longest prompt + max_new_tokens) as well. `on_batch(prompts, new_tokens)` reports
-        progress. Sample k of a record is seeded from (seed, record id, k), whatever its batch.
+        length so each batch holds prompts of similar length (little padding). `on_batch(prompts,
+        new_tokens)` reports progress. Sample k of a record is seeded from (seed, record id, k), whatever
+        its batch.
 
         `in_order`: records come out in input order, each as soon as it and every record before it in
         its window are done. Otherwise each batch's records come out the moment the batch is done
         (completion order), so a writer that keeps them loses at most the batch in progress to a kill.
         """
-        if n < 1 or batch_size < 1:
+        if batching.n < 1 or batching.batch_size < 1:
             raise UsageError("num_samples and batch_size must be >= 1")
         records = iter(records)
-        while window := list(itertools.islice(records, batch_size * WINDOW_BATCHES)):
+        while window := list(itertools.islice(records, batching.batch_size * WINDOW_BATCHES)):
             encoded = [self.encode(record) for record in window]
             order = sorted(range(len(window)), key=lambda i: -len(encoded[i]))
             results: dict[int, list[Sample]] = {}
             next_out = 0  # in input order: the first record of the window not yet yielded
-            for batch in _batches(order, encoded, batch_size, n, sampling.max_new_tokens, max_batch_tokens):
-                samples = self._sample_batch([window[i] for i in batch], [encoded[i] for i in batch], sampling, n, seed)
+            for batch in _batches(order, encoded, batching, sampling.max_new_tokens):
+                samples = self._sample_batch(
+                    [window[i] for i in batch], [encoded[i] for i in batch], sampling, batching
+                )
                 if on_batch:
                     on_batch(len(batch), sum(len(s.token_ids) for group in samples for s in group))
                 if not in_order:
@@ -225,11 +236,10 @@ class Generator:
         records: Sequence[dict[str, Any]],
         encoded: Sequence[Sequence[int]],
         sampling: SamplingParams,
-        n: int,
-        seed: int,
+        batching: Batching,
     ) -> list[list[Sample]]:
         """n samples for each record of one batch."""
-        seeds = [[derive_seed(seed, record["id"], k) for k in range(n)] for record in records]
+        seeds = [[derive_seed(batching.seed, record["id"], k) for k in range(batching.n)] for record in records]
         if self.engine.text_only:  # a chat endpoint: the server applies its own template to the turns
             turns = [self.encoder.turns(prompt_messages(record)) for record in records]
             return self.engine.sample_messages(turns, seeds, sampling)
@@ -240,19 +250,15 @@ class Generator:
 
 
 def _batches(
-    order: list[int],
-    encoded: list[list[int]],
-    batch_size: int,
-    n: int,
-    max_new_tokens: int,
-    max_batch_tokens: int | None,
+    order: list[int], encoded: list[list[int]], batching: Batching, max_new_tokens: int
 ) -> Iterator[list[int]]:
     batch: list[int] = []
+    cap = batching.max_batch_tokens
     for i in order:
         candidate = [*batch, i]
         longest = max(len(encoded[j]) for j in candidate)
-        too_big = max_batch_tokens is not None and len(candidate) * n * (longest + max_new_tokens) > max_batch_tokens
-        if batch and (len(candidate) > batch_size or too_big):
+        too_big = cap is not None and len(candidate) * batching.n * (longest + max_new_tokens) > cap
+        if batch and (len(candidate) > batching.batch_size or too_big):
             yield batch
             batch = [i]
         else:

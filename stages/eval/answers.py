@@ -1,6 +1,7 @@
 """Answers produced elsewhere (a vLLM batch, an API, another toolkit), evaluated as a system of `eval`.
 
-`--answers NAME=FILE`: FILE is JSONL with one record per held-out id: `id` and `completion` (or
+`--answers NAME=FILE`: FILE holds one record per held-out id, in any format that `-i` reads (JSONL, Parquet,
+CSV/TSV, a JSON array, a `datasets` folder; stages/core/formats.py): `id` and `completion` (or
 `completions`, whose first item is used). The references always come from the held-out set (`-i`), so
 every system is scored against the same ones. Optional, when present: `tokens` (an integer) or
 `generation.completion_tokens` (bleuberi generate's output) for the length columns, and
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stages.core.errors import InputError, UsageError
-from stages.core.jsonl import iter_json_lines
+from stages.core.formats import iter_rows
 
 SHOWN_IDS = 5
 
@@ -59,7 +60,7 @@ def _ids(ids: Sequence[str]) -> str:
 def read_answers(path: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One answer per held-out record, in the records' order."""
     by_id: dict[str, dict[str, Any]] = {}
-    for line, obj in iter_json_lines(path):
+    for line, obj in iter_rows(path):
         if isinstance(obj, InputError):
             raise obj
         if not isinstance(obj, dict):

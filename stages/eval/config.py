@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
-from stages.core.options import option
+from stages.core.options import option, repeatable
 from stages.engines.base import EngineOptions, SamplingParams
 from stages.eval.stats import DEFAULT_RESAMPLES
 from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
@@ -127,26 +127,18 @@ class EvalConfig:
         envvar="BLEUBERI_MODEL",
         panel=SYSTEMS,
     )
-    adapters: list[str] = option(
-        factory=list,
-        help="a LoRA adapter to compare with the base; repeatable",
-        metavar="PATH[=NAME]",
-        flags=("--adapter",),
-        panel=SYSTEMS,
+    adapters: list[str] = repeatable(
+        "a LoRA adapter to compare with the base; repeatable", metavar="PATH[=NAME]", panel=SYSTEMS, flag="--adapter"
     )
-    answers: list[str] = option(
-        factory=list,
-        help="a system whose answers already exist (JSONL); repeatable",
+    answers: list[str] = repeatable(
+        "a system whose answers already exist (a records file, as -i reads); repeatable",
         metavar="NAME=FILE",
-        flags=("--answers",),
         panel=SYSTEMS,
     )
-    served: list[str] = option(
-        factory=list,
-        help="a system answered by an OpenAI-compatible server elsewhere (prompts through --model's chat template "
+    served: list[str] = repeatable(
+        "a system answered by an OpenAI-compatible server elsewhere (prompts through --model's chat template "
         "as token ids, or as chat turns with --server-chat-only); repeatable",
         metavar="NAME=URL[#MODEL]",
-        flags=("--served",),
         panel=SYSTEMS,
     )
     baseline: str | None = option(
@@ -191,10 +183,7 @@ class EvalConfig:
         panel=GENERATION,
     )
     tokenizer: str | None = option(
-        None,
-        "counts answer lengths for the length control (default: --model's; with only --answers: words)",
-        metavar="NAME|PATH",
-        panel=COMPARISON,
+        None, "length control's tokenizer (default: --model's; only --answers: words)", metavar="NAME", panel=COMPARISON
     )
     judges: JudgeOptions = field(default_factory=JudgeOptions)
 

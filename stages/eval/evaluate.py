@@ -46,15 +46,14 @@ def generate_answers(
     records: Sequence[dict[str, Any]], config: EvalConfig, system: System, on_progress: Progress | None = None
 ) -> list[dict[str, Any]]:
     """One answer per record from one system: text, token count, finish reason."""
-    from stages.engines.generator import Generator
+    from stages.engines.generator import Batching, Generator
 
     prompting = (config.prompt, config.max_prompt_length)
     model = config.base_model  # systems that generate exist only with a model
     generator = Generator.for_stage(config, model, adapter=system.adapter, prompting=prompting, engine=system.engine)  # type: ignore[arg-type]
     answers = []
-    for _record, [sample] in generator.generate(
-        records, config.sampling, n=1, seed=config.seed, batch_size=config.batch_size
-    ):
+    batching = Batching(n=1, seed=config.seed, batch_size=config.batch_size)
+    for _record, [sample] in generator.generate(records, config.sampling, batching):
         text = generator.text(sample)
         answers.append(
             {

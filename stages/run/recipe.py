@@ -164,7 +164,7 @@ def run_select(
     config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
 ) -> None:
     from stages.engines.base import SamplingParams
-    from stages.engines.generator import Generator
+    from stages.engines.generator import Batching, Generator
     from stages.generate import generate_file
     from stages.score import Scorer, score_records
     from stages.select import select_records
@@ -189,8 +189,7 @@ def run_select(
         generated,
         load,
         SamplingParams(config.select.max_new_tokens, config.select.temperature),
-        seed=config.seed,
-        batch_size=config.select.batch_size,
+        Batching(seed=config.seed, batch_size=config.select.batch_size),
         resume=True,
         on_message=lambda m: say(f"select: {m}"),
         on_todo=answers.start,

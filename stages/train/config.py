@@ -160,10 +160,7 @@ class TrainConfig:
         panel=LOSS,
     )
     delta: float | None = option(
-        None,
-        "two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high; INTELLECT-2)",
-        metavar="D",
-        panel=LOSS,
+        None, "cap the unclipped ratio at D > 1 + epsilon_high (two-sided clip, INTELLECT-2)", metavar="D", panel=LOSS
     )
     top_entropy_quantile: float = option(
         1.0,
