@@ -98,6 +98,9 @@ def with_config_options(
     if config_class is not None:
         groups = {CONFIG_PARAMETER: config_class, **groups}
     options = {name: cli_leaves(cls) for name, cls in groups.items()}
+    names = {group: {leaf.name for leaf in group_leaves} for group, group_leaves in options.items()}
+    fields = [leaf for group_leaves in options.values() for leaf in group_leaves]
+    field_names = {leaf.name for leaf in fields}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(command, include_extras=True)
@@ -106,22 +109,18 @@ def with_config_options(
             for p in inspect.signature(command).parameters.values()
             if p.name not in groups
         ]
-        fields = [leaf for leaves_ in options.values() for leaf in leaves_]
-        clash = {p.name for p in own} & {leaf.name for leaf in fields}
-        if clash or len({leaf.name for leaf in fields}) < len(fields):
+        clash = {p.name for p in own} & field_names
+        if clash or len(field_names) < len(fields):
             raise TypeError(f"{command.__name__}: an option is declared twice ({sorted(clash)} or in two groups)")
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
             built = {}
             with boundary():  # a refused setting is the command's one-line usage error
-                for name, cls in groups.items():
-                    names = {leaf.name for leaf in options[name]}
-                    values = {k: v for k, v in kwargs.items() if k in names and v is not None and v != []}
-                    built[name] = build(cls, values)
-            rest = {
-                k: v for k, v in kwargs.items() if all(k not in {leaf.name for leaf in o} for o in options.values())
-            }
+                for group, cls in groups.items():
+                    values = {k: v for k, v in kwargs.items() if k in names[group] and v is not None and v != []}
+                    built[group] = build(cls, values)
+            rest = {k: v for k, v in kwargs.items() if k not in field_names}
             return command(**rest, **built)
 
         parameters = [*own, *(cli_parameter(leaf) for leaf in fields)]

@@ -33,7 +33,7 @@ from bleuberi_cli.app import app
 from stages.core.errors import UsageError
 from stages.train.config import TrainConfig
 from stages.train.distributed import LAUNCHER_VARIABLES, Distributed
-from tests.conftest import ROOT, demo_records, free_port, write_jsonl
+from tests.conftest import ROOT, demo_records, free_port, torchrun, write_jsonl
 
 LR = 5e-3
 SETTINGS = [
@@ -64,10 +64,6 @@ SETTINGS = [
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
 
 
 def train_args(
@@ -104,15 +100,12 @@ def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     data = write_jsonl(root / "in.jsonl", demo_records(count=8))
     folders = {name: root / name for name in ("one", "ddp", "fsdp")}
-    port = ["--master_port", str(free_port())]
     run([sys.executable, *train_args(tiny_model, data, folders["one"], 8)])
-    run([*torchrun(), *port, *train_args(tiny_model, data, folders["ddp"], 4)])
+    run([*torchrun(), *train_args(tiny_model, data, folders["ddp"], 4)])
     merged = ["--merge-to", str(root / "merged")]
     run(
         [
             *torchrun(),
-            "--master_port",
-            str(free_port()),
             *train_args(tiny_model, data, folders["fsdp"], 4, "--parallel", "fsdp", *merged),
         ]
     )
@@ -168,8 +161,6 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_the_same_adapter(runs, tiny_m
     out = tmp_path / "killed"
     command = [
         *torchrun(),
-        "--master_port",
-        str(free_port()),
         *train_args(tiny_model, runs["data"], out, 4, "--parallel", "fsdp"),
     ]
     proc = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -226,8 +217,6 @@ def test_fsdp_on_one_process_under_torchrun(runs, tiny_model, tmp_path) -> None:
     run(
         [
             *torchrun(1),
-            "--master_port",
-            str(free_port()),
             *train_args(tiny_model, runs["data"], out, 8, "--parallel", "fsdp"),
         ]
     )
@@ -244,7 +233,7 @@ def test_a_rank_whose_rows_were_all_left_out_steps_with_the_others(runs, tiny_mo
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
         args = train_args(tiny_model, runs["data"], out, 4, "--parallel", parallel, settings=settings)
-        run([*torchrun(), "--master_port", str(free_port()), *args])
+        run([*torchrun(), *args])
         # one prompt per rank: half the groups tied means one rank had no rows
         assert 0.5 in [r["zero_std_groups"] for r in metrics(out)]
         assert max_difference(adapter(out), adapter(tmp_path / "one")) <= 2e-3 * LR
@@ -339,7 +328,7 @@ def test_a_sharded_policy_samples_and_trains_as_the_whole_one(tiny_model, tmp_pa
     bf16 rounding in the second forward pass; the fp32 runs above test clipping."""
     script = tmp_path / "sharded_vs_whole.py"
     script.write_text(SHARDED_VS_WHOLE)
-    run([*torchrun(), "--master_port", str(free_port()), str(script), str(tiny_model), str(tmp_path)])
+    run([*torchrun(), str(script), str(tiny_model), str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert max(ranks[0]["lengths"]) != max(ranks[1]["lengths"])  # one rank went on decoding alone
     for rank in ranks:
@@ -391,7 +380,7 @@ def test_fsdp_with_rollouts_from_an_engine_of_its_own(runs, tiny_model, tmp_path
     script = tmp_path / "engine_of_its_own.py"
     script.write_text(ENGINE_OF_ITS_OWN)
     command = [str(script), str(tiny_model), str(runs["data"]), str(tmp_path), str(LR)]
-    run([*torchrun(), "--master_port", str(free_port()), *command])
+    run([*torchrun(), *command])
     for rank in (0, 1):
         engine = json.loads((tmp_path / f"engine-{rank}.json").read_text())
         assert engine["calls"] == [None, 0, 1, 2, 3]  # the probe, then each step with the adapter before it

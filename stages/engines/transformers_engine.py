@@ -168,7 +168,7 @@ def _decode(
     # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
     cache_arg = "cache" if "cache" in accepted else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    fsdp = _has_fsdp_units(model)
+    fsdp = is_sharded(model)
     sharded_now = fsdp and _holds_shards(model)  # not when gathered whole for sampling (train/sharding.py)
     lockstep = _Lockstep(model, pad_id) if sharded_now and dist.get_world_size() > 1 else None
     # FSDP keeps the weights it gathers in buffers it reuses for training: no inference tensors then
@@ -233,8 +233,8 @@ class _Lockstep:
             self.model(input_ids=self.idle_input, use_cache=False)
 
 
-def _has_fsdp_units(model: PreTrainedModel) -> bool:
-    """Whether parts of the model are FSDP units (`train --parallel fsdp`)."""
+def is_sharded(model: PreTrainedModel) -> bool:
+    """Whether parts of the model are FSDP units (`train --parallel fsdp`; stages/train/sharding.py)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -183,7 +183,10 @@ class EvalConfig:
         panel=GENERATION,
     )
     tokenizer: str | None = option(
-        None, "length control's tokenizer (default: --model's; only --answers: words)", metavar="NAME", panel=COMPARISON
+        None,
+        "counts answer lengths for the length control (default: --model's; with only --answers: words)",
+        metavar="NAME|PATH",
+        panel=COMPARISON,
     )
     judges: JudgeOptions = field(default_factory=JudgeOptions)
 

@@ -184,12 +184,12 @@ def _write_outputs(run: TrainRun, metrics: Path, merge_to: str | None, say: Call
         return adapter
     save_adapter(model, tokenizer, adapter, model_name=config.model, state_dict=weights)
     plot_metrics(metrics, run.output_dir / "reward.png", say)
-    if merge_to and weights is not None:
-        remote = config.trust_remote_code
-        save_merged_from_disk(model, tokenizer, Path(merge_to), base=config.model, adapter=adapter, remote=remote)
-    elif merge_to:
-        save_merged(model, tokenizer, Path(merge_to))
     if merge_to:
+        if weights is None:
+            save_merged(model, tokenizer, Path(merge_to))
+        else:  # no rank holds the sharded policy whole: merge into the base loaded again
+            remote = config.trust_remote_code
+            save_merged_from_disk(model, tokenizer, Path(merge_to), base=config.model, adapter=adapter, remote=remote)
         say(f"merged model written to {merge_to}")
     return adapter
 

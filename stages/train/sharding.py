@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from stages.core.errors import ModelError, UsageError
+from stages.engines.transformers_engine import is_sharded  # every forward pass is then collective
 
 if TYPE_CHECKING:
     from stages.core.models import ResolvedModel
@@ -181,11 +182,6 @@ def _is_dtensor(tensor: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def is_sharded(model: Any) -> bool:
-    """Whether any part of `model` is an FSDP unit (then every forward pass is collective)."""
-    return dist.is_available() and dist.is_initialized() and any(_is_fsdp(m) for m in model.modules())
 
 
 def shard_like(value: torch.Tensor, like: Any) -> Any:
