@@ -354,7 +354,7 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
         device=spec["device"], gradient_checkpointing=True, max_steps=spec["steps"], save_steps=spec["steps"],
         temperature=TEMPERATURE, learning_rate=1e-5, seed=42, parallel=spec["mode"],
     )  # fmt: skip
-    config = TrainConfig(**options)
+    config = TrainConfig.of(**options)
     count, vocab = config.prompts_per_step * spec["steps"], spec["vocab_size"]
     records = make_records(count, vocab, spec["prompt_tokens"], seed=2, answer_words=spec["completion_tokens"])
     device, steps = spec["device"], []

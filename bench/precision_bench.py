@@ -49,7 +49,7 @@ def child(variant: str, steps: int, lr: float) -> dict:
 
         precision.float32_logits = lambda model: contextlib.nullcontext()
         precision.float32_weight = lambda weight: weight
-    config = TrainConfig(
+    config = TrainConfig.of(
         dtype=VARIANTS[variant],
         device="cpu",
         num_generations=G,

@@ -49,7 +49,7 @@ def bench_config(steps: int, *, g: int = G, completion_tokens: int = COMPLETION_
     1e-5, beta 0.04, temperature 0.9, on the CPU, no checkpoints; 1 warm-up step, then `steps` timed."""
     from stages.train.config import TrainConfig
 
-    return TrainConfig(
+    return TrainConfig.of(
         num_generations=g,
         per_device_train_batch_size=PROMPTS_PER_STEP * g,
         max_completion_length=completion_tokens,
@@ -138,7 +138,7 @@ def run_demo(steps: int) -> dict:
     from stages.train.config import TrainConfig
     from stages.train.loop import train
 
-    config = TrainConfig(
+    config = TrainConfig.of(
         num_generations=4,
         per_device_train_batch_size=16,
         max_completion_length=48,

@@ -20,7 +20,11 @@ def agreement(reading: ReadOptions, output: str | None, config: EvalConfig, *, r
     stats = PairStats()
     pairs = list(read_pairs(reading.input, skip_invalid=reading.skip_invalid, stats=stats))
     result = measure_agreement(
-        pairs, config.metrics, seed=config.seed, resamples=config.resamples, dropped_both_bad=stats.dropped_both_bad
+        pairs,
+        config.metric_names,
+        seed=config.seed,
+        resamples=config.bootstrap_resamples,
+        dropped_both_bad=stats.dropped_both_bad,
     )
     report_reading(stats, quiet=quiet)
     if not pairs:

@@ -93,7 +93,6 @@ QuietOpt = Annotated[
     bool,
     typer.Option("-q", "--quiet", help="No progress or summary on stderr (errors still show).", callback=_set_quiet),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Random seed: same seed, same result.")]
 
 
 def say(message: str, *, quiet: bool = False) -> None:

@@ -80,12 +80,6 @@ def cli_parameter(leaf: Leaf) -> inspect.Parameter:
     )
 
 
-def option_type(config_class: type, name: str) -> Any:
-    """One config field's option, as an `Annotated` type for a command that has no config of its own."""
-    [leaf] = [leaf for leaf in leaves(config_class) if leaf.name == name]
-    return cli_parameter(leaf).annotation
-
-
 def cli_leaves(config_class: type) -> list[Leaf]:
     return [leaf for leaf in leaves(config_class) if leaf.info.cli]
 

@@ -80,7 +80,7 @@ def eval_command(
             inputs=[reading.input, *(system.answers for system in systems if system.answers)],
             models=[config.base_model, config.judges.judge_model],
             adapters=[system.adapter for system in systems],
-            specs=config.metrics,
+            needs=[spec.needs() for spec in config.metric_specs],
         )
         records = read_all_records(reading, quiet=quiet, purpose="evaluate")
         if records:

@@ -54,10 +54,11 @@ def generate(
     with boundary():
         from stages.generate import generate_file
 
-        preflight(inputs=[reading.input], models=[config.model], adapters=[config.adapter])
+        preflight(inputs=[reading.input], models=[config.model.model], adapters=[config.adapter])
 
         def load() -> Generator:
-            say(f"loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
+            name = config.model.model
+            say(f"loading {name}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
             return config.load(say=lambda m: say(m, quiet=quiet))
 
         records = read_all_records(reading, quiet=quiet, purpose="generate", references_optional=config.as_references)
@@ -76,7 +77,7 @@ def generate(
             )
         if records and not stats.records:
             say(f"nothing to generate: every record is already in {output}", quiet=quiet)
-        _report(stats, output, config.max_prompt_length, quiet=quiet)
+        _report(stats, output, config.prompt.max_prompt_length, quiet=quiet)
 
 
 def _report(stats: GenerateStats, output: str | None, max_prompt_length: int | None, *, quiet: bool) -> None:

@@ -12,15 +12,10 @@ import sys
 from bleuberi_cli.config_options import flags_of
 from stages.core.options import Leaf, leaves
 from stages.core.records import ReadOptions
-from stages.eval.config import EvalConfig
-from stages.generate import GenerateConfig
-from stages.run.config import KEYS, SHARED
-from stages.train.config import TrainConfig
+from stages.run.config import DEMO, KEYS, SHARED, STAGE_CONFIGS
 
 COMMANDS = (
-    ("bleuberi train", TrainConfig, "train"),
-    ("bleuberi generate", GenerateConfig, None),
-    ("bleuberi eval", EvalConfig, None),
+    *((f"bleuberi {stage}", config_class, stage) for stage, config_class in STAGE_CONFIGS.items()),
     ("reading records (generate, score, select, train, eval)", ReadOptions, None),
 )
 
@@ -33,14 +28,15 @@ def _default(leaf: Leaf) -> str:
     return str(leaf.default).lower() if isinstance(leaf.default, bool) else str(leaf.default)
 
 
-def _run_key(leaf: Leaf) -> str:
-    """The `bleuberi run` key of a train option: top level or [engine] for the shared ones, else [train]."""
-    if leaf.path == ("engine",):
+def _run_key(leaf: Leaf, stage: str) -> str:
+    """The `bleuberi run` key of a stage's option: top level or [engine] for the shared ones, else [stage];
+    `(demo)` where the demo overlay sets it."""
+    if leaf.tables[-1:] == ("engine",):
         key = f"engine.{leaf.name}"
     else:
-        key = leaf.name if leaf.name in SHARED else f"train.{leaf.name}"
-    assert key in KEYS, key  # a train option the run config would not take
-    return key
+        key = leaf.name if leaf.name in SHARED else f"{stage}.{leaf.name}"
+    assert key in KEYS, key  # a stage option the run config would not take
+    return f"`{key}` (demo)" if key in DEMO else f"`{key}`"
 
 
 def _cell(text: str) -> str:
@@ -53,7 +49,8 @@ def options_markdown() -> str:
         "",
         "Every option of the commands built from a config, made from its declaration "
         "(`python -m bleuberi_cli.options_doc`; do not edit by hand). `bleuberi run` sets the same options "
-        "by the config key shown (top-level keys and `[engine]` for every stage).",
+        "by the config key shown (top-level keys and `[engine]` for every stage), with the same defaults "
+        "except where the demo overlay sets another (marked `(demo)`; docs/recipe.md lists its values).",
     ]
     for title, config_class, section in COMMANDS:
         lines += ["", f"## {title}", "", "| option | run key | default | meaning |", "|---|---|---|---|"]
@@ -61,7 +58,7 @@ def options_markdown() -> str:
             if not leaf.info.cli:
                 continue
             flags = " / ".join(f"`{flag}`" for flag in flags_of(leaf))
-            key = f"`{_run_key(leaf)}`" if section else ""
+            key = _run_key(leaf, section) if section else ""
             default = f"`{_cell(_default(leaf))}`" if _default(leaf) else ""
             lines.append(f"| {_cell(flags)} | {key} | {default} | {_cell(leaf.info.help)} |")
     return "\n".join(lines) + "\n"

@@ -54,23 +54,25 @@ def run_command(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        from stages.run.config import load_config, to_toml
+        from stages.run.config_file import load_config, to_toml
 
-        resolved = load_config(config, set_ or [])
+        resolved = load_config(config, set_ or [], on_note=lambda note: say(f"note: {note}", quiet=quiet))
         if print_config:
             sys.stdout.write(to_toml(resolved))
             return
         from stages.core.jsonl import JsonlWriter
         from stages.core.preflight import preflight
         from stages.eval.report import eval_tables, print_tables
-        from stages.run.recipe import empty_input, eval_metrics, headline, run_recipe
+        from stages.run.recipe import TRAINED_ADAPTER, empty_input, eval_config, headline, run_recipe
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
         if problem := empty_input(resolved):  # the data files first: a missing one is named here
             say(f"no records: {problem}, nothing to run", quiet=quiet)
             return
-        specs = [resolved.select.metric, *resolved.train.reward, *eval_metrics(resolved)]
-        preflight(models=[resolved.model], specs=specs)
+        evaluation = eval_config(resolved, TRAINED_ADAPTER)
+        specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
+        adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
+        preflight(models=[resolved.model.model], adapters=adapters, needs=[spec.needs() for spec in specs])
         say(f"run folder: {run_dir}", quiet=quiet)
         # One live display at a time (rich allows no more): the training step line, which select and
         # eval use for their progress too (off a terminal: a line per batch).

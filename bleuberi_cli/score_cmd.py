@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Annotated
-
-import typer
 
 from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, note_stdin, progress, report_reading, say
-from bleuberi_cli.config_options import option_type, with_config_options
+from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
 from stages.core.preflight import preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions, ReadStats
-from stages.generate import GenerateConfig
 from stages.metrics import SPEC_HELP, metric_list
-from stages.score import Aggregate, Combine, Scorer, score_records
+from stages.score import ScoreConfig, score_records
 
-DeviceOpt = option_type(GenerateConfig, "device")
 METRIC_LIST = metric_list()
 
 HELP = f"""Score each record's `completions` against its `references` (all references at once).
@@ -45,52 +40,11 @@ Examples:
 """
 
 
-MetricOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "-m",
-        "--metric",
-        metavar="NAME[:WEIGHT]",
-        help="Metric to compute; repeat for several. With weights, `scores.combined` holds the weighted sum.",
-        show_default="bleu",
-    ),
-]
-WeightOpt = Annotated[
-    list[float] | None,
-    typer.Option(
-        "-w", "--weight", metavar="W", help="Weight for the metric in the same position (alternative to NAME:WEIGHT)."
-    ),
-]
-AggregateOpt = Annotated[Aggregate, typer.Option("--aggregate", help="How a record's completions make its `score`.")]
-CombineOpt = Annotated[
-    Combine,
-    typer.Option(
-        "--combine",
-        "--reward-combine",
-        help="sum: `combined` = weighted sum (with weights); zscore: each metric z-scored within the "
-        "record's completions, then the weighted mean (the paper's BLEU+RM; a record's mean is then 0).",
-    ),
-]
-JobsOpt = Annotated[
-    int, typer.Option("-j", "--jobs", metavar="N", help="Worker processes for large streams (0 = all cores).")
-]
-
-
-@with_config_options(reading=ReadOptions)
-def score(
-    reading: ReadOptions,
-    output: OutputOpt = None,
-    metric: MetricOpt = None,
-    weight: WeightOpt = None,
-    aggregate: AggregateOpt = "mean",
-    combine: CombineOpt = "sum",
-    device: DeviceOpt = "auto",
-    jobs: JobsOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@with_config_options(ScoreConfig, reading=ReadOptions)
+def score(config: ScoreConfig, reading: ReadOptions, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
     with boundary():
-        preflight(inputs=[reading.input], specs=metric or [])
-        scorer = Scorer.from_names(metric or ["bleu"], weight, aggregate, combine=combine, device=device)
+        scorer = config.scorer
+        preflight(inputs=[reading.input], needs=[spec.needs() for spec in scorer.specs])
         stats = ReadStats()
         note_stdin(reading.input, quiet=quiet)
         records = Timed(reading.records(require=("completions",), stats=stats))
@@ -98,7 +52,7 @@ def score(
         completions = 0
         total, scored = 0.0, 0
         with open_writer(output) as writer, progress("scoring", quiet=quiet) as advance:
-            for record in score_records(records, scorer, jobs=jobs):
+            for record in score_records(records, scorer, jobs=config.jobs):
                 writer.write(record)
                 completions += len(record["completions"])
                 if record["score"] is not None:  # None: a `py:` function rewarded none of its completions

@@ -6,12 +6,12 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import OutputOpt, QuietOpt, SeedOpt, boundary, console, note_stdin, report_reading
+from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, console, note_stdin, report_reading
 from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
 from stages.core.preflight import preflight
 from stages.core.records import ReadOptions, ReadStats
-from stages.select import Mode, quantiles, select_records
+from stages.select import SelectConfig, quantiles, select_records
 
 HELP = """Pick N records by their `score` (from `bleuberi score`).
 
@@ -29,19 +29,11 @@ Examples:
 """
 
 
-@with_config_options(reading=ReadOptions)
+@with_config_options(SelectConfig, reading=ReadOptions)
 def select(
+    config: SelectConfig,
     reading: ReadOptions,
     output: OutputOpt = None,
-    mode: Annotated[Mode, typer.Option("--mode", help="Which records to keep (see above).")] = "hard",
-    num: Annotated[
-        int | None, typer.Option("-n", "--num", metavar="N", help="How many records to keep.", show_default=False)
-    ] = None,
-    fraction: Annotated[
-        float | None,
-        typer.Option("--fraction", metavar="F", help="Share of the pool to keep, in (0, 1].", show_default=False),
-    ] = None,
-    seed: SeedOpt = 42,
     plot: Annotated[
         str | None,
         typer.Option("--plot", metavar="FILE.png", help="Write a histogram of pool scores with the selection marked."),
@@ -52,19 +44,19 @@ def select(
         preflight(inputs=[reading.input])
         stats = ReadStats()
         note_stdin(reading.input, quiet=quiet)
-        require = () if mode == "random" else ("score",)
+        require = () if config.mode == "random" else ("score",)
         pool = list(reading.records(require=require, stats=stats))
-        selection = select_records(pool, mode=mode, num=num, fraction=fraction, seed=seed)
+        selection = select_records(pool, config)
         if plot:
             from stages.select import plot_histogram
 
-            plot_histogram(selection, plot, mode)
+            plot_histogram(selection, plot, config.mode)
         with open_writer(output) as writer:
             for record in selection.chosen:
                 writer.write(record)
         report_reading(stats, quiet=quiet)
         if not quiet:
-            _summary(len(pool), selection, mode, plot, output)
+            _summary(len(pool), selection, config.mode, plot, output)
 
 
 def _summary(pool_size: int, selection, mode: str, plot: str | None, output: str | None) -> None:

@@ -104,7 +104,8 @@ def train(
 ) -> None:
     with boundary():
         resume_folder = resume_from if resume_from not in (None, "latest") else None
-        preflight(inputs=[reading.input, resume_folder], models=[config.model], specs=config.reward)
+        needs = [spec.needs() for spec in config.rewards] if config.algorithm.samples else []
+        preflight(inputs=[reading.input, resume_folder], models=[config.model.model], needs=needs)
         records = read_all_records(reading, quiet=quiet, purpose="train on")
         if records:
             _run(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.formats import open_writer, refuse_append
 from stages.core.jsonl import prepare_resume, put_in_order
-from stages.core.options import option
+from stages.core.options import MODEL, ModelOptions, PromptOptions, group, option
 from stages.core.versions import package_version
-from stages.engines.base import EngineOptions, Sample, SamplingParams
+from stages.engines.base import SAMPLING, BatchOptions, EngineOptions, Sample, SamplingParams
 from stages.engines.generator import Batching, Generator
 
 
@@ -198,44 +198,21 @@ def _already_done(output: str | Path | None, on_message: Callable[[str], None]) 
     return state.ids
 
 
-def check_params(n: int, max_new_tokens: int, temperature: float, top_p: float) -> SamplingParams:
-    if n < 1:
-        raise UsageError("-n/--num-samples must be >= 1")
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-
-
-SAMPLING = "Sampling"
-
-
 @dataclass
-class GenerateConfig:
-    """Every option of `generate` (declared once, here: stages/core/options.py)."""
+class GenerateConfig(options.Options):
+    """Every option of `generate` (declared once: stages/core/options.py). The model, prompt, sampling and
+    batch options are the groups every stage that generates nests."""
 
-    model: str = options.model_option()
+    model: ModelOptions = group(ModelOptions)
     adapter: str | None = option(
-        None, "a PEFT LoRA folder (e.g. train's adapter/); merged for speed", metavar="PATH", panel="Model"
+        None, "a PEFT LoRA folder (e.g. train's adapter/); merged for speed", metavar="PATH", panel=MODEL
     )
+    prompt: PromptOptions = group(PromptOptions)
     num_samples: int = option(1, "completions per prompt", metavar="N", flags=("-n", "--num-samples"), panel=SAMPLING)
-    max_new_tokens: int = option(256, "stop a completion after this many tokens", metavar="N", panel=SAMPLING)
-    temperature: float = option(1.0, "sampling temperature; 0 = greedy", metavar="T", panel=SAMPLING)
-    top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", metavar="P", panel=SAMPLING)
+    sampling: SamplingParams = group(SamplingParams)
+    batch: BatchOptions = group(BatchOptions)
     seed: int = options.seed_option()
-    batch_size: int = option(8, "prompts per batch (each with n samples)", metavar="N", panel=SAMPLING)
-    max_batch_tokens: int | None = option(
-        None,
-        "also cap rows x (longest prompt + max new tokens) per batch, to bound memory",
-        metavar="N",
-        panel=SAMPLING,
-    )
-    max_prompt_length: int | None = option(
-        None, "cut longer prompts from the left (counted)", metavar="N", panel=SAMPLING
-    )
-    device: str = options.device_option()
-    dtype: str = options.dtype_option()
-    threads: int | None = options.threads_option()
-    system_prompt: str | None = options.system_prompt_option()
-    trust_remote_code: bool = options.trust_remote_code_option()
-    engine: EngineOptions = field(default_factory=EngineOptions)
+    engine: EngineOptions = group(EngineOptions, table=True)
     as_references: bool = option(
         False,
         "append the generated texts to each record's `references` (deduplicated; `reference_sources` says which "
@@ -243,20 +220,16 @@ class GenerateConfig:
     )
 
     def __post_init__(self) -> None:
-        self.sampling  # noqa: B018 - bad sampling settings fail before any record is read
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return check_params(self.num_samples, self.max_new_tokens, self.temperature, self.top_p)
+        if self.num_samples < 1:  # before any record is read
+            raise UsageError("-n/--num-samples must be >= 1")
 
     @property
     def batching(self) -> Batching:
-        return Batching(self.num_samples, self.seed, self.batch_size, self.max_batch_tokens)
+        return Batching.of(self.batch, n=self.num_samples, seed=self.seed)
 
     def load(self, say: Callable[[str], None] | None = None) -> Generator:
         """The model (with its adapter) in the engine the config names, with this process's thread budget."""
-        prompting = (self.system_prompt, self.max_prompt_length)
-        return Generator.for_stage(self, self.model, adapter=self.adapter, prompting=prompting, say=say)
+        return Generator.for_options(self.model, self.prompt, self.engine, adapter=self.adapter, say=say)
 
 
 __all__ = [
@@ -266,7 +239,6 @@ __all__ = [
     "Generator",
     "SamplingParams",
     "add_completions",
-    "check_params",
     "generate_file",
     "generate_records",
 ]

@@ -23,24 +23,26 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from functools import cached_property
+from typing import Any, Literal, get_args
 
+from stages.core import options
 from stages.core.errors import UsageError
+from stages.core.models import Device
+from stages.core.options import check_choice, option
 from stages.core.records import prompt_messages
-from stages.metrics import Batch, Metric, get_metric, parse_weighted
+from stages.metrics import Batch, Metric, MetricSpec, parse_specs
 from stages.metrics.reasoning import extract_answer
 
 Aggregate = Literal["mean", "max", "min"]
-AGGREGATES: tuple[str, ...] = ("mean", "max", "min")
 Combine = Literal["sum", "zscore"]
-COMBINES: tuple[str, ...] = ("sum", "zscore")
 COMBINED = "combined"
 ZSCORE_EPS = 1e-6  # added to the group's std, as in the paper's BLEU+RM code
 
 # Records per task sent to a worker process: big enough to amortise pickling, small enough to stream.
 CHUNK_RECORDS = 64
 
-__all__ = ["COMBINED", "Scorer", "parse_weighted", "score_records", "zscores"]
+__all__ = ["COMBINED", "ScoreConfig", "Scorer", "score_records", "zscores"]
 
 
 def zscores(values: Sequence[float | None]) -> list[float | None]:
@@ -66,14 +68,15 @@ def available_jobs() -> int:
 class Scorer:
     """Several metrics, optionally combined, plus how a record's completions are aggregated.
 
-    `combine="sum"`: `combined` = the weighted sum (when weights are given). `combine="zscore"`: each
-    metric is z-scored within the completions scored together (a record's, a GRPO group's), then
-    `combined` = sum(w * z) / sum(w), weights 1 by default: the paper's BLEU+RM. `extract_answer`
-    (reasoning mode): metrics see only the `<answer>` part, except those marked `full_completion`.
-    Model-based metrics are placed on `device` when first used.
+    `specs`: the metrics, parsed (strings from a library caller are parsed here), each with the weight it
+    was named with. `combine="sum"`: `combined` = the weighted sum (when weights are given, by spec or in
+    `weights`). `combine="zscore"`: each metric is z-scored within the completions scored together (a
+    record's, a GRPO group's), then `combined` = sum(w * z) / sum(w), weights 1 by default: the paper's
+    BLEU+RM. `extract_answer` (reasoning mode): metrics see only the `<answer>` part, except those marked
+    `full_completion`. Model-based metrics are placed on `device` when first used.
     """
 
-    metric_names: list[str]
+    specs: Sequence[MetricSpec | str]
     weights: list[float] | None = None
     aggregate: Aggregate = "mean"
     combine: Combine = "sum"
@@ -82,24 +85,27 @@ class Scorer:
     metrics: list[Metric] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.metric_names:
+        self.specs = parse_specs(self.specs)
+        if not self.specs:
             raise UsageError("at least one metric is needed")
-        if len(set(self.metric_names)) != len(self.metric_names):
-            raise UsageError(f"a metric is named twice: {self.metric_names}")
-        if self.weights is not None and len(self.weights) != len(self.metric_names):
-            raise UsageError(f"{len(self.weights)} weights for {len(self.metric_names)} metrics")
-        if self.aggregate not in AGGREGATES:
-            raise UsageError(f"unknown aggregate {self.aggregate!r}; choose from {', '.join(AGGREGATES)}")
-        if self.combine not in COMBINES:
-            raise UsageError(f"unknown combination {self.combine!r}; choose from {', '.join(COMBINES)}")
+        inline = [spec.weight for spec in self.specs]
+        if self.weights is not None:
+            if any(w is not None for w in inline):
+                raise UsageError("give weights either as NAME:WEIGHT or with --weight, not both")
+            if len(self.weights) != len(self.specs):
+                raise UsageError(f"{len(self.weights)} weights for {len(self.specs)} metrics")
+        elif any(w is not None for w in inline):
+            self.weights = [1.0 if w is None else w for w in inline]
+        check_choice("aggregate", self.aggregate, get_args(Aggregate))
+        check_choice("combination", self.combine, get_args(Combine))
         if self.combine == "zscore" and self.weights is not None and sum(self.weights) == 0:
             raise UsageError("zscore combination divides by the sum of the weights, which is 0")
-        self.metrics = [get_metric(name, device=self.device) for name in self.metric_names]
+        self.metrics = [spec.metric(device=self.device) for spec in self.specs]  # type: ignore[union-attr]
 
     @classmethod
     def from_names(
         cls,
-        specs: Sequence[str],
+        specs: Sequence[str | MetricSpec],
         weights: Sequence[float] | None = None,
         aggregate: Aggregate = "mean",
         *,
@@ -107,28 +113,34 @@ class Scorer:
         extract_answer: bool = False,
         device: str = "auto",
     ) -> Scorer:
-        """Build from `NAME[:ARG][:WEIGHT]` specs (and/or a parallel list of weights)."""
-        parsed = [parse_weighted(spec) for spec in specs]
-        names = [name for name, _ in parsed]
-        inline = [weight for _, weight in parsed]
-        options: dict[str, Any] = {"combine": combine, "extract_answer": extract_answer, "device": device}
-        if weights:
-            if any(w is not None for w in inline):
-                raise UsageError("give weights either as NAME:WEIGHT or with --weight, not both")
-            return cls(names, list(weights), aggregate, **options)
-        if any(w is not None for w in inline):
-            return cls(names, [1.0 if w is None else w for w in inline], aggregate, **options)
-        return cls(names, None, aggregate, **options)
+        """From `NAME[:ARG][:WEIGHT]` specs (and/or a parallel list of weights)."""
+        return cls(list(specs), list(weights) if weights else None, aggregate, combine, extract_answer, device)
 
     @classmethod
     def for_rewards(
-        cls, specs: Sequence[str], *, combine: Combine = "sum", extract_answer: bool = False, device: str = "auto"
+        cls,
+        specs: Sequence[str | MetricSpec],
+        *,
+        combine: Combine = "sum",
+        extract_answer: bool = False,
+        device: str = "auto",
     ) -> Scorer:
         """The trainer's reward: several specs are always combined (weight 1 where none is given)."""
         scorer = cls.from_names(specs, combine=combine, extract_answer=extract_answer, device=device)
-        if scorer.weights is None and len(scorer.metric_names) > 1:
-            scorer.weights = [1.0] * len(scorer.metric_names)
+        if scorer.weights is None and len(scorer.specs) > 1:
+            scorer.weights = [1.0] * len(scorer.specs)
         return scorer
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [metric.name for metric in self.metrics]
+
+    def to(self, device: str) -> Scorer:
+        """Place the model-based metrics on `device` (the trainer's: `cuda:1` under torchrun) before first use."""
+        self.device = device
+        for metric in self.metrics:
+            metric.to(device)
+        return self
 
     @property
     def score_key(self) -> str:
@@ -232,19 +244,59 @@ class Scorer:
         return record
 
 
+@dataclass
+class ScoreConfig(options.Options):
+    """Every option of `score`, and of a `bleuberi run` config's [score]: the metrics, how several combine,
+    and how a record's completions make its `score` (declared once: stages/core/options.py)."""
+
+    metrics: list[str] = option(
+        factory=lambda: ["bleu"],
+        help="metric to compute, NAME[:ARG][:WEIGHT]; repeat for several; with weights, `scores.combined` holds "
+        "the weighted sum",
+        metavar="NAME[:WEIGHT]",
+        flags=("-m", "--metric"),
+    )
+    weights: list[float] = option(
+        factory=list,
+        help="weight for the metric in the same position (instead of NAME:WEIGHT)",
+        metavar="W",
+        flags=("-w", "--weight"),
+    )
+    aggregate: Aggregate = option("mean", "how a record's completions make its `score`")
+    combine: Combine = option(
+        "sum",
+        "sum: `combined` = the weighted sum (with weights); zscore: each metric z-scored within the record's "
+        "completions, then the weighted mean (the paper's BLEU+RM; a record's mean is then 0)",
+        flags=("--combine", "--reward-combine"),
+    )
+    device: Device = options.device_option()
+    jobs: int = option(
+        0, "worker processes for large streams (0 = all cores)", metavar="N", flags=("-j", "--jobs"), in_digest=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.jobs < 0:
+            raise UsageError(f"-j/--jobs must be >= 0, got {self.jobs}")
+        self.scorer  # noqa: B018 - every spec checked now, before any record is read
+
+    @cached_property
+    def scorer(self) -> Scorer:
+        return Scorer(list(self.metrics), list(self.weights) or None, self.aggregate, self.combine, device=self.device)
+
+
 # --- parallel scoring -------------------------------------------------------------------------------
 
 _worker_scorer: Scorer | None = None
 
 
 def _init_worker(
-    names: list[str], weights: list[float] | None, aggregate: Aggregate, combine: Combine, extract: bool
+    specs: list[MetricSpec], weights: list[float] | None, aggregate: Aggregate, combine: Combine, extract: bool
 ) -> None:
     global _worker_scorer
     from stages.core.threads import one_thread_per_worker
 
     one_thread_per_worker()  # the pool already has one worker per core
-    _worker_scorer = Scorer(names, weights, aggregate, combine=combine, extract_answer=extract)
+    _worker_scorer = Scorer(specs, weights, aggregate, combine=combine, extract_answer=extract)
 
 
 def _score_chunk(records: list[dict[str, Any]]) -> list[dict[str, list[float | None]]]:
@@ -296,7 +348,7 @@ def score_records(
 
     # spawn, not fork: a parent that has imported torch (e.g. `bleuberi run`) must not be forked.
     context = multiprocessing.get_context("spawn")
-    init_args = (scorer.metric_names, scorer.weights, scorer.aggregate, scorer.combine, scorer.extract_answer)
+    init_args = (scorer.specs, scorer.weights, scorer.aggregate, scorer.combine, scorer.extract_answer)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
         pending: deque[tuple[list[dict[str, Any]], Future[list[dict[str, list[float | None]]]]]] = deque()
 

@@ -13,27 +13,46 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.files import atomic_path
+from stages.core.options import option
 
 Mode = Literal["hard", "easy", "medium", "random"]
-MODES: tuple[str, ...] = ("hard", "easy", "medium", "random")
+MODES: tuple[str, ...] = get_args(Mode)
 
 
-def selection_size(pool_size: int, num: int | None, fraction: float | None) -> int:
-    """How many to pick: exactly one of `num` (a count) and `fraction` (0 < f <= 1, rounded half up)."""
-    if (num is None) == (fraction is None):
-        raise UsageError("give exactly one of -n/--num and --fraction")
-    if num is not None:
-        if num < 0:
-            raise UsageError(f"-n/--num must be >= 0, got {num}")
-        return min(num, pool_size)
-    assert fraction is not None
-    if not 0 < fraction <= 1:
-        raise UsageError(f"--fraction must be in (0, 1], got {fraction}")
-    return min(pool_size, math.floor(fraction * pool_size + 0.5))
+@dataclass
+class SelectConfig(options.Options):
+    """Every option of `select`, and of a `bleuberi run` config's [select] (declared once:
+    stages/core/options.py)."""
+
+    mode: Mode = option(
+        "hard",
+        "hard (the lowest scores: the BLEUBERI recipe) | easy (the highest) | medium (around the median) "
+        "| random (a seeded sample; needs no scores)",
+    )
+    num: int | None = option(None, "how many records to keep", metavar="N", flags=("-n", "--num"))
+    fraction: float | None = option(None, "share of the pool to keep, in (0, 1]", metavar="F")
+    seed: int = options.seed_option("seed of the tie-breaking hash and of random mode")
+
+    def __post_init__(self) -> None:
+        options.check_literals(self)
+        if (self.num is None) == (self.fraction is None):
+            raise UsageError("give exactly one of -n/--num and --fraction")
+        if self.num is not None and self.num < 1:
+            raise UsageError(f"-n/--num must be >= 1, got {self.num} (a selection of nothing trains nothing)")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise UsageError(f"--fraction must be in (0, 1], got {self.fraction}")
+
+    def size(self, pool_size: int) -> int:
+        """How many to pick: `num`, or `fraction` of the pool rounded half up (never more than the pool)."""
+        if self.num is not None:
+            return min(self.num, pool_size)
+        assert self.fraction is not None
+        return min(pool_size, math.floor(self.fraction * pool_size + 0.5))
 
 
 def _tie_breaker(record_id: str, seed: int) -> str:
@@ -72,17 +91,10 @@ class Selection:
     chosen_scores: list[float]
 
 
-def select_records(
-    records: Sequence[dict[str, Any]],
-    *,
-    mode: Mode = "hard",
-    num: int | None = None,
-    fraction: float | None = None,
-    seed: int = 42,
-) -> Selection:
+def select_records(records: Sequence[dict[str, Any]], config: SelectConfig) -> Selection:
     """Pick records (each with a numeric `score`, except in random mode). Returns them in input order."""
-    size = selection_size(len(records), num, fraction)
-    picked = rank_pool(records, mode, seed)[:size]
+    mode, seed = config.mode, config.seed
+    picked = rank_pool(records, mode, seed)[: config.size(len(records))]
     rank = {index: position for position, index in enumerate(picked)}
     chosen = []
     for index in sorted(picked):

@@ -139,7 +139,7 @@ def tiny_overrides(model) -> list[str]:
         "data.max_pool=6",
         "data.max_heldout=3",
         "select.num=2",
-        "select.max_new_tokens=4",
+        "generate.max_new_tokens=4",
         "train.max_steps=3",
         "train.save_steps=1",
         "train.per_device_train_batch_size=4",
@@ -171,4 +171,4 @@ def small_train_config(model: Path | str, **overrides: object) -> TrainConfig:
         "save_steps": 2,
         "warmup_ratio": 0.0,
     }
-    return TrainConfig(**{**settings, **overrides})
+    return TrainConfig.of(**{**settings, **overrides})

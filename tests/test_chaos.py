@@ -29,7 +29,7 @@ LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp)?$|^\.bleuberi\.lock$")
 def settings(model: Path, data: Path) -> list[str]:
     values = [
         f"model={model}", "device=cpu", f"data.pool={data / 'pool.jsonl'}", f"data.heldout={data / 'heldout.jsonl'}",
-        "select.num=3", "select.max_new_tokens=6", "select.batch_size=1", "train.max_steps=6", "train.save_steps=1",
+        "select.num=3", "generate.max_new_tokens=6", "generate.batch_size=1", "train.max_steps=6", "train.save_steps=1",
         "train.per_device_train_batch_size=4", "train.max_completion_length=6", "eval.max_new_tokens=6",
         "eval.batch_size=1", "eval.bootstrap_resamples=20",
     ]  # fmt: skip

@@ -283,7 +283,7 @@ def test_training_syncs_the_adapter_to_the_server_every_step(server_url, model_d
 
     monkeypatch.setattr(ServerEngine, "set_adapter", set_adapter)
     monkeypatch.setattr(ServerEngine, "sample", sample)
-    config = TrainConfig(
+    config = TrainConfig.of(
         model=model_dir, engine=EngineOptions("server", [server_url]), device="cpu", num_generations=2,
         per_device_train_batch_size=4, max_completion_length=12, max_steps=3, learning_rate=5e-3,
         warmup_ratio=0.0, save_steps=1, save_total_limit=None,

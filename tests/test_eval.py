@@ -82,7 +82,7 @@ def test_summary_by_hand() -> None:
     base = [answer(0.2, 3), answer(0.5, 5, "length"), answer(0.5, 8), answer(0.9, 10)]
     lora = [answer(0.4, 2), answer(0.5, 2), answer(0.1, 4, "length"), answer(0.9, 9, "length")]
     records = [{"id": str(i), "evaluation": {"base": b, "lora": t}} for i, (b, t) in enumerate(zip(base, lora))]
-    config = EvalConfig(metrics=["bleu"], resamples=200)
+    config = EvalConfig.of(metrics=["bleu"], bootstrap_resamples=200)
     summary = summarise(records, [System("base", None), System("lora", "x")], config)
     got_base, got_lora = summary["systems"]["base"], summary["systems"]["lora"]
     assert got_base["metrics"]["bleu"]["mean"] == pytest.approx((0.2 + 0.5 + 0.5 + 0.9) / 4)  # 0.525
@@ -112,14 +112,18 @@ def test_systems_are_named_from_adapter_paths() -> None:
     with pytest.raises(UsageError, match="PATH=NAME"):
         parse_systems(["x/a="])
     with pytest.raises(UsageError, match="unknown metric"):
-        EvalConfig(metrics=["bleu", "blue"])
+        EvalConfig.of(metrics=["bleu", "blue"])
 
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_model, tiny_adapter):
     records = demo_records(count=6)
-    config = EvalConfig(
-        model=str(tiny_model), adapters=[f"{tiny_adapter}=lora"], max_new_tokens=6, resamples=200, device="cpu"
+    config = EvalConfig.of(
+        model=str(tiny_model),
+        adapters=[f"{tiny_adapter}=lora"],
+        max_new_tokens=6,
+        bootstrap_resamples=200,
+        device="cpu",
     )
     return evaluate(records, config), config
 
@@ -128,7 +132,7 @@ def test_eval_scores_every_system_and_compares_with_base(evaluated) -> None:
 
     result, config = evaluated
     assert [r["id"] for r in result.records] == [r["id"] for r in demo_records(count=6)]
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name)
     for record in result.records:
         assert set(record["evaluation"]) == {"base", "lora", "base@len(lora)"}
         # the length control: the base's answer cut to as many of the model's tokens as the lora's answer has
@@ -245,7 +249,9 @@ def test_reward_model_judge_scores_each_answer(tiny_reward_model, tiny_model, ti
 
     judge = RewardModelJudge(str(tiny_reward_model), device="cpu", batch_size=2)
     records = demo_records(count=3)
-    config = EvalConfig(model=str(tiny_model), adapters=[str(tiny_adapter)], max_new_tokens=5, resamples=50)
+    config = EvalConfig.of(
+        model=str(tiny_model), adapters=[str(tiny_adapter)], max_new_tokens=5, bootstrap_resamples=50
+    )
     result = evaluate(records, config, reward_judge=judge)
     # Each reward equals the model's logit on the chat-templated conversation, batching or not.
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model)

@@ -89,11 +89,11 @@ def test_a_gain_that_is_only_length_is_called_length(tmp_path) -> None:
     # the base says the reference and then rambles; "short" says exactly the base's first six words
     base = [f"{REFERENCE} and then some more words number {i}" for i in range(6)]
     short = [REFERENCE] * 6
-    config = EvalConfig(
+    config = EvalConfig.of(
         model=None,
         answers=[f"base={_answers(tmp_path / 'b.jsonl', base)}", f"short={_answers(tmp_path / 's.jsonl', short)}"],
         metrics=["bleu"],
-        resamples=200,
+        bootstrap_resamples=200,
     )
     result = evaluate([dict(r) for r in HELDOUT], config)
     systems = result.summary["systems"]
@@ -113,11 +113,11 @@ def test_a_gain_that_is_only_length_is_called_length(tmp_path) -> None:
 def test_a_gain_beyond_length_survives(tmp_path) -> None:
     base = [f"a dog ran in the park {i}" for i in range(6)]
     good = [REFERENCE] * 6  # as long as the base's cut, and right
-    config = EvalConfig(
+    config = EvalConfig.of(
         model=None,
         answers=[f"base={_answers(tmp_path / 'b.jsonl', base)}", f"good={_answers(tmp_path / 'g.jsonl', good)}"],
         metrics=["bleu", "chrf"],
-        resamples=200,
+        bootstrap_resamples=200,
     )
     result = evaluate([dict(r) for r in HELDOUT], config)
     entry = result.summary["systems"]["good"]
@@ -130,12 +130,12 @@ def test_a_gain_beyond_length_survives(tmp_path) -> None:
     assert any(t.startswith("Difference from base") for t in titles)
     assert any(t.startswith("Length control") for t in titles)
     # and a system worse than the base is a loss, not "no gain"
-    flipped = EvalConfig(
+    flipped = EvalConfig.of(
         model=None,
         answers=[f"good={tmp_path / 'g.jsonl'}", f"base={tmp_path / 'b.jsonl'}"],
         metrics=["bleu"],
         baseline="good",
-        resamples=200,
+        bootstrap_resamples=200,
     )
     summary = evaluate([dict(r) for r in HELDOUT], flipped).summary
     assert gain_status(summary["systems"]["base"], "bleu") == "loss"
@@ -184,15 +184,16 @@ def test_reasoning_mode_scores_the_answer_and_the_format(tmp_path) -> None:
     specs = [f"plain={_answers(tmp_path / 'p.jsonl', plain)}", f"think={_answers(tmp_path / 't.jsonl', think)}"]
     summary = evaluate(
         [dict(r) for r in HELDOUT],
-        EvalConfig(model=None, answers=specs, metrics=["bleu", "format"], reasoning=True, resamples=50),
+        EvalConfig.of(model=None, answers=specs, metrics=["bleu", "format"], reasoning=True, bootstrap_resamples=50),
     ).summary
     think_entry, plain_entry = summary["systems"]["think"], summary["systems"]["plain"]
     assert think_entry["metrics"]["bleu"]["mean"] == pytest.approx(1.0)  # only the <answer> part is scored
     assert think_entry["metrics"]["format"]["mean"] == 1.0 and plain_entry["metrics"]["format"]["mean"] == 0.0
     assert plain_entry["metrics"]["bleu"]["mean"] == pytest.approx(statistics_mean([_bleu(t) for t in plain]))
-    without = evaluate([dict(r) for r in HELDOUT], EvalConfig(model=None, answers=specs, metrics=["bleu"]))
+    without = evaluate([dict(r) for r in HELDOUT], EvalConfig.of(model=None, answers=specs, metrics=["bleu"]))
     assert without.summary["systems"]["think"]["metrics"]["bleu"]["mean"] < 1.0  # the tags count against it
-    assert EvalConfig(model=None, answers=specs, reasoning=True).prompt.startswith("You are a helpful assistant")
+    reasoning = EvalConfig.of(model=None, answers=specs, reasoning=True)
+    assert reasoning.prompting.system_prompt.startswith("You are a helpful assistant")
 
 
 def test_a_bound_that_rounds_to_zero_keeps_its_sign() -> None:

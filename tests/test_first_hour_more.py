@@ -125,7 +125,7 @@ def test_the_one_time_conversion_says_what_it_is_doing(capsys, tmp_path, monkeyp
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"x")
     monkeypatch.setenv("BLEUBERI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_embedded_gguf", lambda spec: gguf)
+    monkeypatch.setattr(models, "embedded_gguf", lambda spec: gguf)
     monkeypatch.setattr(models, "_convert_gguf", lambda gguf, target, stamp: None)
     monkeypatch.setattr(State, "quiet", False)
     target = models.embedded_model_dir(models.DEFAULT_MODEL)
@@ -145,7 +145,7 @@ def test_a_run_off_a_terminal_shows_select_and_eval_progress_and_ends_with_where
     monkeypatch.setattr(common, "LOG_EVERY_SECONDS", 0.0)
     run_dir = tmp_path / "run"
     settings = [f"model={tiny_model}", "device=cpu", "data.max_pool=4", "data.max_heldout=3", "select.num=2",
-                "select.batch_size=2", "select.max_new_tokens=2", "train.max_steps=1", "train.save_steps=1",
+                "generate.batch_size=2", "generate.max_new_tokens=2", "train.max_steps=1", "train.save_steps=1",
                 "train.per_device_train_batch_size=4", "train.max_completion_length=2", "eval.max_new_tokens=2",
                 "eval.batch_size=3", "eval.bootstrap_resamples=20"]  # fmt: skip
     result = runner.invoke(app, ["run", "-o", str(run_dir), *(a for s in settings for a in ("--set", s))])
@@ -321,14 +321,16 @@ def test_every_command_checks_its_paths_before_its_first_expensive_step(runner, 
     cases = [
         (["generate", "-i", str(data), *model, "--adapter", str(nothing)], f"{nothing}: no such adapter folder"),
         (["generate", "-i", str(data), "--model", str(nothing)], f"{nothing}: no such model folder"),
-        (["score", "-i", str(data), "-m", f"rm:{nothing}"], f"{nothing}: no such model folder"),
-        (["score", "-i", str(nothing), "-m", "rm:/also/missing"], f"{nothing}: no such file"),
+        (["score", "-i", str(data), "-m", f"rm:{nothing}"],
+         f"rm:{nothing}: no reward model there (a model folder needs a config.json)"),  # checked as the option is
+        (["score", "-i", str(nothing), "-m", "bleu"], f"{nothing}: no such file"),
         (["train", "-i", str(data), "-o", str(tmp_path / "t"), *model, "--reward", f"rm:{nothing}"],
          f"rm:{nothing}: no reward model there (a model folder needs a config.json)"),  # checked as the option is
         (["train", "-i", str(data), "-o", str(tmp_path / "t"), *model, "--resume-from", str(nothing)],
          f"{nothing}: no such file"),
         (["eval", "-i", str(data), *model, "--judge-model", str(nothing)], f"{nothing}: no such model folder"),
-        (["run", "-o", str(tmp_path / "r"), "--set", f"model={tiny_model}", "--set", f'select.metric="emb:{nothing}"'],
+        (["run", "-o", str(tmp_path / "r"), "--set", f"model={tiny_model}",
+          "--set", f'score.metrics=["emb:{nothing}"]'],
          f"{nothing}: no such model folder"),
         (["run", "-o", str(tmp_path / "r"), "--set", f'train.reward=["rm:{nothing}"]'],
          f"rm:{nothing}: no reward model there (a model folder needs a config.json)"),  # exit 1 from a --set too

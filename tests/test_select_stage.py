@@ -8,7 +8,7 @@ import pytest
 
 from bleuberi_cli.app import app
 from stages.core.errors import UsageError
-from stages.select import quantiles, select_records, selection_size
+from stages.select import SelectConfig, quantiles, select_records
 from tests.conftest import read_jsonl_text, write_jsonl
 
 
@@ -21,38 +21,38 @@ def ids(records) -> list[str]:
 
 
 def test_hard_keeps_the_lowest_scores_in_input_order() -> None:
-    chosen = select_records(pool([0.5, 0.1, 0.9, 0.2, 0.3]), mode="hard", num=3).chosen
+    chosen = select_records(pool([0.5, 0.1, 0.9, 0.2, 0.3]), SelectConfig(mode="hard", num=3)).chosen
     assert ids(chosen) == ["r1", "r3", "r4"]
     assert [r["selection"]["rank"] for r in chosen] == [0, 1, 2]
     assert chosen[0]["selection"] == {"mode": "hard", "rank": 0, "pool_size": 5, "seed": 42}
 
 
 def test_easy_keeps_the_highest() -> None:
-    assert ids(select_records(pool([0.5, 0.1, 0.9, 0.2, 0.3]), mode="easy", num=2).chosen) == ["r0", "r2"]
+    assert ids(select_records(pool([0.5, 0.1, 0.9, 0.2, 0.3]), SelectConfig(mode="easy", num=2)).chosen) == ["r0", "r2"]
 
 
 def test_medium_is_a_window_around_the_median() -> None:
     scores = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    chosen = select_records(pool(scores), mode="medium", num=3).chosen
+    chosen = select_records(pool(scores), SelectConfig(mode="medium", num=3)).chosen
     assert sorted(r["score"] for r in chosen) == [0.2, 0.3, 0.4]
 
 
 def test_ties_are_broken_by_seed_not_by_input_order() -> None:
     records = pool([0.5] * 20)
-    first = ids(select_records([dict(r) for r in records], mode="hard", num=5, seed=1).chosen)
+    first = ids(select_records([dict(r) for r in records], SelectConfig(mode="hard", num=5, seed=1)).chosen)
     shuffled = [dict(r) for r in records]
     random.Random(3).shuffle(shuffled)
-    again = ids(select_records(shuffled, mode="hard", num=5, seed=1).chosen)
+    again = ids(select_records(shuffled, SelectConfig(mode="hard", num=5, seed=1)).chosen)
     assert sorted(first) == sorted(again)
-    other_seed = ids(select_records([dict(r) for r in records], mode="hard", num=5, seed=2).chosen)
+    other_seed = ids(select_records([dict(r) for r in records], SelectConfig(mode="hard", num=5, seed=2)).chosen)
     assert sorted(other_seed) != sorted(first)
 
 
 def test_random_mode_is_seeded_and_needs_no_scores() -> None:
     records = [{"id": str(i), "prompt": "p", "references": ["r"]} for i in range(50)]
-    a = ids(select_records([dict(r) for r in records], mode="random", num=10, seed=7).chosen)
-    b = ids(select_records([dict(r) for r in records], mode="random", num=10, seed=7).chosen)
-    c = ids(select_records([dict(r) for r in records], mode="random", num=10, seed=8).chosen)
+    a = ids(select_records([dict(r) for r in records], SelectConfig(mode="random", num=10, seed=7)).chosen)
+    b = ids(select_records([dict(r) for r in records], SelectConfig(mode="random", num=10, seed=7)).chosen)
+    c = ids(select_records([dict(r) for r in records], SelectConfig(mode="random", num=10, seed=8)).chosen)
     assert a == b != c and len(set(a)) == 10
 
 
@@ -68,13 +68,15 @@ def test_random_mode_is_seeded_and_needs_no_scores() -> None:
     ],
 )
 def test_selection_size(pool_size, num, fraction, expected) -> None:
-    assert selection_size(pool_size, num, fraction) == expected
+    assert SelectConfig(num=num, fraction=fraction).size(pool_size) == expected
 
 
-@pytest.mark.parametrize(("num", "fraction"), [(None, None), (3, 0.5), (-1, None), (None, 0.0), (None, 1.5)])
+@pytest.mark.parametrize(
+    ("num", "fraction"), [(None, None), (3, 0.5), (-1, None), (0, None), (None, 0.0), (None, 1.5)]
+)
 def test_selection_size_usage_errors(num, fraction) -> None:
     with pytest.raises(UsageError):
-        selection_size(10, num, fraction)
+        SelectConfig(num=num, fraction=fraction)
 
 
 def test_quantiles_interpolate_like_numpy() -> None:

@@ -309,7 +309,7 @@ def test_training_loads_every_adapter_version_on_both_servers(runner, tiny_model
 
 
 def test_the_run_config_takes_a_list_of_servers(tmp_path):
-    from stages.run.config import load_config
+    from stages.run.config_file import load_config
 
     file = tmp_path / "fleet.toml"
     file.write_text('[engine]\nbackend = "server"\nserver_url = ["http://a:8000/v1", "http://b:8000/v1"]\n')

@@ -377,10 +377,11 @@ def test_generate_honours_threads(runner, tiny_model, tmp_path, monkeypatch) -> 
 
 def test_run_sets_threads_once_for_every_stage() -> None:
     from stages.core.errors import ConfigError
-    from stages.run.config import load_config
+    from stages.run.config_file import load_config
 
     config = load_config(overrides=["threads=1"])
-    assert config.threads == 1 and config.train_config().threads == 1
+    assert config.model.threads == 1
+    assert config.train.model.threads == config.generate.model.threads == config.eval.model.threads == 1
     with pytest.raises((ConfigError, UsageError), match="threads is set at the top level"):
         load_config(overrides=["train.threads=1"])
 

@@ -523,11 +523,11 @@ def test_old_log_probs_come_from_the_sampling_pass(word_model, tmp_path, monkeyp
 
 
 def test_learning_rate_schedules() -> None:
-    config = TrainConfig(learning_rate=1.0, warmup_ratio=0.1)
+    config = TrainConfig.of(learning_rate=1.0, warmup_ratio=0.1)
     assert [lr_at(s, 20, config) for s in (0, 1, 2, 10, 19)] == [0.5, 1.0, 1.0, 1.0, 1.0]
-    linear = TrainConfig(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler_type="linear")
+    linear = TrainConfig.of(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler_type="linear")
     assert [lr_at(s, 4, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    cosine = TrainConfig(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler_type="cosine")
+    cosine = TrainConfig.of(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler_type="cosine")
     assert lr_at(2, 4, cosine) == pytest.approx(0.5)
 
 

@@ -70,8 +70,8 @@ def test_reasoning_mode_puts_the_format_request_in_the_policys_prompt(tiny_model
     from stages.train.policy import load_policy
 
     record = {"id": "a", "prompt": "Name the largest planet.", "references": ["Jupiter."]}
-    generator = load_policy(TrainConfig(model=str(tiny_model), reasoning=True), torch.device("cpu")).generator
+    generator = load_policy(TrainConfig.of(model=str(tiny_model), reasoning=True), torch.device("cpu")).generator
     text = generator.tokenizer.decode(generator.encoder.encode(record))
     assert text.startswith("<|im_start|>system\n") and "<think>" in text and "<answer>" in text
-    plain = load_policy(TrainConfig(model=str(tiny_model)), torch.device("cpu")).generator
+    plain = load_policy(TrainConfig.of(model=str(tiny_model)), torch.device("cpu")).generator
     assert "<think>" not in plain.tokenizer.decode(plain.encoder.encode(record))

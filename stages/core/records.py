@@ -26,7 +26,7 @@ import orjson
 from stages.core.errors import InputError
 from stages.core.formats import input_format, iter_rows
 from stages.core.jsonl import source_name
-from stages.core.options import option, repeatable
+from stages.core.options import group, option, repeatable
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -307,17 +307,10 @@ INPUT = "Input"
 
 
 @dataclass(frozen=True)
-class ReadOptions:
-    """Where a command's records come from, and where another schema keeps their fields (one option each)."""
+class FieldOptions:
+    """Where another schema keeps a record's prompt, references and id (one option each): read by every
+    command that reads records, and by a run's [data]."""
 
-    input: str | None = option(
-        None,
-        "records: .jsonl[.gz], .parquet, .csv, .tsv, .json (an array), or a `datasets` save_to_disk folder (by "
-        "name). Default: stdin ('-'), JSONL",
-        metavar="FILE",
-        flags=("-i", "--input"),
-        panel=INPUT,
-    )
     prompt_field: str | None = option(
         None,
         "take the prompt from this field (dotted for nested ones); a chat list becomes `messages`",
@@ -330,20 +323,36 @@ class ReadOptions:
         panel=INPUT,
     )
     id_field: str | None = option(None, "take the id from this field", metavar="PATH", panel=INPUT)
+
+    @property
+    def map(self) -> FieldMap | None:
+        """The field map these options give (None: records are read as they are)."""
+        return FieldMap.of(self.prompt_field, self.reference_field, self.id_field)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Where a command's records come from, and where another schema keeps their fields."""
+
+    input: str | None = option(
+        None,
+        "records: .jsonl[.gz], .parquet, .csv, .tsv, .json (an array), or a `datasets` save_to_disk folder (by "
+        "name). Default: stdin ('-'), JSONL",
+        metavar="FILE",
+        flags=("-i", "--input"),
+        panel=INPUT,
+    )
+    fields: FieldOptions = group(FieldOptions)
     skip_invalid: bool = option(
         False, "skip records that fail validation (counted in the summary) instead of stopping", panel=INPUT
     )
-
-    @property
-    def fields(self) -> FieldMap | None:
-        return FieldMap.of(self.prompt_field, self.reference_field, self.id_field)
 
     def records(
         self, *, require: Iterable[str] = (), stats: ReadStats | None = None, **settings: Any
     ) -> Iterator[dict[str, Any]]:
         """The normalised records (see `read_records`)."""
         return read_records(
-            self.input, require=require, skip_invalid=self.skip_invalid, stats=stats, fields=self.fields, **settings
+            self.input, require=require, skip_invalid=self.skip_invalid, stats=stats, fields=self.fields.map, **settings
         )
 
 

@@ -33,13 +33,17 @@ def lora_rank_slot(rank: int | None) -> int:
     return next((slot for slot in LORA_RANKS if slot >= rank), rank)
 
 
+SAMPLING = "Sampling"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample; built from user settings, so a bad value is a usage error."""
+    """How to sample: declared once, nested in every stage that samples (generate, eval, train, each
+    with defaults of its own); built from user settings, so a bad value is a usage error."""
 
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
+    max_new_tokens: int = option(256, "new tokens per answer, at most", metavar="N", panel=SAMPLING)
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", metavar="T", panel=SAMPLING)
+    top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", metavar="P", panel=SAMPLING)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,6 +52,25 @@ class SamplingParams:
             raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise UsageError("top_p must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How many prompts are sampled together (generate, eval)."""
+
+    batch_size: int = option(8, "prompts per generation batch (each with its samples)", metavar="N", panel=SAMPLING)
+    max_batch_tokens: int | None = option(
+        None,
+        "also cap rows x (longest prompt + max new tokens) per batch, to bound memory",
+        metavar="N",
+        panel=SAMPLING,
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise UsageError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
 
 
 @dataclass
@@ -190,6 +213,7 @@ class EngineOptions:
         metavar="URL",
         envvar="BLEUBERI_SERVER_URL",
         panel=PANEL,
+        in_digest=False,
     )
     server_model: str | None = option(
         None, "the served model's name (default: the one the server lists)", metavar="NAME", panel=PANEL
@@ -199,8 +223,11 @@ class EngineOptions:
         "environment variable holding the server's API key; sent to that host only, never on a redirect",
         metavar="VAR",
         panel=PANEL,
+        in_digest=False,
     )
-    concurrency: int = option(8, "requests in flight to each server at once", metavar="N", panel=PANEL)
+    concurrency: int = option(
+        8, "requests in flight to each server at once", metavar="N", panel=PANEL, in_digest=False
+    )
     chat_only: bool = option(
         False,
         "the server has only /v1/chat/completions: answers come back as text, with no token ids (fine for "

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
+from stages.core.options import DEFAULT_SEED, ModelOptions, PromptOptions
 from stages.core.records import prompt_messages
 from stages.core.threads import recheck as recheck_threads
 from stages.engines.base import (
+    BatchOptions,
     Engine,
     EngineOptions,
     EngineTarget,
@@ -50,12 +52,16 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> int:
 class Batching:
     """How a stage's records are sampled: `n` samples each, sample k seeded from (seed, record id, k), at most
     `batch_size` records a batch and, with `max_batch_tokens`, at most that many batch rows x (longest
-    prompt + max_new_tokens), to bound memory."""
+    prompt + max_new_tokens), to bound memory. The defaults are the options' (BatchOptions, seed_option)."""
 
     n: int = 1
-    seed: int = 42
-    batch_size: int = 8
-    max_batch_tokens: int | None = None
+    seed: int = DEFAULT_SEED
+    batch_size: int = BatchOptions.batch_size
+    max_batch_tokens: int | None = BatchOptions.max_batch_tokens
+
+    @classmethod
+    def of(cls, batch: BatchOptions, *, n: int = 1, seed: int = DEFAULT_SEED) -> Batching:
+        return cls(n, seed, batch.batch_size, batch.max_batch_tokens)
 
 
 @dataclass
@@ -130,29 +136,27 @@ class Generator:
         return cls(tokenizer, started, target.stop_ids, model, adapter, system_prompt, max_prompt_length)
 
     @classmethod
-    def for_stage(
+    def for_options(
         cls,
-        settings: Any,
-        model: str,
+        model: ModelOptions,
+        prompt: PromptOptions,
+        engine: EngineOptions,
         *,
         adapter: str | None = None,
-        prompting: tuple[str | None, int | None] = (None, None),
-        engine: EngineOptions | None = None,
         say: Callable[[str], None] | None = None,
     ) -> Generator:
-        """`load` with a stage config's device, dtype, remote-code, engine and thread settings (GenerateConfig,
-        EvalConfig, RunConfig have them all); `prompting` is (system prompt, max prompt length)."""
-        system_prompt, max_prompt_length = prompting
+        """`load` with a stage's model, prompt and engine options (the groups generate, eval and a run's
+        stages nest)."""
         return cls.load(
-            model,
+            model.model,
             adapter=adapter,
-            device=settings.device,
-            dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-            system_prompt=system_prompt,
-            max_prompt_length=max_prompt_length,
-            engine=engine or settings.engine,
-            threads=settings.threads,
+            device=model.device,
+            dtype=model.dtype,
+            trust_remote_code=model.trust_remote_code,
+            system_prompt=prompt.system_prompt,
+            max_prompt_length=prompt.max_prompt_length,
+            engine=engine,
+            threads=model.threads,
             say=say,
         )
 

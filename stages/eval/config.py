@@ -6,23 +6,24 @@ Every field is one `bleuberi eval` option (declared once, here; stages/core/opti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL
-from stages.core.options import option, repeatable
-from stages.engines.base import EngineOptions, SamplingParams
+from stages.core.options import ModelOptions, PromptOptions, group, option, repeatable
+from stages.engines.base import BatchOptions, EngineOptions, SamplingParams
 from stages.eval.stats import DEFAULT_RESAMPLES
-from stages.metrics import DEFAULT_EVAL_METRICS, get_metric
+from stages.metrics import DEFAULT_EVAL_METRICS, MetricSpec, parse_specs
 
 if TYPE_CHECKING:
     from stages.eval.judges import HttpJudge, RewardModelJudge
 
 BASE = "base"
-SYSTEMS, GENERATION, COMPARISON, JUDGES = "Systems", "Generation", "Comparison", "Judges"
+SYSTEMS, COMPARISON, JUDGES = "Systems", "Comparison", "Judges"
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,10 @@ class JudgeOptions:
     judge_key_env: str | None = option(
         None, "environment variable holding the endpoint's API key", metavar="VAR", panel=JUDGES
     )
-    judge_timeout: float = option(60.0, "seconds per request", metavar="S", panel=JUDGES)
-    judge_retries: int = option(3, "retries per request", metavar="N", panel=JUDGES)
+    judge_timeout: float = option(60.0, "seconds per request", metavar="S", panel=JUDGES, in_digest=False)
+    judge_retries: int = option(3, "retries per request", metavar="N", panel=JUDGES, in_digest=False)
     judge_cache: str | None = option(
-        None, "verdict cache (default: $BLEUBERI_CACHE/judge)", metavar="DIR", panel=JUDGES
+        None, "verdict cache (default: $BLEUBERI_CACHE/judge)", metavar="DIR", panel=JUDGES, in_digest=False
     )
 
     def reward_judge(self, device: str) -> RewardModelJudge | None:
@@ -116,17 +117,10 @@ class JudgeOptions:
 
 
 @dataclass
-class EvalConfig:
-    # Not named (None): the embedded default, unless only --answers or --served systems are given, when
-    # no model answers (a served system still needs one to build its prompts: the default).
-    model: str | None = option(
-        None,
-        f"causal LM that generates the base system (default '{DEFAULT_MODEL}', embedded; none is loaded when "
-        "only --answers are given): embedded name, local folder or hub id",
-        metavar="NAME|PATH|HUB-ID",
-        envvar="BLEUBERI_MODEL",
-        panel=SYSTEMS,
-    )
+class EvalConfig(options.Options):
+    # The model's name left out (None): the embedded default, unless only --answers or --served systems are
+    # given, when no model answers (a served system still needs one to build its prompts: the default).
+    model: ModelOptions = group(ModelOptions)
     adapters: list[str] = repeatable(
         "a LoRA adapter to compare with the base; repeatable", metavar="PATH[=NAME]", panel=SYSTEMS, flag="--adapter"
     )
@@ -151,69 +145,67 @@ class EvalConfig:
         flags=("-m", "--metric"),
         panel=COMPARISON,
     )
-    max_new_tokens: int = option(256, "answer length limit", metavar="N", panel=GENERATION)
-    temperature: float = option(0.0, "0 = greedy: the answer a user would get", metavar="T", panel=GENERATION)
-    top_p: float = option(1.0, "nucleus sampling mass", metavar="P", panel=GENERATION)
-    seed: int = options.seed_option()
-    batch_size: int = option(8, "prompts per generation batch", metavar="N", panel=GENERATION)
-    max_prompt_length: int | None = option(None, "cut longer prompts from the left", metavar="N", panel=GENERATION)
-    device: str = options.device_option()
-    dtype: str = options.dtype_option()
-    threads: int | None = options.threads_option()
-    system_prompt: str | None = options.system_prompt_option()
-    trust_remote_code: bool = options.trust_remote_code_option()
-    resamples: int = option(
-        DEFAULT_RESAMPLES,
-        "resamples for the 95% intervals",
-        metavar="N",
-        flags=("--bootstrap-resamples",),
-        panel=COMPARISON,
+    prompt: PromptOptions = group(PromptOptions)
+    # greedy: the answer a user would get
+    sampling: SamplingParams = group(SamplingParams, temperature=0.0)
+    batch: BatchOptions = group(BatchOptions)
+    seed: int = options.seed_option("seed of sampling (when not greedy) and of the bootstrap")
+    bootstrap_resamples: int = option(
+        DEFAULT_RESAMPLES, "resamples for the 95% intervals", metavar="N", panel=COMPARISON
     )
-    engine: EngineOptions = field(default_factory=EngineOptions)  # who generates the answers
+    engine: EngineOptions = group(EngineOptions, table=True)  # who generates the answers
     length_control: bool = option(
         True,
         "add base@len(NAME) per system: the baseline's answers cut to that system's lengths, scored the same "
         "way; a gain it also gets is length, not learning",
         panel=COMPARISON,
     )
-    reasoning: bool = option(
-        False,
-        "evaluate adapters trained with `train --reasoning`: its <think>/<answer> system prompt (unless "
-        "--system-prompt), and metrics score only the <answer> part (`-m format` scores the format)",
-        panel=GENERATION,
-    )
+    reasoning: bool = options.reasoning_option()
     tokenizer: str | None = option(
         None,
         "counts answer lengths for the length control (default: --model's; with only --answers: words)",
         metavar="NAME|PATH",
         panel=COMPARISON,
     )
-    judges: JudgeOptions = field(default_factory=JudgeOptions)
+    judges: JudgeOptions = group(JudgeOptions)
 
     def __post_init__(self) -> None:
         if not self.metrics:
             raise UsageError("at least one --metric is needed")
-        for name in self.metrics:
-            get_metric(name)  # unknown names fail here, before any model is loaded
+        self.metric_specs  # noqa: B018 - unknown names fail here, before any model is loaded
         if not self.systems:
             raise UsageError("nothing to evaluate: give --model, --adapter, --answers or --served")
         names = [s.name for s in self.systems]
         if self.baseline is not None and self.baseline not in names:
             raise UsageError(f"--baseline {self.baseline!r} is not a system; systems: {', '.join(names)}")
-        if self.resamples < 1:
+        if self.bootstrap_resamples < 1:
             raise UsageError("--bootstrap-resamples must be >= 1")
-        self.sampling  # noqa: B018 - validates the sampling parameters early
+
+    @cached_property
+    def metric_specs(self) -> list[MetricSpec]:
+        """The metrics, parsed once (a weight has no meaning in a report: refused)."""
+        specs = parse_specs(self.metrics)
+        weighted = [str(spec) for spec in specs if spec.weight is not None]
+        if weighted:
+            raise UsageError(f"-m {weighted[0]}: eval reports each metric alone; a weight has no meaning here")
+        for spec in specs:
+            spec.metric()  # its argument checked too (a py: file imported, an rm folder looked at)
+        return specs
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [spec.name for spec in self.metric_specs]
 
     @property
     def with_base(self) -> bool:
         """Does the base model answer? Not when only answers from files or servers are compared."""
-        return bool(self.model or self.adapters or not (self.answers or self.served))
+        return bool(self.model.name or self.adapters or not (self.answers or self.served))
 
     @property
     def base_model(self) -> str | None:
         """The model loaded here (None: no model at all, only answers from files)."""
-        if self.model:
-            return self.model
+        if self.model.name:
+            return self.model.name
         return None if self.answers and not self.adapters and not self.served else DEFAULT_MODEL
 
     @property
@@ -234,12 +226,9 @@ class EvalConfig:
         return BASE if BASE in names else names[0]
 
     @property
-    def prompt(self) -> str | None:
-        """--system-prompt, else in reasoning mode the prompt `train --reasoning` trained with."""
+    def prompting(self) -> PromptOptions:
+        """The prompt options answers are generated with: --system-prompt, else in reasoning mode the prompt
+        `train --reasoning` trained with."""
         from stages.metrics.reasoning import system_prompt_for
 
-        return system_prompt_for(self.system_prompt, self.reasoning)
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
+        return replace(self.prompt, system_prompt=system_prompt_for(self.prompt.system_prompt, self.reasoning))

@@ -3,7 +3,7 @@ score them against the references, and compare every system with the base prompt
 
 Library use:
 
-    config = EvalConfig(adapters=["runs/x/adapter=bleuberi"], max_new_tokens=128)
+    config = EvalConfig.of(adapters=["runs/x/adapter=bleuberi"], max_new_tokens=128)
     result = evaluate(records, config)            # result.records: per prompt; result.summary: per system
 
 The base model (no adapter) is the first system and the baseline. Generation is greedy unless
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.eval.config import EvalConfig, System
 from stages.eval.summary import summarise
-from stages.metrics import Batch, get_metric
+from stages.metrics import Batch
 
 if TYPE_CHECKING:
     from stages.eval.judges import HttpJudge, RewardModelJudge
@@ -48,11 +48,11 @@ def generate_answers(
     """One answer per record from one system: text, token count, finish reason."""
     from stages.engines.generator import Batching, Generator
 
-    prompting = (config.prompt, config.max_prompt_length)
-    model = config.base_model  # systems that generate exist only with a model
-    generator = Generator.for_stage(config, model, adapter=system.adapter, prompting=prompting, engine=system.engine)  # type: ignore[arg-type]
+    model = replace(config.model, name=config.base_model)  # systems that generate exist only with a model
+    engine = system.engine or config.engine
+    generator = Generator.for_options(model, config.prompting, engine, adapter=system.adapter)
     answers = []
-    batching = Batching(n=1, seed=config.seed, batch_size=config.batch_size)
+    batching = Batching.of(config.batch, seed=config.seed)
     for _record, [sample] in generator.generate(records, config.sampling, batching):
         text = generator.text(sample)
         answers.append(
@@ -93,11 +93,11 @@ def evaluate(
     from stages.eval.answers import read_answers
 
     say = on_message or (lambda message: None)
-    apply_thread_budget(config.threads, say=say)  # before any model (generator, encoder, judge) is loaded
-    reward_judge = reward_judge or config.judges.reward_judge(config.device)
+    apply_thread_budget(config.model.threads, say=say)  # before any model (generator, encoder, judge) is loaded
+    reward_judge = reward_judge or config.judges.reward_judge(config.model.device)
     http_judge = http_judge or config.judges.http_judge(config.seed)
     systems = config.systems
-    metrics = [get_metric(name, device=config.device) for name in config.metrics]
+    metrics = [spec.metric(device=config.model.device) for spec in config.metric_specs]
     # answers from files are read (and their ids checked) before any model is loaded
     given = {s.name: read_answers(s.answers, records) for s in systems if s.answers}
     for record in records:
@@ -182,7 +182,7 @@ def _length_controls(
     others = [s for s in systems if s.name != baseline]
     if not others or not records:
         return []
-    cutter = load_cutter(config.tokenizer or config.base_model, trust_remote_code=config.trust_remote_code)
+    cutter = load_cutter(config.tokenizer or config.base_model, trust_remote_code=config.model.trust_remote_code)
     say(f"length control: {baseline}'s answers cut to each system's lengths ({cutter.unit})")
 
     def texts(name: str) -> list[str]:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from stages.eval.config import EvalConfig, System
 from stages.eval.length_control import control_name
 from stages.eval.stats import WinRate, bootstrap_seed, mean_with_ci, paired_difference
-from stages.metrics import get_metric
 
 if TYPE_CHECKING:
     from stages.eval.judges import HttpJudge, RewardModelJudge
@@ -38,14 +37,14 @@ def summarise(
         "model": config.base_model,
         "prompts": len(records),
         "generation": {
-            "max_new_tokens": config.max_new_tokens,
-            "temperature": config.temperature,
-            "top_p": config.top_p,
+            "max_new_tokens": config.sampling.max_new_tokens,
+            "temperature": config.sampling.temperature,
+            "top_p": config.sampling.top_p,
             "seed": config.seed,
         },
-        "metrics": list(config.metrics),
-        "signatures": {m: get_metric(m).signature() for m in config.metrics},
-        "bootstrap": {"resamples": config.resamples, "confidence": 0.95, "seed": config.seed},
+        "metrics": config.metric_names,
+        "signatures": {spec.name: spec.metric().signature() for spec in config.metric_specs},
+        "bootstrap": {"resamples": config.bootstrap_resamples, "confidence": 0.95, "seed": config.seed},
         "baseline": config.baseline_name,
         "systems": out,
     }
@@ -91,9 +90,9 @@ def _system_summary(
         **({"length_of": system.length_of} if system.length_of else {}),
         "metrics": {
             m: mean_with_ci(
-                column.scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.resamples
+                column.scores(name, m), seed=bootstrap_seed(config.seed, name, m), resamples=config.bootstrap_resamples
             )
-            for m in config.metrics
+            for m in config.metric_names
         },
         "length": {
             "tokens_mean": statistics.fmean(tokens) if tokens else None,
@@ -105,7 +104,9 @@ def _system_summary(
     }
     if judged:
         seed = bootstrap_seed(config.seed, name, "judge")
-        entry["judge_reward"] = mean_with_ci(column(name, "judge_reward"), seed=seed, resamples=config.resamples)
+        entry["judge_reward"] = mean_with_ci(
+            column(name, "judge_reward"), seed=seed, resamples=config.bootstrap_resamples
+        )
     if name != baseline:  # "vs_base": against the baseline (the base model unless --baseline says otherwise)
         entry["vs_base"] = _compare(column, name, baseline, config)
         if name in controlled:
@@ -122,12 +123,12 @@ def _compare(column: _Columns, name: str, other: str, config: EvalConfig) -> dic
     """Per metric, prompt by prompt: win / tie / loss shares (with the sign test) and the mean
     difference `name - other` with its paired bootstrap interval."""
     comparison = {}
-    for m in config.metrics:
+    for m in config.metric_names:
         scores, others = column.scores(name, m), column.scores(other, m)
         seed = bootstrap_seed(config.seed, name, other, m)
         comparison[m] = {
             **WinRate.count(scores, others).rates(),
-            "difference": paired_difference(scores, others, seed=seed, resamples=config.resamples),
+            "difference": paired_difference(scores, others, seed=seed, resamples=config.bootstrap_resamples),
         }
     return comparison
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from stages.core.preflight import Needs
+
 Messages = list[dict[str, str]]  # chat turns: {"role", "content"}
 ReferenceLists = Sequence[Sequence[str]]  # references[i]: the reference texts of hypothesis i
 PromptTurns = Sequence[Messages] | None  # messages[i]: the prompt's chat turns of hypothesis i
@@ -95,6 +97,17 @@ class Metric(ABC):
     # The range every score lies in; None: no fixed range (raw reward-model logits, a user's function).
     # Declared by every metric (no default), so none can claim 0..1 by omission.
     scale: ClassVar[Scale]
+    device: str = "auto"  # where a model-based metric loads its model, when first used
+
+    def to(self, device: str) -> None:
+        """Load the model (when first used) on `device`; a metric that holds none has nothing to place."""
+        self.device = device
+
+    @classmethod
+    def needs(cls, argument: str | None) -> Needs:
+        """What must exist before this metric can run with `argument` (models, servers, files): checked by
+        preflight before any model loads. The string metrics need nothing."""
+        return Needs()
 
     @abstractmethod
     def prepare(self, references: Sequence[str]) -> Any:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import ModelError, UsageError
+from stages.core.preflight import Needs
 from stages.metrics.base import (
     Messages,
     Metric,
@@ -153,6 +154,12 @@ def _encoder_and_layer(argument: str | None) -> tuple[str, int | None]:
 class _EncoderMetric(Metric):
     argument = "ENCODER"
     in_process = True
+
+    @classmethod
+    def needs(cls, argument: str | None) -> Needs:
+        encoder, _ = _encoder_and_layer(argument)
+        # the default encoder is a package: finding its folder checks that it is installed
+        return Needs(models=(str(default_encoder_path()) if encoder == DEFAULT_ENCODER else encoder,))
 
     def __init__(self, argument: str | None = None, *, device: str = "auto") -> None:
         self.encoder_name, self.layer_asked = _encoder_and_layer(argument)

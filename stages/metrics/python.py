@@ -50,6 +50,7 @@ from types import ModuleType
 from typing import Any
 
 from stages.core.errors import BleuberiError, UsageError
+from stages.core.preflight import Needs
 from stages.metrics.base import Batch, Messages, Metric, PromptTurns, ReferenceLists
 
 # Passed by name; a record field with one of these names is not passed as a column.
@@ -186,6 +187,13 @@ class PythonReward(Metric):
     full_completion = True  # as in TRL: in reasoning mode the function sees think and answer
     needs_record = True
     scale = None  # whatever the function returns
+
+    @classmethod
+    def needs(cls, argument: str | None) -> Needs:
+        if not argument:
+            return Needs()
+        target, _ = split_argument(argument)
+        return Needs(files=(target,) if is_file_target(target) else ())
 
     def __init__(self, argument: str | None = None, *, device: str = "auto") -> None:
         if not argument:

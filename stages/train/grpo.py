@@ -18,7 +18,17 @@ from stages.train.loss import group_advantages, zero_std_groups
 from stages.train.update import UpdateStats, micro_batches, policy_update
 
 if TYPE_CHECKING:
+    from stages.train.config import TrainConfig
     from stages.train.setup import TrainRun
+
+
+def items(prompts: list[TrainPrompt], generator: Generator, config: TrainConfig) -> list[TrainPrompt]:
+    """What GRPO steps draw from: the prompts themselves, each sampled num_generations times."""
+    return prompts
+
+
+def step(run: TrainRun, index: int) -> dict[str, Any]:
+    return grpo_step(run, index)
 
 
 def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:

@@ -32,10 +32,8 @@ from stages.metrics.python import RewardFunctionError
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
 from stages.train.distributed import require_launcher
-from stages.train.grpo import grpo_step
 from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged, save_merged_from_disk
 from stages.train.setup import TrainRun, set_up
-from stages.train.sft import sft_update
 from stages.train.sharding import gathered_adapter
 from stages.train.telemetry import Telemetry, check_installed
 
@@ -182,14 +180,14 @@ def _write_outputs(run: TrainRun, metrics: Path, merge_to: str | None, say: Call
     weights = gathered_adapter(model)  # None unless sharded
     if not run.dist.is_main:
         return adapter
-    save_adapter(model, tokenizer, adapter, model_name=config.model, state_dict=weights)
+    save_adapter(model, tokenizer, adapter, model_name=config.model.model, state_dict=weights)
     plot_metrics(metrics, run.output_dir / "reward.png", say)
     if merge_to:
         if weights is None:
             save_merged(model, tokenizer, Path(merge_to))
         else:  # no rank holds the sharded policy whole: merge into the base loaded again
-            remote = config.trust_remote_code
-            save_merged_from_disk(model, tokenizer, Path(merge_to), base=config.model, adapter=adapter, remote=remote)
+            base, remote = config.model.model, config.model.trust_remote_code
+            save_merged_from_disk(model, tokenizer, Path(merge_to), base=base, adapter=adapter, remote=remote)
         say(f"merged model written to {merge_to}")
     return adapter
 
@@ -200,10 +198,7 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     lr = lr_at(step, run.plan.steps, run.config)
     for group in run.policy.optimizer.param_groups:
         group["lr"] = lr
-    if run.config.algo == "sft":
-        metrics = sft_update(run.policy, run.plan.items_at(step), config=run.config, dist=run.dist)
-    else:
-        metrics = grpo_step(run, step)
+    metrics = run.config.algorithm.runner().step(run, step)
     return {
         "step": step + 1,
         "epoch": run.plan.epoch_after(step),

@@ -58,9 +58,10 @@ def load_policy(config: TrainConfig, device: torch.device, dist: Distributed | N
     from stages.engines.base import start_engine
     from stages.engines.generator import engine_target
 
-    resolved = resolve_model(config.model)
-    tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
-    dtype, remote = resolve_dtype(config.dtype, device), config.trust_remote_code
+    options = config.model
+    resolved = resolve_model(options.model)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=options.trust_remote_code)
+    dtype, remote = resolve_dtype(options.dtype, device), options.trust_remote_code
     if dist is not None and dist.sharded:
         from stages.train import sharding
 
@@ -73,13 +74,13 @@ def load_policy(config: TrainConfig, device: torch.device, dist: Distributed | N
         resolved,
         tokenizer,
         device=str(device),
-        dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
+        dtype=options.dtype,
+        trust_remote_code=remote,
         lora_rank=config.lora_r,
         live_policy=model,
     )
     engine = start_engine(config.engine, target)
-    generator = Generator(tokenizer, engine, target.stop_ids, config.model, None, config.resolved_system_prompt())
+    generator = Generator(tokenizer, engine, target.stop_ids, options.model, None, config.system_prompt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     return Policy(model, generator, trainable, optimizer, device, _autocast(model, device))

@@ -16,17 +16,15 @@ import torch
 
 from stages.core.threads import ThreadBudget, apply_thread_budget, engine_competes
 from stages.core.versions import package_versions
-from stages.engines.base import SamplingParams
 from stages.score import Scorer
 from stages.train.checkpoint import find_checkpoint, load_checkpoint
 from stages.train.config import TrainConfig
-from stages.train.data import PromptReport, StepPlan, TrainPrompt, prepare_prompts, total_steps
+from stages.train.data import PromptReport, SftExample, StepPlan, TrainPrompt, prepare_prompts, total_steps
 from stages.train.distributed import Distributed
 from stages.train.outputs import write_json
 from stages.train.policy import Policy, load_policy
 from stages.train.rollouts import Rollouts
 from stages.train.run_folder import check_resume, prepare_fresh_run
-from stages.train.sft import SftExample, sft_examples
 
 TRAINING_PACKAGES = ("bleuberi", "torch", "transformers", "peft", "sacrebleu", "safetensors")
 
@@ -56,7 +54,7 @@ def set_up(
     say: Callable[[str], None],
     overwrite: bool = False,
 ) -> TrainRun:
-    device, dist = _placement(config.device, sharded=config.parallel == "fsdp")
+    device, dist = _placement(config.model.device, sharded=config.parallel == "fsdp")
     threads = _thread_budget(config, device, say)
     digest = records_digest(records)
     checkpoint = None
@@ -77,18 +75,18 @@ def set_up(
         ).step
         say(f"resumed from {checkpoint} at step {first_step}")
     count = sum(p.numel() for p in policy.trainable)
+    algorithm = config.algorithm
     say(
-        f"{config.algo.upper()} on {len(plan.items)} {'examples' if config.algo == 'sft' else 'prompts'}: "
+        f"{algorithm.name.upper()} on {len(plan.items)} {algorithm.noun}: "
         f"{plan.steps} step{'' if plan.steps == 1 else 's'}, {count / 1e6:.2f}M trainable parameters, {device}, "
-        f"{dtype_note(config.dtype, policy.dtype)}, world size {dist.world_size}, "
+        f"{dtype_note(config.model.dtype, policy.dtype)}, world size {dist.world_size}, "
         f"setup {time.perf_counter() - start:.1f}s"
     )
     rollouts = _rollouts(config, policy, plan, output_dir, dist)
-    if config.algo == "grpo":
-        rollouts.connect(policy.model, first_step=first_step, temperature=config.temperature, say=say)
-    run = TrainRun(
-        config, output_dir, dist, policy, plan, first_step, config.scorer(str(device)), rollouts, digest, threads
-    )
+    if algorithm.samples:
+        rollouts.connect(policy.model, first_step=first_step, temperature=config.sampling.temperature, say=say)
+    scorer = config.scorer.to(str(device))  # the reward's models load where the policy is
+    run = TrainRun(config, output_dir, dist, policy, plan, first_step, scorer, rollouts, digest, threads)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "config.json", _run_record(run, records, report))
@@ -103,17 +101,12 @@ def _plan(
     say: Callable[[str], None],
 ) -> tuple[StepPlan[Any], PromptReport]:
     """The prompts (GRPO) or examples (SFT), and how many of them each step takes on each rank."""
-    generator = policy.generator
-    prompts, report = prepare_prompts(records, generator.encoder, config.max_prompt_length, config.drop_long)
+    generator, limit = policy.generator, config.prompt.max_prompt_length
+    prompts, report = prepare_prompts(records, generator.encoder, limit, config.drop_long)
     if report.truncated or report.dropped:
-        say(
-            f"prompts over {config.max_prompt_length} tokens: {report.truncated} cut from the left, "
-            f"{report.dropped} dropped"
-        )
-    items: list[Any] = (
-        sft_examples(prompts, generator, config.max_completion_length) if config.algo == "sft" else prompts
-    )
-    dist.check_split(len(items), config.prompts_per_step, "examples" if config.algo == "sft" else "prompts")
+        say(f"prompts over {limit} tokens: {report.truncated} cut from the left, {report.dropped} dropped")
+    items: list[Any] = config.algorithm.runner().items(prompts, generator, config)
+    dist.check_split(len(items), config.prompts_per_step, config.algorithm.noun)
     steps = total_steps(
         len(items), config.prompts_per_step * dist.world_size, config.num_train_epochs, config.max_steps
     )
@@ -126,7 +119,7 @@ def _rollouts(
     return Rollouts(
         policy.generator,
         plan,
-        SamplingParams(config.max_completion_length, config.temperature, config.top_p),
+        config.sampling,
         group_size=config.num_generations,
         prompts_per_batch=max(1, config.per_device_train_batch_size // config.num_generations),
         seed=config.seed,
@@ -175,9 +168,9 @@ def _thread_budget(config: TrainConfig, device: torch.device, say: Callable[[str
     """Before the model loads: the threads this process trains with (a local engine that samples while it
     trains gets its share; see stages/core/threads.py)."""
     engine = config.engine
-    concurrent = config.algo == "grpo" and config.async_rollouts
+    concurrent = config.algorithm.samples and config.async_rollouts
     local = engine_competes(engine.backend, engine.server_url, device.type, concurrent)
-    return apply_thread_budget(config.threads, local_engine=local, say=say)
+    return apply_thread_budget(config.model.threads, local_engine=local, say=say)
 
 
 def _run_record(run: TrainRun, records: Sequence[dict[str, Any]], report: PromptReport) -> dict[str, Any]:
@@ -199,7 +192,7 @@ def _run_record(run: TrainRun, records: Sequence[dict[str, Any]], report: Prompt
         "trainable_parameters": sum(p.numel() for p in run.policy.trainable),
         "packages": package_versions(TRAINING_PACKAGES),
         # each reward's signature: its settings, and for a py: reward its file's content hash
-        "reward_signatures": run.scorer.info()["signatures"] if run.config.algo == "grpo" else {},
+        "reward_signatures": run.scorer.info()["signatures"] if run.config.algorithm.samples else {},
     }
 
 

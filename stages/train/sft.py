@@ -7,24 +7,17 @@ tokens (the reference followed by the end-of-sequence token), never of the promp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.engines.generator import Generator
 from stages.train.config import TrainConfig
-from stages.train.data import TrainPrompt
+from stages.train.data import SftExample, TrainPrompt
 from stages.train.distributed import Distributed
 from stages.train.logprobs import completion_logprobs, pack
 
 if TYPE_CHECKING:
     from stages.train.policy import Policy
-
-
-@dataclass
-class SftExample:
-    record_id: str
-    prompt_ids: list[int]
-    answer_ids: list[int]
+    from stages.train.setup import TrainRun
 
 
 def sft_examples(prompts: list[TrainPrompt], generator: Generator, max_answer_length: int) -> list[SftExample]:
@@ -35,6 +28,16 @@ def sft_examples(prompts: list[TrainPrompt], generator: Generator, max_answer_le
             answer = generator.tokenizer(reference, add_special_tokens=False)["input_ids"] + [eos]
             examples.append(SftExample(prompt.record_id, prompt.ids, answer[:max_answer_length]))
     return examples
+
+
+def items(prompts: list[TrainPrompt], generator: Generator, config: TrainConfig) -> list[SftExample]:
+    """What SFT steps draw from: one example per (prompt, reference), answers cut at the completion length."""
+    return sft_examples(prompts, generator, config.sampling.max_new_tokens)
+
+
+def step(run: TrainRun, index: int) -> dict[str, Any]:
+    """One optimizer step (0-based `index`) on its examples."""
+    return sft_update(run.policy, run.plan.items_at(index), config=run.config, dist=run.dist)
 
 
 def sft_update(policy: Policy, examples: list[SftExample], *, config: TrainConfig, dist: Distributed) -> dict[str, Any]:

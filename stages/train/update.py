@@ -96,12 +96,12 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
         n_tokens_global=int(global_tokens),
         n_tokens_local=local_tokens,
         world_size=dist.world_size,
-        max_completion_length=config.max_completion_length,
+        max_completion_length=config.sampling.max_new_tokens,
     )
     if loss_config.beta != 0.0:
         with torch.no_grad(), policy.model.disable_adapter(), policy.autocast():
             for mb in batches:
-                mb.ref_logp = completion_logprobs(policy.model, mb.batch, config.temperature)
+                mb.ref_logp = completion_logprobs(policy.model, mb.batch, config.sampling.temperature)
     correction = SamplerCorrection.of(config)
     stats = UpdateStats()
     drift = Drift()
@@ -145,7 +145,8 @@ def _micro_batch_loss(
     iteration: int,
 ) -> LossParts:
     """One micro-batch's share of the step's loss, with the trainer's log-probs from a fresh forward pass."""
-    logp, entropy_mask = _policy_logprobs(policy.model, mb.batch, config.temperature, loss_config, policy.autocast)
+    temperature = config.sampling.temperature
+    logp, entropy_mask = _policy_logprobs(policy.model, mb.batch, temperature, loss_config, policy.autocast)
     mask = mb.batch.completion_mask
     if iteration == 0:
         drift.add(logp.detach(), mb.sampled_logp, mask)
