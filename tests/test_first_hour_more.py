@@ -366,7 +366,7 @@ def test_tables_and_verdict_share_one_unit_and_the_verdict_does_not_contradict_i
     cells = {title.split(",")[0]: rows[0][1] for title, _, rows in eval_tables(summary)}
     assert cells["Difference from base"] == difference  # the same unit as the verdict
     assert cells["Length control: each system minus base's answers cut to its lengths"] == (
-        "+7.9 [2.6, 13.7] (no gain over base)"  # what the gain over the base is, not a bare "no gain"
+        "+7.9 [2.6, 13.7] (no gain over base, but a gain over cut base)"  # both intervals, as the cell shows one
     )
 
 
