@@ -202,36 +202,60 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+# The first finished batch also carries the model's loading and warm-up (often longer than several later
+# batches together), so a rate taken over it is far too slow: eval once said "about 14m10s left" and finished
+# in 20 s. The rate is measured from the end of the first batch on, and neither it nor the time left is shown
+# until MEASURED_BATCHES batches after the first have finished: one batch alone is a poor sample (batches are
+# sorted by prompt length, and the last of a window can be smaller). Each call of `advance` with work is one
+# finished batch (the stages report per batch).
+MEASURED_BATCHES = 2
+
+
 class ProgressLine:
-    """How far a task with a known total is, as one line: done/total, rate and the time left. The rate is
-    measured from the first finished piece on (model loading before it is not work done), once there is
-    more than one."""
+    """How far a task with a known total is, as one line: done/total, rate and the time left (once measured:
+    see MEASURED_BATCHES) and the time so far."""
 
     def __init__(self, description: str, total: int | None, unit: str) -> None:
         self.description, self.total, self.unit = description, total, unit
         self.start = time.perf_counter()
         self.done = 0
-        self.first: tuple[float, int] | None = None  # when the first piece finished, and how many it was
+        self.first: tuple[float, int] | None = None  # when the first batch finished, and the work done by then
+        self.latest: tuple[float, int] | None = None  # the same for the latest batch after it
+        self.timed = 0  # batches finished after the first
 
     def advance(self, n: int) -> None:
         self.done += n
-        if self.first is None and self.done > 0:
-            self.first = (time.perf_counter(), self.done)
-
-    def rate(self) -> float:
+        if n <= 0:  # a total said, or nothing finished: no batch
+            return
         now = time.perf_counter()
-        if self.first is not None and self.done > self.first[1] and now > self.first[0]:
-            return (self.done - self.first[1]) / (now - self.first[0])
-        return self.done / max(now - self.start, 1e-9)
+        if self.first is None:
+            self.first = (now, self.done)
+        else:
+            self.latest, self.timed = (now, self.done), self.timed + 1
+
+    def rate(self) -> float | None:
+        """Work per second after the first batch, up to the latest one; None until MEASURED_BATCHES time it."""
+        if self.first is None or self.latest is None or self.timed < MEASURED_BATCHES:
+            return None
+        seconds = self.latest[0] - self.first[0]
+        return (self.latest[1] - self.first[1]) / seconds if seconds > 0 else None
+
+    def left(self) -> str:
+        """ "about 1m05s left" at the measured rate; "" before it is measured and once all is done."""
+        rate = self.rate()
+        if self.total is None or self.done >= self.total or not rate:
+            return ""
+        return f"about {duration((self.total - self.done) / rate)} left"
 
     def text(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.rate()
+        elapsed = time.perf_counter() - self.start
         count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
-        line = f"{self.description}: {count} {self.unit} ({rate:.3g} {self.unit}/s"
-        if self.total is not None and self.done < self.total and rate > 0:
-            line += f", about {duration((self.total - self.done) / rate)} left"
-        return line + f"; {duration(elapsed)} so far)"
+        rate = self.rate()
+        measured = [] if rate is None else [f"{rate:.3g} {self.unit}/s"]
+        if left := self.left():
+            measured.append(left)
+        head = ", ".join(measured) + "; " if measured else ""
+        return f"{self.description}: {count} {self.unit} ({head}{duration(elapsed)} so far)"
 
 
 class Progress:
@@ -258,7 +282,9 @@ class Progress:
     def __call__(self, n: int = 1) -> None:
         self.line.advance(n)
         if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=f"{self.line.rate():,.1f} {self.line.unit}/s")
+            rate = self.line.rate()
+            shown = "" if rate is None else f"{rate:,.1f} {self.line.unit}/s"
+            self.bar.update(self.task, advance=n, rate=shown, left=self.line.left())
         elif self.sink is not None:
             self.sink(self.line.text())
         elif self.log and n and self.line.total is not None:  # without a total a line says too little (streams)
@@ -277,7 +303,7 @@ def progress(description: str, *, quiet: bool, total: int | None = None, unit: s
     if quiet or not console.is_terminal:
         yield Progress(line, log=not quiet)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
     columns = [
@@ -286,10 +312,10 @@ def progress(description: str, *, quiet: bool, total: int | None = None, unit: s
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[left]}"),  # ours, not rich's TimeRemainingColumn: the same rule as the lines
     ]
     with RichProgress(*columns, console=console, transient=True) as bar:
-        yield Progress(line, bar, bar.add_task(description, total=total, rate=""))
+        yield Progress(line, bar, bar.add_task(description, total=total, rate="", left=""))
 
 
 class StepProgress:

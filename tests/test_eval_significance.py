@@ -205,3 +205,58 @@ def test_a_bound_that_rounds_to_zero_keeps_its_sign() -> None:
     assert line.startswith("gain in bleu (x100) +1.0 [0.03, 2.2] over base (no length control)")
     comparison["difference"] = {"mean": -0.0002, "ci95": [-0.010, 0.008], "n": 175}
     assert "-0.02 [-1.0, 0.8]" in verdict(summary, "s", "bleu")
+
+
+# The length-control table's label, derived by hand for every pair of intervals: (trained - base, trained -
+# base@len), each above 0 (+), including 0 (0) or below 0 (-). The label says what both intervals say.
+LABELS = {
+    ("+", "+"): "gain over base, survives the length control",
+    ("+", "0"): "gain over base, length only",  # the cut base gains as much: shorter answers did it
+    ("+", "-"): "gain over base, length only; worse than cut base",  # cutting alone would gain more
+    ("0", "+"): "no gain over base, but a gain over cut base",  # shorter, yet above the base cut as short
+    ("0", "0"): "no gain over base or cut base",
+    ("0", "-"): "no gain over base, worse than cut base",
+    ("-", "+"): "worse than base, but a gain over cut base",  # the loss is the length; at that length it wins
+    ("-", "0"): "worse than base, length only",  # the cut base loses as much
+    ("-", "-"): "worse than base and than cut base",
+}
+# (mean, low, high) of each kind of interval, and its cell x100 written out by hand
+INTERVALS = {"+": (0.079, 0.026, 0.137), "0": (0.032, -0.006, 0.082), "-": (-0.05, -0.09, -0.01)}
+CELLS = {"+": "+7.9 [2.6, 13.7]", "0": "+3.2 [-0.6, 8.2]", "-": "-5.0 [-9.0, -1.0]"}
+
+
+def _difference(side: str) -> dict:
+    mean, low, high = INTERVALS[side]
+    return {"mean": mean, "ci95": [low, high], "n": 56}
+
+
+def _labelled_summary(baseline: str | None = None) -> dict:
+    metric = {"mean": 0.2, "ci95": [0.1, 0.3]}
+    plain = {"metrics": {"bleu": metric}, "length": {"tokens_mean": 20.0, "tokens_median": 18}, "truncation_rate": 0}
+    systems = {"base": plain}
+    for base_side, control_side in LABELS:
+        comparison = {"win": 0.4, "tie": 0.2, "loss": 0.4, "sign_p": 1.0, "difference": _difference(base_side)}
+        control = {"win": 0.4, "tie": 0.2, "loss": 0.4, "sign_p": 1.0, "difference": _difference(control_side)}
+        name = f"s{base_side}{control_side}"
+        systems[name] = {**plain, "vs_base": {"bleu": comparison}, "vs_length_control": {"bleu": control}}
+    return {"metrics": ["bleu"], "prompts": 56, "systems": systems, **({"baseline": baseline} if baseline else {})}
+
+
+def test_each_length_control_label_follows_from_its_two_intervals() -> None:
+    summary = _labelled_summary()
+    [(title, _, rows)] = [table for table in eval_tables(summary) if table[0].startswith("Length control")]
+    cells = {row[0]: row[1] for row in rows}
+    for (base_side, control_side), label in LABELS.items():
+        assert cells[f"s{base_side}{control_side}"] == f"{CELLS[control_side]} ({label})", (base_side, control_side)
+        # the label's word on the base is the verdict's: a gain, no significant gain, or worse
+        line = verdict(summary, f"s{base_side}{control_side}", "bleu")
+        said = "+" if line.startswith("gain in") else "0" if line.startswith("no significant gain") else "-"
+        assert said == base_side and (base_side != "-" or "got worse" in line)
+    assert "length only" in title and "survives the length control" in title  # the title explains the words
+    # the demo run's emb: no gain over base, a clear one over base cut to the trained lengths
+    assert cells["s0+"] == "+7.9 [2.6, 13.7] (no gain over base, but a gain over cut base)"
+
+
+def test_the_length_control_label_names_the_baseline_in_use() -> None:
+    [(_, _, rows)] = [t for t in eval_tables(_labelled_summary("sft")) if t[0].startswith("Length control")]
+    assert dict((row[0], row[1]) for row in rows)["s0+"].endswith("(no gain over sft, but a gain over cut sft)")

@@ -86,15 +86,34 @@ def test_generate_off_a_terminal_prints_a_line_per_batch_with_a_known_total(runn
     from bleuberi_cli import common
 
     monkeypatch.setattr(common, "LOG_EVERY_SECONDS", 0.0)  # every batch, however fast the tiny model is
-    data = write_jsonl(tmp_path / "in.jsonl", demo_records("pool", count=5))
+    data = write_jsonl(tmp_path / "in.jsonl", demo_records("pool", count=9))
     args = ["generate", "-i", str(data), "--model", str(tiny_model), "--max-new-tokens", "2", "--batch-size", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("generating: ")]
-    # batches of 2, 2 and 1 prompts; every line has the total, the rate and (but the last) the time left
-    assert [line.split(" (")[0] for line in lines] == [f"generating: {n}/5 prompts" for n in (2, 4, 5)]
-    assert all(" prompts/s" in line and "so far)" in line for line in lines)
-    assert "left" in lines[0] and "left" not in lines[-1]
+    # batches of 2, 2, 2, 2 and 1 prompts; every line has the total and the time so far
+    assert [line.split(" (")[0] for line in lines] == [f"generating: {n}/9 prompts" for n in (2, 4, 6, 8, 9)]
+    assert all(line.endswith(" so far)") for line in lines)
+    # the first batch carries the model load, so no rate nor time left until two batches after it are timed
+    assert [(" prompts/s" in line, " left; " in line) for line in lines] == [
+        (False, False), (False, False), (True, True), (True, True), (True, False)  # the last: nothing left
+    ]  # fmt: skip
+
+
+def test_eval_off_a_terminal_reports_each_finished_batch(runner, tiny_model, tmp_path, monkeypatch) -> None:
+    from bleuberi_cli import common
+
+    monkeypatch.setattr(common, "LOG_EVERY_SECONDS", 0.0)
+    data = write_jsonl(tmp_path / "in.jsonl", demo_records("heldout", count=5))
+    args = ["eval", "-i", str(data), "--model", str(tiny_model), "--max-new-tokens", "2", "--batch-size", "2",
+            "--bootstrap-resamples", "10"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("generating: ")]
+    # a line per batch of answers (2, 2, 1), as generate: answers of one batch arrive at one moment, and
+    # timing each of them would measure no time at all
+    assert [line.split(" (")[0] for line in lines] == [f"generating: {n}/5 answers" for n in (2, 4, 5)]
+    assert " left; " not in lines[0]
 
 
 def test_generate_gives_its_progress_bar_the_total_before_the_model_loads(runner, tiny_model, tmp_path, monkeypatch):
@@ -152,10 +171,11 @@ def test_a_run_off_a_terminal_shows_select_and_eval_progress_and_ends_with_where
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
     progress = [line.split(" (")[0] for line in lines if ": answering " in line]
-    assert progress == [  # select reports each batch of 2; eval each answer, base's 3 then the trained model's
+    assert progress == [  # select reports each batch of 2; eval each batch of 3, base's then the trained model's
         "select: answering the pool: 2/4 prompts",
         "select: answering the pool: 4/4 prompts",
-        *(f"eval: answering the held-out set: {n}/6 answers" for n in range(1, 7)),
+        "eval: answering the held-out set: 3/6 answers",
+        "eval: answering the held-out set: 6/6 answers",
     ]
     select_start = next(i for i, line in enumerate(lines) if line.startswith("select: the base model answers"))
     assert lines[select_start + 1].startswith("select: answering the pool: 2/4")  # the silence is filled
@@ -368,7 +388,7 @@ def test_tables_and_verdict_share_one_unit_and_the_verdict_does_not_contradict_i
     cells = {title.split(",")[0]: rows[0][1] for title, _, rows in eval_tables(summary)}
     assert cells["Difference from base"] == difference  # the same unit as the verdict
     assert cells["Length control: each system minus base's answers cut to its lengths"] == (
-        "+7.9 [2.6, 13.7] (no gain over base)"  # what the gain over the base is, not a bare "no gain"
+        "+7.9 [2.6, 13.7] (no gain over base, but a gain over cut base)"  # both intervals, as the cell shows one
     )
 
 
@@ -512,9 +532,50 @@ def test_the_rate_and_time_left_leave_out_the_model_load_before_the_first_batch(
 
     clock = [0.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
-    line = common.ProgressLine("select: answering the pool", 6, "prompts")
+    line = common.ProgressLine("select: answering the pool", 8, "prompts")
     clock[0] = 10.0  # 9 s of loading, then a batch of 2 in 1 s
     line.advance(2)
-    clock[0] = 11.0
-    line.advance(2)  # the next batch of 2 took 1 s: 2 prompts/s, 2 prompts left = 1 s
-    assert line.text() == "select: answering the pool: 4/6 prompts (2 prompts/s, about 1s left; 11s so far)"
+    for second in (11.0, 12.0):
+        clock[0] = second
+        line.advance(2)  # each batch of 2 after the first takes 1 s: 2 prompts/s, 2 prompts left = 1 s
+    assert line.text() == "select: answering the pool: 6/8 prompts (2 prompts/s, about 1s left; 12s so far)"
+
+
+def test_no_time_left_is_shown_until_batches_after_the_first_have_measured_the_rate(monkeypatch) -> None:
+    from bleuberi_cli import common
+
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    lines: list[str] = []
+    monkeypatch.setattr(common, "say", lambda message, quiet=False: lines.append(message))
+    monkeypatch.setattr(common, "LOG_EVERY_SECONDS", 0.0)
+    steps = common.StepProgress(quiet=False)  # as `run` shows select and eval (off a terminal here)
+    steps.live = None
+    bar = BarStandIn()
+    with_bar = common.Progress(common.ProgressLine("generating", 112, "answers"), bar, task=0)  # eval's bar
+    description = "eval: answering the held-out set"
+    steps.stage(description, 0, 112, "answers")  # the total, said before the model loads
+    # 9 s of model loading and warm-up, then 8 answers a second: 112 answers end at 10 + 13 = 23 s
+    for done, second in ((8, 10.0), (16, 11.0), (24, 12.0), (32, 13.0)):
+        clock[0] = second
+        steps.stage(description, done, 112, "answers")
+        with_bar(8)
+    assert lines == [
+        f"{description}: 8/112 answers (10s so far)",  # the first batch carries the load: no rate, no estimate
+        f"{description}: 16/112 answers (11s so far)",  # one batch after it: one batch is too few to time
+        f"{description}: 24/112 answers (8 answers/s, about 11s left; 12s so far)",  # 88 left at 8/s, as it is
+        f"{description}: 32/112 answers (8 answers/s, about 10s left; 13s so far)",
+    ]
+    assert [(fields["rate"], fields["left"]) for fields in bar.updates] == [
+        ("", ""), ("", ""), ("8.0 answers/s", "about 11s left"), ("8.0 answers/s", "about 10s left")
+    ]  # fmt: skip
+
+
+class BarStandIn:
+    """The part of rich's Progress that `Progress` drives: what each update set."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict] = []
+
+    def update(self, task: object, **fields: object) -> None:
+        self.updates.append(fields)

@@ -39,7 +39,7 @@ class EvalResult:
     summary: dict[str, Any]
 
 
-Progress = Callable[[str, int], None]  # (system name, prompts done in this call)
+Progress = Callable[[str, int], None]  # (system name, prompts of the batch that finished)
 
 
 def generate_answers(
@@ -53,7 +53,14 @@ def generate_answers(
     generator = Generator.for_options(model, config.prompting, engine, adapter=system.adapter)
     answers = []
     batching = Batching.of(config.batch, seed=config.seed)
-    for _record, [sample] in generator.generate(records, config.sampling, batching):
+
+    def on_batch(prompts: int, _tokens: int) -> None:
+        # per finished batch (as generate and select report), not per answer: a batch's answers come out
+        # at one moment, and a rate timed between them would see no time pass
+        if on_progress:
+            on_progress(system.name, prompts)
+
+    for _record, [sample] in generator.generate(records, config.sampling, batching, on_batch=on_batch):
         text = generator.text(sample)
         answers.append(
             {
@@ -63,8 +70,6 @@ def generate_answers(
                 "finish_reason": "stop" if sample.finished else "length",
             }
         )
-        if on_progress:
-            on_progress(system.name, 1)
     generator.close()  # a server engine unloads its adapter; a local model is let go
     _free_accelerator_memory()
     return answers

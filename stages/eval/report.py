@@ -53,8 +53,9 @@ def eval_tables(summary: dict[str, Any]) -> list[Table]:
         rows = [[name, *(_control_cell(entry, m, against) for m in metrics)] for name, entry in controlled.items()]
         title = (
             f"Length control: each system minus {against}'s answers cut to its lengths, x100 [95% CI]; in "
-            f"brackets, what the gain over {against} is: survives (it holds against the cut {against} too), "
-            f"length only (the cut {against} gets it as well), no gain over {against}, or worse than {against}"
+            f"brackets, the system against {against} and against those cut answers (cut {against}): a gain that "
+            f"survives the length control holds against both; length only: the cut {against} differs from "
+            f"{against} as much, so the difference is a change of length"
         )
         tables.append((title, ["system", *metrics], rows))
     return tables
@@ -101,24 +102,57 @@ def _fixed(value: float, digits: int) -> str:
 
 
 def _control_cell(entry: dict[str, Any], metric: str, against: str = "base") -> str:
-    """The difference from the cut baseline, labelled with what the gain over the baseline itself is: a
-    cell reads "+7.9 [2.6, 13.7] (no gain over base)", never a bare "(no gain)" beside a positive interval."""
+    """The difference from the cut baseline, labelled with what both intervals say: the one over the
+    baseline and the one over the cut baseline (the figure in the cell), so no label contradicts it."""
     cell = _signed(entry["vs_length_control"][metric]["difference"])
-    label = {"length": "length only", "no gain": f"no gain over {against}", "loss": f"worse than {against}"}
-    status = gain_status(entry, metric)
-    return f"{cell} ({label.get(status, status)})"
+    label = control_label(entry, metric, against)
+    return f"{cell} ({label})" if label else cell
+
+
+# Each label by (side of the gain over the baseline, side of the gain over the cut baseline): 1 the interval
+# lies above 0, 0 it includes 0, -1 it lies below 0. Worded as `verdict` words the first interval ("gain",
+# "no gain", "worse"); the cut baseline is named plainly, as "cut base" for a baseline called base.
+CONTROL_LABELS = {
+    (1, 1): "gain over {a}, survives the length control",
+    (1, 0): "gain over {a}, length only",  # the cut baseline gains as much: the shorter answers did it
+    (1, -1): "gain over {a}, length only; worse than cut {a}",  # cutting alone would gain more
+    (0, 1): "no gain over {a}, but a gain over cut {a}",  # shorter, and still above the baseline cut as short
+    (0, 0): "no gain over {a} or cut {a}",
+    (0, -1): "no gain over {a}, worse than cut {a}",
+    (-1, 1): "worse than {a}, but a gain over cut {a}",  # the loss is the shorter length; at that length it wins
+    (-1, 0): "worse than {a}, length only",  # the cut baseline loses as much
+    (-1, -1): "worse than {a} and than cut {a}",
+}
+
+
+def control_label(entry: dict[str, Any], metric: str, against: str = "base") -> str | None:
+    """What a system's two intervals in `metric` say together (see CONTROL_LABELS); None without both."""
+    base = _side(entry["vs_base"][metric]["difference"])
+    control = _side(entry["vs_length_control"][metric]["difference"])
+    if base is None or control is None:
+        return None
+    return CONTROL_LABELS[base, control].format(a=against)
+
+
+def _side(difference: dict[str, Any]) -> int | None:
+    """1 when the interval lies above 0 (as `excludes_zero` has it), -1 below 0, 0 when it includes 0;
+    None without an interval (no prompts)."""
+    interval = difference.get("ci95")
+    if not interval:
+        return None
+    return 1 if excludes_zero(difference) else -1 if interval[1] < 0 else 0
 
 
 def gain_status(entry: dict[str, Any], metric: str) -> str:
-    """`survives`, `length` (a gain over the base that the cut base gets too), `no gain` or `loss`."""
-    gain = entry["vs_base"][metric]["difference"]
-    if not excludes_zero(gain):
-        interval = gain.get("ci95")
-        return "loss" if interval and interval[1] < 0 else "no gain"
+    """`survives`, `length` (a gain over the base that the cut base gets too, or more), `gain` (no length
+    control), `no gain` or `loss`: the gain over the base, for the verdict line."""
+    side = _side(entry["vs_base"][metric]["difference"])
+    if side != 1:
+        return "loss" if side == -1 else "no gain"
     control = entry.get("vs_length_control", {}).get(metric)
     if control is None:
         return "gain"
-    return "survives" if excludes_zero(control["difference"]) else "length"
+    return "survives" if _side(control["difference"]) == 1 else "length"
 
 
 def verdict(summary: dict[str, Any], system: str, metric: str) -> str:
