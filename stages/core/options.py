@@ -208,11 +208,18 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
 
 
 def build_group(owner: type, name: str, values: Mapping[str, Any]) -> Any:
-    """The group in field `name` of `owner`, from its options' values over that nesting's defaults."""
+    """The group in field `name` of `owner`, from its options' values over that nesting's defaults (of two
+    options that exclude each other, `cls.EXCLUSIVE`, the one given replaces the other's default)."""
     field = next(f for f in dataclasses.fields(owner) if f.name == name)
     nested = group_of(field)
     assert nested is not None, f"{owner.__name__}.{name} is not a group"
-    return build(type_hints(owner)[name], {**nested.defaults, **values})
+    cls = type_hints(owner)[name]
+    defaults = dict(nested.defaults)
+    for pair in getattr(cls, "EXCLUSIVE", ()):
+        for given, other in (pair, pair[::-1]):
+            if given in values and other not in values:
+                defaults[other] = None
+    return build(cls, {**defaults, **values})
 
 
 def _inward(values: Mapping[str, Any], nested: GroupInfo) -> dict[str, Any]:
@@ -334,6 +341,11 @@ def check_value(value: Any, hint: Any, choices: tuple[Any, ...] = ()) -> str | N
 MODEL, PROMPTS = "Model", "Prompts"
 
 
+def device_option() -> Any:
+    """Where models run: in ModelOptions, and alone in `score` (for model-based metrics)."""
+    return option("auto", "where models run: auto picks cuda, then mps, then cpu", panel=MODEL)
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """Which model a stage loads, and how: nested in generate, train and eval, and set once at the top
@@ -348,7 +360,7 @@ class ModelOptions:
         panel=MODEL,
         key="model",
     )
-    device: Device = option("auto", "where to run: auto picks cuda, then mps, then cpu", panel=MODEL)
+    device: Device = device_option()
     dtype: Dtype = option("auto", "weight dtype; auto = bfloat16 on CUDA, float32 elsewhere", panel=MODEL)
     threads: int | None = option(
         None,
@@ -391,13 +403,12 @@ class PromptOptions:
             raise UsageError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
 
 
-def seed_option(help: str = "random seed: same seed, same result") -> Any:
-    return option(DEFAULT_SEED, help, metavar="N")
-
-
-def device_option() -> Any:
-    """The device alone, for a stage that loads no policy but may load a metric's model (score)."""
-    return option("auto", "where model-based metrics run: auto picks cuda, then mps, then cpu", panel=MODEL)
+def seed_option() -> Any:
+    return option(
+        DEFAULT_SEED,
+        "random seed of sampling, tie-breaks and the bootstrap: same seed, same result (a run's: every stage's)",
+        metavar="N",
+    )
 
 
 def reasoning_option() -> Any:

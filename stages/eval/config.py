@@ -149,7 +149,7 @@ class EvalConfig(options.Options):
     # greedy: the answer a user would get
     sampling: SamplingParams = group(SamplingParams, temperature=0.0)
     batch: BatchOptions = group(BatchOptions)
-    seed: int = options.seed_option("seed of sampling (when not greedy) and of the bootstrap")
+    seed: int = options.seed_option()
     bootstrap_resamples: int = option(
         DEFAULT_RESAMPLES, "resamples for the 95% intervals", metavar="N", panel=COMPARISON
     )

@@ -20,7 +20,7 @@ them). Every key, its type and its comment come from the option declared on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from stages.core import options
@@ -83,7 +83,7 @@ class DataSection:
 class RunConfig:
     model: ModelOptions = group(ModelOptions)
     prompt: PromptOptions = group(PromptOptions, **demo(None))
-    seed: int = options.seed_option("one seed for every stage: sampling, selection, training and bootstrap")
+    seed: int = options.seed_option()
     reasoning: bool = options.reasoning_option()
     engine: EngineOptions = group(EngineOptions, table=True)  # who samples, in every stage
     data: DataSection = group(DataSection, table=True)
@@ -143,20 +143,34 @@ def stage_defaults(key: str) -> dict[str, Any]:
 
 
 def build(values: dict[str, Any]) -> RunConfig:
-    """A RunConfig from checked values (top-level names, and a dict per table): each table is built over
-    the run's defaults for it, so its errors name it."""
-    tables: dict[str, Any] = {}
-    for table in TABLES:
-        try:
-            tables[table] = options.build_group(RunConfig, table, values.get(table, {}))
-        except ModelError:
-            raise  # a model that is not there is bad input (exit 1), wherever it was named
-        except BleuberiError as error:
-            raise ConfigError(f"[{table}]: {error}") from None
+    """A RunConfig from checked values (top-level names, and a dict per table). The shared settings are
+    built first, then each table over the run's defaults for it with them, so a table's errors name it."""
     top = {key: value for key, value in values.items() if key not in TABLES}
+    built: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    for field in fields(RunConfig):
+        table = field.name in TABLES
+        if field.name in ("data", *STAGES):
+            continue
+        if options.group_of(field) is None:
+            built[field.name] = shared[field.name] = top.get(field.name, field.default)
+            continue
+        built[field.name] = _table(field.name, values.get(field.name, {}) if table else top)
+        shared.update(options.values_of(built[field.name]))
+    for table in ("data", *STAGES):
+        built[table] = _table(table, {**shared, **values.get(table, {})})
     try:
-        return options.build(RunConfig, {**top, **tables})
+        return RunConfig(**built)
     except ModelError:
         raise
     except BleuberiError as error:  # a shared setting no stage can run with
         raise ConfigError(str(error)) from None
+
+
+def _table(name: str, values: dict[str, Any]) -> Any:
+    try:
+        return options.build_group(RunConfig, name, values)
+    except ModelError:
+        raise  # a model that is not there is bad input (exit 1), wherever it was named
+    except BleuberiError as error:
+        raise ConfigError(f"[{name}]: {error}" if name in TABLES else str(error)) from None

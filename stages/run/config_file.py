@@ -179,6 +179,14 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _with_choices(leaf: Leaf) -> str:
+    """The option's help, and its values when they are a closed set its help does not spell out."""
+    values = [str(value) for value in leaf.choices]
+    if not values or leaf.info.help.startswith(values[0]):
+        return leaf.info.help
+    return f"{leaf.info.help} ({' | '.join(values)})"
+
+
 def _own_defaults(key: str) -> str:
     """What the stages default to where the demo sets `key`: "bleuberi train: 512" (unset: "none")."""
     text = {stage: "none" if value is None else _toml_value(value) for stage, value in stage_defaults(key).items()}
@@ -199,7 +207,7 @@ def to_toml(config: RunConfig) -> str:
             table = leaf.tables[0]
             lines += ["", f"[{table}]"]
         value = leaf.get(config)
-        comment = leaf.info.help
+        comment = _with_choices(leaf)
         if key in DEMO:
             comment = f"(demo; {_own_defaults(key)}) {comment}"
         if value is None:

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from stages.core import options
 from stages.core.errors import UsageError
 from stages.core.options import ModelOptions, PromptOptions, group, option
 from stages.engines.base import PANEL as ENGINE_PANEL
 from stages.engines.base import EngineOptions, SamplingParams
+from stages.metrics import MetricSpec, parse_spec, parse_specs
+from stages.score import Combine, Scorer
 from stages.train.algorithms import ALGORITHMS, Algo, Algorithm
-
-if TYPE_CHECKING:
-    from stages.metrics import MetricSpec
-    from stages.score import Scorer
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo"]
 ScaleRewards = Literal["group", "batch", "none"]
 ImportanceLevel = Literal["token", "sequence"]
-RewardCombine = Literal["sum", "zscore"]  # as `score --combine` (stages/score.py checks they agree)
 ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 Schedule = Literal["constant_with_warmup", "linear", "cosine"]
 Parallel = Literal["ddp", "fsdp"]
@@ -77,7 +74,7 @@ class TrainConfig(options.Options):
         metavar="NAME[:ARG][:WEIGHT]",
         panel=WHAT,
     )
-    reward_combine: RewardCombine = option(
+    reward_combine: Combine = option(
         "sum", "sum (weighted sum; RM logits are not 0..1) | zscore (per-group z-scores, weighted mean)", panel=WHAT
     )
     reasoning: bool = options.reasoning_option()
@@ -122,7 +119,7 @@ class TrainConfig(options.Options):
         flags=("--learning-rate", "--lr"),
         panel=BATCH,
     )
-    lr_scheduler_type: Schedule = option("constant_with_warmup", "constant_with_warmup | linear | cosine", panel=BATCH)
+    lr_scheduler_type: Schedule = option("constant_with_warmup", "the learning rate after the warmup", panel=BATCH)
     warmup_ratio: float = option(0.05, "share of steps with a linear warmup", metavar="R", panel=BATCH)
     weight_decay: float = option(0.0, "AdamW weight decay", metavar="W", panel=BATCH)
     max_grad_norm: float = option(0.2, "gradient clipping (paper: 0.2)", metavar="N", panel=BATCH)
@@ -139,13 +136,14 @@ class TrainConfig(options.Options):
     )
     loss_type: LossType = option(
         "dapo",
-        "grpo | bnpo | dapo | dr_grpo | cispo: how token losses are averaged (bnpo: a token mean per step, "
-        "not per micro-batch as in TRL)",
+        "how token losses are averaged (bnpo: a token mean per step, not per micro-batch as in TRL)",
         panel=LOSS,
     )
-    scale_rewards: ScaleRewards = option("group", "group | batch | none: the std advantages are divided by", panel=LOSS)
+    scale_rewards: ScaleRewards = option(
+        "group", "whose reward std the advantages are divided by: the group's, the batch's, or none", panel=LOSS
+    )
     importance_sampling_level: ImportanceLevel = option(
-        "token", "token | sequence (GSPO; with a token-level loss a warning says why not)", panel=LOSS
+        "token", "a ratio per token, or per sequence (GSPO; with a token-level loss a warning says why not)", panel=LOSS
     )
     # TRL 1.16 defaults to True. False is the objective the paper trained with (TRL before this option: the
     # plain k3 term); on-policy the ratio is 1 either way and only the KL gradient differs (~1e-2 relative).
@@ -183,7 +181,9 @@ class TrainConfig(options.Options):
         panel=ENGINE_PANEL,
     )
     vllm_importance_sampling_mode: ImportanceSamplingMode = option(
-        "token_truncate", "token_truncate | token_mask | sequence_truncate | sequence_mask", panel=ENGINE_PANEL
+        "token_truncate",
+        "the importance ratio per token or per sequence; truncated at C, or the samples above C masked out",
+        panel=ENGINE_PANEL,
     )
     vllm_importance_sampling_clip_max: float = option(
         3.0, "upper bound C of the importance ratio (truncate: clip; mask: drop above)", metavar="C", panel=ENGINE_PANEL
@@ -241,8 +241,6 @@ class TrainConfig(options.Options):
     @cached_property
     def rewards(self) -> list[MetricSpec]:
         """The rewards, parsed once: as given, plus `format` in reasoning mode (unless it is named already)."""
-        from stages.metrics import parse_spec, parse_specs
-
         specs = parse_specs(self.reward)
         if self.reasoning and "format" not in {spec.kind for spec in specs}:
             specs.append(parse_spec("format"))
@@ -252,8 +250,6 @@ class TrainConfig(options.Options):
     def scorer(self) -> Scorer:
         """The reward, built once: every spec, combined by reward_combine; answers extracted in reasoning mode.
         A model-based reward loads its model when first used, on the device the trainer gives it (`Scorer.to`)."""
-        from stages.score import Scorer
-
         return Scorer.for_rewards(self.rewards, combine=self.reward_combine, extract_answer=self.reasoning)
 
     @property
