@@ -19,6 +19,7 @@ from stages.core.options import META_KEY, Leaf, literal_values, values_of
 from stages.run.config import DEMO, KEYS, STAGE_CONFIGS, RunConfig, build
 from stages.run.recipe import stage_digests
 from tests.conftest import ROOT, write_jsonl
+from tests.test_code_shape import imported, modules
 
 # The only settings that say how a stage runs rather than what it computes: a run's stage hashes leave
 # them out, so changing them redoes nothing (written by hand: a new one must be added here on purpose).
@@ -181,20 +182,15 @@ def test_sft_with_an_unknown_reward_stops_in_one_line_before_any_model_is_read(r
     print(f"refused in {seconds:.2f}s")  # the issue's bound is 5 s; tests assert no times
 
 
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return {name for name in names if name.startswith("stages")}
+def _upward(path: Path) -> set[str]:
+    """The library modules above stages/core that a module imports (anywhere in it)."""
+    return {name for name in imported(path, set(modules())) if not name.startswith("stages.core")}
 
 
 def test_the_core_imports_nothing_from_the_stages_above_it() -> None:
     above = {}
     for path in (ROOT / "stages" / "core").rglob("*.py"):
-        upward = {name for name in _imports(path) if not name.startswith("stages.core")}
+        upward = _upward(path)
         if upward:
             above[path.name] = upward
     assert above == {}
@@ -203,7 +199,7 @@ def test_the_core_imports_nothing_from_the_stages_above_it() -> None:
 def test_the_check_finds_an_upward_import(tmp_path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from stages.metrics import get_metric\n")
-    assert _imports(probe) == {"stages.metrics"}
+    assert _upward(probe) == {"stages.metrics"}
 
 
 def _declarations(name: str) -> list[str]:

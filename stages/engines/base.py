@@ -60,10 +60,7 @@ class BatchOptions:
 
     batch_size: int = option(8, "prompts per generation batch (each with its samples)", metavar="N", panel=SAMPLING)
     max_batch_tokens: int | None = option(
-        None,
-        "also cap rows x (longest prompt + max new tokens) per batch, to bound memory",
-        metavar="N",
-        panel=SAMPLING,
+        None, "also cap rows x (longest prompt + max new tokens) per batch (memory)", metavar="N", panel=SAMPLING
     )
 
     def __post_init__(self) -> None:
@@ -225,9 +222,7 @@ class EngineOptions:
         panel=PANEL,
         in_digest=False,
     )
-    concurrency: int = option(
-        8, "requests in flight to each server at once", metavar="N", panel=PANEL, in_digest=False
-    )
+    concurrency: int = option(8, "requests in flight to each server at once", metavar="N", panel=PANEL, in_digest=False)
     chat_only: bool = option(
         False,
         "the server has only /v1/chat/completions: answers come back as text, with no token ids (fine for "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
-from stages.core.models import DEFAULT_MODEL
+from stages.core.models import DEFAULT_MODEL, Device, Dtype
 from stages.core.options import DEFAULT_SEED, ModelOptions, PromptOptions
 from stages.core.records import prompt_messages
 from stages.core.threads import recheck as recheck_threads
@@ -104,8 +104,8 @@ class Generator:
         model: str = DEFAULT_MODEL,
         *,
         adapter: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
+        device: Device = "auto",
+        dtype: Dtype = "auto",
         trust_remote_code: bool = False,
         system_prompt: str | None = None,
         max_prompt_length: int | None = None,
@@ -113,27 +113,10 @@ class Generator:
         threads: int | None = None,
         say: Callable[[str], None] | None = None,
     ) -> Generator:
-        """The tokenizer here; the engine named by `engine` (default: transformers in this process) started
-        for the model, sampling with `adapter` (merged into the weights by the transformers engine). This
-        process's thread budget is applied first (`threads` overrides it; `say` logs the choice)."""
-        from stages.core.models import adapter_rank, check_adapter, load_tokenizer, resolve_model
-        from stages.core.threads import apply_thread_budget
-
-        apply_thread_budget(threads, say=say)
-        resolved = resolve_model(model)
-        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-        folder = check_adapter(adapter) if adapter else None
-        target = engine_target(
-            resolved,
-            tokenizer,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            adapter=folder,
-            lora_rank=adapter_rank(folder) if folder else None,
-        )
-        started = start_engine(engine or EngineOptions(), target)
-        return cls(tokenizer, started, target.stop_ids, model, adapter, system_prompt, max_prompt_length)
+        """`for_options` with each setting by keyword (library use)."""
+        options = ModelOptions(model, device, dtype, threads, trust_remote_code)
+        prompt = PromptOptions(system_prompt, max_prompt_length)
+        return cls.for_options(options, prompt, engine or EngineOptions(), adapter=adapter, say=say)
 
     @classmethod
     def for_options(
@@ -145,19 +128,22 @@ class Generator:
         adapter: str | None = None,
         say: Callable[[str], None] | None = None,
     ) -> Generator:
-        """`load` with a stage's model, prompt and engine options (the groups generate, eval and a run's
-        stages nest)."""
-        return cls.load(
-            model.model,
-            adapter=adapter,
-            device=model.device,
-            dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code,
-            system_prompt=prompt.system_prompt,
-            max_prompt_length=prompt.max_prompt_length,
-            engine=engine,
-            threads=model.threads,
-            say=say,
+        """The tokenizer here; the engine `engine` names (transformers in this process, by default) started
+        for the model, sampling with `adapter` (merged into the weights by the transformers engine). This
+        process's thread budget is applied first (`model.threads` overrides it; `say` logs the choice). The
+        groups are the ones generate, eval and a run's stages nest."""
+        from stages.core.models import adapter_rank, check_adapter, load_tokenizer, resolve_model
+        from stages.core.threads import apply_thread_budget
+
+        apply_thread_budget(model.threads, say=say)
+        resolved = resolve_model(model.model)
+        tokenizer = load_tokenizer(resolved, trust_remote_code=model.trust_remote_code)
+        folder = check_adapter(adapter) if adapter else None
+        rank = adapter_rank(folder) if folder else None
+        target = engine_target(resolved, tokenizer, model, adapter=folder, lora_rank=rank)
+        started = start_engine(engine, target)
+        return cls(
+            tokenizer, started, target.stop_ids, model.model, adapter, prompt.system_prompt, prompt.max_prompt_length
         )
 
     @property
@@ -274,15 +260,15 @@ def _batches(
 def engine_target(
     resolved: ResolvedModel,
     tokenizer: PreTrainedTokenizerBase,
+    model: ModelOptions,
     *,
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
+    device: str | None = None,
     adapter: Path | None = None,
     lora_rank: int | None = None,
     live_policy: Any = None,
 ) -> EngineTarget:
-    """What an engine needs to serve a model: its folder, end-of-sequence and padding ids, the adapter."""
+    """What an engine needs to serve a model: its folder, end-of-sequence and padding ids, where and how it
+    runs (`device`: the one the trainer resolved, e.g. cuda:1, instead of the option's), the adapter."""
     from stages.core.models import load_generation_config
 
     stop_ids = stop_token_ids(load_generation_config(resolved), tokenizer)
@@ -290,9 +276,9 @@ def engine_target(
         resolved,
         stop_ids,
         pad_token_id(tokenizer, stop_ids),
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
+        device=device or model.device,
+        dtype=model.dtype,
+        trust_remote_code=model.trust_remote_code,
         adapter=adapter,
         max_lora_rank=lora_rank_slot(lora_rank),
         live_policy=live_policy,

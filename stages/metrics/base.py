@@ -103,11 +103,14 @@ class Metric(ABC):
         """Load the model (when first used) on `device`; a metric that holds none has nothing to place."""
         self.device = device
 
+    # What the argument names, for preflight: "models" (rm:PATH) or "servers" (rm-url:URL); None: nothing.
+    argument_names: ClassVar[str | None] = None
+
     @classmethod
     def needs(cls, argument: str | None) -> Needs:
         """What must exist before this metric can run with `argument` (models, servers, files): checked by
         preflight before any model loads. The string metrics need nothing."""
-        return Needs()
+        return Needs(**{cls.argument_names: (argument,)}) if argument and cls.argument_names else Needs()
 
     @abstractmethod
     def prepare(self, references: Sequence[str]) -> Any:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import ModelError, UsageError
-from stages.core.preflight import Needs
 from stages.metrics.base import Messages, Metric, PromptTurns, ReferenceLists, _check_corpus, right_padded
 
 REQUEST_CONVERSATIONS = 64
@@ -77,10 +76,7 @@ class RewardModel(_ConversationMetric):
     name = "rm"
     argument = "PATH"
     description = "reward model: raw logit of a local sequence-classification RM on the conversation"
-
-    @classmethod
-    def needs(cls, argument: str | None) -> Needs:
-        return Needs(models=(argument,) if argument else ())
+    argument_names = "models"
 
     def __init__(self, argument: str | None = None, *, device: str = "auto", batch_size: int = 8) -> None:
         if not argument:
@@ -173,10 +169,7 @@ class RemoteReward(_ConversationMetric):
     argument = "URL"
     description = "reward model behind HTTP: POST {batch_conversations} -> {scores} (raw RM scores)"
     KEY_ENV = "BLEUBERI_RM_KEY"
-
-    @classmethod
-    def needs(cls, argument: str | None) -> Needs:
-        return Needs(servers=(argument,) if argument else ())
+    argument_names = "servers"
 
     def __init__(
         self,

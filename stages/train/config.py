@@ -181,9 +181,7 @@ class TrainConfig(options.Options):
         panel=ENGINE_PANEL,
     )
     vllm_importance_sampling_mode: ImportanceSamplingMode = option(
-        "token_truncate",
-        "the importance ratio per token or per sequence; truncated at C, or the samples above C masked out",
-        panel=ENGINE_PANEL,
+        "token_truncate", "per token or sequence: ratios truncated at C, or samples above C masked", panel=ENGINE_PANEL
     )
     vllm_importance_sampling_clip_max: float = option(
         3.0, "upper bound C of the importance ratio (truncate: clip; mask: drop above)", metavar="C", panel=ENGINE_PANEL

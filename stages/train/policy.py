@@ -70,15 +70,7 @@ def load_policy(config: TrainConfig, device: torch.device, dist: Distributed | N
         sharding.shard(model, device, dist)
     else:
         model = _with_lora(load_model(resolved, device=device, dtype=dtype, trust_remote_code=remote), config, device)
-    target = engine_target(
-        resolved,
-        tokenizer,
-        device=str(device),
-        dtype=options.dtype,
-        trust_remote_code=remote,
-        lora_rank=config.lora_r,
-        live_policy=model,
-    )
+    target = engine_target(resolved, tokenizer, options, device=str(device), lora_rank=config.lora_r, live_policy=model)
     engine = start_engine(config.engine, target)
     generator = Generator(tokenizer, engine, target.stop_ids, options.model, None, config.system_prompt)
     trainable = [p for p in model.parameters() if p.requires_grad]
