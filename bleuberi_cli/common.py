@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -15,8 +15,11 @@ import typer.core
 from rich.console import Console
 
 from stages.core import models
-from stages.core.errors import BleuberiError, Interrupted, OutputClosed
+from stages.core.errors import BleuberiError, Interrupted, OutputClosed, UsageError
 from stages.core.records import ReadOptions, ReadStats
+
+if TYPE_CHECKING:
+    from stages.core.journal import Finished
 
 # Progress, logs and summaries go to stderr; stdout carries only records.
 # Off a terminal (a log file, CI) rich would assume 80 columns and cut table headers; a log has no width.
@@ -77,9 +80,18 @@ OutputOpt = Annotated[
         "-o",
         "--output",
         metavar="FILE",
-        help="JSONL output, or Parquet for FILE.parquet; written to a temporary file and renamed on success "
-        "('.gz' compresses). Default: stdout (JSONL).",
+        help="JSONL output, or Parquet for FILE.parquet ('.gz' compresses); each finished record goes at once to "
+        "a temporary file beside it, renamed to FILE on success (a kill keeps them for --resume). Default: "
+        "stdout (JSONL).",
         show_default=False,
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="With -o: keep what an earlier run of this command finished (FILE, or the temporary file a killed "
+        "run left) and do only the rest.",
     ),
 ]
 
@@ -112,15 +124,16 @@ def boundary() -> Iterator[None]:
     except (OutputClosed, BrokenPipeError):
         raise typer.Exit(0) from None
     except Interrupted as stopped:
-        sys.stderr.write(f"bleuberi: {stopped}\n")
+        sys.stderr.write(f"bleuberi: {stopped}{_notes(stopped)}\n")
         raise typer.Exit(stopped.exit_code) from None
     except BleuberiError as error:
         if State.verbose:
             traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(f"bleuberi: error: {error}\n")
+        sys.stderr.write(f"bleuberi: error: {error}{_notes(error)}\n")
         raise typer.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
-        sys.stderr.write("bleuberi: interrupted (files already written are complete; rerun to continue)\n")
+    except KeyboardInterrupt as stopped:
+        kept = _notes(stopped) or " (files already written are complete; rerun to continue)"
+        sys.stderr.write(f"bleuberi: interrupted{kept}\n")
         raise typer.Exit(130) from None
     except Exception as error:
         # Disk full where no writer of ours named the file (stdout, a library's own write): still one line.
@@ -136,11 +149,46 @@ def boundary() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _notes(error: BaseException) -> str:
+    """What was kept, as writers note it on the error (journals of finished records): on the same line."""
+    notes = getattr(error, "__notes__", None)
+    return "; " + "; ".join(notes) if notes else ""
+
+
 def _conversion_notice(message: str) -> None:
     say(message, quiet=State.quiet)
 
 
 models.conversion_notice = _conversion_notice  # the embedded model's one-time conversion says what it does
+
+
+def finished_work(
+    output: str | None,
+    *,
+    resume: bool,
+    quiet: bool,
+    what: str = "records",
+    find: Callable[[str, bool], Finished] | None = None,
+    needs: str = "-o/--output FILE",
+) -> Finished | None:
+    """With --resume, what earlier runs of this command finished into `output` (the file and the journals
+    killed runs left), said on the first line. Without: a line when killed runs left finished work there
+    (kept until this run succeeds). `find(output, with_the_file)` reads it (default: the records by id)."""
+    from stages.core.journal import finished
+
+    if resume and output is None:
+        raise UsageError(f"--resume needs {needs} (the file to continue)")
+    if output is None:
+        return None
+    find = find or (lambda target, with_file: finished(target, read_target=with_file))
+    if resume:
+        kept = find(output, True)
+        say(kept.kept_line(what), quiet=quiet)
+        return kept
+    left = find(output, False)
+    if left.count:
+        say(left.left_line(what), quiet=quiet)
+    return None
 
 
 def note_stdin(input: str | None, *, quiet: bool) -> None:

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, emit_results, progress, read_all_records, say
+from bleuberi_cli.common import (
+    OutputOpt,
+    QuietOpt,
+    boundary,
+    emit_results,
+    finished_work,
+    progress,
+    read_all_records,
+    say,
+)
 from bleuberi_cli.config_options import with_config_options
 from stages.core.preflight import preflight
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
+
+if TYPE_CHECKING:
+    from stages.eval.journal import AnswerJournal
 
 HELP = f"""Measure whether training helped: generate held-out answers with the base model and each
 --adapter, score them against the references, and compare each system with the base.
@@ -67,6 +80,14 @@ def eval_command(
     agreement: Annotated[
         bool, typer.Option("--agreement", help="Input is human preference pairs: measure metric agreement.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="With -o or --report: keep the answers a killed eval finished (journaled beside that file), "
+            "for every system whose settings are unchanged, and generate only the rest.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
@@ -82,19 +103,39 @@ def eval_command(
             adapters=[system.adapter for system in systems],
             needs=[spec.needs() for spec in config.metric_specs],
         )
+        from stages.eval.journal import AnswerJournal, finished_answers
+
+        journaled = output or report  # the answers are journaled beside the file the eval writes
+        kept = finished_work(
+            journaled, resume=resume, quiet=quiet, what="answers", find=lambda target, _: finished_answers(target),
+            needs="-o FILE or --report FILE",
+        )  # fmt: skip
         records = read_all_records(reading, quiet=quiet, purpose="evaluate")
         if records:
-            _evaluate(records, config, output, report, quiet=quiet)
+            with AnswerJournal(journaled, kept) if journaled else contextlib.nullcontext() as journal:
+                _evaluate(records, config, output, report, quiet=quiet, journal=journal)
 
 
-def _evaluate(records: list[dict], config: EvalConfig, output: str | None, report: str | None, *, quiet: bool) -> None:
+def _evaluate(
+    records: list[dict],
+    config: EvalConfig,
+    output: str | None,
+    report: str | None,
+    *,
+    quiet: bool,
+    journal: AnswerJournal | None,
+) -> None:
     from stages.eval.evaluate import evaluate
     from stages.eval.report import eval_tables, verdict
 
     total = len(records) * sum(1 for s in config.systems if not s.answers)  # answers to generate
     with progress("generating", quiet=quiet, total=total, unit="answers") as advance:
         result = evaluate(
-            records, config, on_progress=lambda _system, n: advance(n), on_message=lambda m: say(m, quiet=quiet)
+            records,
+            config,
+            on_progress=lambda _system, n: advance(n),
+            on_message=lambda m: say(m, quiet=quiet),
+            journal=journal,
         )
     tables = eval_tables(result.summary)
     emit_results(result.records, result.summary, tables, output=output, report=report, quiet=quiet)

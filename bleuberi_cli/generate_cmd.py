@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
-
-from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, progress, read_all_records, say
+from bleuberi_cli.common import (
+    OutputOpt,
+    QuietOpt,
+    ResumeOpt,
+    boundary,
+    finished_work,
+    progress,
+    read_all_records,
+    say,
+)
 from bleuberi_cli.config_options import with_config_options
 from stages.core.preflight import preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions
@@ -42,19 +49,14 @@ def generate(
     config: GenerateConfig,
     reading: ReadOptions,
     output: OutputOpt = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="With -o: skip records whose id is already in the file and append the rest as they finish.",
-        ),
-    ] = False,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
         from stages.generate import generate_file
 
         preflight(inputs=[reading.input], models=[config.model.model], adapters=[config.adapter])
+        kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
 
         def load() -> Generator:
             name = config.model.model
@@ -69,9 +71,8 @@ def generate(
                 load,
                 config.sampling,
                 config.batching,
-                resume=resume,
+                kept=kept,
                 as_references=config.as_references,
-                on_message=lambda m: say(m, quiet=quiet),
                 on_todo=advance.set_total,
                 on_batch=lambda prompts, _tokens: advance(prompts),
             )

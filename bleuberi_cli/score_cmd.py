@@ -5,7 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, note_stdin, progress, report_reading, say
+from bleuberi_cli.common import (
+    OutputOpt,
+    QuietOpt,
+    ResumeOpt,
+    boundary,
+    finished_work,
+    note_stdin,
+    progress,
+    report_reading,
+    say,
+)
 from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
 from stages.core.preflight import preflight
@@ -41,34 +51,72 @@ Examples:
 
 
 @with_config_options(ScoreConfig, reading=ReadOptions)
-def score(config: ScoreConfig, reading: ReadOptions, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def score(
+    config: ScoreConfig,
+    reading: ReadOptions,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     with boundary():
         scorer = config.scorer
         preflight(inputs=[reading.input], needs=[spec.needs() for spec in scorer.specs])
+        kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
+        done = kept.records if kept else {}
         stats = ReadStats()
         note_stdin(reading.input, quiet=quiet)
         records = Timed(reading.records(require=("completions",), stats=stats))
-        start = time.perf_counter()
-        completions = 0
-        total, scored = 0.0, 0
-        with open_writer(output) as writer, progress("scoring", quiet=quiet) as advance:
-            for record in score_records(records, scorer, jobs=config.jobs):
+        order: list[str] = []  # the input's ids as they come: the file is put in that order at the end
+        tally = Tally(scorer.score_key, scorer.aggregate)
+        with (
+            open_writer(output, order=order if output else None) as writer,
+            progress("scoring", quiet=quiet) as advance,
+        ):
+
+            def todo() -> Iterator[dict]:
+                for record in records:
+                    order.append(record["id"])
+                    if record["id"] not in done:
+                        yield record
+                        continue
+                    writer.write(done[record["id"]])  # finished by an earlier run: kept, not scored again
+                    tally.add(done[record["id"]])
+
+            for record in score_records(todo(), scorer, jobs=config.jobs):
                 writer.write(record)
-                completions += len(record["completions"])
-                if record["score"] is not None:  # None: a `py:` function rewarded none of its completions
-                    total, scored = total + record["score"], scored + 1
+                tally.add(record)
                 advance(1)
         report_reading(stats, quiet=quiet)
-        mean = total / scored if scored else float("nan")
+        say(tally.line(records.waited, len(done)) + (f"; written to {output}" if output else ""), quiet=quiet)
+
+
+class Tally:
+    """What the summary line says: records and completions scored, and the mean of their `score`."""
+
+    def __init__(self, key: str, aggregate: str) -> None:
+        self.key, self.aggregate = key, aggregate
+        self.records = self.completions = self.scored = 0
+        self.total = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, record: dict) -> None:
+        self.records += 1
+        self.completions += len(record["completions"])
+        if record["score"] is not None:  # None: a `py:` function rewarded none of its completions
+            self.total, self.scored = self.total + record["score"], self.scored + 1
+
+    def line(self, waited: float, kept: int) -> str:
+        elapsed = _elapsed(time.perf_counter() - self.start, waited)
+        head = f"scored {self.records} records ({self.completions} completions) in {elapsed}"
+        if kept:
+            head += f", {kept} of them kept from an earlier run"
+        if not self.scored:  # no mean to report: never `nan`
+            return head + ("; no record had a score" if self.records else "; the input held no records")
         # `score` is each record's aggregate of its completions; say so only when it is not the mean.
-        per_record = "" if scorer.aggregate == "mean" else f" ({scorer.aggregate} per record)"
-        say(
-            f"scored {writer.count} records ({completions} completions) in "
-            f"{_elapsed(time.perf_counter() - start, records.waited)}; mean {scorer.score_key}{per_record} = {mean:.4f}"
-            + (f" ({writer.count - scored} records without a score)" if scored < writer.count else "")
-            + (f"; written to {output}" if output else ""),
-            quiet=quiet,
-        )
+        per_record = "" if self.aggregate == "mean" else f" ({self.aggregate} per record)"
+        mean = f"; mean {self.key}{per_record} = {self.total / self.scored:.4f}"
+        missing = self.records - self.scored
+        return head + mean + (f" ({missing} records without a score)" if missing else "")
 
 
 class Timed:

@@ -6,7 +6,7 @@ Library use:
     for record in generate_records(records, generator, SamplingParams(64, 0.9), Batching(n=4)):
         ...                                   # record["completions"], record["generation"]
 
-    generate_file(records, "out.jsonl", lambda: Generator.load(...), params, resume=True)   # what the CLI does
+    generate_file(records, "out.jsonl", lambda: Generator.load(...), params, kept=finished("out.jsonl"))  # --resume
 
 Prompts go through the tokenizer's chat template (see stages/engines/prompts.py).
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 from stages.core import options
 from stages.core.errors import UsageError
-from stages.core.formats import open_writer, refuse_append
-from stages.core.jsonl import prepare_resume, put_in_order
+from stages.core.formats import open_writer
+from stages.core.journal import Finished
 from stages.core.options import MODEL, ModelOptions, PromptOptions, group, option
 from stages.core.versions import package_version
 from stages.engines.base import SAMPLING, BatchOptions, EngineOptions, Sample, SamplingParams
@@ -141,28 +141,30 @@ def generate_file(
     params: SamplingParams,
     batching: Batching = Batching(),
     *,
-    resume: bool = False,
+    kept: Finished | None = None,
     as_references: bool = False,
-    on_message: Callable[[str], None] = lambda message: None,
     on_batch: Callable[[int, int], None] | None = None,
     on_todo: Callable[[int], None] = lambda count: None,
 ) -> GenerateStats:
-    """Generate for every record not already in `output` and write each as it finishes.
+    """Generate for every record not in `kept` (what earlier runs finished: `stages.core.journal.finished`)
+    and write each as its batch finishes.
 
-    With `resume`, records whose id is in `output` are skipped, a half-written last line left by a
-    kill is cut off, and each batch is appended (and flushed) the moment it is done, so a kill loses at
-    most the batch in progress; once every record is there the file is put in input order, so a resumed
-    file equals an uninterrupted one. Otherwise records are written in input order. The model is loaded
-    only if anything is left to do. `on_todo(count)` says how many records are left, before the model
-    loads; `on_batch(prompts, new_tokens)` follows each finished batch.
+    A file output is journaled (stages/core/journal.py): each batch reaches its journal the moment it is
+    done, in the order batches finish, so a kill loses at most the batch in progress; at the end the
+    records, kept ones included, are put in input order, so a resumed file equals an uninterrupted one.
+    stdout gets them in input order as they come. The model is loaded only if anything is left to do.
+    `on_todo(count)` says how many records are left, before the model loads; `on_batch(prompts,
+    new_tokens)` follows each finished batch.
     """
-    if resume and output is None:
-        raise UsageError("--resume needs -o/--output FILE (the file to continue)")
-    done = _already_done(output, on_message) if resume else set()
+    done = kept.records if kept is not None else {}
     todo = [r for r in records if r["id"] not in done]
     on_todo(len(todo))
     stats = GenerateStats()
-    with open_writer(output, flush_each=True, append=resume) as writer:
+    order = [r["id"] for r in records] if output is not None else None
+    with open_writer(output, flush_each=True, order=order) as writer:
+        for record in records:
+            if record["id"] in done:
+                writer.write(done[record["id"]])
         if todo:
             start = time.perf_counter()
             generator = load_generator()
@@ -176,26 +178,13 @@ def generate_file(
                     stats=stats,
                     on_batch=on_batch,
                     as_references=as_references,
-                    in_order=not resume,
+                    in_order=output is None,
                 )
                 for record in outputs:
                     writer.write(record)
             finally:
                 generator.close()
-    if resume:  # also when a kill came after the last batch but before this
-        put_in_order(output, [r["id"] for r in records])  # type: ignore[arg-type]
     return stats
-
-
-def _already_done(output: str | Path | None, on_message: Callable[[str], None]) -> set[str]:
-    """The ids already in `output` (a half-written last line is cut off first)."""
-    refuse_append(output)  # before reading it as JSONL: a Parquet file cannot be continued
-    state = prepare_resume(output)  # type: ignore[arg-type]
-    if state.dropped_partial_line:
-        on_message(f"dropped a half-written last line from {output}")
-    if state.ids:
-        on_message(f"resuming: {len(state.ids)} records already in {output}")
-    return state.ids
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bleuberi_cli.app import app
-from stages.core.errors import BleuberiError, InputError, UsageError
+from stages.core.errors import BleuberiError, InputError
 from stages.core.formats import ParquetWriter, iter_rows, open_writer
 from stages.core.records import FieldMap, read_records
 from tests.conftest import read_jsonl_text, write_jsonl
@@ -286,26 +286,33 @@ def test_verl_columns_stay_native_in_parquet_output(tmp_path) -> None:
     assert json.loads(pq.read_schema(path).metadata[b"bleuberi"]) == {"json_columns": []}
 
 
-def test_a_failed_parquet_write_keeps_the_earlier_file(tmp_path) -> None:
+def test_a_failed_parquet_write_keeps_the_earlier_file_and_journals_what_it_finished(tmp_path) -> None:
+    from stages.core.journal import finished, journals
+
     path = write_parquet(tmp_path / "out.parquet", [{"id": "old"}])
-    with pytest.raises(RuntimeError), ParquetWriter(path) as writer:
+    with pytest.raises(RuntimeError) as stopped, ParquetWriter(path) as writer:
         writer.write({"id": "new"})
         raise RuntimeError("stopped")
     assert pq.read_table(path).to_pylist() == [{"id": "old"}]
-    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+    [journal] = journals(path)  # the finished record, kept for --resume, and the error says so
+    assert finished(path, read_target=False).records == {"new": {"id": "new"}}
+    assert stopped.value.__notes__ == [
+        f"1 finished records of {path} kept: add --resume to the same command to keep them"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [journal.name, "out.parquet"]
 
 
-def test_parquet_cannot_be_resumed_and_csv_is_not_an_output(runner, tiny_model, tmp_path) -> None:
-    with pytest.raises(UsageError, match="cannot be appended to"):
-        open_writer(tmp_path / "x.parquet", append=True)
+def test_a_parquet_output_resumes_and_csv_is_not_an_output(runner, tiny_model, tmp_path) -> None:
+    rows = [{"id": i, "prompt": f"P{i}", "references": ["R"]} for i in "abc"]
+    args = ["generate", "--model", str(tiny_model), "--max-new-tokens", "3", "-q"]
+    every, two = write_jsonl(tmp_path / "all.jsonl", rows), write_jsonl(tmp_path / "two.jsonl", rows[:2])
+    whole, part = tmp_path / "whole.parquet", tmp_path / "x.parquet"
+    assert runner.invoke(app, [*args, "-i", str(every), "-o", str(whole)]).exit_code == 0
+    assert runner.invoke(app, [*args, "-i", str(two), "-o", str(part)]).exit_code == 0
+    resumed = runner.invoke(app, [*args, "-i", str(every), "-o", str(part), "--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert pq.read_table(part).to_pylist() == pq.read_table(whole).to_pylist()  # two kept, one generated
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "P", "references": ["R"]}])
-    args = ["generate", "-i", str(data), "--model", str(tiny_model), "--resume", "-o", str(tmp_path / "x.parquet")]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert result.stderr == (
-        f"bleuberi: error: {tmp_path}/x.parquet: a Parquet file cannot be appended to: "
-        "--resume needs a JSONL output (-o FILE.jsonl)\n"
-    )
     result = runner.invoke(
         app, ["select", "-i", str(data), "--mode", "random", "-n", "1", "-o", str(tmp_path / "x.csv")]
     )

@@ -23,8 +23,8 @@ from stages.train.config import TrainConfig
 OWN = {
     "train": {"output_dir", "resume", "resume_from", "overwrite", "report_to", "merge_to", "quiet"},
     "generate": {"output", "resume", "quiet"},
-    "eval": {"output", "report", "agreement", "quiet"},
-    "score": {"output", "quiet"},
+    "eval": {"output", "report", "agreement", "resume", "quiet"},
+    "score": {"output", "resume", "quiet"},
     "select": {"output", "plot", "quiet"},
 }
 # Every command that reads records takes ReadOptions (where they come from, how their fields map).

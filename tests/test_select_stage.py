@@ -71,9 +71,7 @@ def test_selection_size(pool_size, num, fraction, expected) -> None:
     assert SelectConfig(num=num, fraction=fraction).size(pool_size) == expected
 
 
-@pytest.mark.parametrize(
-    ("num", "fraction"), [(None, None), (3, 0.5), (-1, None), (0, None), (None, 0.0), (None, 1.5)]
-)
+@pytest.mark.parametrize(("num", "fraction"), [(None, None), (3, 0.5), (-1, None), (0, None), (None, 0.0), (None, 1.5)])
 def test_selection_size_usage_errors(num, fraction) -> None:
     with pytest.raises(UsageError):
         SelectConfig(num=num, fraction=fraction)

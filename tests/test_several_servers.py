@@ -15,6 +15,7 @@ import pytest
 from bleuberi_cli.app import app
 from stages.core.errors import ConfigError, UsageError
 from stages.core.http import ServerError
+from stages.core.journal import journals
 from stages.engines.base import AdapterRef, EngineOptions, SamplingParams
 from stages.engines.server import ServerEngine
 from tests.conftest import demo_records, read_jsonl_text, write_jsonl
@@ -253,9 +254,13 @@ def test_all_servers_killed_is_one_error_and_resume_completes_the_file(runner, t
     result = runner.invoke(app, generate_args(tiny_model, path, [a, b], *resumable))
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("bleuberi: error: ")]
-    assert errors == [result.stderr.splitlines()[-1]] and errors[0].endswith("no server is left (all 2 failed)")
-    kept = read_jsonl_text(out.read_text())
-    assert 0 < len(kept) < len(records)
+    assert errors == [result.stderr.splitlines()[-1]] and "no server is left (all 2 failed); " in errors[0]
+    [journal] = journals(out)  # what was finished, kept for --resume, and the error line says so
+    kept = read_jsonl_text(journal.read_text())
+    assert 0 < len(kept) < len(records) and not out.exists()
+    assert errors[0].endswith(
+        f"{len(kept)} finished records of {out} kept: add --resume to the same command to keep them"
+    )
     live = started()
     try:
         resumed = runner.invoke(app, generate_args(tiny_model, path, [live], *resumable))

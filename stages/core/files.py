@@ -77,21 +77,24 @@ def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
     removed = []
     with contextlib.suppress(OSError):
         for path in target.parent.iterdir():
-            if pattern.match(path.name) and _unowned(path):
+            if pattern.match(path.name) and unowned(path):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 
 
-def _unowned(path: Path) -> bool:
-    """A regular, not recent file whose flock no process holds."""
+def unowned(path: Path) -> bool:
+    """A regular file whose flock no process holds (an empty one only when not recent: it may be between
+    its creation and its flock in another process; one with content is past that)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < STALE_AFTER_SECONDS:
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        if info.st_size == 0 and time.time() - info.st_mtime < STALE_AFTER_SECONDS:
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

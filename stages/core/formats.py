@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,34 +255,24 @@ def _has_empty_struct(kind: Any, pa: Any) -> bool:
     return False
 
 
-class ParquetWriter:
-    """`JsonlWriter`'s interface for a `.parquet` target: records are kept and written at the end of the
-    `with` block, to a temporary file renamed into place (a failure leaves any earlier file as it was)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.count = 0
-        self._records: list[dict[str, Any]] = []
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
+class ParquetWriter(JsonlWriter):
+    """`JsonlWriter` for a `.parquet` target: the records are journaled as JSONL lines as they come (so a kill
+    keeps them for --resume), and the Parquet file is written from the journal at the end, to a temporary
+    file renamed into place (a failure leaves any earlier file as it was)."""
 
     def __enter__(self) -> ParquetWriter:
         needs_pyarrow("writing", self.name)  # before any work, not after it
+        super().__enter__()
         return self
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._records.append(record)
-        self.count += 1
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            return
+    def _finish(self, journal: Path, target: Path) -> None:
         pa = needs_pyarrow("writing", self.name)
-        table = parquet_table(self._records, pa)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
+        records = [orjson.loads(line) for line in journal.read_bytes().splitlines() if line.strip()]
+        if self.order is not None:
+            rank = {record_id: i for i, record_id in enumerate(self.order)}
+            records.sort(key=lambda record: rank.get(record.get("id"), len(rank)))  # stable: ties keep order
+        table = parquet_table(records, pa)
+        with atomic_path(target) as tmp:
             pa.parquet.write_table(table, tmp)
 
 
@@ -295,19 +285,16 @@ def open_writer(
     *,
     flush_each: bool = False,
     tolerate_closed_stdout: bool = False,
-    append: bool = False,
-) -> JsonlWriter | ParquetWriter:
-    """The writer for an output: Parquet for `FILE.parquet`, JSONL for everything else (stdout included)."""
-    if is_parquet(path):
-        if append:
-            refuse_append(path)
-        return ParquetWriter(path)  # type: ignore[arg-type]
-    if not is_std_stream(path) and str(path).lower().endswith(TABLE_SUFFIXES):
+    order: Sequence[str] | None = None,
+) -> JsonlWriter:
+    """The writer for an output: Parquet for `FILE.parquet`, JSONL for everything else (stdout included).
+    A file's records reach its journal as they are written (see JsonlWriter)."""
+    check_output_name(path)
+    kind = ParquetWriter if is_parquet(path) else JsonlWriter
+    return kind(path, flush_each=flush_each, tolerate_closed_stdout=tolerate_closed_stdout, order=order)
+
+
+def check_output_name(path: str | os.PathLike[str] | None) -> None:
+    """Records are written as JSONL or Parquet: a table name (.csv, .tsv) is refused before any work."""
+    if not is_std_stream(path) and not is_parquet(path) and str(path).lower().endswith(TABLE_SUFFIXES):
         raise UsageError(f"{path}: records are written as JSONL or Parquet: name the output .jsonl or .parquet")
-    return JsonlWriter(path, flush_each=flush_each, tolerate_closed_stdout=tolerate_closed_stdout, append=append)
-
-
-def refuse_append(path: str | os.PathLike[str] | None) -> None:
-    """A Parquet file cannot be appended to, so it cannot be resumed."""
-    if is_parquet(path):
-        raise UsageError(f"{path}: a Parquet file cannot be appended to: --resume needs a JSONL output (-o FILE.jsonl)")

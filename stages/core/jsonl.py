@@ -118,21 +118,29 @@ def prepare_resume(path: str | os.PathLike[str]) -> ResumeState:
     return ResumeState(ids, dropped)
 
 
-def put_in_order(path: str | os.PathLike[str], ids: Sequence[str]) -> bool:
-    """Rewrite a JSONL file of records so they follow `ids` (records whose id is not listed keep their
-    order, after the others); atomically, and only when they are not in that order already. Returns
-    whether the file was rewritten. Used after appending batches in the order they finished."""
-    target = Path(path)
-    if not target.exists():
+def put_in_order(
+    path: str | os.PathLike[str], ids: Sequence[str], *, target: str | os.PathLike[str] | None = None
+) -> bool:
+    """Rewrite a JSONL file of records (plain or .gz) so they follow `ids` (records whose id is not listed keep
+    their order, after the others), atomically, into `target` (default: the file itself); only when they
+    are not in that order already (then the file is just renamed to `target`). Returns whether the
+    records were rewritten. Used after writing batches in the order they finished."""
+    source = Path(path)
+    destination = Path(target) if target is not None else source
+    if not source.exists():
         return False
-    lines = [line + b"\n" for line in target.read_bytes().splitlines() if line.strip()]
+    data = source.read_bytes()
+    packed = data[:2] == b"\x1f\x8b"
+    lines = [line + b"\n" for line in (gzip.decompress(data) if packed else data).splitlines() if line.strip()]
     rank = {record_id: i for i, record_id in enumerate(ids)}
     keys = [rank.get(orjson.loads(line).get("id"), len(rank)) for line in lines]
     if all(a <= b for a, b in itertools.pairwise(keys)):
+        if destination != source:
+            os.replace(source, destination)
         return False
-    ordered = [line for _, line in sorted(zip(keys, lines), key=lambda pair: pair[0])]  # stable: ties keep order
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(b"".join(ordered))
+    ordered = b"".join(line for _, line in sorted(zip(keys, lines), key=lambda pair: pair[0]))  # ties keep order
+    with atomic_path(destination) as tmp:
+        tmp.write_bytes(gzip.compress(ordered, mtime=0) if packed else ordered)
     return True
 
 
@@ -160,13 +168,15 @@ def dumps(record: Any) -> bytes:
 
 
 class JsonlWriter:
-    """Writes records to stdout, or to a file through a temporary file that is renamed on success.
+    """Writes records to stdout, or to a file through its journal: a temporary file beside it that gets
+    each record at once (flushed), renamed to the file on success (stages/core/journal.py).
 
-    Use as a context manager. If the block raises, the temporary file is removed and any earlier
-    file at the target path is left untouched; on success the temporary files that killed writers of the
-    same target left are removed too. With `flush_each=True` every record reaches the
-    reader at once (useful for slow producers such as generation). With `append=True` records are
-    appended to the file as they come (for resumable runs; see `prepare_resume`).
+    Use as a context manager. On success the records are put in the order of `order` (ids; records
+    whose id it does not list keep their place after the others) when they are not in it already, the
+    journal becomes the file, and the journals killed writers of the same file left are removed. If the
+    block raises, any earlier file at the target path is left untouched; the journal is kept when it
+    holds records (what `--resume` continues from: the error says so), else removed. With
+    `flush_each=True` every record also reaches a stdout reader at once (slow producers: generation).
     """
 
     def __init__(
@@ -175,17 +185,18 @@ class JsonlWriter:
         *,
         flush_each: bool = False,
         tolerate_closed_stdout: bool = False,
-        append: bool = False,
+        order: Sequence[str] | None = None,
     ) -> None:
         self.path = None if is_std_stream(path) else Path(path)  # type: ignore[arg-type]
-        self.append = append and self.path is not None
-        self.flush_each = flush_each or self.append
+        self.flush_each = flush_each or self.path is not None  # a file: every record in its journal at once
         self.tolerate_closed_stdout = tolerate_closed_stdout
+        self.order = order
         self.count = 0
         self.closed_stdout = False
         self._tmp_path: Path | None = None
         self._raw: IO[bytes] | None = None
         self._stream: IO[bytes] | None = None
+        self._plain = False  # a file written as it is (not gzip): a failed write can be cut off cleanly
 
     @property
     def name(self) -> str:
@@ -195,35 +206,29 @@ class JsonlWriter:
         if self.path is None:
             self._stream = sys.stdout.buffer
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.append:
-            if self.path.name.endswith(".gz"):
-                raise InputError(str(self.path), None, "cannot append to a .gz file; resume needs plain JSONL")
-            self._raw = self._stream = open(self.path, "ab")
-            return self
         fd, self._tmp_path = new_temp_file(self.path)
         self._raw = os.fdopen(fd, "wb")
         if self.path.name.endswith(".gz"):
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0)  # type: ignore[assignment]
         else:
-            self._stream = self._raw
+            self._stream, self._plain = self._raw, True
         return self
 
     def write(self, record: Any) -> None:
         if self.closed_stdout:
             return
         assert self._stream is not None, "JsonlWriter used outside its `with` block"
-        start = self._raw.tell() if self.append and self._raw is not None else None
+        start = self._raw.tell() if self._raw is not None and self._plain else None
         try:
             self._stream.write(dumps(record))
             if self.flush_each:
-                self._stream.flush()
+                self._stream.flush()  # a gzip stream: a sync flush, so what is there decompresses
         except BrokenPipeError:
             self._on_broken_pipe()
         except OSError as error:
             if start is not None:  # leave no half-written line for --resume to find
                 with contextlib.suppress(OSError):
-                    self._raw.truncate(start)
+                    self._raw.truncate(start)  # type: ignore[union-attr]
             raise self._write_failed(error) from error
         self.count += 1
 
@@ -232,7 +237,7 @@ class JsonlWriter:
         cause = out_of_space(error)
         if cause is None:
             return error
-        kept = "" if self.path is None or self.append else kept_note(self.path)
+        kept = "" if self.path is None else kept_note(self.path)
         return WriteFailed(self.name, cause + kept)
 
     def _on_broken_pipe(self) -> None:
@@ -256,29 +261,50 @@ class JsonlWriter:
                     if exc_type is None:
                         raise self._write_failed(error) from error
             return
-        assert self._stream is not None and self._raw is not None
-        if self.append:
-            self._raw.close()  # what was written stays: that is what resuming continues from
-            if exc_type is None:
-                remove_stale_temp_files(self.path)
-            return
-        assert self._tmp_path is not None
+        assert self._stream is not None and self._raw is not None and self._tmp_path is not None
         if exc_type is None:
-            try:
-                if self._stream is not self._raw:
-                    self._stream.close()  # writes the gzip trailer; leaves the raw file open
-                self._raw.flush()
-                os.fsync(self._raw.fileno())
-                self._raw.close()
-                os.replace(self._tmp_path, self.path)
-            except OSError as error:
-                with contextlib.suppress(OSError):
-                    self._raw.close()
-                self._tmp_path.unlink(missing_ok=True)
-                raise self._write_failed(error) from error
-            remove_stale_temp_files(self.path)  # what killed writers of this output left beside it
+            self._publish()
         else:
-            with contextlib.suppress(Exception):
-                self._raw.close()
-            with contextlib.suppress(FileNotFoundError):
-                self._tmp_path.unlink()
+            self._keep_or_drop(exc)
+
+    def _publish(self) -> None:
+        assert self._stream is not None and self._raw is not None and self._tmp_path is not None
+        target = self.path
+        assert target is not None
+        try:
+            if self._stream is not self._raw:
+                self._stream.close()  # writes the gzip trailer; leaves the raw file open
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._finish(self._tmp_path, target)
+        except OSError as error:
+            self._tmp_path.unlink(missing_ok=True)
+            raise self._write_failed(error) from error
+        finally:
+            with contextlib.suppress(OSError):
+                self._raw.close()  # and with it the journal's flock
+        self._tmp_path.unlink(missing_ok=True)  # reordered into another file: this one is done
+        remove_stale_temp_files(target)  # the journals killed writers of this output left beside it
+
+    def _finish(self, journal: Path, target: Path) -> None:
+        """The journal, complete, becomes the target (its records put in order first, when asked)."""
+        if self.order is not None:
+            put_in_order(journal, self.order, target=target)
+        else:
+            os.replace(journal, target)
+
+    def _keep_or_drop(self, exc: BaseException | None) -> None:
+        """A failed command keeps the records it finished for `--resume` (and its error says so)."""
+        assert self._stream is not None and self._raw is not None and self._tmp_path is not None
+        with contextlib.suppress(Exception):
+            if self._stream is not self._raw:
+                self._stream.flush()
+            self._raw.close()
+        if self.count == 0:
+            self._tmp_path.unlink(missing_ok=True)
+        elif exc is not None:
+            exc.__notes__ = [*getattr(exc, "__notes__", []), self.kept_note()]
+
+    def kept_note(self) -> str:
+        """What a failed command says of the records its journal keeps."""
+        return f"{self.count} finished records of {self.path} kept: add --resume to the same command to keep them"

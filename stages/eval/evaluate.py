@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from stages.eval.config import EvalConfig, System
+from stages.eval.journal import AnswerJournal, settings_digest
 from stages.eval.summary import summarise
 from stages.metrics import Batch
 
@@ -43,16 +44,27 @@ Progress = Callable[[str, int], None]  # (system name, prompts of the batch that
 
 
 def generate_answers(
-    records: Sequence[dict[str, Any]], config: EvalConfig, system: System, on_progress: Progress | None = None
+    records: Sequence[dict[str, Any]],
+    config: EvalConfig,
+    system: System,
+    on_progress: Progress | None = None,
+    journal: AnswerJournal | None = None,
 ) -> list[dict[str, Any]]:
-    """One answer per record from one system: text, token count, finish reason."""
+    """One answer per record from one system: text, token count, finish reason. With a `journal`, the
+    answers a killed eval finished with the same settings are kept, and each new one is journaled as its
+    batch finishes."""
     from stages.engines.generator import Batching, Generator
 
+    settings = settings_digest(config, system)
+    answers = journal.kept(settings, system.name) if journal is not None else {}
+    todo = [record for record in records if record["id"] not in answers]
+    if on_progress and len(todo) < len(records):
+        on_progress(system.name, len(records) - len(todo))
+    if not todo:
+        return [answers[record["id"]] for record in records]
     model = replace(config.model, name=config.base_model)  # systems that generate exist only with a model
     engine = system.engine or config.engine
     generator = Generator.for_options(model, config.prompting, engine, adapter=system.adapter)
-    answers = []
-    batching = Batching.of(config.batch, seed=config.seed)
 
     def on_batch(prompts: int, _tokens: int) -> None:
         # per finished batch (as generate and select report), not per answer: a batch's answers come out
@@ -60,19 +72,20 @@ def generate_answers(
         if on_progress:
             on_progress(system.name, prompts)
 
-    for _record, [sample] in generator.generate(records, config.sampling, batching, on_batch=on_batch):
+    batching = Batching.of(config.batch, seed=config.seed)
+    for record, [sample] in generator.generate(todo, config.sampling, batching, on_batch=on_batch, in_order=False):
         text = generator.text(sample)
-        answers.append(
-            {
-                "completion": text,
-                "tokens": generator.answer_tokens(sample),
-                "words": len(text.split()),
-                "finish_reason": "stop" if sample.finished else "length",
-            }
-        )
+        answers[record["id"]] = answer = {
+            "completion": text,
+            "tokens": generator.answer_tokens(sample),
+            "words": len(text.split()),
+            "finish_reason": "stop" if sample.finished else "length",
+        }
+        if journal is not None:
+            journal.add(settings, system.name, [record["id"]], [answer])
     generator.close()  # a server engine unloads its adapter; a local model is let go
     _free_accelerator_memory()
-    return answers
+    return [answers[record["id"]] for record in records]
 
 
 def _free_accelerator_memory() -> None:
@@ -90,9 +103,11 @@ def evaluate(
     http_judge: HttpJudge | None = None,
     on_progress: Progress | None = None,
     on_message: Callable[[str], None] | None = None,
+    journal: AnswerJournal | None = None,
 ) -> EvalResult:
     """Generate, score and compare. Adds `evaluation` ({system: answer and scores}) to each record. The
-    judges are config.judges' unless given."""
+    judges are config.judges' unless given; `journal` keeps the answers through a kill (see
+    stages/eval/journal.py)."""
     from stages.core.records import prompt_messages
     from stages.core.threads import apply_thread_budget
     from stages.eval.answers import read_answers
@@ -114,7 +129,7 @@ def evaluate(
             answers = given[system.name]
         else:
             say(f"generating with {system.name}" + (f" ({system.adapter})" if system.adapter else ""))
-            answers = generate_answers(records, config, system, on_progress)
+            answers = generate_answers(records, config, system, on_progress, journal)
         _score_system(records, system.name, answers, metrics, messages, config.reasoning)
     controls = _length_controls(records, systems, config, metrics, messages, say) if config.length_control else []
     _judge(records, systems, config.baseline_name, reward_judge, http_judge, say)

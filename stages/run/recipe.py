@@ -26,7 +26,7 @@ import orjson
 
 from stages.core import options
 from stages.core.errors import ConfigError, Interrupted
-from stages.core.files import atomic_path, remove_leftovers
+from stages.core.files import atomic_path, remove_leftovers, remove_stale_temp_files
 from stages.core.jsonl import JsonlWriter
 from stages.core.lock import folder_lock
 from stages.core.records import read_records
@@ -160,14 +160,20 @@ def run_select(
     config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
 ) -> None:
     """[generate] the base model's answers to the pool, [score] them, [select] the records to train on."""
+    from stages.core.journal import finished
     from stages.generate import generate_file
     from stages.score import score_records
     from stages.select import select_records
 
     pool = _head(list(read_data(config, config.data.pool)), config.data.max_pool)
     generated = run_dir / "pool.generated.jsonl"
-    if not resume:
+    if not resume:  # another configuration's answers, or a killed attempt's journal: not these
         generated.unlink(missing_ok=True)
+        remove_stale_temp_files(generated)
+    # An interrupted selection continues with every answer a killed attempt finished.
+    kept = finished(generated)
+    if kept.count:
+        say(f"select: {kept.kept_line('answers')}")
     answers = StageCounter(on_progress, "select: answering the pool", len(pool), "prompts")
 
     def load() -> Generator:
@@ -175,15 +181,13 @@ def run_select(
         say(f"select: the base model answers the pool ({left} prompts)")
         return config.generate.load()
 
-    # Always appended as answers finish, so an interrupted selection continues where it stopped.
     generate_file(
         pool,
         generated,
         load,
         config.generate.sampling,
         config.generate.batching,
-        resume=True,
-        on_message=lambda m: say(f"select: {m}"),
+        kept=kept,
         on_todo=answers.start,
         on_batch=lambda prompts, _tokens: answers.add(prompts),
     )
@@ -254,19 +258,35 @@ def eval_config(config: RunConfig, adapter: str) -> EvalConfig:
     )
 
 
-def run_eval(config: RunConfig, run_dir: Path, *, say: Say, on_progress: StageProgress | None = None) -> None:
+def run_eval(
+    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
+) -> None:
+    """[eval] with the trained adapter; its answers journaled beside eval/records.jsonl, so an interrupted
+    eval continues with the answers it finished."""
     from stages.eval.evaluate import evaluate
+    from stages.eval.journal import AnswerJournal, finished_answers, journal_path
     from stages.eval.report import eval_tables, write_report
 
     records = _head(list(read_data(config, config.data.heldout)), config.data.max_heldout)
     evaluation = eval_config(config, str(run_dir / TRAINED_ADAPTER))
+    folder = run_dir / "eval"
+    output = folder / "records.jsonl"
+    if not resume:
+        remove_stale_temp_files(journal_path(output))  # a killed attempt's answers, of other settings
+    kept = finished_answers(output)
+    if kept.count:
+        say(f"eval: {kept.kept_line('answers')}")
     answers = StageCounter(on_progress, "eval: answering the held-out set", 0, "answers")
     answers.start(len(records) * sum(1 for system in evaluation.systems if not system.answers))
-    result = evaluate(
-        records, evaluation, on_progress=lambda _system, n: answers.add(n), on_message=lambda m: say(f"eval: {m}")
-    )
-    folder = run_dir / "eval"
-    _write_jsonl(folder / "records.jsonl", result.records)
+    with AnswerJournal(output, kept) as journal:
+        result = evaluate(
+            records,
+            evaluation,
+            on_progress=lambda _system, n: answers.add(n),
+            on_message=lambda m: say(f"eval: {m}"),
+            journal=journal,
+        )
+        _write_jsonl(output, result.records)
     tables = eval_tables(result.summary)
     write_report(folder / "report.json", result.summary, tables)
     write_report(folder / "report.md", result.summary, tables)
@@ -344,7 +364,10 @@ def _run_stages(
             train_digest,
             lambda resume: run_train(config, run_dir, resume=resume, say=say, on_step=on_train_step),
         ),
-        "eval": (eval_digest, lambda resume: run_eval(config, run_dir, say=say, on_progress=on_progress)),
+        "eval": (
+            eval_digest,
+            lambda resume: run_eval(config, run_dir, resume=resume, say=say, on_progress=on_progress),
+        ),
     }
     ran, skipped = [], []
     for stage in STAGES:
