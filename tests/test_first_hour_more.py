@@ -66,17 +66,22 @@ def test_a_kill_mid_pool_loses_at_most_one_batch_and_resume_equals_one_run(runne
     # 12 prompts, batches of 3: all four batches fit one window, which used to come out only when all were done
     proc = slow_command(tmp_path, [*args, "-o", str(cut), "--resume"], slow=60, stderr=subprocess.PIPE)
     try:
-        landed = wait_for(lambda: len(records_in(cut)) >= 3, timeout=60)
+        landed = wait_for(lambda: len(journaled(cut)) >= 3, timeout=60)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    assert landed, "the first batch never reached the file while the second was running"
-    kept = records_in(cut)
-    assert len(kept) == 3  # the first batch, whole; the kill took only the batch in progress
+    assert landed, "the first batch never reached the journal while the second was running"
+    kept = journaled(cut)
+    assert len(kept) == 3 and not cut.exists()  # the first batch, whole; the kill took only the batch in progress
     assert {r["id"] for r in kept} < {r["id"] for r in records_in(whole)}
     resumed = runner.invoke(app, [*args, "-o", str(cut), "--resume"])
     assert resumed.exit_code == 0, resumed.stderr
     assert cut.read_bytes() == whole.read_bytes()  # input order again, byte for byte
+
+
+def journaled(target: Path) -> list[dict]:
+    """The records in the journals (temporary files) beside `target`, a live writer's too."""
+    return [record for journal in sorted(target.parent.glob(f".{target.name}.*.tmp")) for record in records_in(journal)]
 
 
 # --- Minutes of silence: progress off a terminal, a known total on one, the conversion says what it does

@@ -35,6 +35,7 @@ class Finished:
     target: Path
     records: dict[Hashable, dict[str, Any]] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)  # where they were found: the target, journals
+    name: str | None = None  # what the messages call the output (default: the target)
 
     @property
     def count(self) -> int:
@@ -43,14 +44,14 @@ class Finished:
     def kept_line(self, what: str = "records") -> str:
         """The first line a resumed command says."""
         if not self.records:
-            return f"resuming: no finished {what} of {self.target} yet; starting from the first"
-        return f"resuming: kept {self.count} finished {what} of {self.target} ({self._where()})"
+            return f"resuming: no finished {what} of {self.name or self.target} yet; starting from the first"
+        return f"resuming: kept {self.count} finished {what} of {self.name or self.target} ({self._where()})"
 
     def left_line(self, what: str = "records") -> str:
         """What a rerun without --resume says about them."""
         return (
-            f"{self.target}: {self.count} finished {what} of an earlier run are there ({self._where()}); "
-            "add --resume to keep them (this run starts over)"
+            f"{self.name or self.target}: {self.count} finished {what} of an earlier run are there "
+            f"({self._where()}); add --resume to keep them (this run starts over)"
         )
 
     def _where(self) -> str:

@@ -31,7 +31,9 @@ def journal_path(output: str | Path) -> Path:
 
 def finished_answers(output: str | Path) -> Finished:
     """The answers killed evals writing `output` finished (each system's, with its settings)."""
-    return finished(journal_path(output), read_target=False, key=answer_key)
+    kept = finished(journal_path(output), read_target=False, key=answer_key)
+    kept.name = str(output)
+    return kept
 
 
 def answer_key(entry: dict[str, Any]) -> tuple[str, str, str]:
