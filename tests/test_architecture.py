@@ -1,4 +1,5 @@
-"""The README's Architecture tree names every module of the library and the CLI, and nothing else."""
+"""The module tree of docs/architecture.md (moved there from the README) names every module of the library
+and the CLI, and nothing else."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from tests.conftest import ROOT
 
 
 def tree_paths() -> set[str]:
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## The module tree", 1)[1].split("```", 2)[1]
     paths, stack = set(), []  # stack: (indent, folder)
     for line in block.splitlines():
         match = re.match(r"^( *)(\S+)", line)
@@ -34,5 +35,5 @@ def test_the_architecture_tree_matches_the_folders() -> None:
         if path.name not in ("__init__.py", "__main__.py")
     }
     listed = tree_paths()
-    assert modules - listed == set(), "modules missing from the README's Architecture section"
-    assert listed - modules == set(), "the README's Architecture section names modules that do not exist"
+    assert modules - listed == set(), "modules missing from the module tree of docs/architecture.md"
+    assert listed - modules == set(), "the module tree of docs/architecture.md names modules that do not exist"

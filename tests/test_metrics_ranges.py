@@ -1,5 +1,6 @@
 """Every metric declares the range of its scores, and says it the same way everywhere: `score --help`, the
-package docstring and the README's metric table; the string metrics and `emb` stay within what they declare."""
+package docstring and the metric table of docs/rewards.md; the string metrics and `emb` stay within what they
+declare."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def test_score_help_and_the_docstring_list_each_range(runner) -> None:
     assert "all on a 0..1 scale" not in stages.metrics.__doc__
 
 
-def test_the_readme_table_agrees() -> None:
-    text = (ROOT / "README.md").read_text()
+def test_the_docs_table_agrees() -> None:
+    text = (ROOT / "docs" / "rewards.md").read_text()
     table = text.split("| metric | range | definition |", 1)[1].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines()[2:]:
