@@ -73,7 +73,7 @@ class PanelledCommand(typer.core.TyperCommand):
                     formatter.write_dl(rows)
 
 
-# Other schemas: which fields hold the prompt, the references and the id (see README "Input formats").
+# Other schemas: which fields hold the prompt, the references and the id (see docs/records.md, "Input formats").
 OutputOpt = Annotated[
     str | None,
     typer.Option(

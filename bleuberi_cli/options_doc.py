@@ -16,7 +16,7 @@ from stages.run.config import DEMO, KEYS, SHARED, STAGE_CONFIGS
 
 COMMANDS = (
     *((f"bleuberi {stage}", config_class, stage) for stage, config_class in STAGE_CONFIGS.items()),
-    ("reading records (generate, score, select, train, eval)", ReadOptions, None),
+    ("reading records (generate, score, select, train, eval)", ReadOptions, "data"),
 )
 
 
@@ -35,6 +35,8 @@ def _run_key(leaf: Leaf, stage: str) -> str:
         key = f"engine.{leaf.name}"
     else:
         key = leaf.name if leaf.name in SHARED else f"{stage}.{leaf.name}"
+    if stage == "data" and key not in KEYS:
+        return ""  # where records come from is the command's own (a run names its data files)
     assert key in KEYS, key  # a stage option the run config would not take
     return f"`{key}` (demo)" if key in DEMO else f"`{key}`"
 
@@ -50,7 +52,8 @@ def options_markdown() -> str:
         "Every option of the commands built from a config, made from its declaration "
         "(`python -m bleuberi_cli.options_doc`; do not edit by hand). `bleuberi run` sets the same options "
         "by the config key shown (top-level keys and `[engine]` for every stage), with the same defaults "
-        "except where the demo overlay sets another (marked `(demo)`; docs/recipe.md lists its values).",
+        "except where the demo overlay sets another (marked `(demo)`; [recipe.md](recipe.md) lists its values).",
+        "[Back to the README](../README.md)",
     ]
     for title, config_class, section in COMMANDS:
         lines += ["", f"## {title}", "", "| option | run key | default | meaning |", "|---|---|---|---|"]

@@ -32,7 +32,7 @@ Adds `scores` ({{metric: [one float per completion]}}), `score` (the record's ag
 Each metric's range is listed below: reference metrics are on 0..1, `emb` is a cosine (-1..1, in
 practice 0..1); `rm:PATH` / `rm-url:URL` give raw reward-model scores of the conversation (prompt +
 completion), which `select` can rank by ("hard by RM"). `py:FILE.py:FUNCTION` is your own reward
-(README: "Your own reward"); a None it returns is written as null and left out of `score`. {SPEC_HELP}
+(docs/rewards.md, "Your own reward"); a None it returns is written as null and left out of `score`. {SPEC_HELP}
 
 \b
 Metrics (name, range, definition):

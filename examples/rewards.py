@@ -1,4 +1,4 @@
-"""Your own rewards for bleuberi, written as for TRL's GRPOTrainer (README: "Your own reward").
+"""Your own rewards for bleuberi, written as for TRL's GRPOTrainer (docs/rewards.md, "Your own reward").
 
 Use them wherever a metric or reward name goes, with an optional weight after them:
 

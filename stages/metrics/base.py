@@ -2,7 +2,7 @@
 
 Every metric declares the range its scores lie in (`Metric.scale`): the reference metrics are on 0..1
 (sacrebleu's 0..100 scores are divided by 100), `emb` is a cosine (-1..1), reward models and a user's
-own function have no fixed range. `score --help`, the package docstring and the README list these.
+own function have no fixed range. `score --help`, the package docstring and docs/rewards.md list these.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ Scale = tuple[float, float] | None  # (lowest, highest) score; None: no fixed ra
 
 
 def scale_text(scale: Scale) -> str:
-    """A range as the help and the README write it: "0..1", "-1..1", or "unbounded"."""
+    """A range as the help and docs/rewards.md write it: "0..1", "-1..1", or "unbounded"."""
     if scale is None:
         return "unbounded"
     return "..".join(f"{bound:g}" for bound in scale)
