@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli import env_cmd, eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, train_cmd
-from bleuberi_cli.common import PanelledCommand, State
+from bleuberi_cli.common import State
+from bleuberi_cli.help import PanelledCommand
 
 app = typer.Typer(
     name="bleuberi",
@@ -53,7 +54,8 @@ for name, module, command in (
     ("run", run_cmd, run_cmd.run_command),
     ("env", env_cmd, env_cmd.env_command),
 ):
-    app.command(name, help=module.HELP, cls=PanelledCommand)(command)
+    essential = getattr(module, "ESSENTIAL", None)  # long commands: a short --help, and --help-all
+    app.command(name, help=module.HELP, cls=PanelledCommand.with_essentials(essential))(command)
 
 
 def main() -> None:

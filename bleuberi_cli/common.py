@@ -9,13 +9,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 import typer.core
 from rich.console import Console
 
 from stages.core import models
-from stages.core.errors import BleuberiError, Interrupted, OutputClosed, UsageError
+from stages.core.errors import BleuberiError, InputError, Interrupted, OutputClosed, UsageError
 from stages.core.records import ReadOptions, ReadStats
 
 if TYPE_CHECKING:
@@ -29,48 +28,6 @@ console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sy
 class State:
     verbose = False
     quiet = False  # the running command's -q (set as its options are parsed)
-
-
-VERBOSE_FLAGS = ("-v", "--verbose")
-
-
-class PanelledCommand(typer.core.TyperCommand):
-    """Plain-text help with the options grouped under their panels (a config field's `panel`), the
-    ungrouped ones first under "Options". Every command also takes -v/--verbose after its name, as
-    `bleuberi -v CMD` does before it."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        taking_values = {
-            opt for param in self.get_params(ctx) if not getattr(param, "is_flag", True) for opt in param.opts
-        }
-        kept: list[str] = []
-        for i, arg in enumerate(args):
-            if arg == "--":
-                kept += args[i:]
-                break
-            if arg in VERBOSE_FLAGS and not (kept and kept[-1] in taking_values):  # not some option's value
-                State.verbose = True
-            else:
-                kept.append(arg)
-        return super().parse_args(ctx, kept)
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        arguments: list[tuple[str, str]] = []
-        panels: dict[str, list[tuple[str, str]]] = {"Options": []}
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is None:
-                continue
-            if param.param_type_name == "argument":
-                arguments.append(record)
-            else:
-                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
-        panels["Options"].insert(-1, ("-v, --verbose", "Show tracebacks with errors."))  # before -h, --help
-        sections = ([("Arguments", arguments)] if arguments else []) + list(panels.items())
-        for title, rows in sections:
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
 
 
 # Other schemas: which fields hold the prompt, the references and the id (see docs/records.md, "Input formats").
@@ -206,13 +163,19 @@ def report_reading(stats: ReadStats, *, quiet: bool) -> None:
 
 
 def read_all_records(
-    reading: ReadOptions, *, quiet: bool, purpose: str, references_optional: bool = False
+    reading: ReadOptions, *, quiet: bool, purpose: str, references_optional: bool = False, needed: bool = False
 ) -> list[dict]:
-    """Every record of a stage that needs them all at once (train, eval); says so when there are none."""
+    """Every record of a stage that needs them all at once (generate, train, eval). None at all: a stage
+    that `needed` them (training, evaluating on nothing) stops with one line (exit 1); a filter in a pipe
+    says so and has nothing to do."""
+    from stages.core.jsonl import source_name
+
     stats = ReadStats()
     note_stdin(reading.input, quiet=quiet)
     records = list(reading.records(stats=stats, references_optional=references_optional))
     report_reading(stats, quiet=quiet)
+    if not records and needed:
+        raise InputError(source_name(reading.input), None, f"no records to {purpose}")
     if not records:
         say(f"no records: nothing to {purpose}", quiet=quiet)
     return records

@@ -119,6 +119,7 @@ def with_config_options(
 
         parameters = [*own, *(cli_parameter(leaf) for leaf in fields)]
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.config_options = frozenset(field_names)  # type: ignore[attr-defined]  # what --help may defer
         run.__annotations__ = {p.name: p.annotation for p in parameters}
         del run.__wrapped__  # typer must read the signature above, not the function's own
         return run

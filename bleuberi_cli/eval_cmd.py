@@ -67,6 +67,9 @@ Examples:
   bleuberi eval --agreement -i examples/pairs.jsonl --report agreement.md > pairs.scored.jsonl
 """
 
+# What most evaluations set, first in --help (the rest: --help-all, docs/options.md)
+ESSENTIAL = ("model", "adapters", "answers", "metrics", "max_new_tokens", "batch_size", "backend", "device")
+
 
 @with_config_options(EvalConfig, reading=ReadOptions)
 def eval_command(
@@ -110,7 +113,7 @@ def eval_command(
             journaled, resume=resume, quiet=quiet, what="answers", find=lambda target, _: finished_answers(target),
             needs="-o FILE or --report FILE",
         )  # fmt: skip
-        records = read_all_records(reading, quiet=quiet, purpose="evaluate")
+        records = read_all_records(reading, quiet=quiet, purpose="evaluate", needed=True)
         if records:
             with AnswerJournal(journaled, kept) if journaled else contextlib.nullcontext() as journal:
                 _evaluate(records, config, output, report, quiet=quiet, journal=journal)

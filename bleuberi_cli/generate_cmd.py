@@ -43,6 +43,9 @@ Examples:
 {NORMALISATION_HELP}
 """
 
+# What most generations set, first in --help (the rest: --help-all, docs/options.md)
+ESSENTIAL = ("model", "adapter", "num_samples", "max_new_tokens", "temperature", "batch_size", "backend", "device")
+
 
 @with_config_options(GenerateConfig, reading=ReadOptions)
 def generate(

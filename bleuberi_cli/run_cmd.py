@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bleuberi_cli.common import QuietOpt, StepProgress, boundary, console, say
+from bleuberi_cli.common import QuietOpt, StepProgress, boundary, console, duration, say
+
+if TYPE_CHECKING:
+    from stages.run.recipe import RunResult
 
 HELP = """Run the BLEUBERI recipe (select, train, eval) end to end in one run folder.
 
@@ -60,6 +63,7 @@ def run_command(
         if print_config:
             sys.stdout.write(to_toml(resolved))
             return
+        from stages.core.errors import ConfigError
         from stages.core.jsonl import JsonlWriter
         from stages.core.preflight import preflight
         from stages.eval.report import eval_tables, print_tables
@@ -67,8 +71,7 @@ def run_command(
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
         if problem := empty_input(resolved):  # the data files first: a missing one is named here
-            say(f"no records: {problem}, nothing to run", quiet=quiet)
-            return
+            raise ConfigError(f"{problem}: a run needs records in data.pool and data.heldout")
         evaluation = eval_config(resolved, TRAINED_ADAPTER)
         specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
         adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
@@ -86,7 +89,16 @@ def run_command(
         if not quiet:
             print_tables(eval_tables(result.summary), console)
             console.print(headline(result.summary, resolved), markup=False)
+            say(stage_times(result))
             say(where_things_are(run_dir))
+
+
+def stage_times(result: RunResult) -> str:
+    """How long each stage took this time (one that was up to date took none)."""
+    parts = [f"{stage} {duration(result.seconds[stage])}" for stage in result.ran]
+    parts += [f"{stage} up to date" for stage in result.skipped]
+    total = f" (total {duration(sum(result.seconds.values()))})" if len(result.ran) > 1 else ""
+    return "stage times: " + ", ".join(parts) + total
 
 
 def where_things_are(run_dir: Path) -> str:

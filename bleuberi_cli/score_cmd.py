@@ -49,6 +49,9 @@ Examples:
 {NORMALISATION_HELP}
 """
 
+# What most scorings set, first in --help (the rest: --help-all, docs/options.md)
+ESSENTIAL = ("metrics", "weights", "combine", "aggregate", "jobs")
+
 
 @with_config_options(ScoreConfig, reading=ReadOptions)
 def score(

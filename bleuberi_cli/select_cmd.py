@@ -63,6 +63,9 @@ def _summary(pool_size: int, selection, mode: str, plot: str | None, output: str
     from rich.table import Table
 
     written = f"; written to {output}" if output else ""
+    if not pool_size:  # a filter in a pipe: nothing came, nothing to do
+        console.print(f"no records: nothing to select from{written}", markup=False)
+        return
     console.print(f"selected {len(selection.chosen)} of {pool_size} records (mode {mode}){written}", markup=False)
     if selection.pool_scores:
         table = Table("score", "min", "p25", "median", "p75", "max", box=None, pad_edge=False)

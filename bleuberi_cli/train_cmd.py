@@ -53,6 +53,19 @@ Examples:
 """
 
 RUN = "Run folder"
+# What most runs set, first in --help (the rest: --help-all, docs/options.md)
+ESSENTIAL = (
+    "model",
+    "reward",
+    "algo",
+    "max_steps",
+    "learning_rate",
+    "num_generations",
+    "max_completion_length",
+    "beta",
+    "backend",
+    "dtype",
+)
 ReportToOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -106,7 +119,7 @@ def train(
         resume_folder = resume_from if resume_from not in (None, "latest") else None
         needs = [spec.needs() for spec in config.rewards] if config.algorithm.samples else []
         preflight(inputs=[reading.input, resume_folder], models=[config.model.model], needs=needs)
-        records = read_all_records(reading, quiet=quiet, purpose="train on")
+        records = read_all_records(reading, quiet=quiet, purpose="train on", needed=True)
         if records:
             _run(
                 records,

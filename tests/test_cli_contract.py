@@ -43,6 +43,7 @@ class Command:
     bad_field: tuple[bytes, str]  # a bad line 2 and the field its error must name
     empty_note: str  # what stderr says about an empty input
     records_out: Callable[[int], int]  # how many stdout records a valid input of n records gives
+    empty_exit: int = 0  # a filter in a pipe has nothing to do (0); a stage that needs records stops (1)
 
     def argv(self, data: Path, model: Path, out: Path) -> list[str]:
         extra = [a.replace("{model}", str(model)).replace("{out}", str(out)) for a in self.extra]
@@ -80,7 +81,7 @@ COMMANDS: dict[str, Command] = {
         ["-n", "1"],
         lambda: [SCORED, {**SCORED, "id": "b", "score": 0.2}],
         MISSING_REFERENCES,
-        "selected 0 of 0 records",
+        "no records: nothing to select from",
         lambda n: 1,
     ),
     "train": Command(
@@ -89,16 +90,18 @@ COMMANDS: dict[str, Command] = {
         + ["--max-steps", "2", "--max-completion-length", "4", "--save-steps", "10"],
         lambda: demo_records(count=2),
         MISSING_REFERENCES,
-        "no records",
+        "empty.jsonl: no records to train on",
         lambda n: 2,  # one metrics record per step
+        empty_exit=1,
     ),
     "eval": Command(
         ["eval"],
         ["--model", "{model}", "--max-new-tokens", "2", "--bootstrap-resamples", "10"],
         lambda: demo_records(count=2),
         MISSING_REFERENCES,
-        "no records",
+        "empty.jsonl: no records to evaluate",
         lambda n: n,
+        empty_exit=1,
     ),
     "eval --agreement": Command(
         ["eval", "--agreement"],
@@ -108,16 +111,18 @@ COMMANDS: dict[str, Command] = {
             b'{"id": "z", "prompt": "p", "response_a": "a", "response_b": "b", "winner": "c", "references": ["r"]}',
             "winner",
         ),
-        "0 pairs",
+        "empty.jsonl: no pairs to measure agreement on",
         lambda n: n,
+        empty_exit=1,
     ),
     "run": Command(
         ["run"],
         ["-o", "{out}", *(x for setting in RUN_SETTINGS for x in ("--set", setting))],
         lambda: demo_records(count=4),
         MISSING_REFERENCES,
-        "no records",
+        "empty.jsonl) is empty: a run needs records in data.pool and data.heldout",
         lambda n: 1,  # the eval summary
+        empty_exit=1,
     ),
 }
 NAMES = list(COMMANDS)
@@ -166,14 +171,17 @@ def test_help_imports_no_torch(name) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_empty_input_gives_empty_output_and_a_note(runner, name, tiny_model, tmp_path) -> None:
+def test_empty_input_is_a_note_for_a_filter_and_an_error_for_a_stage_that_needs_it(runner, name, tiny_model, tmp_path):
     command = COMMANDS[name]
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     result = runner.invoke(app, command.argv(empty, tiny_model, tmp_path / "out"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == command.empty_exit, result.stderr
     assert result.stdout == ""
-    assert command.empty_note in result.stderr
+    assert command.empty_note in result.stderr and "nan" not in result.stderr
+    if command.empty_exit:  # one line, the error alone
+        assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stderr
 
 

@@ -501,7 +501,7 @@ def test_help_reads_the_same_everywhere(runner) -> None:
     assert "Usage: bleuberi run [OPTIONS] [CONFIG.toml]\n" in run and "[[" not in run
     [listed] = [line for line in help_of().splitlines() if line.strip().startswith("run ")]
     assert not listed.rstrip().endswith(":")
-    train = help_of("train")
+    train = runner.invoke(app, ["train", "--help-all"], terminal_width=200).stdout  # the whole description
     assert train.count("bleu, bleu-paper, chrf, rouge-l") == 1  # the rewards, listed once (by --reward)
     assert train.count("A spec is NAME[:ARG][:WEIGHT]") == 1 and "NAME[:ARG][:WEIGHT] specs" not in train
     assert "torchrun --nproc_per_node N -m bleuberi_cli train" in train

@@ -131,7 +131,7 @@ def test_a_refused_setting_is_one_line_and_exit_2(runner, tmp_path) -> None:
 
 
 def test_help_groups_options_under_their_panels(runner) -> None:
-    text = runner.invoke(app, ["train", "--help"]).stdout
+    text = runner.invoke(app, ["train", "--help-all"]).stdout
     for panel in ("LoRA:", "Sampling:", "GRPO loss:", "Generation engine:", "Run folder:"):
         assert f"\n{panel}\n" in text
     lora, sampling = text.index("\nLoRA:\n"), text.index("\nSampling:\n")

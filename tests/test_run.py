@@ -131,6 +131,7 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(runner, tiny_model,
     assert record["ran"] == ["select", "train", "eval"]
     assert set(record["systems"]) == {"base", "trained", "base@len(trained)"}
     assert "held-out (3 prompts), trained vs base: " in first.stderr and " over base" in first.stderr
+    assert "\nstage times: select " in first.stderr and ", eval " in first.stderr  # what each stage took
     names = {"config.toml", "stages.json", "pool.generated.jsonl", "pool.scored.jsonl", "selected.jsonl"}
     assert names | {"train", "eval"} <= {p.name for p in run_dir.iterdir()}
     assert len(read_jsonl_text((run_dir / "selected.jsonl").read_text())) == 2
@@ -186,9 +187,11 @@ def test_an_empty_heldout_set_stops_before_any_work(runner, tiny_model, tmp_path
     empty = tmp_path / "heldout.jsonl"
     empty.write_bytes(b"")
     result = runner.invoke(app, run_args(tmp_path / "run", tiny_model, f"data.heldout={empty}"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 1, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
-    assert f"data.heldout ({empty}) is empty, nothing to run" in result.stderr
+    assert result.stderr == (
+        f"bleuberi: error: data.heldout ({empty}) is empty: a run needs records in data.pool and data.heldout\n"
+    )
     assert not (tmp_path / "run" / "pool.generated.jsonl").exists()  # no generation or training was wasted
 
 

@@ -408,6 +408,7 @@ def seed_option() -> Any:
         DEFAULT_SEED,
         "random seed of sampling, tie-breaks and the bootstrap: same seed, same result (a run's: every stage's)",
         metavar="N",
+        panel="Sampling",
     )
 
 
@@ -417,4 +418,5 @@ def reasoning_option() -> Any:
         "reasoning mode: a system prompt that asks for <think>...</think><answer>...</answer> (unless "
         "--system-prompt), metrics score only the <answer> part (`format` scores the format); train adds the "
         "format reward",
+        panel=PROMPTS,
     )

@@ -129,6 +129,7 @@ class RunResult:
     summary: dict[str, Any]
     ran: list[str]
     skipped: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # each stage that ran this time
 
 
 @dataclass
@@ -369,7 +370,7 @@ def _run_stages(
             lambda resume: run_eval(config, run_dir, resume=resume, say=say, on_progress=on_progress),
         ),
     }
-    ran, skipped = [], []
+    ran, skipped, seconds = [], [], {}
     for stage in STAGES:
         digest, action = steps[stage]
         status = ledger.status(stage, digest)
@@ -389,12 +390,11 @@ def _run_stages(
                 f"run the same `bleuberi run` command (same config, -o {run_dir}) to continue"
             ) from None
         budget = current_budget()
-        ledger.mark(
-            stage, digest, done=True, seconds=time.perf_counter() - start, threads=budget.threads if budget else None
-        )
+        seconds[stage] = time.perf_counter() - start
+        ledger.mark(stage, digest, done=True, seconds=seconds[stage], threads=budget.threads if budget else None)
         ran.append(stage)
     summary = orjson.loads((run_dir / "eval" / "report.json").read_bytes())
-    return RunResult(run_dir, summary, ran, skipped)
+    return RunResult(run_dir, summary, ran, skipped, seconds)
 
 
 def headline(summary: dict[str, Any], config: RunConfig) -> str:

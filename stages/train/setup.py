@@ -55,7 +55,6 @@ def set_up(
     overwrite: bool = False,
 ) -> TrainRun:
     device, dist = _placement(config.model.device, sharded=config.parallel == "fsdp")
-    threads = _thread_budget(config, device, say)
     digest = records_digest(records)
     checkpoint = None
     if resume:
@@ -63,6 +62,7 @@ def set_up(
         check_resume(checkpoint, output_dir, config.to_dict(), digest)
     elif dist.is_main:
         prepare_fresh_run(output_dir, overwrite=overwrite)
+    threads = _thread_budget(config, device, say)  # said once the run is sure to start: a refusal is one line
     torch.manual_seed(config.seed)  # before the LoRA weights are drawn
 
     start = time.perf_counter()
