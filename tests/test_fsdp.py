@@ -366,6 +366,7 @@ config = TrainConfig.of(
     model=model_dir, num_generations=4, per_device_train_batch_size=4, max_completion_length=6, max_steps=4,
     save_steps=2, save_total_limit=10, learning_rate=float(sys.argv[4]), max_grad_norm=0.05, reward=["chrf"],
     micro_batch=2, gradient_checkpointing=True, parallel="fsdp", engine=EngineOptions(FileSyncedEngine.name),
+    vllm_importance_sampling_correction=False,  # an exact engine: the same adapter as sampling from the policy
 )
 train(records, config, out / "run")
 import os

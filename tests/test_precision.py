@@ -139,3 +139,126 @@ def test_the_float32_head_copy_is_made_once_and_follows_changes(dtype) -> None:
     with torch.no_grad():
         weight.add_(1)
     assert torch.equal(float32_weight(weight), weight.float())  # a changed weight gets a fresh copy
+
+
+def _first_update_gradient(tiny_model, dtype: str, samples_from, records) -> tuple[dict, float]:
+    """The LoRA gradient of the first update of a GRPO step (num_iterations=2) in `dtype`, on the completions
+    `samples_from` sampled, with this dtype's own sampler log-probs, and the step's KL to the reference."""
+    from stages.train.config import TrainConfig
+    from stages.train.data import prepare_prompts
+    from stages.train.distributed import Distributed
+    from stages.train.grpo import score_rollout
+    from stages.train.loss import Denominator
+    from stages.train.policy import load_policy
+    from stages.train.update import Drift, SamplerCorrection, _micro_batch_loss, micro_batches, reference_logprobs
+
+    # epsilon far below the tiny model's bf16 drift: a ratio taken against the sampler's log-probs would clip
+    config = TrainConfig.of(model=str(tiny_model), dtype=dtype, device="cpu", num_generations=4,
+                            per_device_train_batch_size=8, max_completion_length=8, num_iterations=2,
+                            epsilon=1e-3, epsilon_high=1e-3, reward=["chrf"])  # fmt: skip
+    torch.manual_seed(0)  # the same LoRA A in both dtypes
+    policy = load_policy(config, torch.device("cpu"))
+    prompts, _ = prepare_prompts(records, policy.generator.encoder, None, False)
+    samples = samples_from(policy, prompts)
+    rollout = score_rollout(policy.generator, config.scorer, prompts, samples, group_size=4, scale_rewards="group",
+                            skip_zero_std=False, dist=Distributed())  # fmt: skip
+    [mb] = micro_batches(rollout, size=8, pad_id=policy.generator.pad_id, device=torch.device("cpu"),
+                         mask_truncated=False)  # fmt: skip
+    policy.model.train()
+    reference_logprobs(policy, [mb], config.sampling.temperature)
+    tokens = float(mb.batch.completion_mask.sum())
+    loss = _micro_batch_loss(
+        policy, mb, config, config.loss_config(), Denominator(tokens), SamplerCorrection.of(config), Drift(), 0
+    )
+    loss.loss.backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
+    return grads, loss.kl_sum / tokens
+
+
+def test_bf16_starts_at_kl_zero_and_its_first_gradient_is_float32_s_to_bf16_precision(tiny_model) -> None:
+    """At step 1 LoRA B is zero, so the reference and the policy are one function: their KL is exactly 0 in
+    bf16 too. The clipped ratio's old policy is the trainer's own forward, never the sampler's: the
+    sampler (a KV-cached bf16 decode) differs from it by rounding, and taken as the old policy (as before
+    this issue, with num_iterations > 1) that rounding moves the ratio off 1 and clips real gradient away.
+    Tolerance: bf16 keeps 8 significant bits (unit roundoff u = 2**-8); a gradient of the 2-layer tiny
+    model passes through about 16 bf16 roundings (4 matmuls and their inputs per layer, forward and back),
+    so it may differ from float32's by 16u relative, by the norm."""
+    records = demo_records(count=2)
+    drawn: list = []
+
+    def sampled(policy, prompts):  # the same completions for both dtypes: the float32 policy's draws
+        if not drawn:
+            ids = [p.ids for p in prompts]
+            seeds = [[11 * i + k for k in range(4)] for i in range(len(prompts))]
+            drawn.extend(s for group in policy.generator.sample_ids(ids, seeds, _sampling()) for s in group)
+        return [_rescored(policy, prompts[i // 4].ids, sample) for i, sample in enumerate(drawn)]
+
+    full, kl_full = _first_update_gradient(tiny_model, "float32", sampled, records)
+    half, kl_half = _first_update_gradient(tiny_model, "bfloat16", sampled, records)
+    assert kl_full == kl_half == 0.0  # the reference is the policy, to the last bit
+    norm = torch.sqrt(sum((g**2).sum() for g in full.values()))
+    gap = torch.sqrt(sum(((half[k] - full[k]) ** 2).sum() for k in full))
+    assert norm > 0 and gap <= 16 * 2**-8 * norm, (float(gap / norm), 16 * 2**-8)
+
+
+def _sampling():
+    from stages.engines.base import SamplingParams
+
+    return SamplingParams(8, 0.9)  # train's temperature
+
+
+def _rescored(policy, prompt: list[int], sample):
+    """`sample`'s tokens with the log-probs this policy's own sampler gives them: a KV-cached decode of the
+    same tokens (teacher-forced), as the sampler records them while drawing."""
+    from stages.engines.base import Sample
+
+    model = policy.model
+    ids = torch.tensor([prompt + sample.token_ids])
+    with torch.no_grad():
+        out = model(input_ids=ids[:, : len(prompt)], use_cache=True)
+        past, logps = out.past_key_values, []
+        logits = out.logits[0, -1]
+        for token in sample.token_ids:
+            logps.append(float(torch.log_softmax(logits.float() / 0.9, -1)[token]))
+            step = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past, logits = step.past_key_values, step.logits[0, -1]
+    return Sample(list(sample.token_ids), logps, sample.finished)
+
+
+def test_the_sampler_mismatch_is_measured_by_hand() -> None:
+    """mismatch_kl is the k3 estimate of KL(sampler || trainer) on the sampled tokens, and
+    mismatch_clip_fraction the share of importance weights the cap changed."""
+    from stages.train.loss import engine_importance_weights
+    from stages.train.update import Drift
+
+    trainer = torch.tensor([[0.0, 0.1, 0.0]])
+    sampler = torch.tensor([[0.1, 0.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: it counts nowhere
+    drift = Drift()
+    drift.add(trainer, sampler, mask)
+    weight = engine_importance_weights(trainer, sampler, mask, "token_truncate", 1.05)
+    drift.weights(weight, trainer, sampler, mask)
+    # r = log trainer/sampler = -0.1 and 0.1: k3 = (e^-0.1 + 0.1 - 1) + (e^0.1 - 0.1 - 1)
+    assert drift.k3 == pytest.approx(math.exp(-0.1) + 0.1 - 1 + math.exp(0.1) - 0.1 - 1, rel=1e-5)
+    assert drift.total == pytest.approx(0.2, rel=1e-5) and drift.largest == pytest.approx(0.1, rel=1e-5)
+    # the weights e^-0.1 = 0.905 (kept) and e^0.1 = 1.105, cut to 1.05: one of the two
+    assert weight[0, :2].tolist() == pytest.approx([math.exp(-0.1), 1.05], rel=1e-5)
+    assert (drift.clipped, drift.weighed) == (1.0, 2.0)
+    masked = engine_importance_weights(trainer, sampler, mask, "sequence_mask", 1.05)
+    sequence = Drift()
+    sequence.weights(masked, trainer, sampler, mask)  # e^(0.1 - 0.1) = 1: within the cap, kept
+    assert masked.tolist() == [[1.0]] and (sequence.clipped, sequence.weighed) == (0.0, 1.0)
+
+
+def test_the_correction_is_on_by_default_where_an_engine_of_its_own_samples(tiny_model) -> None:
+    from stages.engines.base import EngineOptions
+    from stages.train.config import TrainConfig
+
+    server = EngineOptions("server", ["http://127.0.0.1:9/v1"])
+    assert not TrainConfig.of(model=str(tiny_model)).importance_correction  # the policy samples itself
+    assert TrainConfig.of(model=str(tiny_model), engine=server).importance_correction
+    assert TrainConfig.of(model=str(tiny_model), engine=EngineOptions("vllm")).importance_correction
+    # top_p < 1: vLLM's log-probs are over the nucleus, not the trainer's distribution: left off
+    assert not TrainConfig.of(model=str(tiny_model), engine=server, top_p=0.9).importance_correction
+    asked = TrainConfig.of(model=str(tiny_model), vllm_importance_sampling_correction=True)
+    assert asked.importance_correction  # any engine, when asked for

@@ -228,14 +228,25 @@ def test_sft_lowers_the_answer_loss(word_model, tmp_path) -> None:
 def test_gradient_checkpointing_gives_the_same_update(tiny_model, tmp_path, monkeypatch) -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    calls = {"with_grad": 0}  # decoder-layer forwards that build a graph: training forwards and their recomputation
-    original = LlamaDecoderLayer.forward
+    from stages.train import update
+
+    calls = {"with_grad": 0}  # decoder-layer forwards of the update that build a graph: training forwards and
+    reference = [False]  # their recomputation (the reference pass builds one too, but has no backward)
+    original, original_reference = LlamaDecoderLayer.forward, update.reference_logprobs
 
     def counting(self, *args, **kwargs):
-        calls["with_grad"] += torch.is_grad_enabled()
+        calls["with_grad"] += torch.is_grad_enabled() and not reference[0]
         return original(self, *args, **kwargs)
 
+    def marked(*args, **kwargs):
+        reference[0] = True
+        try:
+            return original_reference(*args, **kwargs)
+        finally:
+            reference[0] = False
+
     monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    monkeypatch.setattr(update, "reference_logprobs", marked)
     records = demo_records(count=4)
     settings = {"max_steps": 2, "reward": ["chrf"]}  # chrF: a random model's samples differ, so the update moves
     plain = train(records, small_config(tiny_model, **settings, gradient_checkpointing=False), tmp_path / "a")

@@ -173,10 +173,11 @@ class TrainConfig(options.Options):
         "sample step t+1 while step t trains, with the adapter of step t-1 (vllm/server only)",
         panel=ENGINE_PANEL,
     )
-    # TRL's correction for the engine-vs-trainer log-prob mismatch (off: engines here run fp32 on CPU).
-    vllm_importance_sampling_correction: bool = option(
-        False,
-        "TRL's truncated importance sampling for engine-vs-trainer log-prob drift",
+    # TRL's correction for the sampler-vs-trainer log-prob mismatch; TRL too has it on with vLLM.
+    vllm_importance_sampling_correction: bool | None = option(
+        None,
+        "reweight the policy term by the truncated importance ratio trainer/sampler (TRL's); default: on where "
+        "an engine of its own samples (vllm, server) with top_p 1, off for the policy's own sampling",
         flags=("--vllm-importance-sampling-correction/--no-vllm-importance-sampling-correction",),
         panel=ENGINE_PANEL,
     )
@@ -269,6 +270,15 @@ class TrainConfig(options.Options):
         if self.delta is not None and self.loss_type == "cispo":
             notes.append("delta has no effect with loss_type=cispo (CISPO caps the ratio with epsilon_high)")
         return notes
+
+    @property
+    def importance_correction(self) -> bool:
+        """Is the truncated importance correction on? Asked for, else on where an engine of its own samples
+        (its kernels, precision and, with async rollouts, its adapter differ from the trainer's) with top_p 1
+        (below 1 vLLM's log-probs are over the nucleus, not the trainer's distribution)."""
+        if self.vllm_importance_sampling_correction is not None:
+            return self.vllm_importance_sampling_correction
+        return not self.engine.samples_with_live_policy and self.sampling.top_p == 1.0
 
     @property
     def completions_per_step(self) -> int:

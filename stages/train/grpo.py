@@ -169,6 +169,8 @@ def step_record(
         "clip_fraction": round(update.clip_fraction, 6),
         "logprob_drift_mean": round(update.logprob_drift_mean, 6),
         "logprob_drift_max": round(update.logprob_drift_max, 6),
+        "mismatch_kl": round(update.mismatch_kl, 8),
+        "mismatch_clip_fraction": round(update.mismatch_clip_fraction, 6),
         "grad_norm": round(update.grad_norm, 6),
         "completion_length_mean": round(length_sum / max(n, 1), 2),
         "completion_length_max": int(length_max),

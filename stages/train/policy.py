@@ -4,7 +4,7 @@ samples rollouts (the policy itself, or an engine of its own holding the base mo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,23 @@ def _with_lora(base: Any, config: TrainConfig, device: torch.device) -> Any:
         else:
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+@contextlib.contextmanager
+def adapter_scaled_to_zero(model: Any) -> Iterator[None]:
+    """While inside, every LoRA layer adds its contribution times zero: the base model's function through
+    the policy's own modules and kernels (peft's `disable_adapter` takes another path, which in bf16 may
+    round differently)."""
+    from peft.tuners.lora import LoraLayer
+
+    saved = [(module, dict(module.scaling)) for module in model.modules() if isinstance(module, LoraLayer)]
+    try:
+        for module, scaling in saved:
+            module.scaling.update(dict.fromkeys(scaling, 0.0))
+        yield
+    finally:
+        for module, scaling in saved:
+            module.scaling.update(scaling)
 
 
 def _autocast(model: Any, device: torch.device) -> Autocast:

@@ -1,4 +1,14 @@
-"""The loss pass of a GRPO step: reference log-probs, then `num_iterations` clipped policy updates."""
+"""The loss pass of a GRPO step: reference log-probs, then `num_iterations` clipped policy updates.
+
+Three log-probs of each sampled token meet here: the sampler's (recorded while sampling: the policy's own
+KV-cached decode, or an engine of its own, possibly one step stale), the trainer's (a full forward pass of
+the current weights), and the reference's (the same forward with the adapter's contribution scaled to
+zero). The clipped ratio is always taken against the trainer's own log-probs from before the step's first
+update (recomputed, never the sampler's: a sampler in bf16, or vLLM's kernels, differ from the trainer's
+forward by rounding), and where an engine of its own samples, the policy term is reweighted by the
+truncated importance ratio trainer/sampler (TRL's `vllm_importance_sampling_correction`): how far the
+sampler is from the trainer, per step, is logged as `mismatch_kl` and `mismatch_clip_fraction`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +24,7 @@ from stages.train.data import Rollout
 from stages.train.distributed import Distributed
 from stages.train.logprobs import PackedBatch, completion_logprobs, completion_logprobs_and_entropy, pack
 from stages.train.loss import Denominator, LossParts, engine_importance_weights, grpo_loss, high_entropy_mask
-from stages.train.policy import Policy
+from stages.train.policy import Policy, adapter_scaled_to_zero
 
 
 @dataclass
@@ -22,9 +32,10 @@ class MicroBatch:
     rows: list[int]
     batch: PackedBatch
     advantages: torch.Tensor
-    sampled_logp: torch.Tensor  # log-probs recorded while sampling (old policy for num_iterations > 1)
+    sampled_logp: torch.Tensor  # log-probs recorded while sampling (the behaviour policy)
     ref_logp: torch.Tensor | None = None
-    sampling_weight: torch.Tensor | None = None  # engine-mismatch importance weights, when asked for
+    old_logp: torch.Tensor | None = None  # the trainer's own, before the step's first update
+    sampling_weight: torch.Tensor | None = None  # truncated importance weights trainer/sampler, when on
 
 
 @dataclass
@@ -35,26 +46,24 @@ class UpdateStats:
     kl: float = 0.0
     clip_fraction: float = 0.0
     grad_norm: float = 0.0
-    logprob_drift_mean: float = 0.0  # mean |engine log p - trainer log p| over sampled tokens
+    logprob_drift_mean: float = 0.0  # mean |sampler log p - trainer log p| over sampled tokens
     logprob_drift_max: float = 0.0
+    mismatch_kl: float = 0.0  # KL(sampler || trainer) per token, estimated on the sampled tokens (k3)
+    mismatch_clip_fraction: float = 0.0  # tokens (or sequences) whose importance weight was truncated or masked
 
 
 @dataclass(frozen=True)
 class SamplerCorrection:
-    """How the update treats samples from an engine other than the policy itself.
+    """How the update reweights samples from a sampler whose log-probs differ from the trainer's:
+    `importance_mode`, TRL's truncated importance sampling (None: off), capped at `importance_clip_max`."""
 
-    `behaviour_old`: the clipped ratio is taken against the sampler's log-probs (async rollouts sample
-    with the previous adapter). `importance_mode`: TRL's engine-mismatch importance sampling (None: off).
-    """
-
-    behaviour_old: bool = False
     importance_mode: str | None = None
     importance_clip_max: float = 3.0
 
     @classmethod
     def of(cls, config: TrainConfig) -> SamplerCorrection:
-        mode = config.vllm_importance_sampling_mode if config.vllm_importance_sampling_correction else None
-        return cls(config.async_rollouts, mode, config.vllm_importance_sampling_clip_max)
+        mode = config.vllm_importance_sampling_mode if config.importance_correction else None
+        return cls(mode, config.vllm_importance_sampling_clip_max)
 
 
 def micro_batches(
@@ -98,14 +107,12 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
         world_size=dist.world_size,
         max_completion_length=config.sampling.max_new_tokens,
     )
+    policy.model.train()
     if loss_config.beta != 0.0:
-        with torch.no_grad(), policy.model.disable_adapter(), policy.autocast():
-            for mb in batches:
-                mb.ref_logp = completion_logprobs(policy.model, mb.batch, config.sampling.temperature)
+        reference_logprobs(policy, batches, config.sampling.temperature)
     correction = SamplerCorrection.of(config)
     stats = UpdateStats()
     drift = Drift()
-    policy.model.train()
     for iteration in range(config.num_iterations):
         sums = LossSums()
         for i, mb in enumerate(batches):
@@ -119,10 +126,22 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
         stats.kl += kl_sum / max(global_tokens, 1) / n
         stats.clip_fraction += clipped / max(global_tokens, 1) / n
         stats.grad_norm += grad_norm / n
-    (drift_sum,) = dist.sum([drift.total], device)
+    drift_sum, mismatch, clipped, weighed = dist.sum([drift.total, drift.k3, drift.clipped, drift.weighed], device)
     stats.logprob_drift_mean = drift_sum / max(global_tokens, 1)
     stats.logprob_drift_max = dist.max(drift.largest, device)
+    stats.mismatch_kl = mismatch / max(global_tokens, 1)
+    stats.mismatch_clip_fraction = clipped / max(weighed, 1)
     return stats
+
+
+def reference_logprobs(policy: Policy, batches: list[MicroBatch], temperature: float) -> None:
+    """The base model's log-probs, by the policy's own forward with each LoRA's contribution scaled to
+    zero: the same modules, kernels, modes (training, autograd on) and shapes as the update's passes, so
+    where the adapter is still zero (LoRA B starts at zero: step 1) the reference equals the policy to the
+    last bit on any hardware, and the KL penalty starts from exactly 0."""
+    with adapter_scaled_to_zero(policy.model), policy.autocast():
+        for mb in batches:
+            mb.ref_logp = completion_logprobs(policy.model, mb.batch, temperature).detach()
 
 
 def idle_batch(policy: Policy) -> MicroBatch:
@@ -148,15 +167,17 @@ def _micro_batch_loss(
     temperature = config.sampling.temperature
     logp, entropy_mask = _policy_logprobs(policy.model, mb.batch, temperature, loss_config, policy.autocast)
     mask = mb.batch.completion_mask
-    if iteration == 0:
-        drift.add(logp.detach(), mb.sampled_logp, mask)
+    if iteration == 0:  # the weights as the step found them: the old policy of every iteration's ratio
+        mb.old_logp = logp.detach()
+        drift.add(mb.old_logp, mb.sampled_logp, mask)
         if correction.importance_mode:
             mb.sampling_weight = engine_importance_weights(
-                logp, mb.sampled_logp, mask, correction.importance_mode, correction.importance_clip_max
+                mb.old_logp, mb.sampled_logp, mask, correction.importance_mode, correction.importance_clip_max
             )
-    old = mb.sampled_logp if config.num_iterations > 1 or correction.behaviour_old else logp.detach()
+            drift.weights(mb.sampling_weight, mb.old_logp, mb.sampled_logp, mask)
+    assert mb.old_logp is not None
     return grpo_loss(
-        logp, old, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight, entropy_mask
+        logp, mb.old_logp, mb.ref_logp, mb.advantages, mask, loss_config, denominator, mb.sampling_weight, entropy_mask
     )
 
 
@@ -176,15 +197,29 @@ class LossSums:
 
 @dataclass
 class Drift:
-    """|sampler - trainer| log-prob over active tokens: the sum and the largest."""
+    """How far the sampler's log-probs are from the trainer's over active tokens: |difference| (sum and
+    largest), the k3 estimate of KL(sampler || trainer) (sum), and how many importance weights were cut."""
 
     total: float = 0.0
     largest: float = 0.0
+    k3: float = 0.0
+    clipped: float = 0.0  # weights truncated at the cap, or masked out
+    weighed: float = 0.0  # weights computed (tokens, or sequences for the sequence modes)
 
     def add(self, trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
-        gap = (trainer - sampler).abs() * mask
-        self.total += float(gap.sum())
-        self.largest = max(self.largest, float(gap.max()) if gap.numel() else 0.0)
+        gap = (trainer - sampler) * mask
+        self.total += float(gap.abs().sum())
+        self.largest = max(self.largest, float(gap.abs().max()) if gap.numel() else 0.0)
+        # KL(sampler || trainer) as E_sampler[exp(r) - r - 1], r = log trainer/sampler (k3)
+        self.k3 += float(((torch.exp(gap) - gap - 1) * mask).sum())
+
+    def weights(self, weight: torch.Tensor, trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
+        """Count the weights the cap changed: truncated (value below the raw ratio) or masked (set to 0)."""
+        sequence = weight.shape[-1] == 1
+        raw = torch.exp(((trainer - sampler) * mask).sum(-1, keepdim=True) if sequence else (trainer - sampler))
+        counted = torch.ones_like(weight) if sequence else mask
+        self.clipped += float(((weight < raw) * counted).sum())
+        self.weighed += float(counted.sum())
 
 
 def _policy_logprobs(
