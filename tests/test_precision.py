@@ -262,3 +262,30 @@ def test_the_correction_is_on_by_default_where_an_engine_of_its_own_samples(tiny
     assert not TrainConfig.of(model=str(tiny_model), engine=server, top_p=0.9).importance_correction
     asked = TrainConfig.of(model=str(tiny_model), vllm_importance_sampling_correction=True)
     assert asked.importance_correction  # any engine, when asked for
+
+
+def test_a_bf16_base_keeps_the_adapters_small_updates(tiny_model) -> None:
+    """A LoRA update below half a bf16 unit in the last place of the base layer's product: peft alone
+    rounds the sum back to bf16 and the update vanishes (a bf16 LoRA learned less than fp32 at the same
+    rate); with float32 activations it arrives whole, as the float32 computation of it says."""
+    from stages.core.precision import float32_activations
+
+    model = _lora(tiny_model, torch.bfloat16)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1e-6)  # far below half an ulp of products of size ~0.1-1
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+    with torch.no_grad():
+        base = layer.base_layer(x).float()
+        update = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
+        rounded = layer(x).float()
+        assert torch.equal(rounded, base)  # peft's own sum: the update is gone
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16]
+        assert float32_activations(model) == len(linears)  # every bf16 linear: 2 layers x 7, and the head
+        kept = layer(x)
+    assert kept.dtype == torch.float32 and update.abs().min() > 0
+    # the update, whole: to float32's rounding of the sum (an ulp of the product, 2**-23 relative)
+    assert torch.allclose(kept - base, update, rtol=0, atol=float(base.abs().max()) * 2**-23)
+    assert float32_activations(model) == 0  # once per model
+    with torch.no_grad():  # and the model still runs end to end, its own head included
+        assert model(input_ids=torch.tensor([[1, 20, 30]])).logits.dtype == torch.bfloat16

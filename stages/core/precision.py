@@ -8,14 +8,17 @@
   Rounding logits to bf16 costs up to half an ulp of a logit (about 0.03 for logits near 10): the largest
   share of the sampler-vs-trainer log-prob drift and of the KL noise in bf16 (bench/precision_bench.py).
 - Log-probs, entropies, the loss, advantages and the KL are float32 (stages/train/logprobs.py, loss.py).
+- In training, the activations between the bf16 matmuls are float32 (`float32_activations`): a LoRA's
+  small updates would otherwise be rounded away where peft adds them to the base layer's bf16 product.
 - Reward models (`rm:`, `--judge-model`) load as `auto` does: bfloat16 on a CUDA GPU that has it, else
   float32 (never float16: reward logits are unbounded). The encoder metrics (`bertscore`, `emb`) stay
   float32: their scores are promised equal to the bert-score / sentence-transformers computation.
 
-What bf16 still costs after that: activations are rounded to bf16 at every layer, so a KV-cached decode
-and a full forward pass (different kernels, different summation orders) differ by a few ulps that
-propagate, and a tiny LoRA update moves some activations by one ulp and leaves others: a KL noise floor
-of about 1e-3 on a 135M model (bench/RESULTS.md).
+What bf16 still costs after that: every matmul's input is rounded to bf16, so a KV-cached decode and a
+full forward pass (different kernels, different summation orders) differ by a few ulps that propagate,
+and a tiny LoRA update moves some matmul inputs by one ulp and leaves others: a KL noise floor of about
+5e-4 after one tiny step on a 135M model (fp32: 2e-5; bench/RESULTS.md). At step 1, before any update,
+the reference and the policy are the same computation, and their KL is exactly 0.
 """
 
 from __future__ import annotations
@@ -73,6 +76,51 @@ def float32_logits(model: Any) -> Iterator[None]:
         yield
     finally:
         del head.forward
+
+
+def float32_activations(model: Any) -> int:
+    """In a model whose base weights are lower precision (bf16), make every linear layer take its input in
+    its weight's dtype and give its product in float32: the matmuls run in bf16 on bf16 weights, everything
+    between them (the residual stream, norms, attention, activations, a LoRA's update) in float32. Returns
+    how many layers it changed; a float32 model is left as it is.
+
+    Why: peft adds a LoRA's float32 update to the base layer's bf16 product and rounds the sum back to
+    bf16, so an update smaller than half a unit in the last place of the product vanishes and a larger one
+    moves it by whole units. A LoRA's early updates are that small: in bf16 they were partly lost (the demo
+    learned less than in fp32 at the same rate: KL 0.002 after its first step against fp32's 0.010) and
+    partly turned into rounding noise. With the sums in float32 the update reaches the residual stream
+    whole (the demo's first step: KL 0.009); only the rounding of each matmul's input is left (the KL after
+    a tiny step falls from 1.3e-3 to 5e-4; fp32: 2e-5)."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or module.weight.dtype == torch.float32:
+            continue
+        if getattr(module, _HOOKED, False):
+            continue
+        module.register_forward_pre_hook(_input_in_weight_dtype)
+        if module is not head:  # the logits: float32 already where bleuberi takes them (float32_logits)
+            module.register_forward_hook(_output_in_float32)
+        setattr(module, _HOOKED, True)
+        changed += 1
+    return changed
+
+
+_HOOKED = "_bleuberi_float32_activations"
+
+
+def _input_in_weight_dtype(layer: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if "forward" in vars(layer):  # float32_logits' own forward takes the float32 hidden state as it is
+        return None
+    return (args[0].to(layer.weight.dtype), *args[1:])
+
+
+def _output_in_float32(layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+    import torch
+
+    return output.to(torch.float32)
 
 
 def reward_model_dtype(device: torch.device) -> torch.dtype:

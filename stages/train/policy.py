@@ -81,6 +81,8 @@ def load_policy(config: TrainConfig, device: torch.device, dist: Distributed | N
 def _with_lora(base: Any, config: TrainConfig, device: torch.device) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    from stages.core.precision import float32_activations
+
     targets: str | list[str] = "all-linear" if config.target_modules == ["all-linear"] else config.target_modules
     lora = LoraConfig(
         r=config.lora_r,
@@ -90,6 +92,7 @@ def _with_lora(base: Any, config: TrainConfig, device: torch.device) -> Any:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
+    float32_activations(model)  # a bf16 base must not round the adapter's updates away (precision.py)
     gradient_checkpointing = (
         device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
     )
