@@ -14,6 +14,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from tests import ordering
 from tests.isolation import Checkout, ProcessState
 
 if TYPE_CHECKING:
@@ -22,13 +23,18 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
-# --- isolation (tests/isolation.py says why) -----------------------------------------------------------------
+# --- isolation and order (tests/isolation.py and tests/ordering.py say why) ------------------------------------
 
 CHECKOUT = pytest.StashKey[Checkout]()
 HYPOTHESIS_HOME = pytest.StashKey[str]()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    ordering.add_options(parser)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    ordering.configure(config)
     if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
         # Hypothesis keeps its example database (failures it replays on the next run) and caches in
         # ./.hypothesis, the checkout: a run would then depend on files an earlier one left there.
@@ -44,6 +50,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Listed before collection, so that what importing the test modules writes is seen too.
     session.config.stash[CHECKOUT] = Checkout(session.config.rootpath)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering (by parametrized fixtures) and deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    ordering.reorder(config, items)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    ordering.summary(terminalreporter, config)
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
