@@ -57,7 +57,7 @@ def test_nothing_was_left():
 """
 
 
-def _inner_run(pytester: pytest.Pytester, tmp_path: Path, conftest: str, tests: str, *args: str):
+def _inner_run(pytester: pytest.Pytester, tmp_path: Path, conftest: str, tests: str, *args: str) -> pytest.RunResult:
     pytester.makeconftest(conftest)
     pytester.makepyfile(test_inner=tests)
     # The inner basetemp outside the inner checkout: its tmp_path is not the checkout.
