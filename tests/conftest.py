@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests import ordering
-from tests.isolation import Checkout, ProcessState
+from tests.isolation import Checkout, ProcessState, baseline_threads
 
 if TYPE_CHECKING:
     from stages.train.config import TrainConfig
@@ -27,6 +27,7 @@ EXAMPLES = ROOT / "examples"
 
 CHECKOUT = pytest.StashKey[Checkout]()
 HYPOTHESIS_HOME = pytest.StashKey[str]()
+BASELINE = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +60,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     ordering.summary(terminalreporter, config)
+    if BASELINE in config.stash:
+        terminalreporter.write_line(f"torch for tests without a budget of their own: {config.stash[BASELINE]}")
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
@@ -72,6 +75,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         say = reporter.write_line if reporter else print
         say(f"ERROR: the tests wrote into the checkout {session.config.rootpath}: " + "; ".join(changes))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def threads_for_the_session(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Chosen once, before every module's snapshot: the count each test starts with (tests/isolation.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    request.config.stash[BASELINE] = baseline_threads()
+    yield
+    torch._C.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

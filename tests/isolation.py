@@ -8,6 +8,10 @@ process, the current directory, the random generators. `ProcessState` is taken b
 each module and put back after them: a module's own fixtures (a real vLLM engine) keep what they set up
 until the module ends, and no longer.
 
+Tests that apply no budget of their own (library calls on a tiny model) run with the thread count
+`baseline_threads()` chose by the budget's rules once, before the first test: left to itself, that count was
+whatever the last stage run in the process had chosen.
+
 No test writes into the checkout: `Checkout` lists it (names, sizes and times of every file and folder,
 less the caches below) before and after each test and names what appeared, changed or went away; a
 folder whose time changed while its names did not saw a file made and removed again.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +130,24 @@ def _restore_torch(torch: Any, saved: TorchState) -> list[str]:
         changed.append("torch rng")
         torch.set_rng_state(saved.rng)
     return changed
+
+
+def baseline_threads() -> str:
+    """Give torch the count a bleuberi process starting now would choose (cores, the other processes
+    busy on them, $BLEUBERI_THREADS or a user's $OMP_NUM_THREADS), without recording a budget: each test
+    that runs a stage still chooses its own. Returns the budget's log line."""
+    import torch
+
+    from stages.core import neighbours, threads
+
+    peers, busy = 0, 0.0
+    if threads.overridden(None, os.environ) is None:  # a count the user gave needs no look
+        before = neighbours.look()
+        time.sleep(threads.LOOK_SECONDS)
+        peers, busy = neighbours.compare(before, neighbours.look())
+    budget = threads.choose_threads(threads.available_cores(), peers=peers, busy_cores=busy)
+    torch._C.set_num_threads(budget.threads)
+    return budget.line()
 
 
 # --- the checkout ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from stages.core import neighbours, threads
-from tests.isolation import BUDGET_NAMES, Checkout, ProcessState
+from tests.isolation import BUDGET_NAMES, Checkout, ProcessState, baseline_threads
 
 WIRED = "from tests.conftest import isolated, isolated_module, pytest_sessionfinish, pytest_sessionstart\n"
 
@@ -136,6 +137,20 @@ def test_process_state_gives_a_module_imported_during_the_test_a_fresh_budget(mo
     monkeypatch.setattr(threads, "_current", threads.ThreadBudget(1, 1))
     assert "thread budget" in state.restore()
     assert all(getattr(threads, name) is None for name in BUDGET_NAMES)
+
+
+def test_each_test_starts_with_the_sessions_thread_count(request) -> None:
+    """Chosen once by the budget's rules (tests/conftest.py), and put back after every test that changed it."""
+    line = request.config.stash[sys.modules["tests.conftest"].BASELINE]
+    count = int(line.split()[1])  # "threads: N of M cores ..."
+    assert 1 <= count <= threads.available_cores() and torch.get_num_threads() == count
+
+
+def test_the_baseline_follows_the_budgets_overrides(monkeypatch) -> None:
+    monkeypatch.setenv("BLEUBERI_THREADS", "1")
+    monkeypatch.setattr(neighbours, "look", lambda: pytest.fail("a count the user gave needs no look"))
+    assert baseline_threads() == f"threads: 1 of {threads.available_cores()} cores ($BLEUBERI_THREADS)"
+    assert torch.get_num_threads() == 1 and threads.current_budget() is None  # no budget recorded
 
 
 # --- the checkout -----------------------------------------------------------------------------------------
