@@ -108,7 +108,8 @@ def memory_per_gpu(
       and moments, and holds whole float32 gradients while a rank sums its micro-batches (they are reduced
       with the last one);
     - activations with gradient checkpointing, for `tokens` tokens per micro-batch (8 x 256 + 256): each
-      layer's input (hidden, 2 bytes) kept for the recomputation, plus one layer's tensors saved for its
+      layer's input (hidden, 4 bytes: float32 between the bf16 matmuls, stages/core/precision.py) kept for
+      the recomputation, plus one layer's tensors saved for its
       backward, (7 hidden + 2 kv + 3 intermediate) values a token (norm inputs and outputs, q, k, v, the
       attention output, gate, up and their product; flash/SDPA attention keeps no tokens x tokens scores);
     - logits: the chunked log-prob head keeps at most CHUNK_ELEMENTS float32 logits and their gradient.
@@ -125,7 +126,7 @@ def memory_per_gpu(
         weights = (sharded / gpus + 2 * layer + head + arch.hidden) * weight_bytes
         lora_bytes = lora * 12 / gpus + lora * 4
     per_token_layer = 7 * arch.hidden + 2 * arch.kv_dim + 3 * arch.intermediate
-    activations = tokens * (arch.layers * arch.hidden + per_token_layer) * 2
+    activations = tokens * (arch.layers * arch.hidden + per_token_layer) * 4  # float32 activations
     return {
         "weights": weights,
         "float32 head": head * 4 if float32_head_copy else 0,

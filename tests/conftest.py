@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,11 +14,98 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from tests import ordering
+from tests.isolation import Checkout, ProcessState, baseline_threads
+
 if TYPE_CHECKING:
     from stages.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+# --- isolation and order (tests/isolation.py and tests/ordering.py say why) ------------------------------------
+
+CHECKOUT = pytest.StashKey[Checkout]()
+HYPOTHESIS_HOME = pytest.StashKey[str]()
+BASELINE = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    ordering.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ordering.configure(config)
+    if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+        # Hypothesis keeps its example database (failures it replays on the next run) and caches in
+        # ./.hypothesis, the checkout: a run would then depend on files an earlier one left there.
+        config.stash[HYPOTHESIS_HOME] = tempfile.mkdtemp(prefix="bleuberi-hypothesis-")
+        os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = config.stash[HYPOTHESIS_HOME]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if HYPOTHESIS_HOME in config.stash:
+        shutil.rmtree(config.stash[HYPOTHESIS_HOME], ignore_errors=True)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Listed before collection, so that what importing the test modules writes is seen too.
+    session.config.stash[CHECKOUT] = Checkout(session.config.rootpath)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering (by parametrized fixtures) and deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    ordering.reorder(config, items)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    ordering.summary(terminalreporter, config)
+    if BASELINE in config.stash:
+        terminalreporter.write_line(f"torch for tests without a budget of their own: {config.stash[BASELINE]}")
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """What the session's own fixtures wrote into the checkout (no test's teardown saw it) fails the run."""
+    if CHECKOUT not in session.config.stash:
+        return
+    changes = session.config.stash[CHECKOUT].changes()
+    if changes:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        say = reporter.write_line if reporter else print
+        say(f"ERROR: the tests wrote into the checkout {session.config.rootpath}: " + "; ".join(changes))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def threads_for_the_session(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Chosen once, before every module's snapshot: the count each test starts with (tests/isolation.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    request.config.stash[BASELINE] = baseline_threads()
+    yield
+    torch._C.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_module() -> Iterator[None]:
+    """What a module's own fixtures set up (a vLLM engine's environment) stays until the module ends."""
+    state = ProcessState.take()
+    yield
+    state.restore()
+
+
+@pytest.fixture(autouse=True)
+def isolated(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test gets the process as the test before it found it, and may not write into the checkout."""
+    state = ProcessState.take()
+    yield
+    state.restore()
+    checkout = request.config.stash.get(CHECKOUT, None)
+    changes = checkout.changes() if checkout is not None else []
+    if changes:
+        pytest.fail(f"the test wrote into the checkout {checkout.root}: " + "; ".join(changes), pytrace=False)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -214,6 +215,55 @@ def test_vllm_engine_adapter(vllm_engine, adapter, adapted_reference, prompts, t
     with pytest.raises(ModelError, match="rank 32, more than this vllm engine's max_lora_rank 16"):
         vllm_engine.set_adapter(AdapterRef(big, "big-1", 2))
     assert vllm_engine.sample(prompts[:1], [[0]], SamplingParams(4, 0.0))[0][0].token_ids  # still serving
+
+
+# The in-process engine twice in one fresh process: what vLLM changed while each ran is put back by
+# close(), and a second engine starts and samples as the first did.
+TWICE = """
+import json, os, sys
+import torch
+from stages.engines.base import SamplingParams
+from stages.engines.vllm_engine import VllmEngine
+
+def changed(before):
+    environ = dict(os.environ)
+    names = sorted(n for n in environ.keys() | before[0].keys() if environ.get(n) != before[0].get(n))
+    return names + ["threads"] * (torch.get_num_threads() != before[1]) + [
+        "set_num_threads"] * (torch.set_num_threads is not before[2])
+
+before = (dict(os.environ), torch.get_num_threads(), torch.set_num_threads)
+report = []
+for _ in range(2):
+    # eager: the CPU graph compile (a minute a start on 2 cores) is not what this checks
+    engine = VllmEngine(sys.argv[1], dtype="float32", enable_lora=False, enforce_eager=True)
+    during = changed(before)
+    [[sample]] = engine.sample([[1, 422, 3106, 314]], [[0]], SamplingParams(6, 0.0))
+    engine.close()
+    report.append({"during": during, "after": changed(before), "tokens": sample.token_ids})
+print(json.dumps(report))
+"""
+
+
+VLLM_SETS = ("LD_PRELOAD", "LOCAL_WORLD_SIZE")  # what the assertions below look for
+
+
+def test_closing_the_engine_gives_the_process_back(model_dir, tmp_path):
+    from tests.conftest import ROOT
+
+    # The child starts as a user's process would: without what vLLM sets, which this process holds while the
+    # module's in-process engine runs (its LD_PRELOAD would otherwise be inherited, and vLLM leave it as it is).
+    env = {name: value for name, value in os.environ.items() if name not in VLLM_SETS and not name.startswith("VLLM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", TWICE, model_dir], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = json.loads(done.stdout.splitlines()[-1])
+    for run in (first, second):
+        # while it ran: vLLM's own changes (LD_PRELOAD for its workers, torch.set_num_threads a no-op)
+        assert {"LD_PRELOAD", "LOCAL_WORLD_SIZE", "set_num_threads"} <= set(run["during"]), run["during"]
+        assert run["after"] == []
+    assert first["tokens"] and second["tokens"] == first["tokens"]
 
 
 # --- the commands, through real vLLM ---------------------------------------------------------------------

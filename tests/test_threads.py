@@ -18,24 +18,21 @@ from stages.core.errors import UsageError
 from stages.core.neighbours import CpuSnapshot, Look, busy_between
 from stages.core.threads import ThreadBudget, choose_threads, engine_competes
 from tests.conftest import ROOT, demo_records, read_jsonl_text, write_jsonl
+from tests.isolation import BUDGET_NAMES
 
 ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLEUBERI_THREADS", threads.OURS, "LOCAL_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
-def restore_threads(monkeypatch):
-    """Each test may apply a budget: the environment, torch's thread count and the module's record of
-    what it applied are put back afterwards."""
+def no_budget_yet(monkeypatch):
+    """Each test starts as a process no budget has touched: none of the variables a budget reads or writes,
+    whatever pytest was started with (a BLEUBERI_CHILD_THREADS equal to the OMP_NUM_THREADS a test sets
+    would make the test's value look like bleuberi's own), and no budget applied. What a test changes
+    (these variables, torch's thread count, the budget) tests/conftest.py puts back afterwards."""
     for name in ENV_NAMES:
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
-    before = torch.get_num_threads()
-    for name in ("_current", "_current_key", "_last_look", "_say"):
+        monkeypatch.delenv(name, raising=False)
+    for name in BUDGET_NAMES:
         monkeypatch.setattr(threads, name, None)
-    yield
-    torch.set_num_threads(before)
 
 
 # (cores, local world size, other bleuberi processes, local engine, busy cores of other processes)

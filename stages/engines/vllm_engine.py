@@ -14,13 +14,19 @@ so that the engine keeps the Sample contract:
 - an adapter's rank is checked against `max_lora_rank` before vLLM sees it: a rejected LoRARequest
   leaves the in-process engine waiting forever on the next `generate`.
 Greedy samples get log-probs 0.0 (the contract), as vLLM would report T=1 log-probs for them.
+
+vLLM changes the process it starts in: about twenty environment variables (LD_PRELOAD and
+LD_LIBRARY_PATH among them, which every later child process would inherit; LOCAL_WORLD_SIZE, which the
+thread budget reads), torch's thread count, and `torch.set_num_threads`, which its CPU worker replaces
+with a no-op. `close()` puts back what the start changed and nobody has changed since (issue 27).
 """
 
 from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +44,61 @@ class EngineUnavailable(BleuberiError):
     """The engine's package is not installed (or does not import)."""
 
 
+# What importing vllm changed in os.environ, {name: (before, after)}: it does so once, at import, so each
+# later engine gets it again (closing an engine puts the environment back as it was before it started).
+_import_environment: dict[str, tuple[str | None, str]] | None = None
+
+
 def _import_vllm() -> Any:
+    global _import_environment
     # vLLM's own logging setup writes INFO lines to stdout, which carries only records here: leave logging
     # to Python's defaults (warnings and errors, on stderr).
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    before = dict(os.environ)
     try:
         import vllm
     except ImportError as error:
         raise EngineUnavailable(f"{INSTALL_HINT} ({type(error).__name__}: {error})") from None
+    if _import_environment is None:
+        _import_environment = {name: (before.get(name), v) for name, v in os.environ.items() if before.get(name) != v}
+    for name, (was, value) in _import_environment.items():
+        if os.environ.get(name) == was:  # as the import found it: as the import left it
+            os.environ[name] = value
     return vllm
+
+
+@dataclass(frozen=True)
+class ProcessChanges:
+    """What starting an engine changed in this process: the environment, torch's thread count and
+    `torch.set_num_threads`, before and after. `undo()` puts back each one that still has the value the
+    start left (one set since, by the thread budget or the user, is theirs)."""
+
+    environ: tuple[Mapping[str, str], Mapping[str, str]]
+    threads: tuple[int, int]
+    set_num_threads: tuple[Any, Any]
+
+    @classmethod
+    def since(cls, environ: Mapping[str, str], threads: int, set_num_threads: Any) -> ProcessChanges:
+        import torch
+
+        now = (dict(os.environ), torch.get_num_threads(), torch.set_num_threads)
+        return cls((environ, now[0]), (threads, now[1]), (set_num_threads, now[2]))
+
+    def undo(self) -> None:
+        import torch
+
+        before, after = self.environ
+        for name in before.keys() | after.keys():
+            if before.get(name) == after.get(name) or os.environ.get(name) != after.get(name):
+                continue
+            if name in before:
+                os.environ[name] = before[name]
+            else:
+                del os.environ[name]
+        if torch.set_num_threads is self.set_num_threads[1]:
+            torch.set_num_threads = self.set_num_threads[0]
+        if torch.get_num_threads() == self.threads[1] != self.threads[0]:
+            torch._C.set_num_threads(self.threads[0])  # torch's own, whatever the module-level one is
 
 
 def _on_cpu() -> bool:
@@ -95,26 +147,34 @@ class VllmEngine:
         stop_ids: set[int] | None = None,
         **engine_args: Any,
     ) -> None:
-        on_cpu = _on_cpu()
-        if on_cpu:
-            _cpu_environment()
-        vllm = _import_vllm()
-        args: dict[str, Any] = {
-            "model": str(model_path),
-            "dtype": dtype,
-            "seed": seed,
-            "logprobs_mode": "processed_logprobs",
-            "enable_lora": enable_lora,
-            "max_model_len": max_model_len,
-        }
-        if enable_lora:
-            args["max_lora_rank"] = max_lora_rank
-        if on_cpu:
-            args["enable_chunked_prefill"] = False
-        if gpu_memory_utilization is not None:
-            args["gpu_memory_utilization"] = gpu_memory_utilization
-        args.update(engine_args)
-        self.llm = vllm.LLM(**{k: v for k, v in args.items() if v is not None})
+        import torch
+
+        before = (dict(os.environ), torch.get_num_threads(), torch.set_num_threads)
+        try:
+            on_cpu = _on_cpu()
+            if on_cpu:
+                _cpu_environment()
+            vllm = _import_vllm()
+            args: dict[str, Any] = {
+                "model": str(model_path),
+                "dtype": dtype,
+                "seed": seed,
+                "logprobs_mode": "processed_logprobs",
+                "enable_lora": enable_lora,
+                "max_model_len": max_model_len,
+            }
+            if enable_lora:
+                args["max_lora_rank"] = max_lora_rank
+            if on_cpu:
+                args["enable_chunked_prefill"] = False
+            if gpu_memory_utilization is not None:
+                args["gpu_memory_utilization"] = gpu_memory_utilization
+            args.update(engine_args)
+            self.llm = vllm.LLM(**{k: v for k, v in args.items() if v is not None})
+        except BaseException:
+            ProcessChanges.since(*before).undo()  # a start that failed leaves nothing behind either
+            raise
+        self._changes: ProcessChanges | None = ProcessChanges.since(*before)
         self.max_lora_rank = max_lora_rank if enable_lora else 0
         self.stop_ids = sorted(stop_ids) if stop_ids else None
         self._lora: Any = None  # the LoRARequest sent with every generate, or None for the base model
@@ -181,13 +241,17 @@ class VllmEngine:
         return request
 
     def close(self) -> None:
-        """Drop the engine and free its memory (a later engine in this process can start)."""
+        """Drop the engine and free its memory (a later engine in this process can start); put back what
+        starting it changed in the process."""
         self.llm = None  # type: ignore[assignment]
         gc.collect()
         if not _on_cpu():
             import torch
 
             torch.cuda.empty_cache()
+        if self._changes is not None:
+            self._changes.undo()
+            self._changes = None
 
 
 def start(options: EngineOptions, target: EngineTarget) -> VllmEngine:
