@@ -27,7 +27,7 @@ def random_model_generation(
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from stages.engines.base import SamplingParams, derive_seed
+    from stages.engines.base import SamplingParams
     from stages.engines.transformers_engine import TransformersEngine
 
     cuda = device.startswith("cuda")
@@ -48,19 +48,7 @@ def random_model_generation(
     engine = TransformersEngine(model, stop_ids={stop}, pad_id=0)
     rng = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab - 1, (prompts, prompt_length), generator=rng).tolist()
-    params = SamplingParams(tokens, 0.9)
-    engine.sample(ids[:1], [[1, 2]], SamplingParams(4, 0.9))  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    produced = 0
-    for start in range(0, prompts, batch_size):
-        chunk = ids[start : start + batch_size]
-        seeds = [[derive_seed(42, start + i, k) for k in range(samples)] for i in range(len(chunk))]
-        produced += sum(len(s.token_ids) for group in engine.sample(chunk, seeds, params) for s in group)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t1
+    produced, seconds = _timed_sampling(engine, ids, samples, SamplingParams(tokens, 0.9), batch_size, cuda)
     out: dict[str, Any] = {
         "shape": shape,
         "device_name": device,
@@ -81,6 +69,28 @@ def random_model_generation(
             peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30,
         )
     return out
+
+
+def _timed_sampling(
+    engine: Any, ids: list[list[int]], samples: int, params: Any, batch_size: int, cuda: bool
+) -> tuple[int, float]:
+    """Tokens produced and seconds taken sampling `ids` in batches, after a warm-up call."""
+    import torch
+
+    from stages.engines.base import SamplingParams, derive_seed
+
+    engine.sample(ids[:1], [[1, 2]], SamplingParams(4, 0.9))  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    start_time = time.perf_counter()
+    produced = 0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        seeds = [[derive_seed(42, start + i, k) for k in range(samples)] for i in range(len(chunk))]
+        produced += sum(len(s.token_ids) for group in engine.sample(chunk, seeds, params) for s in group)
+    if cuda:
+        torch.cuda.synchronize()
+    return produced, time.perf_counter() - start_time
 
 
 def cuda_main(args: argparse.Namespace, prompts: int, samples: int, tokens: int) -> None:

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from bleuberi_cli.app import app
+from stages.engines.base import Sample
 from stages.train.config import TrainConfig
+from stages.train.data import Rollout
 from stages.train.loop import lr_at, train
 from tests.conftest import ROOT, demo_records, read_jsonl_text, small_train_config, torchrun, train_args, write_jsonl
 
@@ -412,12 +414,10 @@ def tiny_generator(tiny_model):
 @pytest.mark.parametrize("skip_zero_std", [True, False])
 def test_skip_zero_std_and_mask_truncated(tiny_generator, skip_zero_std) -> None:
     """Real rewards (BLEU on decoded samples) through score_rollout, then the loss batch."""
-    from stages.engines.base import Sample
     from stages.score import Scorer
     from stages.train.data import TrainPrompt
     from stages.train.distributed import Distributed
     from stages.train.grpo import score_rollout
-    from stages.train.update import micro_batches
 
     tokenizer, eos = tiny_generator.tokenizer, tiny_generator.tokenizer.eos_token_id
     reference = "The cat sat on the mat."
@@ -453,11 +453,22 @@ def test_skip_zero_std_and_mask_truncated(tiny_generator, skip_zero_std) -> None
     assert rollout.advantages.tolist() == pytest.approx([0.0, 0.0, advantage, -advantage], abs=1e-5)
     assert rollout.keep == ([2, 3] if skip_zero_std else [0, 1, 2, 3])
 
-    cpu, pad = torch.device("cpu"), tiny_generator.pad_id
+    _check_loss_batches(
+        rollout, samples, tiny_generator.pad_id, n_cat=len(cat) + 1, n_dog=len(dog), advantage=advantage
+    )
+
+
+def _check_loss_batches(
+    rollout: Rollout, samples: list[Sample], pad: int, *, n_cat: int, n_dog: int, advantage: float
+) -> None:
+    """The loss batch of a scored rollout, with and without truncated completions masked: `n_cat` tokens
+    in the reference with its end token, `n_dog` in the other sentence without."""
+    from stages.train.update import micro_batches
+
+    cpu = torch.device("cpu")
     [kept] = micro_batches(rollout, size=8, pad_id=pad, device=cpu, mask_truncated=True)
     [whole] = micro_batches(rollout, size=8, pad_id=pad, device=cpu, mask_truncated=False)
     assert kept.rows == whole.rows == rollout.keep
-    n_cat, n_dog = len(cat) + 1, len(dog)  # the reference with its end token; the other sentence without
     masks = {  # row -> (mask with truncated rows left out, mask without)
         0: ([1] * (n_dog + 1), [1] * (n_dog + 1)),
         1: ([0] * n_dog, [1] * n_dog),
