@@ -194,7 +194,7 @@ class GenerateConfig(options.Options):
 
     model: ModelOptions = group(ModelOptions)
     adapter: str | None = option(
-        None, "a PEFT LoRA folder (e.g. train's adapter/); merged for speed", metavar="PATH", panel=MODEL
+        None, "a PEFT LoRA folder (e.g. train's adapter/); merged in float32", metavar="PATH", panel=MODEL
     )
     prompt: PromptOptions = group(PromptOptions)
     num_samples: int = option(1, "completions per prompt", metavar="N", flags=("-n", "--num-samples"), panel=SAMPLING)

@@ -289,3 +289,34 @@ def test_a_bf16_base_keeps_the_adapters_small_updates(tiny_model) -> None:
     assert float32_activations(model) == 0  # once per model
     with torch.no_grad():  # and the model still runs end to end, its own head included
         assert model(input_ids=torch.tensor([[1, 20, 30]])).logits.dtype == torch.bfloat16
+
+
+def test_generate_and_eval_in_bf16_sample_with_the_adapter_as_trained(tiny_model, tmp_path) -> None:
+    """A trained adapter's entries are small next to the weights they change. Merged into bf16 weights
+    (as the engine did), `W + BA` rounds back to `W` wherever the update is below half an ulp; so in
+    bf16 the engine keeps it a LoRA, under the trainer's float32 activations, and each adapted layer adds
+    the update whole. In float32 it still merges."""
+    from peft import PeftModel
+
+    from stages.engines.generator import Generator
+    from tests.tiny_model import make_lora_adapter
+
+    adapter = make_lora_adapter(tiny_model, tmp_path / "adapter", scale=1e-5)
+    merged = Generator.load(str(tiny_model), adapter=str(adapter), dtype="float32", threads=1).model
+    assert not isinstance(merged, PeftModel)
+    kept = Generator.load(str(tiny_model), adapter=str(adapter), dtype="bfloat16", threads=1).model
+    assert isinstance(kept, PeftModel)
+    layer = kept.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        weight = layer.base_layer.weight
+        delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+        # merged into the bf16 weights, the update survives in few entries (where |W| is tiny)
+        survives = ((weight.float() + delta).to(torch.bfloat16) != weight).float().mean()
+        base = F.linear(x, weight).float()
+        update = F.linear(x.float(), delta)
+        out = layer(x)
+    assert survives < 0.2 and update.abs().min() > 0
+    assert out.dtype == torch.float32  # the product in float32, as the trainer's (float32_activations)
+    tolerance = float(base.abs().max()) * 2**-22  # float32's rounding of the sum and of BA
+    assert torch.allclose(out - base, update, rtol=0, atol=tolerance)

@@ -129,7 +129,7 @@ class Generator:
         say: Callable[[str], None] | None = None,
     ) -> Generator:
         """The tokenizer here; the engine `engine` names (transformers in this process, by default) started
-        for the model, sampling with `adapter` (merged into the weights by the transformers engine). This
+        for the model, sampling with `adapter` (merged into the weights by the transformers engine in float32). This
         process's thread budget is applied first (`model.threads` overrides it; `say` logs the choice). The
         groups are the ones generate, eval and a run's stages nest."""
         from stages.core.models import adapter_rank, check_adapter, load_tokenizer, resolve_model
