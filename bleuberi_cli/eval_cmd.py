@@ -18,7 +18,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
-from stages.core.preflight import preflight
+from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.metrics import DEFAULT_EVAL_METRICS, METRICS
@@ -94,6 +94,7 @@ def eval_command(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
+        preflight(outputs=[Output(output), Output(report, "--report", example="report.md")])
         if agreement:
             from bleuberi_cli.agreement_cmd import agreement as measure
 

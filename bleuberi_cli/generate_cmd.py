@@ -15,7 +15,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
-from stages.core.preflight import preflight
+from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions
 from stages.generate import GenerateConfig
 
@@ -58,7 +58,9 @@ def generate(
     with boundary():
         from stages.generate import generate_file
 
-        preflight(inputs=[reading.input], models=[config.model.model], adapters=[config.adapter])
+        preflight(
+            inputs=[reading.input], outputs=[Output(output)], models=[config.model.model], adapters=[config.adapter]
+        )
         kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
 
         def load() -> Generator:

@@ -65,7 +65,7 @@ def run_command(
             return
         from stages.core.errors import ConfigError
         from stages.core.jsonl import JsonlWriter
-        from stages.core.preflight import preflight
+        from stages.core.preflight import Output, preflight
         from stages.eval.report import eval_tables, print_tables
         from stages.run.recipe import TRAINED_ADAPTER, empty_input, eval_config, headline, run_recipe
 
@@ -75,7 +75,12 @@ def run_command(
         evaluation = eval_config(resolved, TRAINED_ADAPTER)
         specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
         adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
-        preflight(models=[resolved.model.model], adapters=adapters, needs=[spec.needs() for spec in specs])
+        preflight(
+            outputs=[Output(run_dir, folder=True)],
+            models=[resolved.model.model],
+            adapters=adapters,
+            needs=[spec.needs() for spec in specs],
+        )
         say(f"run folder: {run_dir}", quiet=quiet)
         # One live display at a time (rich allows no more): the training step line, which select and
         # eval use for their progress too (off a terminal: a line per batch).

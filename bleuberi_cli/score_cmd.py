@@ -18,7 +18,7 @@ from bleuberi_cli.common import (
 )
 from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
-from stages.core.preflight import preflight
+from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions, ReadStats
 from stages.metrics import SPEC_HELP, metric_list
 from stages.score import ScoreConfig, score_records
@@ -63,7 +63,7 @@ def score(
 ) -> None:
     with boundary():
         scorer = config.scorer
-        preflight(inputs=[reading.input], needs=[spec.needs() for spec in scorer.specs])
+        preflight(inputs=[reading.input], outputs=[Output(output)], needs=[spec.needs() for spec in scorer.specs])
         kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
         done = kept.records if kept else {}
         stats = ReadStats()

@@ -9,7 +9,7 @@ import typer
 from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, console, note_stdin, report_reading
 from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
-from stages.core.preflight import preflight
+from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions, ReadStats
 from stages.select import SelectConfig, quantiles, select_records
 
@@ -41,7 +41,7 @@ def select(
     quiet: QuietOpt = False,
 ) -> None:
     with boundary():
-        preflight(inputs=[reading.input])
+        preflight(inputs=[reading.input], outputs=[Output(output), Output(plot, "--plot", example="scores.png")])
         stats = ReadStats()
         note_stdin(reading.input, quiet=quiet)
         require = () if config.mode == "random" else ("score",)

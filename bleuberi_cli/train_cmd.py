@@ -9,7 +9,7 @@ import typer
 
 from bleuberi_cli.common import QuietOpt, StepProgress, boundary, read_all_records, say
 from bleuberi_cli.config_options import with_config_options
-from stages.core.preflight import preflight
+from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
 from stages.metrics import SPEC_HELP
 from stages.train.config import TrainConfig
@@ -118,7 +118,12 @@ def train(
     with boundary():
         resume_folder = resume_from if resume_from not in (None, "latest") else None
         needs = [spec.needs() for spec in config.rewards] if config.algorithm.samples else []
-        preflight(inputs=[reading.input, resume_folder], models=[config.model.model], needs=needs)
+        preflight(
+            inputs=[reading.input, resume_folder],
+            outputs=[Output(output_dir, folder=True), Output(merge_to, "--merge-to", folder=True)],
+            models=[config.model.model],
+            needs=needs,
+        )
         records = read_all_records(reading, quiet=quiet, purpose="train on", needed=True)
         if records:
             _run(

@@ -12,6 +12,7 @@ import gzip
 import io
 import itertools
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -142,6 +143,17 @@ def put_in_order(
     with atomic_path(destination) as tmp:
         tmp.write_bytes(gzip.compress(ordered, mtime=0) if packed else ordered)
     return True
+
+
+def rescue_name(target: Path, *, gzipped: bool) -> Path:
+    """A plain name beside `target` for the records of its journal, when `target` itself cannot be written:
+    `out.jsonl` -> `out.kept.jsonl`, `adir` -> `adir.kept.jsonl` (`.jsonl.gz` for a gzip journal)."""
+    stem = target.name
+    for suffix in (".jsonl.gz", ".parquet", ".jsonl", ".gz"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return target.with_name(f"{stem}.kept.jsonl" + (".gz" if gzipped else ""))
 
 
 def _json_default(value: Any) -> Any:
@@ -277,14 +289,33 @@ class JsonlWriter:
             self._raw.flush()
             os.fsync(self._raw.fileno())
             self._finish(self._tmp_path, target)
-        except OSError as error:
-            self._tmp_path.unlink(missing_ok=True)
-            raise self._write_failed(error) from error
+        except (OSError, WriteFailed) as error:
+            raise self._publish_failed(error) from error
         finally:
             with contextlib.suppress(OSError):
                 self._raw.close()  # and with it the journal's flock
         self._tmp_path.unlink(missing_ok=True)  # reordered into another file: this one is done
         remove_stale_temp_files(target)  # the journals killed writers of this output left beside it
+
+    def _publish_failed(self, error: OSError | WriteFailed) -> WriteFailed:
+        """The last step failed (the target became a folder, its folder read-only, the disk full): the finished
+        records stay in the journal, and the error says how to keep them. Never deleted: they may be hours of
+        generation."""
+        assert self._tmp_path is not None and self.path is not None
+        if isinstance(error, WriteFailed):
+            cause = error.cause
+        else:
+            cause = out_of_space(error) or (os.strerror(error.errno).lower() if error.errno else str(error))
+        if self.count == 0:
+            self._tmp_path.unlink(missing_ok=True)
+            return WriteFailed(self.name, cause)
+        rescue = rescue_name(self.path, gzipped=self._stream is not self._raw)
+        return WriteFailed(
+            self.name,
+            f"{cause}; its {self.count} finished records are kept in {self._tmp_path}: "
+            f"mv {shlex.quote(str(self._tmp_path))} {shlex.quote(str(rescue))} keeps them as JSONL "
+            f"(or make {self.path} writable and add --resume to the same command)",
+        )
 
     def _finish(self, journal: Path, target: Path) -> None:
         """The journal, complete, becomes the target (its records put in order first, when asked)."""
