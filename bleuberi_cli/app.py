@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli import env_cmd, eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, train_cmd
+from bleuberi_cli import env_cmd, eval_cmd, generate_cmd, run_cmd, score_cmd, select_cmd, split_cmd, train_cmd
 from bleuberi_cli.common import State
 from bleuberi_cli.help import PanelledCommand
 
@@ -46,6 +46,7 @@ def _root(
 
 
 for name, module, command in (
+    ("split", split_cmd, split_cmd.split),
     ("generate", generate_cmd, generate_cmd.generate),
     ("score", score_cmd, score_cmd.score),
     ("select", select_cmd, select_cmd.select),

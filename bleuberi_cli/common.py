@@ -43,6 +43,18 @@ OutputOpt = Annotated[
         show_default=False,
     ),
 ]
+# For a command that writes its records at once, at the end (select): no journal to resume from.
+OutputAtOnceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="JSONL output, or Parquet for FILE.parquet ('.gz' compresses); written to a temporary file beside it "
+        "and renamed to FILE when complete. Default: stdout (JSONL).",
+        show_default=False,
+    ),
+]
 ResumeOpt = Annotated[
     bool,
     typer.Option(
@@ -337,6 +349,7 @@ class StepProgress:
         self.quiet = quiet
         self.live = None if quiet or not console.is_terminal else True
         self.stages: dict[str, Progress] = {}
+        self.steps: ProgressLine | None = None  # the training steps: done of total, their rate and the time left
 
     def __enter__(self):
         if self.live:
@@ -348,11 +361,18 @@ class StepProgress:
 
     def show(self, record: dict) -> None:
         """A logged training step: the live line on a terminal; off one (logs, CI, nohup) a line per step,
-        so minutes of training are not minutes of silence."""
-        parts = [f"step {record['step']}"]
+        so minutes of training are not minutes of silence. Step N/M, the metrics, and once measured (as the
+        other stages measure it: from the end of the first step on) the time per step and the time left."""
+        total = record.get("total_steps")
+        if self.steps is None:
+            self.steps = ProgressLine("train", total, "steps")
+        self.steps.advance(record["step"] - self.steps.done)
+        parts = [f"step {record['step']}" + (f"/{total}" if total else "")]
         for key in ("reward_mean", "kl", "loss", "completion_length_mean", "seconds"):
             if key in record:
                 parts.append(f"{key} {record[key]:.4g}")
+        if rate := self.steps.rate():
+            parts.append(f"{1 / rate:.3g} s/step" + (f", {left}" if (left := self.steps.left()) else ""))
         if self.live:
             self.live.update(" | ".join(parts))
         elif not self.quiet:

@@ -22,7 +22,8 @@ from typing import Annotated, Any
 import typer
 
 from bleuberi_cli.common import boundary
-from stages.core.options import Leaf, build, leaves
+from stages.core.errors import UsageError
+from stages.core.options import Leaf, build, leaves, name_options
 
 CONFIG_PARAMETER = "config"
 
@@ -110,10 +111,15 @@ def with_config_options(
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
             built = {}
-            with boundary():  # a refused setting is the command's one-line usage error
+            with boundary():  # a refused setting is the command's one-line usage error, naming its flag
                 for group, cls in groups.items():
                     values = {k: v for k, v in kwargs.items() if k in names[group] and v is not None and v != []}
-                    built[group] = build(cls, values)
+                    try:
+                        built[group] = build(cls, values)
+                    except UsageError as error:
+                        raise UsageError(
+                            name_options(str(error), fields, lambda leaf: flags_of(leaf)[0].split("/")[0])
+                        ) from None
             rest = {k: v for k, v in kwargs.items() if k not in field_names}
             return command(**rest, **built)
 

@@ -68,7 +68,17 @@ Examples:
 """
 
 # What most evaluations set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = ("model", "adapters", "answers", "metrics", "max_new_tokens", "batch_size", "backend", "device")
+ESSENTIAL = (
+    "model",
+    "adapters",
+    "answers",
+    "metrics",
+    "max_new_tokens",
+    "max_prompt_length",
+    "batch_size",
+    "backend",
+    "device",
+)
 
 
 @with_config_options(EvalConfig, reading=ReadOptions)
@@ -115,6 +125,9 @@ def eval_command(
             needs="-o FILE or --report FILE",
         )  # fmt: skip
         records = read_all_records(reading, quiet=quiet, purpose="evaluate", needed=True)
+        records, cuts = config.check_prompts(records)
+        for line in cuts.lines("held-out prompts") if cuts else []:
+            say(line, quiet=quiet)
         if records:
             with AnswerJournal(journaled, kept) if journaled else contextlib.nullcontext() as journal:
                 _evaluate(records, config, output, report, quiet=quiet, journal=journal)
@@ -129,15 +142,22 @@ def _evaluate(
     quiet: bool,
     journal: AnswerJournal | None,
 ) -> None:
+    from stages.core.jsonl import stop_if_reader_gone
     from stages.eval.evaluate import evaluate
     from stages.eval.report import eval_tables, verdict
 
     total = len(records) * sum(1 for s in config.systems if not s.answers)  # answers to generate
     with progress("generating", quiet=quiet, total=total, unit="answers") as advance:
+
+        def on_progress(_system: str, answers: int) -> None:
+            if output is None and report is None:  # stdout is all it writes: `| head` done means done
+                stop_if_reader_gone()
+            advance(answers)
+
         result = evaluate(
             records,
             config,
-            on_progress=lambda _system, n: advance(n),
+            on_progress=on_progress,
             on_message=lambda m: say(m, quiet=quiet),
             journal=journal,
         )

@@ -44,7 +44,17 @@ Examples:
 """
 
 # What most generations set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = ("model", "adapter", "num_samples", "max_new_tokens", "temperature", "batch_size", "backend", "device")
+ESSENTIAL = (
+    "model",
+    "adapter",
+    "num_samples",
+    "max_new_tokens",
+    "temperature",
+    "max_prompt_length",
+    "batch_size",
+    "backend",
+    "device",
+)
 
 
 @with_config_options(GenerateConfig, reading=ReadOptions)
@@ -68,7 +78,8 @@ def generate(
             say(f"loading {name}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
             return config.load(say=lambda m: say(m, quiet=quiet))
 
-        records = read_all_records(reading, quiet=quiet, purpose="generate", references_optional=config.as_references)
+        records = read_all_records(reading, quiet=quiet, purpose="generate", references_optional=True)
+        records, skipped = config.check_prompts(records)
         with progress("generating", quiet=quiet, total=len(records), unit="prompts") as advance:
             stats = generate_file(
                 records,
@@ -83,12 +94,12 @@ def generate(
             )
         if records and not stats.records:
             say(f"nothing to generate: every record is already in {output}", quiet=quiet)
-        _report(stats, output, config.prompt.max_prompt_length, quiet=quiet)
+        for line in stats.prompt_lines(skipped):
+            say(line, quiet=quiet)
+        _report(stats, output, quiet=quiet)
 
 
-def _report(stats: GenerateStats, output: str | None, max_prompt_length: int | None, *, quiet: bool) -> None:
-    if stats.truncated_prompts:
-        say(f"{stats.truncated_prompts} prompt(s) cut from the left to {max_prompt_length} tokens", quiet=quiet)
+def _report(stats: GenerateStats, output: str | None, *, quiet: bool) -> None:
     if not stats.records:
         return
     seconds = max(stats.seconds, 1e-9)

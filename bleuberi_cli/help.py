@@ -50,8 +50,8 @@ class PanelledCommand(typer.core.TyperCommand):
                 kept.append(arg)
             elif arg in VERBOSE_FLAGS:
                 State.verbose = True
-            elif arg == HELP_ALL and self.essential is not None:
-                ctx.meta["help_all"] = True  # the help then lists every option, by panel
+            elif arg == HELP_ALL:  # every command takes it; one with a short --help then lists every option
+                ctx.meta["help_all"] = True
                 kept.append("--help")
             else:
                 kept.append(arg)

@@ -13,10 +13,12 @@ from bleuberi_cli.config_options import flags_of
 from stages.core.options import Leaf, leaves
 from stages.core.records import ReadOptions
 from stages.run.config import DEMO, KEYS, SHARED, STAGE_CONFIGS
+from stages.split import SplitConfig
 
-COMMANDS = (
+COMMANDS: tuple[tuple[str, type, str | None], ...] = (
+    ("bleuberi split (not a stage of a run: a run names its pool and held-out files)", SplitConfig, None),
     *((f"bleuberi {stage}", config_class, stage) for stage, config_class in STAGE_CONFIGS.items()),
-    ("reading records (generate, score, select, train, eval)", ReadOptions, "data"),
+    ("reading records (split, generate, score, select, train, eval)", ReadOptions, "data"),
 )
 
 

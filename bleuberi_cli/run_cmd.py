@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -27,7 +28,8 @@ unchanged (hashes in RUN_DIR/stages.json) and continues an interrupted stage whe
 
 Outputs in the run folder: config.toml (resolved), stages.json, pool.generated.jsonl,
 pool.scored.jsonl, selected.jsonl, train/ (adapter/, checkpoints/, metrics.jsonl, reward.png),
-eval/ (records.jsonl, report.md, report.json). stdout gets one JSON record: the eval summary.
+eval/ (records.jsonl, report.md, report.json). stdout gets one JSON record, the eval summary, unless it is a
+terminal (the tables show it; the record is in eval/report.json).
 
 \b
 Examples:
@@ -89,13 +91,21 @@ def run_command(
             result = run_recipe(
                 resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_step=show_step, on_progress=steps.stage
             )
-        with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
-            stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
+        if not _terminal(sys.stdout):  # for a pipe or a file; a person reads the tables (and eval/report.json)
+            with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
+                stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
         if not quiet:
             print_tables(eval_tables(result.summary), console)
             console.print(headline(result.summary, resolved), markup=False)
             say(stage_times(result))
             say(where_things_are(run_dir))
+
+
+def _terminal(stream: object) -> bool:
+    try:
+        return os.isatty(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests) is no terminal
+        return False
 
 
 def stage_times(result: RunResult) -> str:

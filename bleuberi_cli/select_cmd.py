@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import OutputOpt, QuietOpt, boundary, console, note_stdin, report_reading
+from bleuberi_cli.common import OutputAtOnceOpt, QuietOpt, boundary, console, note_stdin, report_reading, say
 from bleuberi_cli.config_options import with_config_options
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
@@ -33,7 +33,7 @@ Examples:
 def select(
     config: SelectConfig,
     reading: ReadOptions,
-    output: OutputOpt = None,
+    output: OutputAtOnceOpt = None,
     plot: Annotated[
         str | None,
         typer.Option("--plot", metavar="FILE.png", help="Write a histogram of pool scores with the selection marked."),
@@ -55,6 +55,8 @@ def select(
             for record in selection.chosen:
                 writer.write(record)
         report_reading(stats, quiet=quiet)
+        if shortfall := config.shortfall(len(pool)):
+            say(f"note: {shortfall}", quiet=quiet)
         if not quiet:
             _summary(len(pool), selection, config.mode, plot, output)
 

@@ -62,6 +62,9 @@ ESSENTIAL = (
     "learning_rate",
     "num_generations",
     "max_completion_length",
+    "per_device_train_batch_size",
+    "max_prompt_length",
+    "save_steps",
     "beta",
     "backend",
     "dtype",
@@ -149,6 +152,7 @@ def _run(
     quiet: bool,
 ) -> None:
     from stages.core.jsonl import JsonlWriter
+    from stages.train.loop import TrainingInterrupted
     from stages.train.loop import train as run_training
     from stages.train.telemetry import parse_report_to
 
@@ -158,17 +162,28 @@ def _run(
             stdout.write(record)
             show(record)
 
-        result = run_training(
-            records,
-            config,
-            output_dir,
-            resume=resume,
-            overwrite=overwrite,
-            report_to=parse_report_to(report_to or []),
-            merge_to=merge_to,
-            on_step=on_step,
-            on_message=lambda m: say(m, quiet=quiet),
-        )
+        def reader_gone() -> bool:  # `| head` has its lines: stop after this step, as Ctrl-C would
+            stdout.check_reader()
+            return stdout.closed_stdout
+
+        try:
+            result = run_training(
+                records,
+                config,
+                output_dir,
+                resume=resume,
+                overwrite=overwrite,
+                report_to=parse_report_to(report_to or []),
+                merge_to=merge_to,
+                on_step=on_step,
+                on_message=lambda m: say(m, quiet=quiet),
+                should_stop=reader_gone,
+            )
+        except TrainingInterrupted as stopped:
+            if not stdout.closed_stdout:
+                raise
+            say(f"the reader of stdout is gone: stopped {stopped.stopped}", quiet=quiet)
+            return
     summary = f"done: {result.steps} step{'s' if result.steps != 1 else ''}; adapter in {result.adapter}"
     if result.metrics and "reward_mean" in result.metrics[-1]:
         first, last = result.metrics[0]["reward_mean"], result.metrics[-1]["reward_mean"]

@@ -26,7 +26,8 @@ from stages.core.journal import Finished
 from stages.core.options import MODEL, ModelOptions, PromptOptions, group, option
 from stages.core.versions import package_version
 from stages.engines.base import SAMPLING, BatchOptions, EngineOptions, Sample, SamplingParams
-from stages.engines.generator import Batching, Generator
+from stages.engines.generator import Batching, Generator, prompt_encoder
+from stages.engines.prompts import PromptCuts
 
 
 def generation_info(
@@ -92,7 +93,11 @@ class GenerateStats:
     new_tokens: int = 0
     seconds: float = 0.0
     load_seconds: float = 0.0
-    truncated_prompts: int = 0
+    cuts: PromptCuts | None = None  # the prompts the generator cut (over max_prompt_length)
+
+    def prompt_lines(self, skipped: PromptCuts | None) -> list[str]:
+        """What to say of the over-long prompts: those `check_prompts` left out, and those the generator cut."""
+        return [*(skipped.lines() if skipped else []), *(self.cuts.lines() if self.cuts else [])]
 
 
 def generate_records(
@@ -125,13 +130,16 @@ def generate_records(
         stats.completions += len(samples)
         stats.new_tokens += sum(len(s.token_ids) for s in samples)
         stats.seconds = time.perf_counter() - start
-        stats.truncated_prompts = generator.encoder.truncated
+        stats.cuts = generator.encoder.cuts
         texts = [generator.text(s) for s in samples]
         if as_references:
-            record["generation"] = info
-            yield add_as_references(record, texts, info)
+            record["generation"] = dict(info)
+            add_as_references(record, texts, info)
         else:
-            yield add_completions(record, texts, samples, info)
+            add_completions(record, texts, samples, info)
+        if cut := generator.encoder.cuts.note(record["id"]):
+            record["generation"]["prompt_cut"] = cut
+        yield record
 
 
 def generate_file(
@@ -162,6 +170,12 @@ def generate_file(
     stats = GenerateStats()
     order = [r["id"] for r in records] if output is not None else None
     with open_writer(output, flush_each=True, order=order) as writer:
+
+        def batch_done(prompts: int, new_tokens: int) -> None:
+            writer.check_reader()  # `| head` has what it wanted: stop now, not at the next in-order record
+            if on_batch:
+                on_batch(prompts, new_tokens)
+
         for record in records:
             if record["id"] in done:
                 writer.write(done[record["id"]])
@@ -176,7 +190,7 @@ def generate_file(
                     params,
                     batching,
                     stats=stats,
-                    on_batch=on_batch,
+                    on_batch=batch_done,
                     as_references=as_references,
                     in_order=output is None,
                 )
@@ -215,6 +229,15 @@ class GenerateConfig(options.Options):
     @property
     def batching(self) -> Batching:
         return Batching.of(self.batch, n=self.num_samples, seed=self.seed)
+
+    def check_prompts(self, records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], PromptCuts | None]:
+        """Before the model loads (only its tokenizer): under `--long-prompts skip` the records whose prompt fits
+        (the cuts name the others), under `error` every record or a PromptTooLong. Without a prompt limit, or
+        with a cutting mode, every record (cut later, as it is encoded)."""
+        if self.prompt.max_prompt_length is None or self.prompt.long_prompts not in ("skip", "error"):
+            return list(records), None
+        encoder = prompt_encoder(self.model, self.prompt)
+        return encoder.check(records), encoder.cuts
 
     def load(self, say: Callable[[str], None] | None = None) -> Generator:
         """The model (with its adapter) in the engine the config names, with this process's thread budget."""

@@ -50,6 +50,12 @@ class SelectConfig(options.Options):
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise UsageError(f"--fraction must be in (0, 1], got {self.fraction}")
 
+    def shortfall(self, pool_size: int) -> str | None:
+        """A line when -n asks for more records than the pool holds (all of them are kept), else None."""
+        if self.num is None or self.num <= pool_size or not pool_size:
+            return None
+        return f"-n {self.num} asks for more records than the pool's {pool_size}: all {pool_size} are kept"
+
     def size(self, pool_size: int) -> int:
         """How many to pick: `num`, or `fraction` of the pool rounded half up (never more than the pool)."""
         if self.num is not None:

@@ -53,6 +53,7 @@ class Command:
 
 
 MISSING_REFERENCES = (b'{"id": "b", "prompt": "p", "completions": ["c"], "score": 0.1}', "references")
+BAD_PROMPT = (b'{"id": "b", "prompt": 7}', "prompt")  # for the stages that need no references (split, generate)
 SCORED = {"id": "a", "prompt": "p", "references": ["r"], "completions": ["c"], "score": 0.5}
 RUN_SETTINGS = [
     "model={model}",
@@ -67,11 +68,20 @@ RUN_SETTINGS = [
 ]
 
 COMMANDS: dict[str, Command] = {
+    "split": Command(
+        ["split"],
+        ["--pool", "{out}/pool.jsonl", "--heldout", "{out}/heldout.jsonl"],
+        lambda: demo_records(count=3),
+        BAD_PROMPT,
+        "empty.jsonl: no records to split",
+        lambda n: 0,  # the two parts go to their files
+        empty_exit=1,
+    ),
     "generate": Command(
         ["generate"],
         ["--model", "{model}", "--max-new-tokens", "2"],
         lambda: demo_records(count=2),
-        MISSING_REFERENCES,
+        BAD_PROMPT,
         "no records",
         lambda n: n,
     ),

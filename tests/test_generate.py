@@ -57,7 +57,7 @@ def test_plain_prompt_fallback_without_chat_template(generator) -> None:
 
 
 def test_left_truncation_is_counted(tiny_model) -> None:
-    short = Generator.load(str(tiny_model), max_prompt_length=12)
+    short = Generator.load(str(tiny_model), max_prompt_length=12, long_prompts="cut-left")
     ids = short.encode({"prompt": "A long prompt that certainly has more than twelve tokens in it, many more."})
     assert len(ids) == 12 and short.encoder.truncated == 1
     assert short.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,10 +48,27 @@ def test_sigint_during_train_saves_a_checkpoint_and_says_how_to_resume(tiny_mode
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("bleuberi: interrupted; saved ") and last.endswith("(continue with --resume)")
-    saved = Path(last.removeprefix("bleuberi: interrupted; saved ").split(" (")[0])
+    said = re.fullmatch(
+        r"bleuberi: interrupted at step (\d+) of 200; saved (\S+): continue with --resume, or use it as it is "
+        r"with --adapter (\S+)",
+        last,
+    )
+    assert said and said.group(2) == said.group(3), last
+    saved = Path(said.group(2))
     assert (saved / "adapter_model.safetensors").is_file() and saved.parent == run_dir / "checkpoints"
-    assert int(saved.name.removeprefix("step-")) < 200  # it stopped early, at a step boundary
+    assert saved.name == f"step-{said.group(1)}" and int(said.group(1)) < 200  # it stopped early, at a step boundary
+    # the checkpoint is an adapter as it is: generate with it, as the message says
+    used = subprocess.run(
+        [sys.executable, "-m", "bleuberi_cli", "generate", "-i", str(data), "--model", str(tiny_model)]
+        + ["--max-new-tokens", "2", "--adapter", str(saved)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert used.returncode == 0, used.stderr
+    assert all(r["generation"]["adapter"] == str(saved) for r in map(json.loads, used.stdout.splitlines()))
 
 
 def test_sigint_during_run_says_how_to_continue(tiny_model, tmp_path) -> None:

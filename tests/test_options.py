@@ -17,6 +17,7 @@ from stages.generate import GenerateConfig
 from stages.run.config import KEYS, SHARED
 from stages.score import ScoreConfig
 from stages.select import SelectConfig
+from stages.split import SplitConfig
 from stages.train.config import TrainConfig
 
 # The options a command has besides its configs': where records go, and how it runs.
@@ -26,6 +27,7 @@ OWN = {
     "eval": {"output", "report", "agreement", "resume", "quiet"},
     "score": {"output", "resume", "quiet"},
     "select": {"output", "plot", "quiet"},
+    "split": {"pool", "heldout", "quiet"},
 }
 # Every command that reads records takes ReadOptions (where they come from, how their fields map).
 CONFIGS = {
@@ -34,6 +36,7 @@ CONFIGS = {
     "eval": (EvalConfig, ReadOptions),
     "score": (ScoreConfig, ReadOptions),
     "select": (SelectConfig, ReadOptions),
+    "split": (SplitConfig, ReadOptions),
 }
 
 

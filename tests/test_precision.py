@@ -158,7 +158,7 @@ def _first_update_gradient(tiny_model, dtype: str, samples_from, records) -> tup
                             epsilon=1e-3, epsilon_high=1e-3, reward=["chrf"])  # fmt: skip
     torch.manual_seed(0)  # the same LoRA A in both dtypes
     policy = load_policy(config, torch.device("cpu"))
-    prompts, _ = prepare_prompts(records, policy.generator.encoder, None, False)
+    prompts, _ = prepare_prompts(records, policy.generator.encoder)
     samples = samples_from(policy, prompts)
     rollout = score_rollout(policy.generator, config.scorer, prompts, samples, group_size=4, scale_rewards="group",
                             skip_zero_std=False, dist=Distributed())  # fmt: skip

@@ -389,14 +389,14 @@ def test_bad_training_input(runner, tiny_model, tmp_path) -> None:
     result = runner.invoke(app, train_args(no_refs, tmp_path / "r1", tiny_model, **sizes))
     assert result.exit_code == 1 and f"{no_refs}:1: field 'references': missing" in result.stderr
     long_prompt = write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "prompt": "word " * 200, "references": ["ok"]}])
-    dropped = train_args(long_prompt, tmp_path / "r2", tiny_model, **sizes, max_prompt_length=16, drop_long=True)
+    dropped = train_args(long_prompt, tmp_path / "r2", tiny_model, **sizes, max_prompt_length=16, long_prompts="skip")
     result = runner.invoke(app, dropped)
-    assert result.exit_code == 1 and "no usable training prompts" in result.stderr
+    assert result.exit_code == 1 and "no usable training prompts (every one is over" in result.stderr
     cut = train_args(long_prompt, tmp_path / "r3", tiny_model, per_device_train_batch_size=8, max_prompt_length=16)
     result = runner.invoke(app, cut)
     assert result.exit_code == 0, result.stderr
-    assert "1 cut from the left" in result.stderr
-    assert json.loads((tmp_path / "r3" / "config.json").read_text())["input"]["prompts_truncated"] == 1
+    assert "1 prompt over 16 tokens cut (start and end kept): y (" in result.stderr
+    assert json.loads((tmp_path / "r3" / "config.json").read_text())["input"]["prompts_cut"] == ["y"]
     result = runner.invoke(app, train_args(long_prompt, tmp_path / "r4", tiny_model, **sizes, num_generations=3))
     assert result.exit_code == 2 and "multiple of num_generations" in result.stderr
 

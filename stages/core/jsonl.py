@@ -12,7 +12,9 @@ import gzip
 import io
 import itertools
 import os
+import select
 import shlex
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,13 +77,22 @@ def iter_json_lines(path: str | os.PathLike[str] | None) -> Iterator[tuple[int, 
                 try:
                     value = orjson.loads(raw)
                 except orjson.JSONDecodeError as exc:
-                    value = InputError(source, line_no, f"not valid JSON ({exc.args[0]})")
+                    value = InputError(source, line_no, f"not valid JSON ({json_problem(exc, raw)})")
                 yield line_no, value
         except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
             raise InputError(source, line_no + 1, f"cannot read: {exc}") from None
     finally:
         if not is_std_stream(path):
             stream.close()
+
+
+def json_problem(error: orjson.JSONDecodeError, raw: bytes) -> str:
+    """What is wrong with one line, placed within that line: the parser counts lines and characters of what
+    it was given, and a line handed over with its newline ends on the parser's "line 2" (`bad.jsonl:20: ...
+    line 2 column 1` named two different lines)."""
+    if error.lineno > 1 or error.pos >= len(raw.rstrip()):
+        return f"{error.msg}, at the end of the line"
+    return f"{error.msg}, at column {error.colno}"
 
 
 @dataclass
@@ -179,6 +190,36 @@ def dumps(record: Any) -> bytes:
     return to_json(record) + b"\n"
 
 
+def reader_gone(fd: int | None = None) -> bool:
+    """Is `fd` (default: stdout) a pipe whose reader has closed it (`| head` has what it wanted)? The write end
+    of such a pipe polls as an error at once, so a stage can stop between batches instead of at its next
+    write, which may be many batches later (generate yields in input order)."""
+    try:
+        fd = sys.stdout.fileno() if fd is None else fd
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLERR)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # not a real file (a test's captured stream), or already closed
+        return False
+
+
+def stop_if_reader_gone() -> None:
+    """Raise OutputClosed when stdout's reader is gone (see `reader_gone`): called between batches by the
+    stages whose records go to stdout."""
+    if reader_gone():
+        _silence_stdout()
+        raise OutputClosed("the reader of stdout closed the pipe")
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's own final flush cannot raise again."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 class JsonlWriter:
     """Writes records to stdout, or to a file through its journal: a temporary file beside it that gets
     each record at once (flushed), renamed to the file on success (stages/core/journal.py).
@@ -252,11 +293,14 @@ class JsonlWriter:
         kept = "" if self.path is None else kept_note(self.path)
         return WriteFailed(self.name, cause + kept)
 
+    def check_reader(self) -> None:
+        """Between batches: when this writer's stdout has lost its reader, stop as a failed write would (or,
+        tolerating a closed stdout, only stop writing)."""
+        if self.path is None and not self.closed_stdout and reader_gone():
+            self._on_broken_pipe()
+
     def _on_broken_pipe(self) -> None:
-        # Point fd 1 at /dev/null so the interpreter's own final flush cannot raise again.
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         self.closed_stdout = True
         if not self.tolerate_closed_stdout:
             raise OutputClosed("the reader of stdout closed the pipe")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -185,6 +186,26 @@ def _leaves(
         yield Leaf(_name(field, info, rename), (*attrs, field.name), tables, hint, default, info)
 
 
+def name_options(message: str, config_leaves: Sequence[Leaf], spell: Callable[[Leaf], str]) -> str:
+    """A config's error message with each option it names spelled as the user gave it (`spell(leaf)`: the
+    command line's flag, a config file's key). Checks name options by field name, and a nesting may rename one
+    (train's `max_new_tokens` is `--max-completion-length`): "temperature must be >= 0" becomes "--temperature
+    must be >= 0". A name with an underscore is an option wherever it stands; a one-word name (temperature,
+    beta) only where the message starts with it, so plain words stay plain."""
+    names: dict[str, str] = {}
+    for leaf in config_leaves:
+        names.setdefault(leaf.attrs[-1], spell(leaf))
+        names[leaf.name] = spell(leaf)
+
+    def spelled(match: re.Match[str]) -> str:
+        word = match.group(0)
+        if word in names and ("_" in word or match.start() == 0):
+            return names[word]
+        return word
+
+    return re.sub(r"(?<![\w.-])[a-z][a-z0-9_]*(?![\w-])", spelled, message)
+
+
 def build(cls: type, values: Mapping[str, Any]) -> Any:
     """`cls` from option values by name (as the CLI and a config table give them): nested groups are
     built from their own options' values; an option that is absent keeps its default (the nesting's)."""
@@ -339,6 +360,7 @@ def check_value(value: Any, hint: Any, choices: tuple[Any, ...] = ()) -> str | N
 # ---- the settings several stages share, each declared once ------------------------------------------
 
 MODEL, PROMPTS = "Model", "Prompts"
+LongPrompts = Literal["cut-middle", "cut-left", "cut-right", "skip", "error"]
 
 
 def device_option() -> Any:
@@ -395,10 +417,19 @@ class PromptOptions:
         None, "a system turn put before prompts that have none", metavar="TEXT", panel=PROMPTS
     )
     max_prompt_length: int | None = option(
-        None, "cut longer prompts from the left, in tokens (counted; none: no limit)", metavar="N", panel=PROMPTS
+        None, "the longest prompt, in tokens; what happens to longer ones: --long-prompts (none: no limit)",
+        metavar="N", panel=PROMPTS,
+    )
+    long_prompts: LongPrompts = option(
+        "cut-middle",
+        "a prompt over --max-prompt-length: cut-middle keeps its start (the instruction) and its end (the "
+        "question and the answer cue), cut-left keeps the end (TRL's), cut-right the start; skip leaves the record "
+        "out, error stops before any work. Each stage names the records it cut or skipped (docs/records.md)",
+        panel=PROMPTS,
     )
 
     def __post_init__(self) -> None:
+        check_literals(self)
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise UsageError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.core.models import DEFAULT_MODEL, Device, Dtype
-from stages.core.options import DEFAULT_SEED, ModelOptions, PromptOptions
+from stages.core.options import DEFAULT_SEED, LongPrompts, ModelOptions, PromptOptions
 from stages.core.records import prompt_messages
 from stages.core.threads import recheck as recheck_threads
 from stages.engines.base import (
@@ -75,9 +75,10 @@ class Generator:
     adapter: str | None = None
     system_prompt: str | None = None
     max_prompt_length: int | None = None
+    long_prompts: LongPrompts = "cut-middle"
 
     def __post_init__(self) -> None:
-        self.encoder = PromptEncoder(self.tokenizer, self.system_prompt, self.max_prompt_length)
+        self.encoder = PromptEncoder(self.tokenizer, self.system_prompt, self.max_prompt_length, self.long_prompts)
         self.pad_id = pad_token_id(self.tokenizer, self.stop_ids)
 
     @classmethod
@@ -90,13 +91,14 @@ class Generator:
         adapter: str | None = None,
         system_prompt: str | None = None,
         max_prompt_length: int | None = None,
+        long_prompts: LongPrompts = "cut-middle",
     ) -> Generator:
         """A generator that samples with `model` in this process (the transformers engine)."""
         from stages.engines.transformers_engine import TransformersEngine
 
         stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
         engine = TransformersEngine(model, stop_ids=stop_ids, pad_id=pad_token_id(tokenizer, stop_ids))
-        return cls(tokenizer, engine, stop_ids, model_name, adapter, system_prompt, max_prompt_length)
+        return cls(tokenizer, engine, stop_ids, model_name, adapter, system_prompt, max_prompt_length, long_prompts)
 
     @classmethod
     def load(
@@ -109,13 +111,14 @@ class Generator:
         trust_remote_code: bool = False,
         system_prompt: str | None = None,
         max_prompt_length: int | None = None,
+        long_prompts: LongPrompts = "cut-middle",
         engine: EngineOptions | None = None,
         threads: int | None = None,
         say: Callable[[str], None] | None = None,
     ) -> Generator:
         """`for_options` with each setting by keyword (library use)."""
         options = ModelOptions(model, device, dtype, threads, trust_remote_code)
-        prompt = PromptOptions(system_prompt, max_prompt_length)
+        prompt = PromptOptions(system_prompt, max_prompt_length, long_prompts)
         return cls.for_options(options, prompt, engine or EngineOptions(), adapter=adapter, say=say)
 
     @classmethod
@@ -142,9 +145,7 @@ class Generator:
         rank = adapter_rank(folder) if folder else None
         target = engine_target(resolved, tokenizer, model, adapter=folder, lora_rank=rank)
         started = start_engine(engine, target)
-        return cls(
-            tokenizer, started, target.stop_ids, model.model, adapter, prompt.system_prompt, prompt.max_prompt_length
-        )
+        return cls(tokenizer, started, target.stop_ids, model.model, adapter, *prompt_settings(prompt))
 
     @property
     def model(self) -> PreTrainedModel:
@@ -237,6 +238,20 @@ class Generator:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def prompt_settings(prompt: PromptOptions) -> tuple[str | None, int | None, LongPrompts]:
+    """A generator's prompt fields, from the prompt options."""
+    return prompt.system_prompt, prompt.max_prompt_length, prompt.long_prompts
+
+
+def prompt_encoder(model: ModelOptions, prompt: PromptOptions) -> PromptEncoder:
+    """The prompts as a generator for `model` would encode them, with only the tokenizer loaded: to check
+    (and skip or refuse) over-long prompts before a model is loaded."""
+    from stages.core.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model.model), trust_remote_code=model.trust_remote_code)
+    return PromptEncoder(tokenizer, *prompt_settings(prompt))
 
 
 def _batches(

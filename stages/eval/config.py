@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stages.core import options
-from stages.core.errors import UsageError
+from stages.core.errors import InputError, UsageError
 from stages.core.models import DEFAULT_MODEL
 from stages.core.options import ModelOptions, PromptOptions, group, option, repeatable
 from stages.engines.base import BatchOptions, EngineOptions, SamplingParams
@@ -20,6 +20,7 @@ from stages.eval.stats import DEFAULT_RESAMPLES
 from stages.metrics import DEFAULT_EVAL_METRICS, MetricSpec, parse_specs
 
 if TYPE_CHECKING:
+    from stages.engines.prompts import PromptCuts
     from stages.eval.judges import HttpJudge, RewardModelJudge
 
 BASE = "base"
@@ -224,6 +225,28 @@ class EvalConfig(options.Options):
             return self.baseline
         names = [s.name for s in self.systems]
         return BASE if BASE in names else names[0]
+
+    def check_prompts(self, records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], PromptCuts | None]:
+        """Before any model loads (only the base model's tokenizer): the records to evaluate and the prompts over
+        --max-prompt-length (`cuts`). Each system sees the same prompts, so this is decided once: `skip` leaves
+        a record out of every system, `error` refuses the eval, and a cut record gets `prompt_cut`."""
+        if self.base_model is None or self.prompt.max_prompt_length is None:
+            return list(records), None
+        from stages.engines.generator import prompt_encoder
+
+        encoder = prompt_encoder(replace(self.model, name=self.base_model), self.prompting)
+        kept = encoder.check(records)
+        if records and not kept:
+            limit = self.prompt.max_prompt_length
+            raise InputError(
+                "<input>",
+                None,
+                f"no records left to evaluate: every prompt is over --max-prompt-length {limit} (--long-prompts skip)",
+            )
+        for record in kept:
+            if cut := encoder.cuts.note(record["id"]):
+                record["prompt_cut"] = cut
+        return kept, encoder.cuts
 
     @property
     def prompting(self) -> PromptOptions:

@@ -173,4 +173,12 @@ def _table(name: str, values: dict[str, Any]) -> Any:
     except ModelError:
         raise  # a model that is not there is bad input (exit 1), wherever it was named
     except BleuberiError as error:
-        raise ConfigError(f"[{name}]: {error}" if name in TABLES else str(error)) from None
+        if name not in TABLES:
+            raise ConfigError(str(error)) from None
+        table_class = STAGE_CONFIGS.get(name)  # its checks name fields; a nesting may key one otherwise
+        message = (
+            options.name_options(str(error), list(leaves(table_class)), lambda leaf: leaf.name)
+            if table_class
+            else str(error)
+        )
+        raise ConfigError(f"[{name}]: {message}") from None

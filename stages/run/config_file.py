@@ -36,6 +36,7 @@ RENAMED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "select.batch_size": ("generate.batch_size", _same),
     "train.max_prompt_length": ("max_prompt_length", _same),
     "train.reasoning": ("reasoning", _same),
+    "train.drop_long": ("long_prompts", lambda drop: "skip" if drop else "cut-left"),
 }
 
 

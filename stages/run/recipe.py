@@ -166,7 +166,9 @@ def run_select(
     from stages.score import score_records
     from stages.select import select_records
 
-    pool = _head(list(read_data(config, config.data.pool)), config.data.max_pool)
+    pool, skipped = config.generate.check_prompts(
+        _head(list(read_data(config, config.data.pool)), config.data.max_pool)
+    )
     generated = run_dir / "pool.generated.jsonl"
     if not resume:  # another configuration's answers, or a killed attempt's journal: not these
         generated.unlink(missing_ok=True)
@@ -182,7 +184,7 @@ def run_select(
         say(f"select: the base model answers the pool ({left} prompts)")
         return config.generate.load()
 
-    generate_file(
+    stats = generate_file(
         pool,
         generated,
         load,
@@ -192,12 +194,16 @@ def run_select(
         on_todo=answers.start,
         on_batch=lambda prompts, _tokens: answers.add(prompts),
     )
+    for line in stats.prompt_lines(skipped):
+        say(f"select: {line}")
     answered = {r["id"]: r for r in read_records(generated, require=("completions",))}
     scorer = config.score.scorer
     scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=config.score.jobs))
     _write_jsonl(run_dir / "pool.scored.jsonl", scored)
     ranked = [r for r in scored if r["score"] is not None]  # None: a `py:` metric rewarded none of its answers
     selection = select_records(ranked, config.select)
+    if shortfall := config.select.shortfall(len(ranked)):
+        say(f"select: note: {shortfall}")
     _write_jsonl(run_dir / "selected.jsonl", selection.chosen)
     mean = sum(selection.chosen_scores) / max(1, len(selection.chosen_scores))
     pool_mean = sum(selection.pool_scores) / max(1, len(selection.pool_scores))
@@ -268,8 +274,12 @@ def run_eval(
     from stages.eval.journal import AnswerJournal, finished_answers, journal_path
     from stages.eval.report import eval_tables, write_report
 
-    records = _head(list(read_data(config, config.data.heldout)), config.data.max_heldout)
     evaluation = eval_config(config, str(run_dir / TRAINED_ADAPTER))
+    records, cuts = evaluation.check_prompts(
+        _head(list(read_data(config, config.data.heldout)), config.data.max_heldout)
+    )
+    for line in cuts.lines("held-out prompts") if cuts else []:
+        say(f"eval: {line}")
     folder = run_dir / "eval"
     output = folder / "records.jsonl"
     if not resume:

@@ -99,7 +99,6 @@ class TrainConfig(options.Options):
     sampling: SamplingParams = group(
         SamplingParams, rename={"max_new_tokens": "max_completion_length"}, max_new_tokens=512, temperature=0.9
     )
-    drop_long: bool = option(False, "drop over-long prompts instead of cutting them", panel=SAMPLING)
     # batch and schedule
     per_device_train_batch_size: int = option(
         8, "completions per sampling batch (a multiple of num_generations)", metavar="N", panel=BATCH

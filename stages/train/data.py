@@ -14,7 +14,7 @@ import torch
 from stages.core.errors import InputError
 from stages.core.records import prompt_messages
 from stages.engines.base import Sample, derive_seed
-from stages.engines.prompts import PromptEncoder, cut_left
+from stages.engines.prompts import PromptEncoder
 
 
 @dataclass
@@ -38,28 +38,31 @@ class TrainPrompt:
 @dataclass
 class PromptReport:
     kept: int = 0
-    truncated: int = 0
-    dropped: int = 0
+    cut: list[str] = field(default_factory=list)  # ids of the prompts cut to max_prompt_length
+    skipped: list[str] = field(default_factory=list)  # ids of the prompts left out (--long-prompts skip)
 
 
 def prepare_prompts(
-    records: Sequence[dict[str, Any]], encoder: PromptEncoder, max_prompt_length: int | None, drop_long: bool
+    records: Sequence[dict[str, Any]], encoder: PromptEncoder
 ) -> tuple[list[TrainPrompt], PromptReport]:
-    """Tokenise every prompt once. Over-long prompts are cut from the left (or dropped), and counted."""
-    report = PromptReport()
-    prompts = []
-    for record in records:
-        ids = encoder.encode(record)
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            if drop_long:
-                report.dropped += 1
-                continue
-            report.truncated += 1
-            ids = cut_left(ids, max_prompt_length)
-        prompts.append(TrainPrompt(record["id"], ids, record["references"], prompt_messages(record), record))
-    report.kept = len(prompts)
+    """Tokenise every prompt once. A prompt over the limit is cut, skipped or refused as the encoder's
+    `long_prompts` says; the report names the ids."""
+    kept = encoder.check(records)
+    prompts = [
+        TrainPrompt(record["id"], encoder.encode(record), record["references"], prompt_messages(record), record)
+        for record in kept
+    ]
+    report = PromptReport(len(prompts), list(encoder.cuts.cut), list(encoder.cuts.skipped))
     if not prompts:
-        raise InputError("<input>", None, "no usable training prompts (all empty or dropped as too long)")
+        limit = encoder.max_prompt_length
+        raise InputError(
+            "<input>",
+            None,
+            f"no usable training prompts (every one is over --max-prompt-length {limit}, and "
+            "--long-prompts skip leaves them out: raise the limit, or choose a cut)"
+            if report.skipped
+            else "no usable training prompts",
+        )
     return prompts, report
 
 

@@ -39,11 +39,28 @@ from stages.train.telemetry import Telemetry, check_installed
 
 
 class TrainingInterrupted(Interrupted):
-    """Ctrl-C during training: a checkpoint was saved and the run can be resumed."""
+    """Ctrl-C during training: a checkpoint was saved and the run can be resumed, or the checkpoint used as
+    it is (it is a PEFT adapter folder)."""
 
-    def __init__(self, checkpoint: Path) -> None:
-        super().__init__(f"interrupted; saved {checkpoint} (continue with --resume)")
+    def __init__(self, checkpoint: Path, step: int, total: int) -> None:
+        self.stopped = f"at step {step} of {total}; saved {checkpoint}: {checkpoint_use(checkpoint)}"
+        super().__init__(f"interrupted {self.stopped}")
         self.checkpoint = checkpoint
+
+
+def checkpoint_use(checkpoint: Path) -> str:
+    """What an unfinished run's newest checkpoint is good for (the run's adapter/ is written only at its end)."""
+    return f"continue with --resume, or use it as it is with --adapter {checkpoint}"
+
+
+def newest_checkpoint_note(output_dir: Path) -> str:
+    """What a run stopped at once (a second Ctrl-C) leaves: its newest checkpoint, if it saved one."""
+    from stages.train.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(output_dir / "checkpoints")
+    if not saved:
+        return f"no checkpoint saved yet in {output_dir}: rerun to start over"
+    return f"the newest checkpoint is {saved[-1]}: {checkpoint_use(saved[-1])}"
 
 
 @dataclass
@@ -105,8 +122,11 @@ def train(
     merge_to: str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_message: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on normalised records; returns where the adapter went."""
+    """Train a LoRA adapter on normalised records; returns where the adapter went. `should_stop()`, asked after
+    each step, ends the run there as Ctrl-C does (a checkpoint, then TrainingInterrupted): the CLI's stdout
+    reader leaving."""
     say = on_message or (lambda message: None)
     for warning in config.warnings():
         say(f"warning: {warning}")
@@ -126,7 +146,10 @@ def train(
                 on_step(record)
 
         try:
-            result = _train(run, merge_to=merge_to, on_step=logged, say=say)
+            result = _train(run, merge_to=merge_to, on_step=logged, say=say, should_stop=should_stop)
+        except KeyboardInterrupt as stopped:  # a second Ctrl-C: the step in progress is lost, the checkpoints are not
+            stopped.add_note(newest_checkpoint_note(output_dir))
+            raise
         finally:
             telemetry.close()
             run.rollouts.close()
@@ -142,6 +165,7 @@ def _train(
     merge_to: str | None,
     on_step: Callable[[dict[str, Any]], None] | None,
     say: Callable[[str], None],
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """The step loop, then the outputs."""
     config = run.config
@@ -160,11 +184,11 @@ def _train(
                 log.write(record)
                 if on_step and run.dist.is_main:
                     on_step(record)
-            interrupted = stop_requested.is_set()
+            interrupted = stop_requested.is_set() or bool(should_stop and should_stop())
             if (step + 1) % config.save_steps == 0 or step + 1 == steps or interrupted:
                 checkpoint = _save_checkpoint(run, step + 1)
                 if interrupted:
-                    raise TrainingInterrupted(checkpoint)
+                    raise TrainingInterrupted(checkpoint, step + 1, steps)
 
     adapter = _write_outputs(run, log.path, merge_to, say)
     run.dist.barrier()
@@ -201,6 +225,7 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     metrics = run.config.algorithm.runner().step(run, step)
     return {
         "step": step + 1,
+        "total_steps": run.plan.steps,
         "epoch": run.plan.epoch_after(step),
         "lr": lr,
         **metrics,

@@ -72,7 +72,17 @@ def load_policy(config: TrainConfig, device: torch.device, dist: Distributed | N
         model = _with_lora(load_model(resolved, device=device, dtype=dtype, trust_remote_code=remote), config, device)
     target = engine_target(resolved, tokenizer, options, device=str(device), lora_rank=config.lora_r, live_policy=model)
     engine = start_engine(config.engine, target)
-    generator = Generator(tokenizer, engine, target.stop_ids, options.model, None, config.system_prompt)
+    prompt = config.prompt
+    generator = Generator(
+        tokenizer,
+        engine,
+        target.stop_ids,
+        options.model,
+        None,
+        config.system_prompt,
+        prompt.max_prompt_length,
+        prompt.long_prompts,
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     return Policy(model, generator, trainable, optimizer, device, _autocast(model, device))

@@ -101,10 +101,10 @@ def _plan(
     say: Callable[[str], None],
 ) -> tuple[StepPlan[Any], PromptReport]:
     """The prompts (GRPO) or examples (SFT), and how many of them each step takes on each rank."""
-    generator, limit = policy.generator, config.prompt.max_prompt_length
-    prompts, report = prepare_prompts(records, generator.encoder, limit, config.drop_long)
-    if report.truncated or report.dropped:
-        say(f"prompts over {limit} tokens: {report.truncated} cut from the left, {report.dropped} dropped")
+    generator = policy.generator
+    prompts, report = prepare_prompts(records, generator.encoder)
+    for line in generator.encoder.cuts.lines():
+        say(line)
     items: list[Any] = config.algorithm.runner().items(prompts, generator, config)
     dist.check_split(len(items), config.prompts_per_step, config.algorithm.noun)
     steps = total_steps(
@@ -181,8 +181,8 @@ def _run_record(run: TrainRun, records: Sequence[dict[str, Any]], report: Prompt
             "sha256": run.input_digest,
             "records": len(records),
             "prompts_kept": report.kept,
-            "prompts_truncated": report.truncated,
-            "prompts_dropped": report.dropped,
+            "prompts_cut": report.cut,  # ids: over max_prompt_length, cut as long_prompts says
+            "prompts_skipped": report.skipped,  # ids: over it, left out (long_prompts skip)
         },
         "total_steps": run.plan.steps,
         "world_size": run.dist.world_size,
