@@ -49,7 +49,6 @@ Examples:
   bleuberi train -i hard.jsonl -o runs/think --reasoning                  # <think>/<answer> + format reward
   bleuberi train -i hard.jsonl -o runs/sft --algo sft --learning-rate 1e-4
   bleuberi train -i hard.jsonl -o runs/bleu --resume            # continue from the latest checkpoint
-  bleuberi train -i hard.jsonl -o runs/srv --backend server --server-url http://127.0.0.1:8000/v1 --async-rollouts
 """
 
 RUN = "Run folder"

@@ -128,8 +128,8 @@ def test_a_refused_setting_is_one_line_and_exit_2(runner, tmp_path) -> None:
     result = runner.invoke(app, ["train", "-o", str(tmp_path / "r"), "--num-generations", "3"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "bleuberi: error: per_device_train_batch_size (8) counts completions and must be a multiple of "
-        "num_generations (3)"
+        "bleuberi: error: --per-device-train-batch-size (8) counts completions and must be a multiple of "
+        "--num-generations (3)"  # the flags, as typed (issue 33): not the field names
     ]
 
 
