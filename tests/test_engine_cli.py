@@ -74,9 +74,10 @@ def test_as_references_builds_multi_reference_records(runner, tiny_model, server
     assert len(first["references"]) == 1 and first["reference_sources"][0]["backend"] == "server"
     assert second["references"][0] == "Hi!" and second["reference_sources"][0] == "input"
     assert len(second["references"]) == 2 and "completions" not in second
-    # Without --as-references a record without references is still an error naming the field.
-    result = runner.invoke(app, ["generate", "-i", str(path), "--model", str(tiny_model), *server_args(server)])
-    assert result.exit_code == 1 and "field 'references'" in result.stderr
+    # Without --as-references a record without references is answered too: generate never reads them (issue 33).
+    result = runner.invoke(app, ["generate", "-i", str(path), "--model", str(tiny_model), *server_args(server), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert [len(r["completions"]) for r in read_jsonl_text(result.stdout)] == [1, 1]
 
 
 def test_eval_compares_a_system_served_elsewhere(runner, tiny_model, server, tmp_path):

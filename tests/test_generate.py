@@ -238,7 +238,7 @@ def test_usage_errors(runner, tiny_model, tmp_path) -> None:
     cases = [
         (["--resume"], "--resume needs -o/--output"),
         (["--backend", "server"], "--backend server needs --server-url URL"),
-        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["-n", "0"], "-n/--num-samples must be >= 1"),
     ]
     for extra, message in cases:

@@ -15,6 +15,7 @@ from tests.conftest import EXAMPLES, read_jsonl_text, run_args, tiny_overrides
 
 # What the top level of a run config sets for every stage (the contract, written by hand).
 TOP_LEVEL = {"model", "device", "dtype", "threads", "trust_remote_code", "system_prompt", "max_prompt_length"}
+TOP_LEVEL |= {"long_prompts"}
 TOP_LEVEL |= {"seed", "reasoning"}
 
 

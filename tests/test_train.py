@@ -398,7 +398,7 @@ def test_bad_training_input(runner, tiny_model, tmp_path) -> None:
     assert "1 prompt over 16 tokens cut (start and end kept): y (" in result.stderr
     assert json.loads((tmp_path / "r3" / "config.json").read_text())["input"]["prompts_cut"] == ["y"]
     result = runner.invoke(app, train_args(long_prompt, tmp_path / "r4", tiny_model, **sizes, num_generations=3))
-    assert result.exit_code == 2 and "multiple of num_generations" in result.stderr
+    assert result.exit_code == 2 and "multiple of --num-generations" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -559,7 +559,7 @@ def test_off_a_terminal_each_logged_step_is_a_line_on_stderr(runner, tiny_model,
     result = runner.invoke(app, train_args(data, tmp_path / "run", tiny_model, max_steps=2))
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("train: step")]
-    assert [line.split(" | ")[0] for line in lines] == ["train: step 1", "train: step 2"]
+    assert [line.split(" | ")[0] for line in lines] == ["train: step 1/2", "train: step 2/2"]
     assert all("reward_mean" in line and "kl" in line for line in lines)
     quiet = runner.invoke(app, [*train_args(data, tmp_path / "quiet", tiny_model, max_steps=2), "-q"])
     assert quiet.exit_code == 0 and "train: step" not in quiet.stderr
