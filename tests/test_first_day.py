@@ -98,7 +98,9 @@ def test_generate_into_head_stops_within_one_batch(tmp_path, tiny_model) -> None
         [sys.executable, "-c", BATCHES_UNTIL_STOPPED, str(tiny_model)], tmp_path
     )
     assert done.returncode == 0, err.decode()
-    assert err.decode().splitlines()[-1] == "batches 2"
+    # the reader leaves after the first record: generate stops at the next batch's end, or the one after it
+    # when the reader took longer than that batch (16 before: it waited for the second record's batch)
+    assert err.decode().splitlines()[-1] in ("batches 1", "batches 2")
 
 
 @pytest.mark.slow
