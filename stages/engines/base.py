@@ -54,17 +54,34 @@ class SamplingParams:
             raise UsageError("top_p must be in (0, 1]")
 
 
+# What a batch's key/value cache may take when --max-batch-tokens is not given (the transformers engine):
+# safe beside the model on a 24 GiB CPU machine and on a GPU, and on a 2-core CPU past the batch size where
+# more rows stop paying (docs/engines.md, "Batches").
+CACHE_BUDGET_BYTES = 2 * 1024**3
+MAX_ROWS = 256  # rows (prompts x samples) per batch when neither --batch-size nor a memory bound says fewer
+SERVER_BATCH = 64  # prompts per batch for engines that batch on their own (vLLM, a server)
+
+
 @dataclass(frozen=True)
 class BatchOptions:
-    """How many prompts are sampled together (generate, eval)."""
+    """How many prompts are sampled together (generate, eval): as many as the memory budget allows."""
 
-    batch_size: int = option(8, "prompts per generation batch (each with its samples)", metavar="N", panel=SAMPLING)
+    batch_size: int | None = option(
+        None,
+        "prompts per generation batch, at most (each with its samples; default: as many as --max-batch-tokens allows)",
+        metavar="N",
+        panel=SAMPLING,
+    )
     max_batch_tokens: int | None = option(
-        None, "also cap rows x (longest prompt + max new tokens) per batch (memory)", metavar="N", panel=SAMPLING
+        None,
+        "rows x (longest prompt + max new tokens) per batch, at most (default: what 2 GiB of the model's key/value "
+        "cache holds; docs/engines.md)",
+        metavar="N",
+        panel=SAMPLING,
     )
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise UsageError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
@@ -109,6 +126,9 @@ class Engine(Protocol):
     # True: answers come back as text without token ids or log-probs (a chat-only endpoint): fine for
     # generate and eval (through `sample_messages`), not for training.
     text_only: bool
+    # Bytes of key/value cache each token of a batch takes in this process (batches are sized by it), or
+    # None for an engine that manages its own memory (vLLM, a server).
+    cache_bytes_per_token: int | None
 
     def sample(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams

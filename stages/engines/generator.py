@@ -19,6 +19,9 @@ from stages.core.options import DEFAULT_SEED, LongPrompts, ModelOptions, PromptO
 from stages.core.records import prompt_messages
 from stages.core.threads import recheck as recheck_threads
 from stages.engines.base import (
+    CACHE_BUDGET_BYTES,
+    MAX_ROWS,
+    SERVER_BATCH,
     BatchOptions,
     Engine,
     EngineOptions,
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 
 # Records read ahead and sorted by prompt length, in batches: more means less padding, later output.
 WINDOW_BATCHES = 16
+WINDOW_RECORDS = 64  # a window's batch, in records, when batches are sized by memory (x WINDOW_BATCHES)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> int:
@@ -50,18 +54,49 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> int:
 
 @dataclass(frozen=True)
 class Batching:
-    """How a stage's records are sampled: `n` samples each, sample k seeded from (seed, record id, k), at most
-    `batch_size` records a batch and, with `max_batch_tokens`, at most that many batch rows x (longest
-    prompt + max_new_tokens), to bound memory. The defaults are the options' (BatchOptions, seed_option)."""
+    """How a stage's records are sampled: `n` samples each, sample k seeded from (seed, record id, k), and per
+    batch at most `batch_size` records and at most `max_batch_tokens` rows x (longest prompt + max_new_tokens).
+    Left out (None), a batch is as large as the engine's memory budget allows (`batch_limits`). The defaults
+    are the options' (BatchOptions, seed_option)."""
 
     n: int = 1
     seed: int = DEFAULT_SEED
-    batch_size: int = BatchOptions.batch_size
+    batch_size: int | None = BatchOptions.batch_size
     max_batch_tokens: int | None = BatchOptions.max_batch_tokens
 
     @classmethod
     def of(cls, batch: BatchOptions, *, n: int = 1, seed: int = DEFAULT_SEED) -> Batching:
         return cls(n, seed, batch.batch_size, batch.max_batch_tokens)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one batch may hold, resolved for an engine: prompts, rows (prompts x samples) and tokens."""
+
+    prompts: int | None
+    rows: int | None
+    tokens: int | None
+
+    def fits(self, prompts: int, rows: int, longest: int, max_new_tokens: int) -> bool:
+        return (
+            (self.prompts is None or prompts <= self.prompts)
+            and (self.rows is None or rows <= self.rows)
+            and (self.tokens is None or rows * (longest + max_new_tokens) <= self.tokens)
+        )
+
+
+def batch_limits(batching: Batching, cache_bytes_per_token: int | None) -> BatchLimits:
+    """The limits a batch keeps: those asked for; where none is, the engine's memory budget (an engine holding
+    its own cache in this process: CACHE_BUDGET_BYTES of it, at most MAX_ROWS rows), or SERVER_BATCH prompts
+    for an engine that batches on its own."""
+    tokens = batching.max_batch_tokens
+    if tokens is None and cache_bytes_per_token:
+        tokens = max(1, CACHE_BUDGET_BYTES // cache_bytes_per_token)
+    if batching.batch_size is not None:
+        return BatchLimits(batching.batch_size, None, tokens)
+    if cache_bytes_per_token is None and batching.max_batch_tokens is None:
+        return BatchLimits(SERVER_BATCH, None, None)
+    return BatchLimits(None, MAX_ROWS, tokens)
 
 
 @dataclass
@@ -200,15 +235,16 @@ class Generator:
         its window are done. Otherwise each batch's records come out the moment the batch is done
         (completion order), so a writer that keeps them loses at most the batch in progress to a kill.
         """
-        if batching.n < 1 or batching.batch_size < 1:
+        if batching.n < 1 or (batching.batch_size is not None and batching.batch_size < 1):
             raise UsageError("num_samples and batch_size must be >= 1")
+        limits = batch_limits(batching, self.engine.cache_bytes_per_token)
         records = iter(records)
-        while window := list(itertools.islice(records, batching.batch_size * WINDOW_BATCHES)):
+        while window := list(itertools.islice(records, (limits.prompts or WINDOW_RECORDS) * WINDOW_BATCHES)):
             encoded = [self.encode(record) for record in window]
             order = sorted(range(len(window)), key=lambda i: -len(encoded[i]))
             results: dict[int, list[Sample]] = {}
             next_out = 0  # in input order: the first record of the window not yet yielded
-            for batch in _batches(order, encoded, batching, sampling.max_new_tokens):
+            for batch in _batches(order, encoded, batching.n, limits, sampling.max_new_tokens):
                 samples = self._sample_batch(
                     [window[i] for i in batch], [encoded[i] for i in batch], sampling, batching
                 )
@@ -255,19 +291,19 @@ def prompt_encoder(model: ModelOptions, prompt: PromptOptions) -> PromptEncoder:
 
 
 def _batches(
-    order: list[int], encoded: list[list[int]], batching: Batching, max_new_tokens: int
+    order: list[int], encoded: list[list[int]], n: int, limits: BatchLimits, max_new_tokens: int
 ) -> Iterator[list[int]]:
+    """Consecutive runs of `order` (longest prompt first) that keep `limits`; a prompt too large alone is a
+    batch of its own."""
     batch: list[int] = []
-    cap = batching.max_batch_tokens
+    longest = 0
     for i in order:
-        candidate = [*batch, i]
-        longest = max(len(encoded[j]) for j in candidate)
-        too_big = cap is not None and len(candidate) * batching.n * (longest + max_new_tokens) > cap
-        if batch and (len(candidate) > batching.batch_size or too_big):
+        candidate_longest = max(longest, len(encoded[i]))
+        if batch and not limits.fits(len(batch) + 1, (len(batch) + 1) * n, candidate_longest, max_new_tokens):
             yield batch
-            batch = [i]
-        else:
-            batch = candidate
+            batch, candidate_longest = [], len(encoded[i])
+        batch.append(i)
+        longest = candidate_longest
     if batch:
         yield batch
 

@@ -80,6 +80,7 @@ class ServerEngine:
 
     name = "server"
     samples_with_live_policy = False
+    cache_bytes_per_token = None  # the server sizes its own cache
 
     def __init__(
         self,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams
+from stages.engines.decoder import Decoder, StaticCache, prefilled
 
 TokenRows = Sequence[Sequence[int]]  # one list of token ids per prompt
 SeedRows = Sequence[Sequence[int]]  # seeds[i][k]: the seed of prompt i's k-th sample
@@ -34,9 +34,11 @@ def _forward_parameters(model: PreTrainedModel) -> set[str]:
 
 
 def _pick_tokens(
-    logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]
+    logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row, and its log-probability under the temperature-scaled distribution."""
+    """One token per row, and its log-probability under the temperature-scaled distribution. Each row's token
+    is where its own uniform number (`uniforms`, one per row, from that row's random stream) falls in the
+    cumulative distribution: no per-row work, and a row's token depends on its stream alone."""
     import torch
 
     logits = logits.float()
@@ -50,10 +52,24 @@ def _pick_tokens(
         outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= sampling.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    tokens = torch.stack(
-        [torch.multinomial(probs[row], 1, generator=generators[row])[0] for row in range(probs.shape[0])]
-    )
+    assert uniforms is not None
+    cumulative = probs.cumsum(dim=-1)
+    where = uniforms[:, None].to(cumulative.dtype) * cumulative[:, -1:]  # the mass kept need not sum to 1
+    tokens = torch.searchsorted(cumulative, where, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _uniforms(seeds: SeedRows, steps: int, device: torch.device) -> torch.Tensor:
+    """(rows, steps) uniform numbers in [0, 1): row r's from its own generator, seeded from seeds (one row per
+    sample, prompt by prompt), drawn once per batch instead of once per row and step."""
+    import torch
+
+    rows = []
+    for seed_row in seeds:
+        for seed in seed_row:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            rows.append(torch.rand(steps, generator=generator, device=device, dtype=torch.float64))
+    return torch.stack(rows)
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -71,27 +87,42 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.de
     return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
 
-@dataclass
 class _DecodeState:
-    """The rows still being decoded, and what each original row has produced so far."""
+    """What each row (one per sample) has produced: its tokens and their log-probs, and whether it stopped, kept
+    in tensors so a step records every row at once."""
 
-    tokens: list[list[int]]
-    logps: list[list[float]]
-    finished: list[bool]
-    active: list[int]  # original row of each row still in the batch
+    def __init__(self, rows: int, steps: int, device: torch.device) -> None:
+        import torch
 
-    @classmethod
-    def start(cls, rows: int) -> _DecodeState:
-        return cls([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, list(range(rows)))
+        self.tokens = torch.zeros((rows, max(steps, 1)), dtype=torch.long, device=device)
+        self.logps = torch.zeros((rows, max(steps, 1)), dtype=torch.float32, device=device)
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.active = torch.arange(rows, device=device)  # original row of each row still in the batch
+        self.running = torch.ones(rows, dtype=torch.bool, device=device)  # which of those still decode
 
-    def record(self, picked: list[int], picked_logp: list[float], done: list[bool]) -> list[int]:
-        """Append one token per active row; returns the batch positions that go on."""
-        for i, (token, logp, is_done) in enumerate(zip(picked, picked_logp, done)):
-            row = self.active[i]
-            self.tokens[row].append(token)
-            self.logps[row].append(logp)
-            self.finished[row] = is_done
-        return [i for i, is_done in enumerate(done) if not is_done]
+    def record(self, step: int, picked: torch.Tensor, logp: torch.Tensor, stop: torch.Tensor) -> bool:
+        """One token for each running row; whether any row still runs (one host sync per step)."""
+        import torch
+
+        rows = self.active[self.running]
+        self.tokens[rows, step] = picked[self.running]
+        self.logps[rows, step] = logp[self.running]
+        self.count[rows] += 1
+        ends = torch.isin(picked, stop) & self.running
+        self.stopped[self.active[ends]] = True
+        self.running &= ~ends
+        return bool(self.running.any())
+
+    def samples(self, n: int) -> list[list[Sample]]:
+        tokens, logps, counts, stopped = (
+            self.tokens.tolist(),
+            self.logps.tolist(),
+            self.count.tolist(),
+            self.stopped.tolist(),
+        )
+        rows = [Sample(tokens[r][: counts[r]], logps[r][: counts[r]], stopped[r]) for r in range(len(counts))]
+        return [rows[p * n : (p + 1) * n] for p in range(len(rows) // n)]
 
 
 def sample(
@@ -119,17 +150,14 @@ def sample(
             state = _decode(model, prompts, seeds, sampling, stop_ids=stop_ids, pad_id=pad_id)
     finally:
         model.train(was_training)
-    return [
-        [Sample(state.tokens[p * n + k], state.logps[p * n + k], state.finished[p * n + k]) for k in range(n)]
-        for p in range(len(prompts))
-    ]
+    return state.samples(n)
 
 
 def _prefill(
     model: PreTrainedModel, prompts: Sequence[Sequence[int]], n: int, pad_id: int, cache_arg: str, extra: dict[str, Any]
 ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """One forward pass over the left-padded prompts, then each prompt's KV cache copied n ways.
-    Returns the cache, the next-token logits and the attention mask, one row per sample."""
+    """One forward pass over the left-padded prompts. Returns the cache (one row per prompt), the next-token
+    logits and the attention mask, those two with one row per sample (each prompt's row repeated n times)."""
     from transformers import DynamicCache
 
     input_ids, attention, positions = _left_padded(prompts, pad_id, next(model.parameters()).device)
@@ -144,7 +172,6 @@ def _prefill(
     )
     logits = out.logits[:, -1, :]
     if n > 1:
-        cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
         attention = attention.repeat_interleave(n, dim=0)
     return cache, logits, attention
@@ -159,9 +186,10 @@ def _decode(
     stop_ids: set[int],
     pad_id: int,
 ) -> _DecodeState:
-    """One prefill per prompt, n copies of its KV cache, then token by token until every row stops."""
+    """One prefill per prompt, its cache shared by its n samples, then token by token until every row stops:
+    through the Llama-family decoder (stages/engines/decoder.py) where the model is one, else through the
+    model's own forward."""
     import torch
-    import torch.distributed as dist
 
     device = next(model.parameters()).device
     accepted = _forward_parameters(model)
@@ -169,41 +197,88 @@ def _decode(
     cache_arg = "cache" if "cache" in accepted else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     fsdp = is_sharded(model)
-    sharded_now = fsdp and _holds_shards(model)  # not when gathered whole for sampling (train/sharding.py)
-    lockstep = _Lockstep(model, pad_id) if sharded_now and dist.get_world_size() > 1 else None
+    n = len(seeds[0])
+    decoder = None if fsdp else Decoder.of(model, max(len(p) for p in prompts) + sampling.max_new_tokens)
     # FSDP keeps the weights it gathers in buffers it reuses for training: no inference tensors then
     with torch.no_grad() if fsdp else torch.inference_mode():
-        cache, logits, attention = _prefill(model, prompts, len(seeds[0]), pad_id, cache_arg, extra)
-        generators = [torch.Generator(device=device).manual_seed(s) for seed_row in seeds for s in seed_row]
-        next_position = attention.sum(-1)
+        cache, logits, attention = _prefill(model, prompts, n, pad_id, cache_arg, extra)
+        uniforms = None if sampling.temperature == 0 else _uniforms(seeds, sampling.max_new_tokens, device)
+        state = _DecodeState(logits.shape[0], sampling.max_new_tokens, device)
         stop = torch.tensor(sorted(stop_ids), device=device)
-        state = _DecodeState.start(logits.shape[0])
-        for _ in range(sampling.max_new_tokens):
-            picked, picked_logp = _pick_tokens(logits, sampling, [generators[r] for r in state.active])
-            done = torch.isin(picked, stop)
-            keep = state.record(picked.tolist(), picked_logp.tolist(), done.tolist())
-            if not keep:
-                break
-            if len(keep) < len(state.active):  # drop finished rows from the batch and the cache
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                picked, attention, next_position = picked[index], attention[index], next_position[index]
-                state.active = [state.active[i] for i in keep]
-            attention = torch.cat([attention, attention.new_ones((len(state.active), 1))], dim=-1)
-            if lockstep:
-                lockstep.busy(True)
-            out = model(
-                input_ids=picked[:, None],
-                attention_mask=attention,
-                position_ids=next_position[:, None],
-                use_cache=True,
-                **{cache_arg: cache},
-            )
-            next_position = next_position + 1
-            logits = out.logits[:, -1, :]
-        if lockstep:
-            lockstep.wait_for_others()
+        loop = _decoder_loop if decoder is not None else _forward_loop
+        loop(model, decoder, cache, logits, attention, n, uniforms, state, stop, sampling, (cache_arg, pad_id))
     return state
+
+
+def _decoder_loop(
+    model: Any, decoder: Any, cache: Any, logits: Any, attention: Any, n: int, uniforms: Any, state: _DecodeState,
+    stop: Any, sampling: SamplingParams, _settings: tuple[str, int],
+) -> None:  # fmt: skip
+    """Decode steps through `decoder`, on a cache written in place; finished rows leave the batch in groups
+    (a copy of the cache), once a quarter of it has finished."""
+    keys, values = prefilled(cache)
+    if n > 1:
+        keys = [k.repeat_interleave(n, dim=0) for k in keys]
+        values = [v.repeat_interleave(n, dim=0) for v in values]
+    static = StaticCache(keys, values, attention, sampling.max_new_tokens)
+    del cache, keys, values
+    matmuls = decoder.matmuls()
+    position = attention.sum(-1)
+    for step in range(sampling.max_new_tokens):
+        picked, logp = _pick_tokens(logits, sampling, None if uniforms is None else uniforms[state.active, step])
+        if not state.record(step, picked, logp, stop) or step + 1 == sampling.max_new_tokens:
+            return
+        if int(state.running.sum()) <= 0.75 * len(state.running):  # drop finished rows from batch and cache
+            keep = state.running.nonzero()[:, 0]
+            static.keep(keep)
+            picked, position = picked[keep], position[keep]
+            state.active, state.running = state.active[keep], state.running[keep]
+        logits = decoder.head(decoder.step(picked, position, static, matmuls))
+        position = position + 1
+
+
+def _forward_loop(
+    model: Any, _decoder: Any, cache: Any, logits: Any, attention: Any, n: int, uniforms: Any, state: _DecodeState,
+    stop: Any, sampling: SamplingParams, settings: tuple[str, int],
+) -> None:  # fmt: skip
+    """Decode steps through the model's forward on its own cache, for any architecture (and in lockstep with
+    the other ranks when the model is sharded); finished rows leave the batch and the cache as they finish."""
+    import torch
+    import torch.distributed as dist
+
+    cache_arg, pad_id = settings
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    lockstep = _Lockstep(model, pad_id) if _holds_shards_now(model) and dist.get_world_size() > 1 else None
+    position = attention.sum(-1)
+    for step in range(sampling.max_new_tokens):
+        picked, logp = _pick_tokens(logits, sampling, None if uniforms is None else uniforms[state.active, step])
+        if not state.record(step, picked, logp, stop) or step + 1 == sampling.max_new_tokens:
+            break
+        if not bool(state.running.all()):
+            keep = state.running.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            picked, attention, position = picked[keep], attention[keep], position[keep]
+            state.active, state.running = state.active[keep], state.running[keep]
+        attention = torch.cat([attention, attention.new_ones((len(state.active), 1))], dim=-1)
+        if lockstep:
+            lockstep.busy(True)
+        out = model(
+            input_ids=picked[:, None],
+            attention_mask=attention,
+            position_ids=position[:, None],
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        position = position + 1
+        logits = out.logits[:, -1, :]
+    if lockstep:
+        lockstep.wait_for_others()
+
+
+def _holds_shards_now(model: PreTrainedModel) -> bool:
+    """Sharded by FSDP and holding shards now (not gathered whole for sampling: stages/train/sharding.py)."""
+    return is_sharded(model) and _holds_shards(model)
 
 
 class _Lockstep:
@@ -267,6 +342,7 @@ class TransformersEngine:
         self.model = model
         self.stop_ids = stop_ids
         self.pad_id = pad_id
+        self.cache_bytes_per_token = cache_bytes_per_token(model)
 
     def sample(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], sampling: SamplingParams
@@ -283,6 +359,27 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def cache_bytes_per_token(model: PreTrainedModel) -> int | None:
+    """What one token of a batch adds to the key/value cache: each layer's keys and values, in the dtype the
+    projections give them (float32 under bleuberi's precision policy, whatever the weights' dtype). None when
+    the config does not say (a batch is then sized by rows only)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    weights = next(base.parameters()).dtype
+    hooked = any(getattr(m, "_bleuberi_float32_activations", False) for m in base.modules())
+    size = 4 if weights == torch.float32 or hooked else torch.finfo(weights).bits // 8
+    return 2 * layers * kv_heads * head_dim * size
 
 
 def start(options: EngineOptions, target: EngineTarget) -> TransformersEngine:

@@ -133,6 +133,7 @@ class VllmEngine:
     name = "vllm"
     samples_with_live_policy = False
     text_only = False
+    cache_bytes_per_token = None  # vLLM sizes its own cache
 
     def __init__(
         self,

@@ -40,7 +40,6 @@ DEMO: dict[str, Any] = {
     "max_prompt_length": 256,
     "generate.max_new_tokens": 48,
     "generate.temperature": 0.0,  # the recipe ranks the base model's greedy answers
-    "generate.batch_size": 16,
     "select.num": 64,
     "train.num_generations": 4,
     "train.per_device_train_batch_size": 16,
@@ -50,7 +49,6 @@ DEMO: dict[str, Any] = {
     "train.learning_rate": 3e-4,
     "train.save_steps": 10,
     "eval.max_new_tokens": 48,
-    "eval.batch_size": 16,
 }
 
 
