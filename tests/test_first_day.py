@@ -124,9 +124,8 @@ def test_eval_with_its_reader_gone_stops_before_the_next_system(tmp_path, tiny_m
     os.close(read_end)  # the reader left before the first batch
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bleuberi_cli", *args], stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=600
-        )
+        argv = [sys.executable, "-m", "bleuberi_cli", *args]
+        done = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=600)
     finally:
         os.close(write_end)
     err = done.stderr.decode()

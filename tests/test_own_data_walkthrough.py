@@ -49,10 +49,12 @@ def test_the_own_data_walkthrough_runs_as_written(tiny_model, tmp_path) -> None:
         ("--max-completion-length 128", "--max-completion-length 4"),
     ]:
         script = swap(script, old, new)
-    script = script.replace("--max-new-tokens 128", "--max-new-tokens 4").replace("--max-prompt-length 512", "--max-prompt-length 64")
+    script = script.replace("--max-new-tokens 128", "--max-new-tokens 4")
+    script = script.replace("--max-prompt-length 512", "--max-prompt-length 64")
     script = script.replace("bleuberi ", f"{sys.executable} -m bleuberi_cli ")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, timeout=900)
+    argv = ["bash", "-euo", "pipefail", "-c", script]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=900)
     err = done.stderr.decode()
     assert done.returncode == 0, err[-3000:]
     pool = [orjson.loads(line) for line in (tmp_path / "data/pool.jsonl").read_bytes().splitlines()]

@@ -99,8 +99,9 @@ class Decoder:
         hidden = self.embed(tokens)[:, None, :]  # (rows, 1, hidden), the layout the modules expect
         cos, sin = self.base.model.rotary_emb(hidden, positions[:, None])
         column = cache.advance()
+        bias = cache.bias(column)  # one additive mask for every layer
         for index, (layer, mm) in enumerate(zip(self.layers, matmuls)):
-            hidden = self._layer(layer, mm, hidden, cos, sin, cache, index, column)
+            hidden = self._layer(layer, mm, hidden, (cos, sin), cache, index, bias)
         return self.base.model.norm(hidden)[:, 0]
 
     def _layer(
@@ -108,26 +109,25 @@ class Decoder:
         layer: Any,
         mm: LayerMatmuls,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         cache: StaticCache,
         index: int,
-        column: int,
+        bias: torch.Tensor,
     ) -> torch.Tensor:
-        import torch.nn.functional as F
+        import torch
 
         rows = hidden.shape[0]
         normed = layer.input_layernorm(hidden)
         q = mm.q(normed).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
         k = mm.k(normed).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         v = mm.v(normed).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, k, cos, sin)
-        keys, values = cache.write(index, column, k, v)
-        # each key/value head attends for its group of query heads: the group's queries as a length-g query
-        groups = self.heads // self.kv_heads
-        q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, cache.mask(column), scale=self.scaling)
-        out = out.reshape(rows, 1, self.heads * self.head_dim).to(hidden.dtype)
+        q, k = self.rope(q, k, *rotary)
+        keys_t, values = cache.write(index, k, v)
+        # Each key/value head attends for its group of query heads (no copy of keys and values per head), as
+        # plain batched matmuls: a kernel built for long queries spent 1 ms per layer on this one-token query.
+        q = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim).to(keys_t.dtype)
+        weights = torch.softmax(torch.matmul(q, keys_t) * self.scaling + bias, dim=-1)
+        out = torch.matmul(weights, values).reshape(rows, 1, self.heads * self.head_dim).to(hidden.dtype)
         hidden = hidden + mm.o(out)
         normed = layer.post_attention_layernorm(hidden)
         return hidden + mm.down(layer.mlp.act_fn(mm.gate(normed)) * mm.up(normed))
@@ -145,19 +145,24 @@ class Decoder:
 
 class StaticCache:
     """Every layer's keys and values for a batch, in one buffer allocated for its whole length, written in
-    place one column per step; and which columns each row may attend to (left padding excluded)."""
+    place one column per step; and which columns each row may attend to (left padding excluded). Keys are
+    kept transposed (head_dim before length), so both attention products read the buffer as it is."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, extra: int) -> None:
         import torch
 
         rows, kv_heads, width, head_dim = keys[0].shape
-        shape = (len(keys), rows, kv_heads, width + extra, head_dim)
-        self.keys = torch.empty(shape, dtype=keys[0].dtype, device=keys[0].device)
-        self.values = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+        total = width + extra
+        self.keys_t = torch.empty(
+            (len(keys), rows, kv_heads, head_dim, total), dtype=keys[0].dtype, device=keys[0].device
+        )
+        self.values = torch.empty(
+            (len(keys), rows, kv_heads, total, head_dim), dtype=values[0].dtype, device=values[0].device
+        )
         for layer, (k, v) in enumerate(zip(keys, values)):
-            self.keys[layer, :, :, :width] = k
+            self.keys_t[layer, ..., :width] = k.transpose(-1, -2)
             self.values[layer, :, :, :width] = v
-        self.valid = torch.ones((rows, width + extra), dtype=torch.bool, device=valid.device)
+        self.valid = torch.ones((rows, total), dtype=torch.bool, device=valid.device)
         self.valid[:, :width] = valid.bool()
         self.length = width  # columns written so far
 
@@ -166,18 +171,24 @@ class StaticCache:
         self.length += 1
         return self.length - 1
 
-    def write(self, layer: int, column: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's key and value (rows, kv_heads, 1, head_dim); the layer's keys and values so far."""
-        self.keys[layer, :, :, column] = k[:, :, 0]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's key and value (rows, kv_heads, 1, head_dim) in the current column; the layer's keys
+        (transposed) and values so far."""
+        column = self.length - 1
+        self.keys_t[layer, ..., column] = k[:, :, 0]
         self.values[layer, :, :, column] = v[:, :, 0]
-        return self.keys[layer, :, :, : column + 1], self.values[layer, :, :, : column + 1]
+        return self.keys_t[layer, ..., : column + 1], self.values[layer, :, :, : column + 1]
 
-    def mask(self, column: int) -> torch.Tensor:
-        return self.valid[:, None, None, : column + 1]
+    def bias(self, column: int) -> torch.Tensor:
+        """0 where a row may attend, minus infinity on its left padding: (rows, 1, 1, columns so far)."""
+        import torch
+
+        mask = self.valid[:, None, None, : column + 1]
+        return torch.zeros(mask.shape, dtype=self.keys_t.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only these rows go on (a copy of the rows kept; the others' memory is let go)."""
-        self.keys = self.keys[:, rows]
+        self.keys_t = self.keys_t[:, rows]
         self.values = self.values[:, rows]
         self.valid = self.valid[rows]
 
