@@ -3,7 +3,7 @@
 Workload (deterministic, seed 0): 1,000 records, 8 completions of 20-300 words each, 5 references of
 20-300 words each, drawn from a vocabulary with punctuation, numbers and a little non-ASCII text.
 
-    python bench/score_bench.py [--records 1000] [--repeats 3]
+    python bench/score_bench.py [--records 1000] [--repeats 3] [--process-records 600]
 
 Prints completions/s for (a) sacrebleu.sentence_bleu per completion, (b) our scorer with 1 job,
 (c) our scorer with all jobs through the streaming `score_records` API, the ratios against (a), and
@@ -64,6 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--process-records", type=int, default=600, help="records (x 8 completions) for the whole-process run; 0: none"
+    )
     args = parser.parse_args()
 
     records = make_workload(args.records)
@@ -94,6 +97,34 @@ def main() -> None:
     print(f"(b) bleuberi scorer, 1 job       : {n / t_one:10.0f} completions/s   ratio {t_base / t_one:5.1f}x")
     print(f"(c) bleuberi scorer, {jobs} jobs      : {n / t_all:10.0f} completions/s   ratio {t_base / t_all:5.1f}x")
     print(f"max |ours - sacrebleu| = {max_diff:.3g}   (target <= 1e-12; ratio target >= 10 with 1 job)")
+    if args.process_records:
+        whole_process(args.process_records, args.repeats)
+
+
+def whole_process(n_records: int, repeats: int) -> None:
+    """`bleuberi score` as a user runs it (a new process: start-up, imports, reading, scoring, writing) against
+    the sacrebleu loop on the same completions (issue 32: at least 8x on 4,800 completions x 5 references)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import orjson
+
+    records = make_workload(n_records)
+    n = sum(len(r["completions"]) for r in records)
+    t_base, _ = _median_seconds(
+        lambda: [sacrebleu.sentence_bleu(c, r["references"]) for r in records for c in r["completions"]], repeats
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "in.jsonl"
+        data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+        argv = [sys.executable, "-m", "bleuberi_cli", "score", "-i", str(data), "-o", str(Path(folder) / "out.jsonl")]
+        t_process, _ = _median_seconds(lambda: subprocess.run([*argv, "-q"], check=True), repeats)
+    print(
+        f"whole process, {n} completions x 5 references: sacrebleu loop {t_base:.2f} s, `bleuberi score` "
+        f"{t_process:.2f} s: {t_base / t_process:.1f}x (target >= 8x)"
+    )
 
 
 if __name__ == "__main__":

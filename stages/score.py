@@ -289,6 +289,15 @@ class ScoreConfig(options.Options):
 _worker_scorer: Scorer | None = None
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where scoring workers come from: a fork server that imported this module once (POSIX), else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _init_worker(
     specs: list[MetricSpec], weights: list[float] | None, aggregate: Aggregate, combine: Combine, extract: bool
 ) -> None:
@@ -346,24 +355,30 @@ def score_records(
                 yield scorer.apply(record, scorer.score_record(record))
         return
 
-    # spawn, not fork: a parent that has imported torch (e.g. `bleuberi run`) must not be forked.
-    context = multiprocessing.get_context("spawn")
+    # Not fork: a parent that has imported torch (e.g. `bleuberi run`) must not be forked. A fork server that
+    # has imported the scorer once starts each worker at once (spawned, each imported the whole command anew).
+    # This process scores every jobs-th chunk itself, so no core waits while the workers start.
+    context = _worker_context()
     init_args = (scorer.specs, scorer.weights, scorer.aggregate, scorer.combine, scorer.extract_answer)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
-        pending: deque[tuple[list[dict[str, Any]], Future[list[dict[str, list[float | None]]]]]] = deque()
+    with ProcessPoolExecutor(jobs - 1, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque[tuple[list[dict[str, Any]], Future[list[dict[str, list[float | None]]]] | list[Any]]] = deque()
 
-        def submit(chunk: list[dict[str, Any]]) -> None:
+        def submit(index: int, chunk: list[dict[str, Any]]) -> None:
+            if index % jobs == jobs - 1:  # this process's share, scored now
+                pending.append((chunk, [scorer.score_record(record) for record in chunk]))
+                return
             items = [_worker_view(r, scorer.needs_record) for r in chunk]
             pending.append((chunk, pool.submit(_score_chunk, items)))
 
         def drain_one() -> Iterator[dict[str, Any]]:
-            chunk, future = pending.popleft()
-            for record, scores in zip(chunk, future.result()):
-                yield scorer.apply(record, scores)
+            chunk, result = pending.popleft()
+            scores = result.result() if isinstance(result, Future) else result
+            for record, record_scores in zip(chunk, scores):
+                yield scorer.apply(record, record_scores)
 
         try:
-            for chunk in itertools.chain(head, chunks):
-                submit(chunk)
+            for index, chunk in enumerate(itertools.chain(head, chunks)):
+                submit(index, chunk)
                 if len(pending) >= 2 * jobs:
                     yield from drain_one()
             while pending:
