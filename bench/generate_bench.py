@@ -75,9 +75,9 @@ def step_seconds(generator: Generator, rows: int, repeats: int) -> tuple[float, 
         keys, values = prefilled(cache)
         decoder = Decoder.of(model, 100 + 4 * repeats + 8)
         assert decoder is not None, "bench/generate_bench.py times a Llama-family model"
-        static = StaticCache(
-            [k.clone() for k in keys], [v.clone() for v in values], torch.ones(rows, 100), 4 * repeats + 8
-        )
+        shape = (len(keys), rows, keys[0].shape[1], keys[0].shape[3], 100 + 4 * repeats + 8)
+        static = StaticCache(shape, 100, keys[0].dtype, keys[0].device)
+        static.place(slice(0, rows), keys, values, torch.ones(rows, 100))
         matmuls, token = decoder.matmuls(), torch.full((rows,), 42)
         position = torch.full((rows,), 100)
         mask = torch.ones(rows, 100, dtype=torch.long)

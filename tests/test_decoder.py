@@ -143,3 +143,17 @@ def test_the_vectorised_sampler_draws_from_the_distribution() -> None:
     assert set(nucleus.tolist()) == {0, 1}  # 0.53 alone is under 0.6; with the second it is reached
     share = float(kept[0] / (kept[0] + kept[1]))
     assert math.isclose(float((nucleus == 0).double().mean()), share, abs_tol=0.01)
+
+
+def test_prompts_prefilled_in_groups_give_what_one_prefill_gives(monkeypatch) -> None:
+    """Groups of prompts, each padded to its own longest, right-aligned in one cache: the same samples as the
+    forward's single padded prefill (here a group holds at most 12 prompt tokens: three groups)."""
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 12)
+    prompts = sorted(PROMPTS, key=len, reverse=True)
+    seeds = [[3 * p + k for k in range(2)] for p in range(len(prompts))]
+    model, sampling = tiny("llama"), SamplingParams(8, 1.0)
+    fast = sample(model, prompts, seeds, sampling, stop_ids=STOP, pad_id=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.Decoder, "of", classmethod(lambda cls, model, total: None))
+        slow = sample(model, prompts, seeds, sampling, stop_ids=STOP, pad_id=0)
+    assert_same(fast, slow)

@@ -146,25 +146,30 @@ class Decoder:
 class StaticCache:
     """Every layer's keys and values for a batch, in one buffer allocated for its whole length, written in
     place one column per step; and which columns each row may attend to (left padding excluded). Keys are
-    kept transposed (head_dim before length), so both attention products read the buffer as it is."""
+    kept transposed (head_dim before length), so both attention products read the buffer as it is. Rows are
+    filled from prefills of groups of prompts (`place`), right-aligned, so every row's prompt ends at the
+    same column."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, extra: int) -> None:
+    def __init__(
+        self, shape: tuple[int, int, int, int, int], width: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         import torch
 
-        rows, kv_heads, width, head_dim = keys[0].shape
-        total = width + extra
-        self.keys_t = torch.empty(
-            (len(keys), rows, kv_heads, head_dim, total), dtype=keys[0].dtype, device=keys[0].device
-        )
-        self.values = torch.empty(
-            (len(keys), rows, kv_heads, total, head_dim), dtype=values[0].dtype, device=values[0].device
-        )
+        layers, rows, kv_heads, head_dim, total = shape
+        self.keys_t = torch.empty((layers, rows, kv_heads, head_dim, total), dtype=dtype, device=device)
+        self.values = torch.empty((layers, rows, kv_heads, total, head_dim), dtype=dtype, device=device)
+        self.valid = torch.ones((rows, total), dtype=torch.bool, device=device)
+        self.length = width  # columns written so far (every prompt is right-aligned to end here)
+
+    def place(self, rows: slice, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> None:
+        """A prefill's keys and values (per layer: rows, kv_heads, width, head_dim) and its attention mask, for
+        `rows`, ending at column `length`."""
+        start = self.length - keys[0].shape[2]
         for layer, (k, v) in enumerate(zip(keys, values)):
-            self.keys_t[layer, ..., :width] = k.transpose(-1, -2)
-            self.values[layer, :, :, :width] = v
-        self.valid = torch.ones((rows, total), dtype=torch.bool, device=valid.device)
-        self.valid[:, :width] = valid.bool()
-        self.length = width  # columns written so far
+            self.keys_t[layer, rows, ..., start : self.length] = k.transpose(-1, -2)
+            self.values[layer, rows, :, start : self.length] = v
+        self.valid[rows, :start] = False
+        self.valid[rows, start : self.length] = valid.bool()
 
     def advance(self) -> int:
         """The column this step writes (all rows end at the same column: prompts are left-padded)."""

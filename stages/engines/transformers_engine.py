@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
@@ -153,24 +154,14 @@ def sample(
     return state.samples(n)
 
 
-def _prefill(
-    model: PreTrainedModel, prompts: Sequence[Sequence[int]], n: int, pad_id: int, cache_arg: str, extra: dict[str, Any]
-) -> tuple[Any, torch.Tensor, torch.Tensor]:
+def _prefill(forward: _Forward, prompts: Sequence[Sequence[int]], n: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """One forward pass over the left-padded prompts. Returns the cache (one row per prompt), the next-token
     logits and the attention mask, those two with one row per sample (each prompt's row repeated n times)."""
     from transformers import DynamicCache
 
-    input_ids, attention, positions = _left_padded(prompts, pad_id, next(model.parameters()).device)
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions,
-        use_cache=True,
-        **{cache_arg: cache},
-        **extra,
-    )
-    logits = out.logits[:, -1, :]
+    input_ids, attention, positions = _left_padded(prompts, forward.pad_id, next(forward.model.parameters()).device)
+    cache = DynamicCache(config=forward.model.config)
+    logits = forward(cache, input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[:, -1, :]
     if n > 1:
         logits = logits.repeat_interleave(n, dim=0)
         attention = attention.repeat_interleave(n, dim=0)
@@ -194,36 +185,95 @@ def _decode(
     device = next(model.parameters()).device
     accepted = _forward_parameters(model)
     # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
-    cache_arg = "cache" if "cache" in accepted else "past_key_values"
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    forward = _Forward(
+        model, "cache" if "cache" in accepted else "past_key_values", "logits_to_keep" in accepted, pad_id
+    )
     fsdp = is_sharded(model)
     n = len(seeds[0])
     decoder = None if fsdp else Decoder.of(model, max(len(p) for p in prompts) + sampling.max_new_tokens)
     # FSDP keeps the weights it gathers in buffers it reuses for training: no inference tensors then
     with torch.no_grad() if fsdp else torch.inference_mode():
-        cache, logits, attention = _prefill(model, prompts, n, pad_id, cache_arg, extra)
         uniforms = None if sampling.temperature == 0 else _uniforms(seeds, sampling.max_new_tokens, device)
-        state = _DecodeState(logits.shape[0], sampling.max_new_tokens, device)
+        state = _DecodeState(len(prompts) * n, sampling.max_new_tokens, device)
         stop = torch.tensor(sorted(stop_ids), device=device)
-        loop = _decoder_loop if decoder is not None else _forward_loop
-        loop(model, decoder, cache, logits, attention, n, uniforms, state, stop, sampling, (cache_arg, pad_id))
+        if decoder is not None:
+            logits, static, position = _prefill_in_groups(forward, decoder, prompts, n, sampling.max_new_tokens)
+            _decoder_loop(decoder, static, logits, position, uniforms, state, stop, sampling)
+        else:
+            cache, logits, attention = _prefill(forward, prompts, n)
+            _forward_loop(forward, cache, logits, attention, n, uniforms, state, stop, sampling)
     return state
 
 
+@dataclass(frozen=True)
+class _Forward:
+    """How this model's own forward pass is called: its cache argument's name, whether it can compute the
+    logits of the last position only, and the padding id."""
+
+    model: Any
+    cache_arg: str
+    last_logits_only: bool
+    pad_id: int
+
+    def __call__(self, cache: Any, **inputs: Any) -> Any:
+        extra = {"logits_to_keep": 1} if self.last_logits_only else {}
+        return self.model(use_cache=True, **{self.cache_arg: cache}, **inputs, **extra)
+
+
+# Prompt tokens (rows x longest prompt) per prefill pass of the decoder: prompts come longest first, so each
+# pass pads little, and its activations stay small however large the decode batch is.
+PREFILL_TOKENS = 4096
+
+
+def _prefill_in_groups(
+    forward: _Forward, decoder: Decoder, prompts: TokenRows, n: int, new_tokens: int
+) -> tuple[torch.Tensor, StaticCache, torch.Tensor]:
+    """Prefill consecutive groups of prompts, each padded to its own longest prompt, into one cache for the
+    whole batch (every row right-aligned). Returns the next-token logits, the cache and each row's next
+    position, one row per sample."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    groups, start = [], 0
+    while start < len(prompts):
+        stop = start + 1
+        while (
+            stop < len(prompts)
+            and (stop + 1 - start) * max(len(p) for p in prompts[start : stop + 1]) <= PREFILL_TOKENS
+        ):
+            stop += 1
+        groups.append((start, stop))
+        start = stop
+    logits, static = [], None
+    for start, stop in groups:
+        cache, group_logits, attention = _prefill(forward, prompts[start:stop], n)
+        keys, values = prefilled(cache)
+        if n > 1:
+            keys = [k.repeat_interleave(n, dim=0) for k in keys]
+            values = [v.repeat_interleave(n, dim=0) for v in values]
+        if static is None:
+            shape = (len(keys), len(prompts) * n, keys[0].shape[1], keys[0].shape[3], width + new_tokens)
+            static = StaticCache(shape, width, keys[0].dtype, keys[0].device)
+        static.place(slice(start * n, stop * n), keys, values, attention)
+        logits.append(group_logits)
+    assert static is not None
+    position = torch.tensor([len(p) for p in prompts for _ in range(n)], device=static.valid.device)
+    return torch.cat(logits), static, position
+
+
 def _decoder_loop(
-    model: Any, decoder: Any, cache: Any, logits: Any, attention: Any, n: int, uniforms: Any, state: _DecodeState,
-    stop: Any, sampling: SamplingParams, _settings: tuple[str, int],
-) -> None:  # fmt: skip
+    decoder: Decoder,
+    static: StaticCache,
+    logits: torch.Tensor,
+    position: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    state: _DecodeState,
+    stop: torch.Tensor,
+    sampling: SamplingParams,
+) -> None:
     """Decode steps through `decoder`, on a cache written in place; finished rows leave the batch in groups
     (a copy of the cache), once a quarter of it has finished."""
-    keys, values = prefilled(cache)
-    if n > 1:
-        keys = [k.repeat_interleave(n, dim=0) for k in keys]
-        values = [v.repeat_interleave(n, dim=0) for v in values]
-    static = StaticCache(keys, values, attention, sampling.max_new_tokens)
-    del cache, keys, values
     matmuls = decoder.matmuls()
-    position = attention.sum(-1)
     for step in range(sampling.max_new_tokens):
         picked, logp = _pick_tokens(logits, sampling, None if uniforms is None else uniforms[state.active, step])
         if not state.record(step, picked, logp, stop) or step + 1 == sampling.max_new_tokens:
@@ -238,18 +288,25 @@ def _decoder_loop(
 
 
 def _forward_loop(
-    model: Any, _decoder: Any, cache: Any, logits: Any, attention: Any, n: int, uniforms: Any, state: _DecodeState,
-    stop: Any, sampling: SamplingParams, settings: tuple[str, int],
-) -> None:  # fmt: skip
+    forward: _Forward,
+    cache: Any,
+    logits: torch.Tensor,
+    attention: torch.Tensor,
+    n: int,
+    uniforms: torch.Tensor | None,
+    state: _DecodeState,
+    stop: torch.Tensor,
+    sampling: SamplingParams,
+) -> None:
     """Decode steps through the model's forward on its own cache, for any architecture (and in lockstep with
     the other ranks when the model is sharded); finished rows leave the batch and the cache as they finish."""
     import torch
     import torch.distributed as dist
 
-    cache_arg, pad_id = settings
     if n > 1:
         cache.batch_repeat_interleave(n)
-    lockstep = _Lockstep(model, pad_id) if _holds_shards_now(model) and dist.get_world_size() > 1 else None
+    model = forward.model
+    lockstep = _Lockstep(model, forward.pad_id) if _holds_shards_now(model) and dist.get_world_size() > 1 else None
     position = attention.sum(-1)
     for step in range(sampling.max_new_tokens):
         picked, logp = _pick_tokens(logits, sampling, None if uniforms is None else uniforms[state.active, step])
@@ -268,7 +325,7 @@ def _forward_loop(
             attention_mask=attention,
             position_ids=position[:, None],
             use_cache=True,
-            **{cache_arg: cache},
+            **{forward.cache_arg: cache},
         )
         position = position + 1
         logits = out.logits[:, -1, :]
