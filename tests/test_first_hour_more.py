@@ -256,7 +256,7 @@ def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_pat
     during, rest, out = interrupt_step_1(tiny_model, tmp_path, wait_for="TEST: step 1 ended")
     expected = "bleuberi: Ctrl-C: finishing step 1 of 2, then saving a checkpoint; Ctrl-C again to stop now"
     assert expected in during  # said while the step still ran
-    assert f"interrupted; saved {out / 'checkpoints' / 'step-1'}" in rest
+    assert f"interrupted at step 1 of 2; saved {out / 'checkpoints' / 'step-1'}" in rest
     assert (out / "checkpoints" / "step-1").is_dir()
 
 

@@ -121,7 +121,9 @@ def test_each_step_samples_with_the_adapter_of_the_step_before(engines, tiny_mod
 
 def test_async_rollouts_are_one_step_stale(engines, tiny_model, tmp_path) -> None:
     records = demo_records("pool", 6)
-    result = train(records, config(tiny_model, engine=own_engine(), async_rollouts=True, max_steps=4), tmp_path / "run")
+    # chrF: a random model's samples differ in reward, so every step updates the adapter the next one samples from
+    settings = config(tiny_model, engine=own_engine(), async_rollouts=True, max_steps=4, reward=["chrf"])
+    result = train(records, settings, tmp_path / "run")
     [engine] = engines
     # Step 1 samples now (adapter 0); step 2 was sampled during step 1 with adapter 0; step 3 during
     # step 2 with adapter 1; step 4 during step 3 with adapter 2: never more than one step behind.
