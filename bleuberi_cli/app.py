@@ -60,7 +60,8 @@ for name, module, command in (
 
 
 def main() -> None:
-    # peft still calls a transformers property that transformers 5 renamed; the warning is not actionable.
+    # peft (0.21.2, the newest) reads `is_gradient_checkpointing`, which transformers 5.23 deprecates; not
+    # actionable by a user. Look again with the next peft (pyproject.toml's test filters name it too).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     app()
 

@@ -98,7 +98,9 @@ def with_config_options(
     field_names = {leaf.name for leaf in fields}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        hints = typing.get_type_hints(command, include_extras=True)
+        # Not typing.get_type_hints: before Python 3.11 it wraps the hint of a parameter that defaults to None
+        # in Optional[...], which hides an Annotated option from typer (`-o` would be unknown).
+        hints = inspect.get_annotations(command, eval_str=True)
         own = [
             p.replace(annotation=hints.get(p.name, p.annotation))
             for p in inspect.signature(command).parameters.values()

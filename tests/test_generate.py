@@ -98,6 +98,26 @@ def test_logprobs_match_a_full_forward_pass(generator) -> None:
     assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
 
 
+def test_the_kv_cache_goes_by_the_name_the_model_takes(generator) -> None:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40):
+    the sampler passes whichever name the model takes, on either side of the rename."""
+    import torch
+    import transformers
+    from packaging.version import Version
+
+    from stages.engines.transformers_engine import cache_keyword
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None): ...
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, cache=None): ...
+
+    assert (cache_keyword(Before()), cache_keyword(After())) == ("past_key_values", "cache")
+    renamed = Version(transformers.__version__) >= Version("5.24")
+    assert cache_keyword(generator.model) == ("cache" if renamed else "past_key_values")
+
+
 def test_same_seed_same_outputs_and_batching_does_not_matter(generator) -> None:
     params = SamplingParams(12, 1.0, top_p=0.9)
 

@@ -210,18 +210,19 @@ def _sampling():
 def _rescored(policy, prompt: list[int], sample):
     """`sample`'s tokens with the log-probs this policy's own sampler gives them: a KV-cached decode of the
     same tokens (teacher-forced), as the sampler records them while drawing."""
+    from transformers import DynamicCache
+
     from stages.engines.base import Sample
+    from stages.engines.transformers_engine import cache_keyword
 
     model = policy.model
     ids = torch.tensor([prompt + sample.token_ids])
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place, as the sampler does
     with torch.no_grad():
-        out = model(input_ids=ids[:, : len(prompt)], use_cache=True)
-        past, logps = out.past_key_values, []
-        logits = out.logits[0, -1]
+        logits, logps = model(input_ids=ids[:, : len(prompt)], use_cache=True, **cache).logits[0, -1], []
         for token in sample.token_ids:
             logps.append(float(torch.log_softmax(logits.float() / 0.9, -1)[token]))
-            step = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, logits = step.past_key_values, step.logits[0, -1]
+            logits = model(input_ids=torch.tensor([[token]]), use_cache=True, **cache).logits[0, -1]
     return Sample(list(sample.token_ids), logps, sample.finished)
 
 

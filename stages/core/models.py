@@ -358,7 +358,8 @@ def attach_adapter(model: PreTrainedModel, adapter: str, *, merge: bool) -> Any:
     folder = check_adapter(adapter)
     try:
         with warnings.catch_warnings():
-            # peft reads a transformers property that transformers 5 renamed; nothing for a user to act on.
+            # peft (0.21.2, the newest) reads `is_gradient_checkpointing`, deprecated by transformers 5.23;
+            # nothing for a user to act on. Look again with the next peft.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as error:

@@ -34,6 +34,12 @@ def _forward_parameters(model: PreTrainedModel) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The name `model.forward` takes its KV cache by: `cache` from transformers 5.24 (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
 def _pick_tokens(
     logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,10 +190,7 @@ def _decode(
 
     device = next(model.parameters()).device
     accepted = _forward_parameters(model)
-    # transformers 5.x renamed `past_key_values` to `cache`; pass whichever this model takes.
-    forward = _Forward(
-        model, "cache" if "cache" in accepted else "past_key_values", "logits_to_keep" in accepted, pad_id
-    )
+    forward = _Forward(model, cache_keyword(model), "logits_to_keep" in accepted, pad_id)
     fsdp = is_sharded(model)
     n = len(seeds[0])
     decoder = None if fsdp else Decoder.of(model, max(len(p) for p in prompts) + sampling.max_new_tokens)
