@@ -340,8 +340,10 @@ def test_a_sharded_policy_samples_and_trains_as_the_whole_one(tiny_model, tmp_pa
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert max(ranks[0]["lengths"]) != max(ranks[1]["lengths"])  # one rank went on decoding alone
     for rank in ranks:
-        # the same bf16 weights (gathered exactly), the same kernels: the same numbers
-        assert rank["same_tokens"] and rank["sampled_logprob_gap"] == 0.0 and rank["reference_gap"] == 0.0
+        # the same bf16 weights (gathered exactly): the same tokens and reference log-probs. The whole policy
+        # decodes with bleuberi's decoder, the sharded one through the model's forward (lockstep): the same
+        # bf16 logits, whose float32 log-softmax may round an ulp apart (log-probs of 1 to 10: ulps up to 1e-6)
+        assert rank["same_tokens"] and rank["sampled_logprob_gap"] <= 2e-6 and rank["reference_gap"] == 0.0
         # gathered whole for the round (the default in train), then sharded again for the update
         assert rank["gathered_same"] and rank["resharded_after"]
         sharded, whole = rank["stats"]
