@@ -57,3 +57,8 @@ class WriteFailed(BleuberiError):
     def __init__(self, path: str, cause: str) -> None:
         self.path, self.cause = path, cause
         super().__init__(f"{path}: cannot write: {cause}")
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """`error.add_note(note)`, also on Python 3.10 (add_note is 3.11's): the CLI prints the notes after the error."""
+    error.__notes__ = [*getattr(error, "__notes__", []), note]

@@ -24,7 +24,7 @@ from typing import IO, Any, BinaryIO
 
 import orjson
 
-from stages.core.errors import InputError, OutputClosed, WriteFailed
+from stages.core.errors import InputError, OutputClosed, WriteFailed, add_note
 from stages.core.files import atomic_path, kept_note, new_temp_file, out_of_space, remove_stale_temp_files
 
 STDIN_NAME = "<stdin>"
@@ -378,7 +378,7 @@ class JsonlWriter:
         if self.count == 0:
             self._tmp_path.unlink(missing_ok=True)
         elif exc is not None:
-            exc.__notes__ = [*getattr(exc, "__notes__", []), self.kept_note()]
+            add_note(exc, self.kept_note())
 
     def kept_note(self) -> str:
         """What a failed command says of the records its journal keeps."""

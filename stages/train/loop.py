@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import Interrupted
+from stages.core.errors import Interrupted, add_note
 from stages.core.files import remove_leftovers
 from stages.core.lock import folder_lock
 from stages.metrics.python import RewardFunctionError
@@ -148,7 +148,7 @@ def train(
         try:
             result = _train(run, merge_to=merge_to, on_step=logged, say=say, should_stop=should_stop)
         except KeyboardInterrupt as stopped:  # a second Ctrl-C: the step in progress is lost, the checkpoints are not
-            stopped.add_note(newest_checkpoint_note(output_dir))
+            add_note(stopped, newest_checkpoint_note(output_dir))
             raise
         finally:
             telemetry.close()
