@@ -22,7 +22,7 @@ HELP = """Run the BLEUBERI recipe (select, train, eval) end to end in one run fo
   3. eval    base vs trained on the held-out set: paired intervals, wins, a length control, a verdict
 
 With no CONFIG it runs the demo: the embedded model (smollm2-135m) and demo data, sized to finish
-in about 7 minutes on a 2-core CPU. Precedence: --set KEY=VALUE > CONFIG > built-in defaults;
+in 7 to 10 minutes on a 2-core CPU. Precedence: --set KEY=VALUE > CONFIG > built-in defaults;
 unknown keys and wrong types are errors. A rerun skips the stages whose configuration and inputs are
 unchanged (hashes in RUN_DIR/stages.json) and continues an interrupted stage where it stopped.
 

@@ -1,9 +1,9 @@
 """The decode loop of the transformers engine for the Llama family (Llama, Mistral, Qwen2, SmolLM): one token
 per row and step, through the model's own modules, without the framework around them.
 
-Why not the model's forward for each step? On a 2-core CPU a transformers decode step with 16 rows and 100
-cached tokens took 102-110 ms where its matmuls need 40-45 (docs/engines.md has the profile). Most of the
-rest is memory traffic that does not depend on the model's arithmetic: the dynamic cache concatenates every
+Why not the model's forward for each step? On a 2-core AMD EPYC a transformers decode step with 16 rows and
+100 cached tokens took 121 ms where the same matmuls alone, reading every weight once, take 86 (bench/RESULTS.md,
+"Generation"). Much of the rest is memory traffic the arithmetic does not need: the dynamic cache concatenates every
 layer's keys and values with the new token's at each step (a copy of the whole cache), and a grouped-query
 model's keys and values are copied to every query head before attention. Here the cache is one buffer per
 batch, written in place, and each key/value head attends for its group of query heads (a reshape, no copy).
