@@ -31,6 +31,7 @@ minute (tests/test_gpu_check.py). Record the GPU figures in bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -282,16 +283,21 @@ def part_grpo(args: argparse.Namespace, shape: str, mode: str, folder: Path, wor
 
 
 def stop_session(child: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the child's session (torchrun passes it on to its worker), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(child.pid, sig)
-            child.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM to the child's session (torchrun passes it on to its worker), SIGKILL if it lingers; returns once
+    the child is reaped (SIGKILL cannot be caught, so that wait ends; a bounded one left it running on a busy
+    machine)."""
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(timeout=15)
+        return
+    except ProcessLookupError:  # the whole session already ended
+        child.wait()
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 def grpo_result(args: argparse.Namespace, shape: str, mode: str, outcome: dict[str, Any]) -> Result:
