@@ -226,7 +226,7 @@ def test_fsdp_on_one_process_under_torchrun(runs, tiny_model, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_a_rank_whose_rows_were_all_left_out_steps_with_the_others(runs, tiny_model, tmp_path) -> None:
+def test_a_rank_whose_rows_were_all_left_out_steps_with_the_others(tiny_model, tmp_path) -> None:
     """--skip-zero-std: a rank whose groups all had equal rewards has no rows. It still takes part in the
     update (DDP: the gradient all-reduce, which hung before; FSDP: as many forward passes as the others)."""
     settings = [*SETTINGS[: SETTINGS.index("-q")], "--skip-zero-std", "-q"]
