@@ -156,8 +156,10 @@ class StaticCache:
         import torch
 
         layers, rows, kv_heads, head_dim, total = shape
-        self.keys_t = torch.empty((layers, rows, kv_heads, head_dim, total), dtype=dtype, device=device)
-        self.values = torch.empty((layers, rows, kv_heads, total, head_dim), dtype=dtype, device=device)
+        # Zeros, not empty: a masked column still enters the products (weight 0 times its value), and 0 x NaN
+        # left in uninitialised memory would be NaN; the left padding of shorter groups is never written.
+        self.keys_t = torch.zeros((layers, rows, kv_heads, head_dim, total), dtype=dtype, device=device)
+        self.values = torch.zeros((layers, rows, kv_heads, total, head_dim), dtype=dtype, device=device)
         self.valid = torch.ones((rows, total), dtype=torch.bool, device=device)
         self.length = width  # columns written so far (every prompt is right-aligned to end here)
 
