@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from stages.core.preflight import Needs
@@ -25,6 +25,24 @@ def scale_text(scale: Scale) -> str:
     if scale is None:
         return "unbounded"
     return "..".join(f"{bound:g}" for bound in scale)
+
+
+@dataclass
+class Usage:
+    """What a metric that asks a service has cost so far (the judge's counters): requests sent, answers read
+    from its cache, completions it gave no score (null), and the seconds spent. Totals; a step's share is
+    the difference of two readings."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    nulls: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
 
 
 @dataclass
@@ -105,6 +123,17 @@ class Metric(ABC):
 
     # What the argument names, for preflight: "models" (rm:PATH) or "servers" (rm-url:URL); None: nothing.
     argument_names: ClassVar[str | None] = None
+    # Asks a service per completion (judge-url:): callers hand it many groups at once (`prefetch`) so its
+    # requests run concurrently instead of one group after another.
+    prefetches: ClassVar[bool] = False
+
+    def prefetch(self, batches: Sequence[Batch]) -> None:
+        """Get ready to score `batches` (e.g. send their requests at once); their `score_batch` calls follow."""
+        return None
+
+    def usage(self) -> Usage | None:
+        """What this metric has cost so far, for one that asks a service; None for the others."""
+        return None
 
     @classmethod
     def needs(cls, argument: str | None) -> Needs:
