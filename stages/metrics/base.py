@@ -44,6 +44,11 @@ class Usage:
     def __sub__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
 
+    def line(self) -> str:
+        """As the commands say it on stderr."""
+        nulls = f"{self.nulls} null{'s' if self.nulls != 1 else ''} (no score in the reply)"
+        return f"{self.requests} requests, {self.cache_hits} answered from the cache, {nulls}, {self.seconds:.1f}s"
+
 
 @dataclass
 class Batch:
