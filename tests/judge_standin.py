@@ -16,11 +16,10 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.conftest import reply as send
-from tests.conftest import serve
 
 SECTION = re.compile(r"### Reference answer\n(?P<refs>.*)\n\n### Answer to grade\n(?P<answer>.*)\n\n### Rubric", re.S)
 
@@ -47,7 +46,10 @@ class JudgeStandin:
         self.requests: list[dict[str, Any]] = []  # {"path", "body", "auth"}
         self.in_flight = self.peak = 0
         self.lock = threading.Lock()
-        self.server = serve(self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        # a short poll: close() returns at once (the default half second, times every test, adds up)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def chats(self) -> list[dict[str, Any]]:

@@ -69,7 +69,7 @@ class TrainConfig(options.Options):
     reward: list[str] = option(
         factory=lambda: ["bleu"],
         help="NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL, "
-        "py:FILE.py:FUNCTION (your own); "
+        "judge-url:URL[#MODEL] (an LLM judge given the references), py:FILE.py:FUNCTION (your own); "
         "several are combined by reward_combine",
         metavar="NAME[:ARG][:WEIGHT]",
         panel=WHAT,
