@@ -198,6 +198,15 @@ def test_the_cache_key_is_what_changes_the_answer(judge, monkeypatch, tmp_path) 
     assert {"reply", "request"} <= set(json.loads(files[0].read_text()))  # JSON, never pickle
 
 
+def test_a_cache_that_cannot_be_written_is_said_once_and_left_off(judge, monkeypatch, tmp_path) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BLEUBERI_JUDGE_CACHE", str(tmp_path / "a-file" / "cache"))  # under a file: no folder
+    notices: list[str] = []
+    metric = JudgeReward(judge.url, notice=notices.append)
+    assert metric.sentence_scores(ANSWERS, [REFERENCE], messages=PROMPT) == pytest.approx(GRADES)
+    assert len(notices) == 1 and "cannot be written" in notices[0] and "going on without it" in notices[0]
+
+
 def test_requests_run_concurrently_up_to_the_bound(judge, monkeypatch) -> None:
     monkeypatch.setenv("BLEUBERI_JUDGE_CONCURRENCY", "3")
     judge.slow = 0.2
@@ -279,7 +288,7 @@ def test_garbage_replies_are_counted_nulls_never_zeros(runner, judge, tmp_path) 
     out = read_jsonl_text(result.stdout)
     assert [r["scores"][spec] for r in out] == [[1.0, None], [None], [None], [None]]
     assert out[0]["score"] == 1.0 and out[1]["score"] is None  # left out of the aggregate, as py: None is
-    assert "4 nulls (no score in the reply)" in result.stderr
+    assert "4 nulls (no readable score)" in result.stderr
     shown = [line for line in result.stderr.splitlines() if "null for record" in line]
     assert len(shown) == 3 and "'Nice answer!'" in shown[0] and "further nulls are counted" in shown[-1]
     # in a mixed reward a null is left out of the sum (TRL's nansum): the bleu part alone

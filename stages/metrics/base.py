@@ -46,7 +46,7 @@ class Usage:
 
     def line(self) -> str:
         """As the commands say it on stderr."""
-        nulls = f"{self.nulls} null{'s' if self.nulls != 1 else ''} (no score in the reply)"
+        nulls = f"{self.nulls} null{'s' if self.nulls != 1 else ''} (no readable score)"
         return f"{self.requests} requests, {self.cache_hits} answered from the cache, {nulls}, {self.seconds:.1f}s"
 
 

@@ -141,10 +141,12 @@ def probe(argument: str) -> None:
 
 
 class ReplyCache:
-    """Judge replies on disk, one JSON file per request key (never pickle); None: no cache."""
+    """Judge replies on disk, one JSON file per request key (never pickle); no folder: no cache. A cache that
+    cannot be written is said once and left off: the grades still come, only a rerun asks again."""
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path | None, notice: Callable[[str], None]) -> None:
+        self.folder, self.notice = folder, notice
+        self._lock = threading.Lock()  # replies are written from the request threads
 
     def path(self, key: str) -> Path:
         assert self.folder is not None
@@ -161,12 +163,19 @@ class ReplyCache:
         return reply if isinstance(reply, str) else None
 
     def put(self, key: str, reply: str, request: dict[str, Any]) -> None:
-        if self.folder is None:
+        folder = self.folder
+        if folder is None:
             return
         from stages.core.files import atomic_path
 
-        with atomic_path(self.path(key)) as tmp:
-            tmp.write_text(json.dumps({"reply": reply, "request": request}), encoding="utf-8")
+        try:
+            with atomic_path(self.path(key)) as tmp:
+                tmp.write_text(json.dumps({"reply": reply, "request": request}), encoding="utf-8")
+        except (OSError, BleuberiError) as error:  # BleuberiError: WriteFailed, a full disk
+            with self._lock:
+                said, self.folder = self.folder is None, None
+            if not said:
+                self.notice(f"the judge's cache {folder} cannot be written ({error}); going on without it")
 
 
 def print_notice(message: str) -> None:
@@ -206,8 +215,8 @@ class JudgeReward(Metric):
         self.template: Template = load_template(self.settings.template)
         s = self.settings
         self.client = JsonClient(self.base_url, api_key=s.key, timeout=s.timeout, retries=s.retries, backoff=backoff)
-        self.cache = ReplyCache(_cache_folder(s.cache))
         self.notice = notice
+        self.cache = ReplyCache(_cache_folder(s.cache), notice)
         self.totals = Usage()
         self._identity: dict[str, Any] | None = None
         self._prefetched: dict[str, str] = {}
