@@ -5,6 +5,7 @@ concurrency bound, and the faults: a server that is down or hangs, garbage repli
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -15,9 +16,9 @@ from stages.core.errors import ConfigError, UsageError
 from stages.core.http import ServerError
 from stages.metrics import Batch, JudgeError, get_metric, parse_spec
 from stages.metrics.judge import JudgeReward, JudgeSettings, split_target
-from stages.metrics.judge_prompt import load_template, parse_score
+from stages.metrics.judge_prompt import DEFAULT_TEMPLATE, load_template, parse_score
 from stages.score import COMBINED, Scorer, zscores
-from tests.conftest import free_port, read_jsonl_text, train_args, write_jsonl
+from tests.conftest import ROOT, free_port, read_jsonl_text, train_args, write_jsonl
 from tests.judge_standin import JudgeStandin
 
 REFERENCE = "Jupiter is the largest planet."
@@ -126,6 +127,31 @@ def test_templates_from_files_and_their_checks(tmp_path) -> None:
         load_template(str(text))
     with pytest.raises(ConfigError, match="cannot read"):
         load_template(str(tmp_path / "missing.txt"))
+
+
+# A value other than the default for each variable docs/rewards.md lists (the key and the cache: any value).
+CHANGED = {
+    "KEY": "k",
+    "TEMPLATE": "t.txt",
+    "REFERENCES": "first",
+    "SCALE": "1..5",
+    "TEMPERATURE": "0.7",
+    "MAX_TOKENS": "200",
+    "CONCURRENCY": "2",
+    "TIMEOUT": "5",
+    "RETRIES": "0",
+    "CACHE": "off",
+}
+
+
+def test_the_docs_show_the_default_template_and_the_settings_there_are() -> None:
+    text = (ROOT / "docs" / "rewards.md").read_text()
+    section = text.split("## An LLM judge given the references", 1)[1].split("\n## ", 1)[0]
+    assert f"```text\n{DEFAULT_TEMPLATE}\n```" in section
+    documented = re.findall(r"^\| `BLEUBERI_JUDGE_([A-Z_]+)` \|", section, re.M)
+    assert sorted(documented) == sorted(CHANGED)
+    for name, value in CHANGED.items():  # each one is read, and changes what it names
+        assert JudgeSettings.from_env({f"BLEUBERI_JUDGE_{name}": value}) != JudgeSettings(), name
 
 
 # --- grades where they go ------------------------------------------------------------------------------
