@@ -419,3 +419,43 @@ def test_eval_with_the_judge_as_a_metric(runner, judge, tmp_path) -> None:
     judge.reply = lambda body: "hmm"  # with the cache off, a judge that gives no score: one line, exit 1
     result = runner.invoke(app, [*args, "--metric", spec, "-q"], env={"BLEUBERI_JUDGE_CACHE": "off"})
     assert result.exit_code == 1 and "no score for 3 of 3 answers (first: record 'q0'" in one_line(result)
+
+
+# --- bleuberi run ------------------------------------------------------------------------------------------
+
+
+def test_run_trains_with_the_judge_and_a_changed_template_redoes_its_stages(
+    runner, judge, tiny_model, tmp_path, monkeypatch
+) -> None:
+    from stages.run.config_file import load_config
+    from stages.run.recipe import stage_digests
+    from tests.conftest import run_args
+
+    spec = f"judge-url:{judge.url}"
+    reward = f'train.reward=["bleu", "{spec}:0.5"]'
+    result = runner.invoke(app, run_args(tmp_path / "run", tiny_model, reward))
+    assert result.exit_code == 0, result.stderr
+    metrics = read_jsonl_text((tmp_path / "run/train/metrics.jsonl").read_text())
+    trained = sum(step["judge_requests"] for step in metrics)
+    assert trained > 0
+    # eval reports the trained reward too: what it asked is the rest
+    assert f"{spec}: {len(judge.chats()) - trained} requests, " in result.stderr
+    assert any(line.startswith("train: step") and "judge " in line for line in result.stderr.splitlines())
+    config = load_config(None, [f"model={tiny_model}", reward])
+    before = stage_digests(config)
+    template = tmp_path / "strict.txt"
+    template.write_text("{{references}}\n{{answer}}\nscore: N")
+    monkeypatch.setenv("BLEUBERI_JUDGE_TEMPLATE", str(template))
+    after = stage_digests(config)
+    assert before[0] == after[0]  # select does not use the judge
+    assert before[1] != after[1] and before[2] != after[2]  # train does (and eval follows it)
+
+
+def test_run_stops_at_once_when_its_judge_is_down(runner, tiny_model, tmp_path) -> None:
+    from tests.conftest import run_args
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    args = run_args(tmp_path / "run", tiny_model, f'eval.metrics=["bleu", "judge-url:{url}"]')
+    result = runner.invoke(app, args, env={"BLEUBERI_JUDGE_RETRIES": "0"})
+    assert result.exit_code == 1 and url in one_line(result)
+    assert not (tmp_path / "run").exists()  # before the run folder, the model, the selection
