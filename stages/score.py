@@ -175,24 +175,18 @@ class Scorer:
         `messages` (the prompt's chat turns) is needed by metrics that score the conversation (rm, rm-url);
         `record` (the record answered) and `completion_ids` by `py:` functions. Only those return None.
         """
-        whole, answers = self._batches(completions, references, messages, record, completion_ids)
+        whole = Batch.group(completions, references, messages=messages, record=record, completion_ids=completion_ids)
+        answers = self._answers(whole)
         scores = {m.name: m.score_batch(whole if m.full_completion else answers) for m in self.metrics}
         if self.score_key == COMBINED:
             scores[COMBINED] = self._combined([scores[m.name] for m in self.metrics], len(completions))
         return scores
 
-    def _batches(
-        self,
-        completions: Sequence[str],
-        references: Sequence[str],
-        messages: list[dict[str, str]] | None = None,
-        record: dict[str, Any] | None = None,
-        completion_ids: Sequence[Sequence[int]] | None = None,
-    ) -> tuple[Batch, Batch]:
-        """One prompt's completions as metrics see them: whole, and (reasoning mode) only their answers."""
-        whole = Batch.group(completions, references, messages=messages, record=record, completion_ids=completion_ids)
-        answers = replace(whole, completions=[extract_answer(c) for c in completions]) if self.extract_answer else whole
-        return whole, answers
+    def _answers(self, whole: Batch) -> Batch:
+        """What the metrics that read only the answer see: in reasoning mode the `<answer>` parts, else `whole`."""
+        return (
+            replace(whole, completions=[extract_answer(c) for c in whole.completions]) if self.extract_answer else whole
+        )
 
     def prefetch(self, groups: Sequence[tuple[Sequence[str], Sequence[str], Any, Any]]) -> None:
         """Hand the `score` calls to come, (completions, references, messages, record) per prompt, to the
@@ -201,7 +195,8 @@ class Scorer:
         asking = [m for m in self.metrics if m.prefetches]
         if not asking or not groups:
             return
-        batches = [self._batches(*group) for group in groups]
+        wholes = [Batch.group(c, r, messages=m, record=record) for c, r, m, record in groups]
+        batches = [(whole, self._answers(whole)) for whole in wholes]
         for metric in asking:
             metric.prefetch([whole if metric.full_completion else answers for whole, answers in batches])
 

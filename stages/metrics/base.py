@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from stages.core.preflight import Needs
@@ -208,6 +208,31 @@ class Metric(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.signature()!r})"
+
+
+class BatchMetric(Metric):
+    """A metric whose one entry point is `score_batch`, which may leave a completion without a score (None:
+    a `py:` function's "no reward", a judge's unreadable reply). Called one hypothesis or one record at a
+    time, by callers that need every score, a None is an error (the batch says `missing_ok=False`)."""
+
+    def prepare(self, references: Sequence[str]) -> Sequence[str]:
+        return references
+
+    def sentence_scores(
+        self, hypotheses: Sequence[str], references: Sequence[str], *, messages: Messages | None = None
+    ) -> list[float]:
+        batch = replace(Batch.group(hypotheses, references, messages=messages), missing_ok=False)
+        return self.score_batch(batch)  # type: ignore[return-value]  # no None: missing_ok is False
+
+    def paired_scores(
+        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
+    ) -> list[float]:
+        _check_corpus(hypotheses, references)
+        return self.score_batch(Batch(hypotheses, references, messages, missing_ok=False))  # type: ignore[return-value]
+
+    @abstractmethod
+    def score_batch(self, batch: Batch) -> list[float | None]:
+        """One score (or None) per completion of `batch`; a None where `batch.missing_ok` is False is an error."""
 
 
 def _check_references(references: Sequence[str]) -> Sequence[str]:

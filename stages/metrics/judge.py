@@ -31,14 +31,14 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from stages.core.errors import BleuberiError, ConfigError, UsageError
 from stages.core.http import JsonClient, ServerError
 from stages.core.preflight import Needs
-from stages.metrics.base import Batch, Messages, Metric, PromptTurns, ReferenceLists, Usage, _check_corpus
+from stages.metrics.base import Batch, BatchMetric, Usage
 from stages.metrics.judge_prompt import (
     Template,
     instruction_text,
@@ -182,7 +182,7 @@ def print_notice(message: str) -> None:
     sys.stderr.write(f"bleuberi: warning: {message}\n")  # stdout carries only records
 
 
-class JudgeReward(Metric):
+class JudgeReward(BatchMetric):
     name = "judge-url"
     argument = "URL[#MODEL]"
     description = "LLM judge behind an OpenAI-compatible chat endpoint, given the references: its grade, 0..1"
@@ -250,24 +250,8 @@ class JudgeReward(Metric):
 
     # --- scoring --------------------------------------------------------------------------------------
 
-    def prepare(self, references: Sequence[str]) -> Sequence[str]:
-        return references
-
     def score_prepared(self, hypothesis: str, prepared: Any) -> float:
         raise UsageError(f"{self.name} reads the prompt: use sentence_scores(..., messages=...)")
-
-    def sentence_scores(
-        self, hypotheses: Sequence[str], references: Sequence[str], *, messages: Messages | None = None
-    ) -> list[float]:
-        batch = replace(Batch.group(hypotheses, references, messages=messages), missing_ok=False)
-        return self.score_batch(batch)  # type: ignore[return-value]  # no None: missing_ok is False
-
-    def paired_scores(
-        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
-    ) -> list[float]:
-        _check_corpus(hypotheses, references)
-        batch = Batch(hypotheses, references, messages, missing_ok=False)
-        return self.score_batch(batch)  # type: ignore[return-value]  # no None: missing_ok is False
 
     def prefetch(self, batches: Sequence[Batch]) -> None:
         """Ask for every completion of `batches` at once (bounded by the concurrency); `score_batch` reads them."""
