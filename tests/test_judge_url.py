@@ -135,6 +135,7 @@ CHANGED = {
     "TEMPLATE": "t.txt",
     "REFERENCES": "first",
     "SCALE": "1..5",
+    "FORMAT": "json",
     "TEMPERATURE": "0.7",
     "MAX_TOKENS": "200",
     "CONCURRENCY": "2",
@@ -168,6 +169,18 @@ def test_grades_the_completions_against_the_references(judge, monkeypatch) -> No
     assert "### Instruction\nName the largest planet.\n" in bodies[0]["messages"][0]["content"]
     assert {r["auth"] for r in judge.requests} == {"Bearer sekret"}
     assert metric.signature().startswith("judge-url|model:judge|template:default@sha256:")
+
+
+def test_json_format_asks_for_structured_outputs_on_the_scale(judge, monkeypatch) -> None:
+    monkeypatch.setenv("BLEUBERI_JUDGE_FORMAT", "json")
+    monkeypatch.setenv("BLEUBERI_JUDGE_SCALE", "1..5")
+    judge.reply = lambda body: json.dumps({"score": 4})
+    assert get_metric(f"judge-url:{judge.url}").sentence_scores(["Jupiter."], [REFERENCE], messages=PROMPT) == [0.75]
+    [body] = judge.chats()
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert body["response_format"]["type"] == "json_schema" and schema["required"] == ["score"]
+    assert schema["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
+    assert "a whole number from 1 to 5" in body["messages"][0]["content"]
 
 
 def test_all_references_or_only_the_first(judge, monkeypatch) -> None:

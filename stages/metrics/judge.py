@@ -1,22 +1,14 @@
 """`judge-url:URL[#MODEL]`: an LLM judge behind an OpenAI-compatible chat endpoint grades each completion
 against the record's references, a score on 0..1 (the rung between BLEU and a reward model).
 
-URL is the endpoint's base (`http://127.0.0.1:8000/v1`; a URL ending in `/chat/completions` is taken
-as that base); `#MODEL` names the served model, else the one base model its `/models` lists. Each
-completion is one chat request: the template (stages/metrics/judge_prompt.py) filled with the prompt,
-the references and the completion; the reply's number on LOW..HIGH becomes (N - LOW) / (HIGH - LOW).
-A reply without a readable score is a null: counted, shown on stderr (the first few), and handled as a
-`py:` reward's None (left out of `combined` and of means; an error in `eval`, which needs every answer
-scored). Never a 0.
-
-Everything else comes from the environment (the table in docs/rewards.md): the API key
-($BLEUBERI_JUDGE_KEY, sent as `Authorization: Bearer` to the URL's own scheme, host and port only; no
-redirect is followed), the template, all or the first reference, the scale, temperature (0: a rerun
-gives the same reward), max tokens, concurrency, timeout, retries. Requests go through the project's one
-HTTP client (stages/core/http.py: retries with backoff on refused connections, timeouts, 429 and 5xx),
-at most CONCURRENCY at once. Replies are cached on disk, one JSON file per request, keyed by the served
-model (its name and, where the server says, its weights' path), the filled-in messages (template,
-prompt, references, completion) and the sampling settings; written atomically (temp file, rename).
+URL is the endpoint's base (`http://127.0.0.1:8000/v1`); `#MODEL` the served model, else the one base
+model `/models` lists. One chat request per completion: the template (stages/metrics/judge_prompt.py)
+filled with the prompt, the references and the completion; the reply's grade N on LOW..HIGH becomes
+(N - LOW) / (HIGH - LOW). A reply without a readable grade is a null, never a 0: counted, the first few
+shown on stderr, and handled as a `py:` reward's None (an error in `eval`, which needs every answer).
+Settings come from $BLEUBERI_JUDGE_* (docs/rewards.md). Requests go through the one HTTP client
+(stages/core/http.py: retries with backoff, timeouts, no redirects, the key to its own host only), at
+most CONCURRENCY at once; replies are cached on disk, keyed by everything that changes them.
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -39,13 +32,7 @@ from stages.core.errors import BleuberiError, ConfigError, UsageError
 from stages.core.http import JsonClient, ServerError
 from stages.core.preflight import Needs
 from stages.metrics.base import Batch, BatchMetric, Usage
-from stages.metrics.judge_prompt import (
-    Template,
-    instruction_text,
-    load_template,
-    parse_score,
-    references_text,
-)
+from stages.metrics.judge_prompt import Template, instruction_text, load_template, parse_score, references_text
 
 ENV = "BLEUBERI_JUDGE_"
 NULLS_SHOWN = 3  # replies without a score shown on stderr per judge; the rest are counted
@@ -62,6 +49,7 @@ class JudgeSettings:
     key: str | None = None
     template: str | None = None  # a file; None: the default template
     references: Literal["all", "first"] = "all"
+    format: Literal["text", "json"] = "text"  # json: the server must answer {"score": N} (structured outputs)
     low: float = 0.0
     high: float = 10.0
     temperature: float = 0.0
@@ -77,11 +65,15 @@ class JudgeSettings:
         references = env.get("REFERENCES", "all")
         if references not in ("all", "first"):
             raise ConfigError(f"${ENV}REFERENCES must be all or first, got {references!r}")
+        reply_format = env.get("FORMAT", "text")
+        if reply_format not in ("text", "json"):
+            raise ConfigError(f"${ENV}FORMAT must be text or json, got {reply_format!r}")
         low, high = _scale(env.get("SCALE", "0..10"))
         return cls(
             key=env.get("KEY") or None,
             template=env.get("TEMPLATE") or None,
             references=references,  # type: ignore[arg-type]
+            format=reply_format,  # type: ignore[arg-type]
             low=low,
             high=high,
             temperature=_number(env, "TEMPERATURE", 0.0, float, 0),
@@ -298,11 +290,21 @@ class JudgeReward(BatchMetric):
             }
             body: dict[str, Any] = {"messages": self.template.render(values), "temperature": s.temperature}
             body["max_tokens"] = s.max_tokens
+            if s.format == "json":
+                body["response_format"] = self.json_format()
             if s.temperature > 0:
                 body["seed"] = 0  # a sampled grade is still the same on a rerun (and from the cache)
             key = hashlib.sha256(json.dumps([identity, body], sort_keys=True).encode()).hexdigest()
             pairs.append((key, {"model": identity["id"], **body}))
         return pairs
+
+    def json_format(self) -> dict[str, Any]:
+        """OpenAI's structured outputs: the reply must be {"score": N}, N a whole number on the scale (the
+        server enforces it as it decodes: vLLM, SGLang, llama.cpp's server, OpenAI)."""
+        score = {"type": "integer", "minimum": math.ceil(self.settings.low), "maximum": math.floor(self.settings.high)}
+        schema = {"type": "object", "properties": {"score": score}, "required": ["score"]}
+        schema["additionalProperties"] = False
+        return {"type": "json_schema", "json_schema": {"name": "grade", "schema": schema, "strict": True}}
 
     def _replies(self, requests: dict[str, dict[str, Any]]) -> dict[str, str]:
         """The reply to each request: from the cache, else asked (at most `concurrency` at once)."""
@@ -365,7 +367,7 @@ class JudgeReward(BatchMetric):
         return (
             f"judge-url|model:{model}|template:{self.template.source}@sha256:{self.template.sha256[:12]}"
             f"|references:{s.references}|scale:{s.low:g}..{s.high:g}|temperature:{s.temperature:g}"
-            f"|max_tokens:{s.max_tokens}"
+            f"|max_tokens:{s.max_tokens}|format:{s.format}"
         )
 
 

@@ -45,7 +45,7 @@ Middle scores: partly right; something important is missing or wrong.
 {{low}}: wrong, off-topic or empty.
 Judge meaning and correctness, not wording or length: a correct answer in other words deserves {{high}}.
 
-Reply with the score only, a whole number from {{low}} to {{high}}, as: score: N"""
+Reply with the score only: a whole number from {{low}} to {{high}}."""
 
 PLACEHOLDERS = ("instruction", "references", "answer", "low", "high")
 REQUIRED = ("references", "answer")  # a reference-guided judge sees both
