@@ -400,6 +400,17 @@ def test_a_grpo_step_logs_the_judges_requests_hits_and_nulls(runner, judge, tiny
     assert [s["reward_mean"] for s in repeat] == [s["reward_mean"] for s in steps]
 
 
+def test_a_step_whose_judge_gave_no_grade_logs_no_mean_and_trains_on_bleu(runner, judge, tiny_model, tmp_path) -> None:
+    judge.reply = lambda body: "Looks fine to me."
+    data = write_jsonl(tmp_path / "train.jsonl", [{"id": "p0", "prompt": "Say 0.", "references": ["0"]}])
+    spec = f"judge-url:{judge.url}"
+    result = runner.invoke(app, [*train_args(data, tmp_path / "run", tiny_model, reward="bleu"), "--reward", spec])
+    assert result.exit_code == 0, result.output
+    [step] = read_jsonl_text(result.stdout)
+    assert step["judge_nulls"] == 4 and step["rewards"][spec] == {"mean": None, "std": None}  # not a mean of 0
+    assert step["reward_mean"] == pytest.approx(step["rewards"]["bleu"]["mean"])  # the sum left the nulls out
+
+
 def test_eval_with_the_judge_as_a_metric(runner, judge, tmp_path) -> None:
     heldout = write_jsonl(
         tmp_path / "heldout.jsonl",

@@ -149,7 +149,8 @@ def step_record(
     per_metric = {}
     for name, values in rollout.reward_parts.items():
         mean, std = dist.mean_std(values, device)
-        per_metric[name] = {"mean": round(mean, 6), "std": round(std, 6)}
+        given = dist.sum([float(len(values))], device)[0]  # none at all (a py: None, a judge's null): no mean, not 0
+        per_metric[name] = {"mean": round(mean, 6), "std": round(std, 6)} if given else {"mean": None, "std": None}
     lengths = [float(len(s.token_ids)) for s in rollout.samples]
     truncated = [0.0 if s.finished else 1.0 for s in rollout.samples]
     n, length_sum, trunc_sum, zero_groups, groups = dist.sum(
