@@ -483,3 +483,23 @@ def test_run_stops_at_once_when_its_judge_is_down(runner, tiny_model, tmp_path) 
     result = runner.invoke(app, args, env={"BLEUBERI_JUDGE_RETRIES": "0"})
     assert result.exit_code == 1 and url in one_line(result)
     assert not (tmp_path / "run").exists()  # before the run folder, the model, the selection
+
+
+def test_agreement_with_human_preferences_asks_the_judge_with_the_prompt(judge) -> None:
+    from stages.eval.agreement import measure_agreement
+
+    pairs = [
+        {"id": "p1", "prompt": "Largest planet?", "response_a": REFERENCE, "response_b": "Mars.", "winner": "a"},
+        {"id": "p2", "prompt": "Largest planet?!", "response_a": "Mars.", "response_b": "Jupiter.", "winner": "a"},
+    ]
+    for pair in pairs:
+        pair["references"] = [REFERENCE]
+    spec = f"judge-url:{judge.url}"
+    result = measure_agreement(pairs, [spec])
+    assert [(p["agreement"]["metrics"][spec]["a"], p["agreement"]["metrics"][spec]["b"]) for p in pairs] == [
+        (1.0, 0.0),
+        (0.0, 0.5),
+    ]
+    assert [p["agreement"]["metrics"][spec]["agrees"] for p in pairs] == [True, False]
+    assert result.summary["agreement"][spec]["mean"] == 0.5
+    assert "### Instruction\nLargest planet?!\n" in judge.chats()[-1]["messages"][0]["content"]
