@@ -348,8 +348,8 @@ class JudgeReward(BatchMetric):
             first, why, reply = unscored[0]
             raise JudgeError(
                 f"{self.name}: no score for {len(unscored)} of {len(batch.completions)} answers (first: "
-                f"{_where(batch, first)}: {why}: {_snippet(reply)}); every answer needs one here: try a larger "
-                f"judge model or a stricter template (${ENV}TEMPLATE)"
+                f"{_where(batch, first)}: {why}: {_snippet(reply)}); every answer needs one here: ask for structured "
+                f"outputs (${ENV}FORMAT=json), a stricter template or a larger judge"
             )
         for i, why, reply in unscored:
             if self._shown >= NULLS_SHOWN:
