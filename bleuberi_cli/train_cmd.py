@@ -46,7 +46,6 @@ Examples:
   bleuberi train -i hard.jsonl -o runs/mix --reward bleu:1 --reward rouge-l:0.5 --beta 0
   bleuberi train -i hard.jsonl -o runs/rm --reward rm:/models/Skywork-Reward-Llama-3.1-8B-v0.2
   bleuberi train -i hard.jsonl -o runs/bleu-rm --reward bleu --reward rm:/models/rm --reward-combine zscore
-  bleuberi train -i hard.jsonl -o runs/judge --reward bleu --reward judge-url:http://gpu:8000/v1 --reward-combine zscore
   bleuberi train -i hard.jsonl -o runs/think --reasoning                  # <think>/<answer> + format reward
   bleuberi train -i hard.jsonl -o runs/sft --algo sft --learning-rate 1e-4
   bleuberi train -i hard.jsonl -o runs/bleu --resume            # continue from the latest checkpoint
