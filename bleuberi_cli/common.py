@@ -371,6 +371,11 @@ class StepProgress:
         for key in ("reward_mean", "kl", "loss", "completion_length_mean", "seconds"):
             if key in record:
                 parts.append(f"{key} {record[key]:.4g}")
+        if "judge_requests" in record:  # a judge-url reward: what this step asked of it
+            parts.append(
+                f"judge {record['judge_requests']} requests, {record['judge_cache_hits']} cached, "
+                f"{record['judge_nulls']} nulls, {record['judge_seconds']:.3g}s"
+            )
         if rate := self.steps.rate():
             parts.append(f"{1 / rate:.3g} s/step" + (f", {left}" if (left := self.steps.left()) else ""))
         if self.live:

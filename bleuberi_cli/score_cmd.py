@@ -31,7 +31,9 @@ Adds `scores` ({{metric: [one float per completion]}}), `score` (the record's ag
 `scoring` (metric signatures). Streams: records are written as soon as they are scored, in order.
 Each metric's range is listed below: reference metrics are on 0..1, `emb` is a cosine (-1..1, in
 practice 0..1); `rm:PATH` / `rm-url:URL` give raw reward-model scores of the conversation (prompt +
-completion), which `select` can rank by ("hard by RM"). `py:FILE.py:FUNCTION` is your own reward
+completion), which `select` can rank by ("hard by RM"). `judge-url:URL[#MODEL]` asks an LLM behind an
+OpenAI-compatible endpoint to grade each completion against the references (0..1; a reply without a
+score is null; settings from $BLEUBERI_JUDGE_*, docs/rewards.md). `py:FILE.py:FUNCTION` is your own reward
 (docs/rewards.md, "Your own reward"); a None it returns is written as null and left out of `score`. {SPEC_HELP}
 
 \b
@@ -45,6 +47,7 @@ Examples:
   bleuberi score -i generated.jsonl -m rm:/models/rm | bleuberi select --mode hard -n 100   # hard by RM
   bleuberi score -i generated.jsonl -m bleu -m rm:/models/rm --combine zscore
   bleuberi score -i generated.jsonl -m bleu -m py:examples/rewards.py:length_band:0.5
+  bleuberi score -i generated.jsonl -m judge-url:http://127.0.0.1:8000/v1#smol   # a judge, with the references
 
 {NORMALISATION_HELP}
 """
@@ -91,6 +94,8 @@ def score(
                 advance(1)
         report_reading(stats, quiet=quiet)
         say(tally.line(records.waited, len(done)) + (f"; written to {output}" if output else ""), quiet=quiet)
+        if (usage := scorer.usage()) is not None:  # a judge: what it cost
+            say(f"judge: {usage.line()}", quiet=quiet)
 
 
 class Tally:

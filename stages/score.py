@@ -31,7 +31,7 @@ from stages.core.errors import UsageError
 from stages.core.models import Device
 from stages.core.options import check_choice, option
 from stages.core.records import prompt_messages
-from stages.metrics import Batch, Metric, MetricSpec, parse_specs
+from stages.metrics import Batch, Metric, MetricSpec, Usage, parse_specs
 from stages.metrics.reasoning import extract_answer
 
 Aggregate = Literal["mean", "max", "min"]
@@ -176,11 +176,40 @@ class Scorer:
         `record` (the record answered) and `completion_ids` by `py:` functions. Only those return None.
         """
         whole = Batch.group(completions, references, messages=messages, record=record, completion_ids=completion_ids)
-        answers = replace(whole, completions=[extract_answer(c) for c in completions]) if self.extract_answer else whole
+        answers = self._answers(whole)
         scores = {m.name: m.score_batch(whole if m.full_completion else answers) for m in self.metrics}
         if self.score_key == COMBINED:
             scores[COMBINED] = self._combined([scores[m.name] for m in self.metrics], len(completions))
         return scores
+
+    def _answers(self, whole: Batch) -> Batch:
+        """What the metrics that read only the answer see: in reasoning mode the `<answer>` parts, else `whole`."""
+        return (
+            replace(whole, completions=[extract_answer(c) for c in whole.completions]) if self.extract_answer else whole
+        )
+
+    def prefetch(self, groups: Sequence[tuple[Sequence[str], Sequence[str], Any, Any]]) -> None:
+        """Hand the `score` calls to come, (completions, references, messages, record) per prompt, to the
+        metrics that ask a service (a judge), which send all their requests at once, bounded, instead of one
+        prompt after another. The scores are unchanged; metrics that ask nothing ignore it."""
+        asking = [m for m in self.metrics if m.prefetches]
+        if not asking or not groups:
+            return
+        wholes = [Batch.group(c, r, messages=m, record=record) for c, r, m, record in groups]
+        batches = [(whole, self._answers(whole)) for whole in wholes]
+        for metric in asking:
+            metric.prefetch([whole if metric.full_completion else answers for whole, answers in batches])
+
+    def prefetch_records(self, records: Sequence[dict[str, Any]]) -> None:
+        """`prefetch` for normalised records with `completions`, as `score_record` will score them."""
+        self.prefetch(
+            [(r["completions"], r["references"], prompt_messages(r) if self.needs_prompt else None, r) for r in records]
+        )
+
+    def usage(self) -> Usage | None:
+        """What the metrics that ask a service (judges) have cost so far, together; None when none does."""
+        readings = [u for u in (m.usage() for m in self.metrics) if u is not None]
+        return sum(readings, Usage()) if readings else None
 
     def _combined(self, columns: list[list[float | None]], n: int) -> list[float | None]:
         """The weighted sum (or weighted mean of z-scores) per completion; a None is left out, as TRL's
@@ -337,8 +366,9 @@ def score_records(
     `jobs` > 1 spreads the work over that many processes once the stream is longer than two chunks;
     shorter streams are scored in this process, where starting workers would cost more than it saves.
     At most 2 x jobs chunks are in flight, so memory stays bounded on endless streams. Metrics that
-    hold a model (bertscore, emb, rm, rm-url) always score in this process, batched per record; a `py:`
-    function is imported once by each worker (in its initializer) and called there.
+    hold a model or a connection (bertscore, emb, rm, rm-url, judge-url) always score in this process,
+    batched per record; a judge is handed each chunk of records first, to ask for all of them at once. A
+    `py:` function is imported once by each worker (in its initializer) and called there.
     """
     jobs = available_jobs() if jobs is None or jobs <= 0 else jobs
     if scorer.in_process:
@@ -351,6 +381,7 @@ def score_records(
             break
     if jobs == 1 or len(head) <= 2:
         for chunk in itertools.chain(head, chunks):
+            scorer.prefetch_records(chunk)  # a judge asks for the whole chunk at once
             for record in chunk:
                 yield scorer.apply(record, scorer.score_record(record))
         return

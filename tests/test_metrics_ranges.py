@@ -25,6 +25,7 @@ DECLARED = {
     "emb": (-1.0, 1.0),  # a cosine
     "rm": None,  # raw logits
     "rm-url": None,
+    "judge-url": (0.0, 1.0),  # the judge's grade, mapped from its scale (0..10 by default)
     "format": (0.0, 1.0),
     "py": None,  # whatever the user's function returns
 }

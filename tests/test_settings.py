@@ -177,7 +177,7 @@ def test_sft_with_an_unknown_reward_stops_in_one_line_before_any_model_is_read(r
     assert result.exit_code == 2, result.stderr
     assert result.stderr.splitlines() == [
         "bleuberi: error: unknown metric 'nope'; choose from: bleu, bleu-paper, chrf, rouge-l, bleu-rouge-f1, "
-        "bertscore, emb, rm, rm-url, format, py"
+        "bertscore, emb, rm, rm-url, judge-url, format, py"
     ]
     print(f"refused in {seconds:.2f}s")  # the bound is 5 s; tests assert no times
 

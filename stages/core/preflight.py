@@ -10,7 +10,8 @@ then lost it at the final rename), a path under a file, a place that cannot be w
 Nothing is loaded: files and folders are looked at, the embedded model's package is found (not
 converted), and a hub id is resolved as loading would (the local cache, else whether the hub answers).
 What a metric needs comes from the metric itself (`Needs`, made by `stages.metrics`), so this module
-knows no metric by name.
+knows no metric by name; a metric that must reach a live service from its first score (a judge) gives
+a probe, called here: the endpoint answers and serves its model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import errno
 import os
 import tempfile
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +30,12 @@ from stages.core.errors import InputError, UsageError, WriteFailed
 @dataclass(frozen=True)
 class Needs:
     """What must exist before something can run: models (embedded names, folders, hub ids), servers
-    (http(s) URLs) and files."""
+    (http(s) URLs), files, and probes (checks of a live service that raise one line when it fails)."""
 
     models: tuple[str, ...] = ()
     servers: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    probes: tuple[Callable[[], None], ...] = ()
 
 
 def check_input(path: str | os.PathLike[str] | None) -> None:
@@ -135,6 +137,8 @@ def check_needs(needs: Needs) -> None:
     for path in needs.files:
         if not Path(path).expanduser().is_file():
             raise InputError(path, None, "no such file")
+    for probe in needs.probes:  # last: the cheap local checks fail first
+        probe()
 
 
 def preflight(

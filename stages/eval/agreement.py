@@ -112,8 +112,11 @@ def measure_agreement(
         human = pair["winner"]
         per_metric: dict[str, Any] = {}
         for metric in scorers:
+            # a metric that reads the prompt (a reward model, a judge) gets it as the one user turn
+            turns = [{"role": "user", "content": pair["prompt"]}] if metric.needs_prompt else None
             for k in range(1, max_refs + 1):  # a slice past the end is all of the pair's references
-                a, b = metric.sentence_scores([pair["response_a"], pair["response_b"]], pair["references"][:k])
+                responses = [pair["response_a"], pair["response_b"]]
+                a, b = metric.sentence_scores(responses, pair["references"][:k], messages=turns)
                 by_k[metric.name][k - 1].append(float(_winner(a, b) == human))
             winner = _winner(a, b)  # k = max_refs: every reference, the headline figure
             per_metric[metric.name] = {"a": a, "b": b, "winner": winner, "agrees": winner == human}

@@ -133,6 +133,9 @@ def evaluate(
         _score_system(records, system.name, answers, metrics, messages, config.reasoning)
     controls = _length_controls(records, systems, config, metrics, messages, say) if config.length_control else []
     _judge(records, systems, config.baseline_name, reward_judge, http_judge, say)
+    for metric in metrics:  # a judge-url metric: what it cost
+        if (usage := metric.usage()) is not None:
+            say(f"{metric.name}: {usage.line()}")
     summary = summarise(records, [*systems, *controls], config, reward_judge=reward_judge, http_judge=http_judge)
     return EvalResult(list(records), summary)
 

@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-from stages.metrics.base import Batch, Metric, scale_text
+from stages.metrics.base import Batch, Metric, Usage, scale_text
 from stages.metrics.bleu import Bleu, PaperBleu
 from stages.metrics.chrf import ChrF
+from stages.metrics.judge import JudgeError, JudgeReward
 from stages.metrics.neural import BertScore, Embedding
 from stages.metrics.python import PythonReward, RewardFunctionError
 from stages.metrics.reasoning import Format
@@ -49,6 +50,8 @@ __all__ = [
     "ChrF",
     "Embedding",
     "Format",
+    "JudgeError",
+    "JudgeReward",
     "Metric",
     "MetricSpec",
     "PaperBleu",
@@ -57,6 +60,7 @@ __all__ = [
     "RewardFunctionError",
     "RewardModel",
     "RougeL",
+    "Usage",
     "get_metric",
     "metric_list",
     "parse_spec",

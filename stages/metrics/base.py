@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from stages.core.preflight import Needs
@@ -25,6 +25,29 @@ def scale_text(scale: Scale) -> str:
     if scale is None:
         return "unbounded"
     return "..".join(f"{bound:g}" for bound in scale)
+
+
+@dataclass
+class Usage:
+    """What a metric that asks a service has cost so far (the judge's counters): requests sent, answers read
+    from its cache, completions it gave no score (null), and the seconds spent. Totals; a step's share is
+    the difference of two readings."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    nulls: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
+
+    def line(self) -> str:
+        """As the commands say it on stderr."""
+        nulls = f"{self.nulls} null{'s' if self.nulls != 1 else ''} (no readable score)"
+        return f"{self.requests} requests, {self.cache_hits} answered from the cache, {nulls}, {self.seconds:.1f}s"
 
 
 @dataclass
@@ -105,6 +128,17 @@ class Metric(ABC):
 
     # What the argument names, for preflight: "models" (rm:PATH) or "servers" (rm-url:URL); None: nothing.
     argument_names: ClassVar[str | None] = None
+    # Asks a service per completion (judge-url:): callers hand it many groups at once (`prefetch`) so its
+    # requests run concurrently instead of one group after another.
+    prefetches: ClassVar[bool] = False
+
+    def prefetch(self, batches: Sequence[Batch]) -> None:
+        """Get ready to score `batches` (e.g. send their requests at once); their `score_batch` calls follow."""
+        return None
+
+    def usage(self) -> Usage | None:
+        """What this metric has cost so far, for one that asks a service; None for the others."""
+        return None
 
     @classmethod
     def needs(cls, argument: str | None) -> Needs:
@@ -174,6 +208,31 @@ class Metric(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.signature()!r})"
+
+
+class BatchMetric(Metric):
+    """A metric whose one entry point is `score_batch`, which may leave a completion without a score (None:
+    a `py:` function's "no reward", a judge's unreadable reply). Called one hypothesis or one record at a
+    time, by callers that need every score, a None is an error (the batch says `missing_ok=False`)."""
+
+    def prepare(self, references: Sequence[str]) -> Sequence[str]:
+        return references
+
+    def sentence_scores(
+        self, hypotheses: Sequence[str], references: Sequence[str], *, messages: Messages | None = None
+    ) -> list[float]:
+        batch = replace(Batch.group(hypotheses, references, messages=messages), missing_ok=False)
+        return self.score_batch(batch)  # type: ignore[return-value]  # no None: missing_ok is False
+
+    def paired_scores(
+        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
+    ) -> list[float]:
+        _check_corpus(hypotheses, references)
+        return self.score_batch(Batch(hypotheses, references, messages, missing_ok=False))  # type: ignore[return-value]
+
+    @abstractmethod
+    def score_batch(self, batch: Batch) -> list[float | None]:
+        """One score (or None) per completion of `batch`; a None where `batch.missing_ok` is False is an error."""
 
 
 def _check_references(references: Sequence[str]) -> Sequence[str]:

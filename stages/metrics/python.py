@@ -44,14 +44,14 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from stages.core.errors import BleuberiError, UsageError
 from stages.core.preflight import Needs
-from stages.metrics.base import Batch, Messages, Metric, PromptTurns, ReferenceLists
+from stages.metrics.base import Batch, BatchMetric, Messages
 
 # Passed by name; a record field with one of these names is not passed as a column.
 RESERVED = frozenset({"prompt", "prompts", "completion", "completions", "references", "completion_ids", "evaluation"})
@@ -180,7 +180,7 @@ def record_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]
     return {name: [record.get(name) for record in records] for name in names}
 
 
-class PythonReward(Metric):
+class PythonReward(BatchMetric):
     name = "py"
     argument = "FILE.py:FUNCTION"
     description = "your own function: py:FILE.py:FUNCTION or py:module:FUNCTION (TRL's reward signature)"
@@ -217,23 +217,8 @@ class PythonReward(Metric):
         self.function: Callable[..., Any] = function
         self.parameters = _named_parameters(function)
 
-    def prepare(self, references: Sequence[str]) -> Sequence[str]:
-        return references
-
     def score_prepared(self, hypothesis: str, prepared: Sequence[str]) -> float:
         return self.sentence_scores([hypothesis], prepared)[0]
-
-    def sentence_scores(
-        self, hypotheses: Sequence[str], references: Sequence[str], *, messages: Messages | None = None
-    ) -> list[float]:
-        """For callers that need a score for every completion (None is an error here)."""
-        batch = replace(Batch.group(hypotheses, references, messages=messages), missing_ok=False)
-        return self.score_batch(batch)  # type: ignore[return-value]  # no None: missing_ok is False
-
-    def paired_scores(
-        self, hypotheses: Sequence[str], references: ReferenceLists, messages: PromptTurns = None
-    ) -> list[float]:
-        return self.score_batch(Batch(hypotheses, references, messages, missing_ok=False))  # type: ignore[return-value]
 
     def score_batch(self, batch: Batch) -> list[float | None]:
         if not batch.completions:

@@ -19,6 +19,7 @@ from stages.core.preflight import Needs
 from stages.metrics.base import Metric, scale_text
 from stages.metrics.bleu import Bleu, PaperBleu
 from stages.metrics.chrf import ChrF
+from stages.metrics.judge import JudgeReward
 from stages.metrics.neural import BertScore, Embedding
 from stages.metrics.python import PythonReward
 from stages.metrics.reasoning import Format
@@ -37,16 +38,18 @@ METRICS: dict[str, type[Metric]] = {
         Embedding,
         RewardModel,
         RemoteReward,
+        JudgeReward,
         Format,
         PythonReward,
     )
 }
 
 SPEC_HELP = (
-    "A spec is NAME[:ARG][:WEIGHT]. Only rm (PATH), rm-url (URL), bertscore and emb (optional ENCODER) and py "
-    "(FILE.py:FUNCTION or module:FUNCTION, your own reward) take an ARG; a trailing :NUMBER is always the weight "
-    "(rm:/models/rm:0.5 = that RM with weight 0.5; rm-url:http://host:8000/score:2; py:rewards.py:no_lists:0.3). "
-    "An rm-url URL needs a path, so a port is never read as a weight."
+    "A spec is NAME[:ARG][:WEIGHT]. Only rm (PATH), rm-url (URL), judge-url (URL[#MODEL]), bertscore and emb "
+    "(optional ENCODER) and py (FILE.py:FUNCTION or module:FUNCTION, your own reward) take an ARG; a trailing "
+    ":NUMBER is always the weight (rm:/models/rm:0.5 = that RM with weight 0.5; rm-url:http://host:8000/score:2; "
+    "judge-url:http://127.0.0.1:8000/v1#smol:0.5; py:rewards.py:no_lists:0.3). A URL needs a path, so a port is "
+    "never read as a weight."
 )
 
 
@@ -93,7 +96,8 @@ def parse_spec(text: str | MetricSpec) -> MetricSpec:
     argument to a metric that takes none, or a weight that is not a finite number is a usage error.
 
     "bleu" -> bleu; "rouge-l:0.5" -> rouge-l weight 0.5; "rm:/m/rm:2" -> rm, argument /m/rm, weight 2;
-    "rm-url:http://h:8000/score:0.5" -> rm-url, argument http://h:8000/score, weight 0.5.
+    "rm-url:http://h:8000/score:0.5" -> rm-url, argument http://h:8000/score, weight 0.5;
+    "judge-url:http://h:8000/v1#smol:2" -> judge-url, argument http://h:8000/v1#smol, weight 2.
     """
     if isinstance(text, MetricSpec):
         return text
@@ -114,9 +118,10 @@ def parse_spec(text: str | MetricSpec) -> MetricSpec:
     weight = _number(tail)
     if weight is None:
         return MetricSpec(kind, rest or None)
-    if kind == "rm-url" and "://" in head and not urllib.parse.urlsplit(head).path:
+    if cls.argument_names == "servers" and "://" in head and not urllib.parse.urlsplit(head).path:
+        example = "/v1" if kind == JudgeReward.name else "/score"
         raise UsageError(
-            f"{text!r}: an rm-url URL needs a path (e.g. {head}:{tail}/score); a trailing :NUMBER is the "
+            f"{text!r}: a {kind} URL needs a path (e.g. {head}:{tail}{example}); a trailing :NUMBER is the "
             f"weight, so ':{tail}' would be read as one"
         )
     return MetricSpec(kind, head if sep2 and head else None, _finite(weight, text))
@@ -156,6 +161,7 @@ def get_metric(name: str, *, device: str = "auto") -> Metric:
 
 
 def python_signatures(specs: Sequence[MetricSpec]) -> list[str]:
-    """The signatures (with the source file's sha256) of the `py:` functions among `specs`, e.g. for a stage
-    hash that must change when a function does. Empty when there are none."""
-    return [spec.metric().signature() for spec in specs if spec.kind == PythonReward.name]
+    """The signatures of the metrics among `specs` that depend on a file the spec does not spell out: a `py:`
+    function (its source's sha256) and a judge (its template's sha256 and settings from the environment),
+    e.g. for a stage hash that must change when either does. Empty when there are none."""
+    return [spec.metric().signature() for spec in specs if spec.kind in (PythonReward.name, JudgeReward.name)]

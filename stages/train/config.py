@@ -68,9 +68,8 @@ class TrainConfig(options.Options):
     algo: Algo = option("grpo", "grpo | sft (the paper's SFT baseline)", panel=WHAT)
     reward: list[str] = option(
         factory=lambda: ["bleu"],
-        help="NAME[:ARG][:WEIGHT] rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL, "
-        "py:FILE.py:FUNCTION (your own); "
-        "several are combined by reward_combine",
+        help="rewards: bleu, bleu-paper, chrf, rouge-l, bertscore, emb, rm:PATH, rm-url:URL, judge-url:URL, "
+        "py:FILE.py:FUNCTION (your own); several are combined by reward_combine",
         metavar="NAME[:ARG][:WEIGHT]",
         panel=WHAT,
     )

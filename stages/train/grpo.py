@@ -10,6 +10,7 @@ import torch
 
 from stages.engines.base import Sample
 from stages.engines.generator import Generator
+from stages.metrics.base import Usage
 from stages.metrics.python import RewardFunctionError
 from stages.score import Scorer
 from stages.train.data import Rollout, TrainPrompt
@@ -40,6 +41,7 @@ def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
     samples = run.rollouts.samples(step)
     clock.lap("sample")
     # 3-4. rewards against the references, then group-relative advantages
+    judge_before = run.scorer.usage()
     rollout = score_rollout(
         policy.generator,
         run.scorer,
@@ -65,7 +67,9 @@ def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
     # 7. an engine of its own samples the next step with the adapter as it is now
     run.rollouts.publish(policy.model, step + 1)
     # 8. the record
-    return {**step_record(rollout, update, dist, policy.device, clock.laps), "reward_combine": config.reward_combine}
+    record = step_record(rollout, update, dist, policy.device, clock.laps)
+    judge = judge_fields(run.scorer, judge_before, dist, policy.device)
+    return {**record, **judge, "reward_combine": config.reward_combine}
 
 
 def score_rollout(
@@ -86,6 +90,8 @@ def score_rollout(
     ranks' collectives run (the policy's: a CUDA device under nccl); default the CPU."""
     device = device or torch.device("cpu")
     completions = [generator.decode(s.token_ids) for s in samples]
+    groups = [completions[i * group_size : (i + 1) * group_size] for i in range(len(prompts))]
+    scorer.prefetch([(group, p.references, p.messages, p.record) for group, p in zip(groups, prompts)])
     failed: RewardFunctionError | None = None
     try:
         parts, combined = _group_rewards(scorer, prompts, samples, completions, group_size)
@@ -143,7 +149,8 @@ def step_record(
     per_metric = {}
     for name, values in rollout.reward_parts.items():
         mean, std = dist.mean_std(values, device)
-        per_metric[name] = {"mean": round(mean, 6), "std": round(std, 6)}
+        given = dist.sum([float(len(values))], device)[0]  # none at all (a py: None, a judge's null): no mean, not 0
+        per_metric[name] = {"mean": round(mean, 6), "std": round(std, 6)} if given else {"mean": None, "std": None}
     lengths = [float(len(s.token_ids)) for s in rollout.samples]
     truncated = [0.0 if s.finished else 1.0 for s in rollout.samples]
     n, length_sum, trunc_sum, zero_groups, groups = dist.sum(
@@ -179,4 +186,23 @@ def step_record(
         "score_seconds": round(seconds["score"], 4),
         "update_seconds": round(seconds["update"], 4),
         "tokens_per_second": round(length_sum / max(sum(seconds.values()), 1e-9), 1),
+    }
+
+
+# --- the judge's counters per step (judge-url rewards) ----------------------------------------------------
+
+
+def judge_fields(scorer: Scorer, before: Usage | None, dist: Distributed, device: torch.device) -> dict[str, Any]:
+    """What the step's judge rewards cost: requests sent, answers from the cache, completions left without a
+    score (null), summed over ranks, and the judge's seconds on the slowest rank. Empty without a judge."""
+    after = scorer.usage()
+    if after is None or before is None:
+        return {}
+    step = after - before
+    requests, hits, nulls = dist.sum([float(step.requests), float(step.cache_hits), float(step.nulls)], device)
+    return {
+        "judge_requests": int(requests),
+        "judge_cache_hits": int(hits),
+        "judge_nulls": int(nulls),
+        "judge_seconds": round(dist.max(step.seconds, device), 4),
     }
