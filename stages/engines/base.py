@@ -58,7 +58,7 @@ class SamplingParams:
 # safe beside the model on a 24 GiB CPU machine and on a GPU, and on a 2-core CPU past the batch size where
 # more rows stop paying (docs/engines.md, "Batches").
 CACHE_BUDGET_BYTES = 2 * 1024**3
-MAX_ROWS = 128  # rows (prompts x samples) per batch when neither --batch-size nor the memory budget says fewer:
+MAX_ROWS = 256  # rows (prompts x samples) per batch when neither --batch-size nor the memory budget says fewer:
 # on a 2-core CPU 128 rows decode at 3.3 ms a token, 256 at 2.95 (bench/RESULTS.md), and a batch is what a kill
 # loses and what progress counts in
 SERVER_BATCH = 64  # prompts per batch for engines that batch on their own (vLLM, a server)

