@@ -22,8 +22,8 @@ from typing import Annotated, Any
 import typer
 
 from bleuberi_cli.common import boundary
+from stages.core.declare import Leaf, build, leaves, name_options
 from stages.core.errors import UsageError
-from stages.core.options import Leaf, build, leaves, name_options
 
 CONFIG_PARAMETER = "config"
 

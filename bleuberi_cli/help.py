@@ -18,7 +18,7 @@ import typer._click.exceptions as click_errors  # typer's own click: the errors 
 import typer.core
 
 from bleuberi_cli.common import State
-from stages.core.options import check_value
+from stages.core.declare import check_value
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 VERBOSE_ROW = ("-v, --verbose", "Show tracebacks with errors.")

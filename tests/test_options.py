@@ -10,7 +10,7 @@ import pytest
 import typer.main
 
 from bleuberi_cli.app import app
-from stages.core.options import GROUP_KEY, META_KEY
+from stages.core.declare import GROUP_KEY, META_KEY
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.generate import GenerateConfig

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from bleuberi_cli.app import app
+from stages.core.declare import META_KEY, Leaf, literal_values, values_of
 from stages.core.errors import BleuberiError, UsageError
-from stages.core.options import META_KEY, Leaf, literal_values, values_of
 from stages.run.config import DEMO, KEYS, STAGE_CONFIGS, RunConfig, build
 from stages.run.recipe import stage_digests
 from tests.conftest import ROOT, write_jsonl

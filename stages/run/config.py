@@ -15,7 +15,7 @@ trust_remote_code), the prompt options (system_prompt, max_prompt_length), seed 
 
 Precedence: `--set key=value` > the config file > these defaults (stages/run/config_file.py reads
 them). Every key, its type and its comment come from the option declared on the config field
-(stages/core/options.py).
+(stages/core/declare.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from stages.core import options
+from stages.core import declare, options
+from stages.core.declare import Leaf, group, leaves, option
 from stages.core.errors import BleuberiError, ConfigError, ModelError, UsageError
-from stages.core.options import Leaf, ModelOptions, PromptOptions, group, leaves, option
+from stages.core.options import ModelOptions, PromptOptions
 from stages.core.records import FieldOptions
 from stages.engines.base import EngineOptions
 from stages.eval.config import EvalConfig
@@ -96,7 +97,7 @@ class RunConfig:
         own checks."""
         shared = {leaf.name: leaf.get(self) for leaf in leaves(RunConfig, _defaults=self) if _is_shared(leaf)}
         for table in STAGES:
-            setattr(self, table, options.update(getattr(self, table), shared))
+            setattr(self, table, declare.update(getattr(self, table), shared))
         if self.generate.as_references:
             raise UsageError("generate.as_references cannot be used in a run: select ranks the base model's answers")
 
@@ -150,11 +151,11 @@ def build(values: dict[str, Any]) -> RunConfig:
         table = field.name in TABLES
         if field.name in ("data", *STAGES):
             continue
-        if options.group_of(field) is None:
+        if declare.group_of(field) is None:
             built[field.name] = shared[field.name] = top.get(field.name, field.default)
             continue
         built[field.name] = _table(field.name, values.get(field.name, {}) if table else top)
-        shared.update(options.values_of(built[field.name]))
+        shared.update(declare.values_of(built[field.name]))
     for table in ("data", *STAGES):
         built[table] = _table(table, {**shared, **values.get(table, {})})
     try:
@@ -167,7 +168,7 @@ def build(values: dict[str, Any]) -> RunConfig:
 
 def _table(name: str, values: dict[str, Any]) -> Any:
     try:
-        return options.build_group(RunConfig, name, values)
+        return declare.build_group(RunConfig, name, values)
     except ModelError:
         raise  # a model that is not there is bad input (exit 1), wherever it was named
     except BleuberiError as error:
@@ -175,7 +176,7 @@ def _table(name: str, values: dict[str, Any]) -> Any:
             raise ConfigError(str(error)) from None
         table_class = STAGE_CONFIGS.get(name)  # its checks name fields; a nesting may key one otherwise
         message = (
-            options.name_options(str(error), list(leaves(table_class)), lambda leaf: leaf.name)
+            declare.name_options(str(error), list(leaves(table_class)), lambda leaf: leaf.name)
             if table_class
             else str(error)
         )
