@@ -69,10 +69,11 @@ def run_command(
         from stages.core.jsonl import JsonlWriter
         from stages.core.preflight import Output, preflight
         from stages.eval.report import eval_tables, print_tables
-        from stages.run.recipe import TRAINED_ADAPTER, empty_input, eval_config, headline, run_recipe
+        from stages.run.config import empty_input
+        from stages.run.recipe import TRAINED_ADAPTER, eval_config, headline, run_recipe
 
         run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
-        if problem := empty_input(resolved):  # the data files first: a missing one is named here
+        if problem := empty_input(resolved.data):  # the data files first: a missing one is named here
             raise ConfigError(f"{problem}: a run needs records in data.pool and data.heldout")
         evaluation = eval_config(resolved, TRAINED_ADAPTER)
         specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]

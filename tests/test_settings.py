@@ -152,7 +152,7 @@ def test_every_setting_of_a_stage_that_runs_changes_its_hash() -> None:
 
 
 def test_the_data_joins_the_hashes_by_its_contents_not_its_name(tmp_path) -> None:
-    from stages.run.recipe import DEMO_DATA
+    from stages.run.config import DEMO_DATA
 
     copy = tmp_path / "pool.jsonl"
     copy.write_bytes((DEMO_DATA / "pool.jsonl").read_bytes())

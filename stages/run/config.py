@@ -21,13 +21,14 @@ them). Every key, its type and its comment come from the option declared on the 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from stages.core import declare, options
 from stages.core.declare import Leaf, group, leaves, option
 from stages.core.errors import BleuberiError, ConfigError, ModelError, UsageError
 from stages.core.options import ModelOptions, PromptOptions
-from stages.core.records import FieldOptions
+from stages.core.records import FieldOptions, read_records
 from stages.engines.base import EngineOptions
 from stages.eval.config import EvalConfig
 from stages.generate import GenerateConfig
@@ -60,6 +61,9 @@ def demo(table: str | None) -> dict[str, Any]:
     return {key.partition(".")[2]: value for key, value in DEMO.items() if key.partition(".")[0] == table}
 
 
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
+
+
 @dataclass
 class DataSection:
     pool: str = option(
@@ -76,6 +80,35 @@ class DataSection:
         for name, value in (("max_pool", self.max_pool), ("max_heldout", self.max_heldout)):
             if value < 0:
                 raise UsageError(f"{name} must be >= 0, got {value}")
+
+
+def data_path(name: str) -> Path:
+    """`demo:pool` / `demo:heldout` -> the embedded demo files; anything else is a path (a file, or a
+    `datasets` save_to_disk folder)."""
+    if name.startswith("demo:"):
+        path = DEMO_DATA / f"{name.removeprefix('demo:')}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{name}: no such demo file (demo:pool and demo:heldout ship with bleuberi)")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_file() and not path.is_dir():
+        raise ConfigError(f"{name}: no such data file")
+    return path
+
+
+def read_data(path: Path, fields: FieldOptions, limit: int = 0) -> list[dict[str, Any]]:
+    """The records of a data file, in any input format, mapped by the [data] fields: the first `limit`
+    (0: all)."""
+    records = list(read_records(path, fields=fields.map))
+    return records[:limit] if limit > 0 else records
+
+
+def empty_input(data: DataSection) -> str | None:
+    """Which data file has no records (a run needs a pool and a held-out set), or None."""
+    for key, name in (("data.pool", data.pool), ("data.heldout", data.heldout)):
+        if next(iter(read_records(data_path(name), fields=data.fields.map)), None) is None:
+            return f"{key} ({name}) is empty"
+    return None
 
 
 @dataclass
