@@ -45,18 +45,15 @@ def _root(
     State.verbose = verbose
 
 
-for name, module, command in (
-    ("split", split_cmd, split_cmd.split),
-    ("generate", generate_cmd, generate_cmd.generate),
-    ("score", score_cmd, score_cmd.score),
-    ("select", select_cmd, select_cmd.select),
-    ("train", train_cmd, train_cmd.train),
-    ("eval", eval_cmd, eval_cmd.eval_command),
-    ("run", run_cmd, run_cmd.run_command),
-    ("env", env_cmd, env_cmd.env_command),
-):
-    essential = getattr(module, "ESSENTIAL", None)  # long commands: a short --help, and --help-all
-    app.command(name, help=module.HELP, cls=PanelledCommand.with_essentials(essential))(command)
+# Each command with its help and its command class: a long one's class names what its short --help lists.
+app.command("split", help=split_cmd.HELP, cls=PanelledCommand)(split_cmd.split)
+app.command("generate", help=generate_cmd.HELP, cls=generate_cmd.GenerateCommand)(generate_cmd.generate)
+app.command("score", help=score_cmd.HELP, cls=score_cmd.ScoreCommand)(score_cmd.score)
+app.command("select", help=select_cmd.HELP, cls=PanelledCommand)(select_cmd.select)
+app.command("train", help=train_cmd.HELP, cls=train_cmd.TrainCommand)(train_cmd.train)
+app.command("eval", help=eval_cmd.HELP, cls=eval_cmd.EvalCommand)(eval_cmd.eval_command)
+app.command("run", help=run_cmd.HELP, cls=PanelledCommand)(run_cmd.run_command)
+app.command("env", help=env_cmd.HELP, cls=PanelledCommand)(env_cmd.env_command)
 
 
 def main() -> None:

@@ -1,68 +1,55 @@
 """`--help` that puts first what most runs need, and `--help-all` with everything.
 
 A command with many options (train has over a hundred) lists under `--help` only its inputs and outputs
-and the handful of options most runs set (its `ESSENTIAL` names), then says how many more there are and
-where they are: `--help-all` (every option, grouped under its panel) and docs/options.md. Its long
-description is cut to the first paragraph and the examples. The help is plain text (no rich boxes), and
-every command also takes -v/--verbose after its name, as `bleuberi -v CMD` does before it.
+and the handful of options most runs set (its command class's `essential` names), then says how many
+more there are and where they are: `--help-all` (every option, grouped under its panel) and
+docs/options.md. Its long description is cut to the first paragraph and the examples. The help is plain
+text (no rich boxes). A command-line mistake is one line naming the option (`usage_line`).
 """
 
 from __future__ import annotations
 
 import sys
 import typing
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import typer
-import typer._click.exceptions as click_errors  # typer's own click: the errors its parser raises
+import typer._click.exceptions as click_errors  # typer's own click: the errors its parser raises (not public)
 import typer.core
 
-from bleuberi_cli.common import State
+from bleuberi_cli.common import HELP_ALL
+from bleuberi_cli.config_options import cli_leaves
 from stages.core.declare import check_value
 
-VERBOSE_FLAGS = ("-v", "--verbose")
-VERBOSE_ROW = ("-v, --verbose", "Show tracebacks with errors.")
-HELP_ALL = "--help-all"
-HELP_ALL_ROW = (HELP_ALL, "Show every option, by panel, and exit.")
+HELP_ALL_ROW = ("--help-all", "Show every option, by panel, and exit.")  # a hidden option: listed by hand
 IO_OPTIONS = ("input",)  # of the reading options, the one most runs set (the field maps are in --help-all)
+LAST = ("verbose", "help")  # the options every command takes, listed last
 
 
 class PanelledCommand(typer.core.TyperCommand):
-    """Plain-text help: with `essential` names, the short form above; else (and with --help-all) every
-    option under its panel (a config field's `panel`), the ungrouped ones first under "Options"."""
+    """Plain-text help: every option under its panel (a config field's `panel`), the ungrouped ones first
+    under "Options"; a command class that names `essential` options, the short form above (and with
+    --help-all, every option). A usage error: one line (`usage_line`), exit 2."""
 
-    essential: tuple[str, ...] | None = None
-
-    @classmethod
-    def with_essentials(cls, names: tuple[str, ...] | None) -> type[PanelledCommand]:
-        return type(cls.__name__, (cls,), {"essential": names}) if names else cls
+    # The configs the command's options are made from, by the parameter that receives each built: the same
+    # mapping the command gives with_config_options (the short help leaves their options to --help-all).
+    configs: ClassVar[Mapping[str, type]] = {}
+    # What most runs set, in this order: set, the short --help lists them after the inputs and outputs.
+    essential: ClassVar[tuple[str, ...]] = ()
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        taking_values = {
-            opt for param in self.get_params(ctx) if not getattr(param, "is_flag", True) for opt in param.opts
-        }
-        kept: list[str] = []
-        for i, arg in enumerate(args):
-            if arg == "--":
-                kept += args[i:]
-                break
-            if kept and kept[-1] in taking_values:  # some option's value
-                kept.append(arg)
-            elif arg in VERBOSE_FLAGS:
-                State.verbose = True
-            elif arg == HELP_ALL:  # every command takes it; one with a short --help then lists every option
-                ctx.meta["help_all"] = True
-                kept.append("--help")
-            else:
-                kept.append(arg)
+        # Overridden only for the one-line usage error: its parser raises typer's click errors, which typer's
+        # public API neither exports nor lets a command format.
+        given = list(args)  # the parser consumes its list: keep ours for the message
         try:
-            return super().parse_args(ctx, list(kept))  # the parser consumes its list: keep ours for messages
-        except click_errors.UsageError as error:  # one line naming the option and what it takes, exit 2
-            sys.stderr.write(f"bleuberi: error: {usage_line(error, kept)}\n")
+            return super().parse_args(ctx, args)
+        except click_errors.UsageError as error:
+            sys.stderr.write(f"bleuberi: error: {usage_line(error, given)}\n")
             raise typer.Exit(2) from None
 
     def _short(self, ctx: Any) -> bool:
-        return self.essential is not None and not ctx.meta.get("help_all")
+        return bool(self.essential) and not ctx.meta.get(HELP_ALL)
 
     def format_help_text(self, ctx: Any, formatter: Any) -> None:
         if not self._short(ctx):
@@ -83,7 +70,7 @@ class PanelledCommand(typer.core.TyperCommand):
                 with formatter.section(title):
                     formatter.write_dl(rows)
         if self._short(ctx):
-            hidden = len(shown) - sum(len(rows) for _, rows in sections) + 2  # -v and --help-all are not params
+            hidden = len(shown) - sum(len(rows) for _, rows in sections) + 1  # --help-all's row is not in `shown`
             formatter.write_paragraph()
             formatter.write_text(
                 f"{hidden} more options, under their panels: bleuberi {ctx.info_name} --help-all, or docs/options.md."
@@ -92,20 +79,23 @@ class PanelledCommand(typer.core.TyperCommand):
     def _short_sections(self, shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
         """Inputs and outputs (the command's own options, and -i), the essential options in their order,
         then -v, --help-all and -h."""
-        essential = self.essential or ()
-        deferred = getattr(self.callback, "config_options", frozenset())  # a config's: --help-all has them
-        io, common, last = [], {}, []
+        deferred = {leaf.name for cls in self.configs.values() for leaf in cli_leaves(cls)}
+        io, common, last = [], {}, {}
         for param, record in shown:
-            if param.name == "help":
-                last.append(record)
-            elif param.name in essential:
+            if param.name in LAST:
+                last[param.name] = record
+            elif param.name in self.essential:
                 common[param.name] = record
             elif param.name in IO_OPTIONS:
                 io.insert(0, record)  # where records come from, first
             elif param.name not in deferred:
                 io.append(record)
-        ordered = [common[name] for name in essential if name in common]
-        return [("Inputs and outputs", io), ("Most used", ordered), ("Options", [VERBOSE_ROW, HELP_ALL_ROW, *last])]
+        ordered = [common[name] for name in self.essential if name in common]
+        return [
+            ("Inputs and outputs", io),
+            ("Most used", ordered),
+            ("Options", [last["verbose"], HELP_ALL_ROW, last["help"]]),
+        ]
 
 
 def _all_sections(shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
@@ -116,7 +106,6 @@ def _all_sections(shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
             arguments.append(record)
         else:
             panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
-    panels["Options"].insert(-1, VERBOSE_ROW)  # before -h, --help
     return ([("Arguments", arguments)] if arguments else []) + list(panels.items())
 
 

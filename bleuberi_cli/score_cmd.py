@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 from bleuberi_cli.common import (
     OutputOpt,
     QuietOpt,
     ResumeOpt,
-    boundary,
     finished_work,
     note_stdin,
     progress,
@@ -17,6 +17,7 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.help import PanelledCommand
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions, ReadStats
@@ -52,11 +53,16 @@ Examples:
 {NORMALISATION_HELP}
 """
 
-# What most scorings set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = ("metrics", "weights", "combine", "aggregate", "jobs")
+
+class ScoreCommand(PanelledCommand):
+    """`bleuberi score`: its options are ScoreConfig's and ReadOptions' fields; --help lists first what most
+    scorings set (the rest: --help-all, docs/options.md)."""
+
+    configs: ClassVar[Mapping[str, type]] = {"config": ScoreConfig, "reading": ReadOptions}
+    essential = ("metrics", "weights", "combine", "aggregate", "jobs")
 
 
-@with_config_options(ScoreConfig, reading=ReadOptions)
+@with_config_options(ScoreCommand.configs)
 def score(
     config: ScoreConfig,
     reading: ReadOptions,
@@ -64,38 +70,37 @@ def score(
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        scorer = config.scorer
-        preflight(inputs=[reading.input], outputs=[Output(output)], needs=[spec.needs() for spec in scorer.specs])
-        kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
-        done = kept.records if kept else {}
-        stats = ReadStats()
-        note_stdin(reading.input, quiet=quiet)
-        records = Timed(reading.records(require=("completions",), stats=stats))
-        order: list[str] = []  # the input's ids as they come: the file is put in that order at the end
-        tally = Tally(scorer.score_key, scorer.aggregate)
-        with (
-            open_writer(output, order=order if output else None) as writer,
-            progress("scoring", quiet=quiet) as advance,
-        ):
+    scorer = config.scorer
+    preflight(inputs=[reading.input], outputs=[Output(output)], needs=[spec.needs() for spec in scorer.specs])
+    kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
+    done = kept.records if kept else {}
+    stats = ReadStats()
+    note_stdin(reading.input, quiet=quiet)
+    records = Timed(reading.records(require=("completions",), stats=stats))
+    order: list[str] = []  # the input's ids as they come: the file is put in that order at the end
+    tally = Tally(scorer.score_key, scorer.aggregate)
+    with (
+        open_writer(output, order=order if output else None) as writer,
+        progress("scoring", quiet=quiet) as advance,
+    ):
 
-            def todo() -> Iterator[dict]:
-                for record in records:
-                    order.append(record["id"])
-                    if record["id"] not in done:
-                        yield record
-                        continue
-                    writer.write(done[record["id"]])  # finished by an earlier run: kept, not scored again
-                    tally.add(done[record["id"]])
+        def todo() -> Iterator[dict]:
+            for record in records:
+                order.append(record["id"])
+                if record["id"] not in done:
+                    yield record
+                    continue
+                writer.write(done[record["id"]])  # finished by an earlier run: kept, not scored again
+                tally.add(done[record["id"]])
 
-            for record in score_records(todo(), scorer, jobs=config.jobs):
-                writer.write(record)
-                tally.add(record)
-                advance(1)
-        report_reading(stats, quiet=quiet)
-        say(tally.line(records.waited, len(done)) + (f"; written to {output}" if output else ""), quiet=quiet)
-        if (usage := scorer.usage()) is not None:  # a judge: what it cost
-            say(f"judge: {usage.line()}", quiet=quiet)
+        for record in score_records(todo(), scorer, jobs=config.jobs):
+            writer.write(record)
+            tally.add(record)
+            advance(1)
+    report_reading(stats, quiet=quiet)
+    say(tally.line(records.waited, len(done)) + (f"; written to {output}" if output else ""), quiet=quiet)
+    if (usage := scorer.usage()) is not None:  # a judge: what it cost
+        say(f"judge: {usage.line()}", quiet=quiet)
 
 
 class Tally:

@@ -6,6 +6,7 @@ test_cli_contract.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -104,5 +105,5 @@ def test_an_option_that_defaults_to_none_keeps_its_flags_on_every_python() -> No
     def command(output: OutputOpt = None) -> None: ...  # as in every streaming command
 
     decorated = with_config_options()(command)
-    hint = decorated.__annotations__["output"]
+    hint = inspect.signature(decorated).parameters["output"].annotation  # what typer reads
     assert typing.get_origin(hint) is typing.Annotated and isinstance(typing.get_args(hint)[1], typer.models.OptionInfo)

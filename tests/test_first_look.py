@@ -12,8 +12,12 @@ from bleuberi_cli import eval_cmd, generate_cmd, score_cmd, train_cmd
 from bleuberi_cli.app import app
 from tests.conftest import demo_records, train_args, write_jsonl
 
-ESSENTIALS = {"train": train_cmd.ESSENTIAL, "eval": eval_cmd.ESSENTIAL, "generate": generate_cmd.ESSENTIAL}
-ESSENTIALS["score"] = score_cmd.ESSENTIAL
+ESSENTIALS = {
+    "train": train_cmd.TrainCommand.essential,
+    "eval": eval_cmd.EvalCommand.essential,
+    "generate": generate_cmd.GenerateCommand.essential,
+    "score": score_cmd.ScoreCommand.essential,
+}
 
 
 def _flags(command: str) -> dict[str, str]:
