@@ -82,7 +82,7 @@ def _set_verbose(value: bool) -> bool:
     return value
 
 
-# Every command takes -v after its name too (as `bleuberi -v CMD` before it); with_config_options adds it.
+# Every command takes -v after its name too (as `bleuberi -v CMD` before it); cli_command adds it.
 VerboseOpt = Annotated[
     bool, typer.Option("-v", "--verbose", help="Show tracebacks with errors.", callback=_set_verbose)
 ]

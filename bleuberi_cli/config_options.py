@@ -1,7 +1,7 @@
 """A command's options made from config dataclasses (see stages/core/declare.py), so each option is
 declared once, on its config field.
 
-    @with_config_options({"config": TrainConfig, "reading": ReadOptions})
+    @cli_command({"config": TrainConfig, "reading": ReadOptions})
     def train(output_dir: ..., config: TrainConfig, reading: ReadOptions) -> None: ...
 
 typer takes a command's options from the parameters of the function it runs, and nothing else in its
@@ -89,11 +89,12 @@ COMMON = (
 )
 
 
-def with_config_options(
+def cli_command(
     configs: Mapping[str, type] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one option per field of each config class in `configs`, by the parameter that
-    receives it built (`{"config": TrainConfig, "reading": ReadOptions}`), and -v/--help-all."""
+    """The function typer runs for a command: the command's own options, one per field of each config class
+    in `configs` (by the parameter that receives it built: `{"config": TrainConfig, "reading": ReadOptions}`),
+    and -v/--help-all; it builds the configs and calls the command inside the error boundary."""
     configs = dict(configs or {})
     options = {name: cli_leaves(cls) for name, cls in configs.items()}
     fields = [leaf for config_leaves in options.values() for leaf in config_leaves]
@@ -109,14 +110,19 @@ def with_config_options(
         ]
         parameters = [*own, *(cli_parameter(leaf) for leaf in fields), *COMMON]
         names = [p.name for p in parameters]
-        if len(set(names)) < len(names):
-            raise TypeError(
-                f"{command.__name__}: an option is declared twice: {sorted(n for n in names if names.count(n) > 1)}"
-            )
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise TypeError(f"{command.__name__}: an option is declared twice: {twice}")
 
         def run(**values: Any) -> Any:
             with boundary():  # a refused setting, like any library error, is one line and an exit code
-                built = {name: _built(cls, options[name], values, fields) for name, cls in configs.items()}
+                built = {}
+                for name, cls in configs.items():  # a loop, not a helper: a flag's value reaches its field sooner
+                    given = {leaf.name: values[leaf.name] for leaf in options[name]}
+                    given = {key: value for key, value in given.items() if value not in (None, [])}  # not given
+                    try:
+                        built[name] = build(cls, given)
+                    except UsageError as error:
+                        raise UsageError(name_options(str(error), fields, first_flag)) from None
                 return command(**{p.name: values[p.name] for p in own}, **built)
 
         # typer reads the options from this signature (the only way its public API takes options made at run time).
@@ -127,10 +133,6 @@ def with_config_options(
     return decorate
 
 
-def _built(cls: type, config_leaves: list[Leaf], values: Mapping[str, Any], fields: list[Leaf]) -> Any:
-    """One config from its options' values (None or empty: not given); a refused setting names its flag."""
-    given = {leaf.name: values[leaf.name] for leaf in config_leaves if values[leaf.name] not in (None, [])}
-    try:
-        return build(cls, given)
-    except UsageError as error:
-        raise UsageError(name_options(str(error), fields, lambda leaf: flags_of(leaf)[0].split("/")[0])) from None
+def first_flag(leaf: Leaf) -> str:
+    """How an error names an option: its first flag (`--temperature`, `-n` for select's num)."""
+    return flags_of(leaf)[0].split("/")[0]

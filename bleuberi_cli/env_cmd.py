@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from stages.core.versions import package_version
 
 HELP = """Print the versions of bleuberi and its stack, and the device, for bug reports.
@@ -47,7 +47,7 @@ def env_report() -> dict[str, str]:
     return report
 
 
-@with_config_options()
+@cli_command()
 def env_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record instead of aligned lines.")] = False,
 ) -> None:

@@ -17,7 +17,7 @@ from bleuberi_cli.common import (
     read_all_records,
     say,
 )
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from bleuberi_cli.help import PanelledCommand
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
@@ -87,7 +87,7 @@ class EvalCommand(PanelledCommand):
     )
 
 
-@with_config_options(EvalCommand.configs)
+@cli_command(EvalCommand.configs)
 def eval_command(
     config: EvalConfig,
     reading: ReadOptions,

@@ -14,7 +14,7 @@ from bleuberi_cli.common import (
     read_all_records,
     say,
 )
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from bleuberi_cli.help import PanelledCommand
 from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions
@@ -63,7 +63,7 @@ class GenerateCommand(PanelledCommand):
     )
 
 
-@with_config_options(GenerateCommand.configs)
+@cli_command(GenerateCommand.configs)
 def generate(
     config: GenerateConfig,
     reading: ReadOptions,

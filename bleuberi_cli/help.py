@@ -33,7 +33,7 @@ class PanelledCommand(typer.core.TyperCommand):
     --help-all, every option). A usage error: one line (`usage_line`), exit 2."""
 
     # The configs the command's options are made from, by the parameter that receives each built: the same
-    # mapping the command gives with_config_options (the short help leaves their options to --help-all).
+    # mapping the command gives cli_command (the short help leaves their options to --help-all).
     configs: ClassVar[Mapping[str, type]] = {}
     # What most runs set, in this order: set, the short --help lists them after the inputs and outputs.
     essential: ClassVar[tuple[str, ...]] = ()

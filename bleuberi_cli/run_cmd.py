@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bleuberi_cli.common import QuietOpt, StepProgress, console, duration, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 
 if TYPE_CHECKING:
     from stages.run.recipe import RunResult
@@ -40,7 +40,7 @@ Examples:
 """
 
 
-@with_config_options()
+@cli_command()
 def run_command(
     config: Annotated[
         Path | None, typer.Argument(metavar="CONFIG.toml", help="Run configuration; default: the demo.")

@@ -16,7 +16,7 @@ from bleuberi_cli.common import (
     report_reading,
     say,
 )
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from bleuberi_cli.help import PanelledCommand
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
@@ -62,7 +62,7 @@ class ScoreCommand(PanelledCommand):
     essential = ("metrics", "weights", "combine", "aggregate", "jobs")
 
 
-@with_config_options(ScoreCommand.configs)
+@cli_command(ScoreCommand.configs)
 def score(
     config: ScoreConfig,
     reading: ReadOptions,

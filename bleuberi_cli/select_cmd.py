@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli.common import OutputAtOnceOpt, QuietOpt, console, note_stdin, report_reading, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions, ReadStats
@@ -29,7 +29,7 @@ Examples:
 """
 
 
-@with_config_options({"config": SelectConfig, "reading": ReadOptions})
+@cli_command({"config": SelectConfig, "reading": ReadOptions})
 def select(
     config: SelectConfig,
     reading: ReadOptions,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from bleuberi_cli.common import QuietOpt, read_all_records, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from stages.core.errors import UsageError
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
@@ -30,7 +30,7 @@ Examples:
 """
 
 
-@with_config_options({"config": SplitConfig, "reading": ReadOptions})
+@cli_command({"config": SplitConfig, "reading": ReadOptions})
 def split(
     config: SplitConfig,
     reading: ReadOptions,

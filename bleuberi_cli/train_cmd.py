@@ -9,7 +9,7 @@ from typing import Annotated, ClassVar
 import typer
 
 from bleuberi_cli.common import QuietOpt, StepProgress, read_all_records, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from bleuberi_cli.help import PanelledCommand
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
@@ -90,7 +90,7 @@ ReportToOpt = Annotated[
 ]
 
 
-@with_config_options(TrainCommand.configs)
+@cli_command(TrainCommand.configs)
 def train(
     output_dir: Annotated[
         str,
