@@ -270,3 +270,32 @@ def test_a_fraction_in_a_run_replaces_the_demos_count() -> None:
     assert load_config(None).select.num == DEMO["select.num"]
     with pytest.raises(UsageError, match="exactly one of"):
         load_config(None, ["select.fraction=0.25", "select.num=3"])
+
+
+def test_a_run_configuration_is_built_once_and_a_mistake_is_blamed_on_its_source(monkeypatch, tmp_path) -> None:
+    """A file and `--set` values make one RunConfig, built once; only a failed load builds the file's
+    values alone, to tell a mistake in the file (ConfigError, exit 1) from one in `--set` (exit 2)."""
+    from stages.core.errors import ConfigError
+    from stages.run import config_file
+
+    built: list[dict[str, Any]] = []
+
+    def counted(values: dict[str, Any]) -> RunConfig:
+        built.append(values)
+        return build(values)
+
+    monkeypatch.setattr(config_file, "build", counted)
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("[train]\nbeta = 0.1\n")
+    bad.write_text("[select]\nnum = 0\n")
+    config = config_file.load_config(good, ["select.num=5", "train.max_steps=7"])
+    assert (config.train.beta, config.select.num, config.train.max_steps) == (0.1, 5, 7)
+    assert len(built) == 1
+    built.clear()
+    with pytest.raises(UsageError, match=r"^--set: \[select\]: -n/--num must be >= 1"):
+        config_file.load_config(good, ["select.num=0"])  # the file alone is valid: the --set value is wrong
+    assert len(built) == 2
+    with pytest.raises(ConfigError, match=r"^\[select\]: -n/--num must be >= 1"):
+        config_file.load_config(bad, ["select.num=0"])  # the file alone is wrong: its own error
+    with pytest.raises(ConfigError, match="-n/--num must be >= 1"):
+        config_file.load_config(bad, ["train.bta=1"])  # an unknown --set key, but the file is wrong first
