@@ -22,7 +22,6 @@ from bleuberi_cli.common import HELP_ALL
 from bleuberi_cli.config_options import cli_leaves
 from stages.core.declare import check_value
 
-HELP_ALL_ROW = ("--help-all", "Show every option, by panel, and exit.")  # a hidden option: listed by hand
 IO_OPTIONS = ("input",)  # of the reading options, the one most runs set (the field maps are in --help-all)
 LAST = ("verbose", "help")  # the options every command takes, listed last
 
@@ -64,7 +63,11 @@ class PanelledCommand(typer.core.TyperCommand):
     def format_options(self, ctx: Any, formatter: Any) -> None:
         records = [(param, param.get_help_record(ctx)) for param in self.get_params(ctx)]
         shown = [(param, record) for param, record in records if record is not None]
-        sections = self._short_sections(shown) if self._short(ctx) else _all_sections(shown)
+        if self._short(ctx):  # --help-all is hidden (the full help would list it): the short help lists it by hand
+            help_all = next(param for param in self.get_params(ctx) if param.name == "help_all")
+            sections = self._short_sections(shown, (help_all.opts[0], help_all.help))
+        else:
+            sections = _all_sections(shown)
         for title, rows in sections:
             if rows:
                 with formatter.section(title):
@@ -76,7 +79,7 @@ class PanelledCommand(typer.core.TyperCommand):
                 f"{hidden} more options, under their panels: bleuberi {ctx.info_name} --help-all, or docs/options.md."
             )
 
-    def _short_sections(self, shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
+    def _short_sections(self, shown: list[tuple[Any, Any]], help_all: tuple[str, str]) -> list[tuple[str, list[Any]]]:
         """Inputs and outputs (the command's own options, and -i), the essential options in their order,
         then -v, --help-all and -h."""
         deferred = {leaf.name for cls in self.configs.values() for leaf in cli_leaves(cls)}
@@ -94,7 +97,7 @@ class PanelledCommand(typer.core.TyperCommand):
         return [
             ("Inputs and outputs", io),
             ("Most used", ordered),
-            ("Options", [last["verbose"], HELP_ALL_ROW, last["help"]]),
+            ("Options", [last["verbose"], help_all, last["help"]]),
         ]
 
 

@@ -21,9 +21,9 @@ ESSENTIALS = {
 
 
 def _flags(command: str) -> dict[str, str]:
-    """Each option of a command by name: its first flag."""
+    """Each option of a command by name: its first flag (not --help-all: hidden, the short help names it)."""
     params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
-    return {param.name: param.opts[0] for param in params if param.opts}
+    return {param.name: param.opts[0] for param in params if param.opts and not getattr(param, "hidden", False)}
 
 
 def _option_lines(text: str) -> list[str]:
