@@ -13,6 +13,7 @@ from bleuberi_cli.common import QuietOpt, StepProgress, console, duration, say
 from bleuberi_cli.config_options import cli_command
 
 if TYPE_CHECKING:
+    from stages.run.config import RunConfig
     from stages.run.recipe import RunResult
 
 HELP = """Run the BLEUBERI recipe (select, train, eval) end to end in one run folder.
@@ -66,25 +67,12 @@ def run_command(
     if print_config:
         sys.stdout.write(to_toml(resolved))
         return
-    from stages.core.errors import ConfigError
     from stages.core.jsonl import JsonlWriter
-    from stages.core.preflight import Output, preflight
     from stages.eval.report import eval_tables, print_tables
-    from stages.run.config import empty_input
-    from stages.run.recipe import TRAINED_ADAPTER, eval_config, headline, run_recipe
+    from stages.run.recipe import headline, run_recipe
 
     run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
-    if problem := empty_input(resolved.data):  # the data files first: a missing one is named here
-        raise ConfigError(f"{problem}: a run needs records in data.pool and data.heldout")
-    evaluation = eval_config(resolved, TRAINED_ADAPTER)
-    specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
-    adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
-    preflight(
-        outputs=[Output(run_dir, folder=True)],
-        models=[resolved.model.model],
-        adapters=adapters,
-        needs=[spec.needs() for spec in specs],
-    )
+    _preflight(resolved, run_dir)
     say(f"run folder: {run_dir}", quiet=quiet)
     # One live display at a time (rich allows no more): the training step line, which select and
     # eval use for their progress too (off a terminal: a line per batch).
@@ -101,6 +89,27 @@ def run_command(
         console.print(headline(result.summary, resolved), markup=False)
         say(stage_times(result))
         say(where_things_are(run_dir))
+
+
+def _preflight(resolved: RunConfig, run_dir: Path) -> None:
+    """What a run needs, checked before any stage works: records in both data files, then the run folder,
+    the model, the adapters [eval] names and what every metric needs."""
+    from stages.core.errors import ConfigError
+    from stages.core.preflight import Output, preflight
+    from stages.run.config import empty_input
+    from stages.run.recipe import TRAINED_ADAPTER, eval_config
+
+    if problem := empty_input(resolved.data):  # the data files first: a missing one is named here
+        raise ConfigError(f"{problem}: a run needs records in data.pool and data.heldout")
+    evaluation = eval_config(resolved, TRAINED_ADAPTER)
+    specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
+    adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
+    preflight(
+        outputs=[Output(run_dir, folder=True)],
+        models=[resolved.model.model],
+        adapters=adapters,
+        needs=[spec.needs() for spec in specs],
+    )
 
 
 def _terminal(stream: object) -> bool:
