@@ -45,15 +45,18 @@ def _root(
     State.verbose = verbose
 
 
-# Each command with its help and its command class: a long one's class names what its short --help lists.
-app.command("split", help=split_cmd.HELP, cls=PanelledCommand)(split_cmd.split)
-app.command("generate", help=generate_cmd.HELP, cls=generate_cmd.GenerateCommand)(generate_cmd.generate)
-app.command("score", help=score_cmd.HELP, cls=score_cmd.ScoreCommand)(score_cmd.score)
-app.command("select", help=select_cmd.HELP, cls=PanelledCommand)(select_cmd.select)
-app.command("train", help=train_cmd.HELP, cls=train_cmd.TrainCommand)(train_cmd.train)
-app.command("eval", help=eval_cmd.HELP, cls=eval_cmd.EvalCommand)(eval_cmd.eval_command)
-app.command("run", help=run_cmd.HELP, cls=PanelledCommand)(run_cmd.run_command)
-app.command("env", help=env_cmd.HELP, cls=PanelledCommand)(env_cmd.env_command)
+# Each command, its help, and the function typer runs for it (its options from its signature: cli_command).
+for name, help_text, function in (
+    ("split", split_cmd.HELP, split_cmd.split),
+    ("generate", generate_cmd.HELP, generate_cmd.generate),
+    ("score", score_cmd.HELP, score_cmd.score),
+    ("select", select_cmd.HELP, select_cmd.select),
+    ("train", train_cmd.HELP, train_cmd.train),
+    ("eval", eval_cmd.HELP, eval_cmd.eval_command),
+    ("run", run_cmd.HELP, run_cmd.run_command),
+    ("env", env_cmd.HELP, env_cmd.env_command),
+):
+    app.command(name, help=help_text, cls=PanelledCommand)(function)
 
 
 def main() -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, ClassVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,7 +17,6 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import cli_command
-from bleuberi_cli.help import PanelledCommand
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
@@ -69,25 +67,7 @@ Examples:
 """
 
 
-class EvalCommand(PanelledCommand):
-    """`bleuberi eval`: its options are EvalConfig's and ReadOptions' fields; --help lists first what most
-    evaluations set (the rest: --help-all, docs/options.md)."""
-
-    configs: ClassVar[Mapping[str, type]] = {"config": EvalConfig, "reading": ReadOptions}
-    essential = (
-        "model",
-        "adapters",
-        "answers",
-        "metrics",
-        "max_new_tokens",
-        "max_prompt_length",
-        "batch_size",
-        "backend",
-        "device",
-    )
-
-
-@cli_command(EvalCommand.configs)
+@cli_command({"config": EvalConfig, "reading": ReadOptions})
 def eval_command(
     config: EvalConfig,
     reading: ReadOptions,

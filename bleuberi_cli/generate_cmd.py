@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from bleuberi_cli.common import (
     OutputOpt,
@@ -15,7 +14,6 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import cli_command
-from bleuberi_cli.help import PanelledCommand
 from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions
 from stages.generate import GenerateConfig
@@ -45,25 +43,7 @@ Examples:
 """
 
 
-class GenerateCommand(PanelledCommand):
-    """`bleuberi generate`: its options are GenerateConfig's and ReadOptions' fields; --help lists first what most
-    generations set (the rest: --help-all, docs/options.md)."""
-
-    configs: ClassVar[Mapping[str, type]] = {"config": GenerateConfig, "reading": ReadOptions}
-    essential = (
-        "model",
-        "adapter",
-        "num_samples",
-        "max_new_tokens",
-        "temperature",
-        "max_prompt_length",
-        "batch_size",
-        "backend",
-        "device",
-    )
-
-
-@cli_command(GenerateCommand.configs)
+@cli_command({"config": GenerateConfig, "reading": ReadOptions})
 def generate(
     config: GenerateConfig,
     reading: ReadOptions,

@@ -1,7 +1,7 @@
 """`--help` that puts first what most runs need, and `--help-all` with everything.
 
 A command with many options (train has over a hundred) lists under `--help` only its inputs and outputs
-and the handful of options most runs set (its command class's `essential` names), then says how many
+and the handful of options most runs set (SHORT_HELP names them), then says how many
 more there are and where they are: `--help-all` (every option, grouped under its panel) and
 docs/options.md. Its long description is cut to the first paragraph and the examples. The help is plain
 text (no rich boxes). A command-line mistake is one line naming the option (`usage_line`).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 import typing
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import typer
 import typer._click.exceptions as click_errors  # typer's own click: the errors its parser raises (not public)
@@ -21,21 +21,81 @@ import typer.core
 from bleuberi_cli.common import HELP_ALL
 from bleuberi_cli.config_options import cli_leaves
 from stages.core.declare import check_value
+from stages.core.records import ReadOptions
+from stages.eval.config import EvalConfig
+from stages.generate import GenerateConfig
+from stages.score import ScoreConfig
+from stages.train.config import TrainConfig
 
 IO_OPTIONS = ("input",)  # of the reading options, the one most runs set (the field maps are in --help-all)
 LAST = ("verbose", "help")  # the options every command takes, listed last
 
 
+@dataclass(frozen=True)
+class ShortHelp:
+    """What a long command's --help lists: its inputs and outputs (its own options, and -i), then the
+    `essential` options in this order; its configs' other options wait for --help-all."""
+
+    configs: tuple[type, ...]
+    essential: tuple[str, ...]
+
+
+# The commands with a short --help, and what most of their runs set (the others list every option).
+SHORT_HELP: dict[str, ShortHelp] = {
+    "generate": ShortHelp(
+        (GenerateConfig, ReadOptions),
+        (
+            "model",
+            "adapter",
+            "num_samples",
+            "max_new_tokens",
+            "temperature",
+            "max_prompt_length",
+            "batch_size",
+            "backend",
+            "device",
+        ),
+    ),
+    "score": ShortHelp((ScoreConfig, ReadOptions), ("metrics", "weights", "combine", "aggregate", "jobs")),
+    "train": ShortHelp(
+        (TrainConfig, ReadOptions),
+        (
+            "model",
+            "reward",
+            "algo",
+            "max_steps",
+            "learning_rate",
+            "num_generations",
+            "max_completion_length",
+            "per_device_train_batch_size",
+            "max_prompt_length",
+            "save_steps",
+            "beta",
+            "backend",
+            "dtype",
+        ),
+    ),
+    "eval": ShortHelp(
+        (EvalConfig, ReadOptions),
+        (
+            "model",
+            "adapters",
+            "answers",
+            "metrics",
+            "max_new_tokens",
+            "max_prompt_length",
+            "batch_size",
+            "backend",
+            "device",
+        ),
+    ),
+}
+
+
 class PanelledCommand(typer.core.TyperCommand):
     """Plain-text help: every option under its panel (a config field's `panel`), the ungrouped ones first
-    under "Options"; a command class that names `essential` options, the short form above (and with
-    --help-all, every option). A usage error: one line (`usage_line`), exit 2."""
-
-    # The configs the command's options are made from, by the parameter that receives each built: the same
-    # mapping the command gives cli_command (the short help leaves their options to --help-all).
-    configs: ClassVar[Mapping[str, type]] = {}
-    # What most runs set, in this order: set, the short --help lists them after the inputs and outputs.
-    essential: ClassVar[tuple[str, ...]] = ()
+    under "Options"; for a command in SHORT_HELP, the short form above (and with --help-all, every
+    option). A usage error: one line (`usage_line`), exit 2."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # Overridden only for the one-line usage error: its parser raises typer's click errors, which typer's
@@ -48,7 +108,7 @@ class PanelledCommand(typer.core.TyperCommand):
             raise typer.Exit(2) from None
 
     def _short(self, ctx: Any) -> bool:
-        return bool(self.essential) and not ctx.meta.get(HELP_ALL)
+        return self.name in SHORT_HELP and not ctx.meta.get(HELP_ALL)
 
     def format_help_text(self, ctx: Any, formatter: Any) -> None:
         if not self._short(ctx):
@@ -82,18 +142,19 @@ class PanelledCommand(typer.core.TyperCommand):
     def _short_sections(self, shown: list[tuple[Any, Any]], help_all: tuple[str, str]) -> list[tuple[str, list[Any]]]:
         """Inputs and outputs (the command's own options, and -i), the essential options in their order,
         then -v, --help-all and -h."""
-        deferred = {leaf.name for cls in self.configs.values() for leaf in cli_leaves(cls)}
+        layout = SHORT_HELP[self.name or ""]
+        deferred = {leaf.name for cls in layout.configs for leaf in cli_leaves(cls)}
         io, common, last = [], {}, {}
         for param, record in shown:
             if param.name in LAST:
                 last[param.name] = record
-            elif param.name in self.essential:
+            elif param.name in layout.essential:
                 common[param.name] = record
             elif param.name in IO_OPTIONS:
                 io.insert(0, record)  # where records come from, first
             elif param.name not in deferred:
                 io.append(record)
-        ordered = [common[name] for name in self.essential if name in common]
+        ordered = [common[name] for name in layout.essential if name in common]
         return [
             ("Inputs and outputs", io),
             ("Most used", ordered),

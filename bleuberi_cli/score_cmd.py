@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from collections.abc import Iterator
 
 from bleuberi_cli.common import (
     OutputOpt,
@@ -17,7 +16,6 @@ from bleuberi_cli.common import (
     say,
 )
 from bleuberi_cli.config_options import cli_command
-from bleuberi_cli.help import PanelledCommand
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions, ReadStats
@@ -54,15 +52,7 @@ Examples:
 """
 
 
-class ScoreCommand(PanelledCommand):
-    """`bleuberi score`: its options are ScoreConfig's and ReadOptions' fields; --help lists first what most
-    scorings set (the rest: --help-all, docs/options.md)."""
-
-    configs: ClassVar[Mapping[str, type]] = {"config": ScoreConfig, "reading": ReadOptions}
-    essential = ("metrics", "weights", "combine", "aggregate", "jobs")
-
-
-@cli_command(ScoreCommand.configs)
+@cli_command({"config": ScoreConfig, "reading": ReadOptions})
 def score(
     config: ScoreConfig,
     reading: ReadOptions,

@@ -3,14 +3,12 @@ fields (stages/train/config.py), declared there once."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import typer
 
 from bleuberi_cli.common import QuietOpt, StepProgress, read_all_records, say
 from bleuberi_cli.config_options import cli_command
-from bleuberi_cli.help import PanelledCommand
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
 from stages.metrics import SPEC_HELP
@@ -56,28 +54,6 @@ Examples:
 RUN = "Run folder"
 
 
-class TrainCommand(PanelledCommand):
-    """`bleuberi train`: its options are TrainConfig's and ReadOptions' fields; --help lists first what most
-    runs set (the rest: --help-all, docs/options.md)."""
-
-    configs: ClassVar[Mapping[str, type]] = {"config": TrainConfig, "reading": ReadOptions}
-    essential = (
-        "model",
-        "reward",
-        "algo",
-        "max_steps",
-        "learning_rate",
-        "num_generations",
-        "max_completion_length",
-        "per_device_train_batch_size",
-        "max_prompt_length",
-        "save_steps",
-        "beta",
-        "backend",
-        "dtype",
-    )
-
-
 ReportToOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -90,7 +66,7 @@ ReportToOpt = Annotated[
 ]
 
 
-@cli_command(TrainCommand.configs)
+@cli_command({"config": TrainConfig, "reading": ReadOptions})
 def train(
     output_dir: Annotated[
         str,

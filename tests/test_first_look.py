@@ -8,16 +8,11 @@ from __future__ import annotations
 import pytest
 import typer.main
 
-from bleuberi_cli import eval_cmd, generate_cmd, score_cmd, train_cmd
 from bleuberi_cli.app import app
+from bleuberi_cli.help import SHORT_HELP
 from tests.conftest import demo_records, train_args, write_jsonl
 
-ESSENTIALS = {
-    "train": train_cmd.TrainCommand.essential,
-    "eval": eval_cmd.EvalCommand.essential,
-    "generate": generate_cmd.GenerateCommand.essential,
-    "score": score_cmd.ScoreCommand.essential,
-}
+ESSENTIALS = {command: layout.essential for command, layout in SHORT_HELP.items()}
 
 
 def _flags(command: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ import pytest
 import typer.main
 
 from bleuberi_cli.app import app
+from bleuberi_cli.help import SHORT_HELP
 from stages.core.declare import GROUP_KEY, META_KEY
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
@@ -67,6 +68,8 @@ def test_every_config_field_is_an_option_and_every_option_a_field(command) -> No
     fields_ = set().union(*(field_names(cls) for cls in CONFIGS[command]))
     assert fields_ <= options, fields_ - options
     assert options - fields_ == OWN[command] | EVERY, options - fields_
+    if command in SHORT_HELP:  # its short --help leaves these configs' options to --help-all
+        assert SHORT_HELP[command].configs == CONFIGS[command]
 
 
 @pytest.mark.parametrize(

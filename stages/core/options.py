@@ -109,11 +109,9 @@ class PromptOptions:
         None, "a system turn put before prompts that have none", metavar="TEXT", panel=PROMPTS
     )
     max_prompt_length: int | None = option(
-        None,
-        "the longest prompt, in tokens; what happens to longer ones: --long-prompts (none: no limit)",
-        metavar="N",
-        panel=PROMPTS,
-    )
+        None, "the longest prompt, in tokens; what happens to longer ones: --long-prompts (none: no limit)",
+        metavar="N", panel=PROMPTS,
+    )  # fmt: skip
     long_prompts: LongPrompts = option(
         "cut-middle",
         "a prompt over --max-prompt-length: cut-middle keeps its start (the instruction) and its end (the "
