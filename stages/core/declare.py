@@ -158,11 +158,6 @@ def _group_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Any, Grou
         yield field, hints[field.name], group_of(field)
 
 
-def _name(field: dataclasses.Field[Any], info: OptionInfo, rename: Mapping[str, str]) -> str:
-    own = info.key or field.name
-    return rename.get(own, own)
-
-
 def leaves(cls: type, *, _defaults: Any = None) -> Iterator[Leaf]:
     """Every option of `cls` (nested groups flattened), in declaration order, with this nesting's defaults."""
     yield from _leaves(cls, (), (), {}, _defaults)
@@ -185,7 +180,8 @@ def _leaves(
             default = getattr(instance, field.name)
         else:
             default = field.default_factory() if field.default_factory is not MISSING else field.default
-        yield Leaf(_name(field, info, rename), (*attrs, field.name), tables, hint, default, info)
+        own = _own_name(field)
+        yield Leaf(rename.get(own, own), (*attrs, field.name), tables, hint, default, info)
 
 
 def name_options(message: str, config_leaves: Sequence[Leaf], spell: Callable[[Leaf], str]) -> str:
