@@ -101,6 +101,68 @@ def grpo_step(run: TrainRun, step: int) -> dict[str, Any]:
     return {**record, **judge, "reward_combine": config.reward_combine}
 
 
+# --- 2-3. rewards and advantages -----------------------------------------------------------------------------
+
+
+def score_rollout(
+    generator: Generator,
+    scorer: Scorer,
+    prompts: list[TrainPrompt],
+    samples: list[Sample],
+    *,
+    group_size: int,
+    scale_rewards: str,
+    skip_zero_std: bool,
+    dist: Distributed,
+    device: torch.device | None = None,
+) -> Rollout:
+    """Each group's completions scored against its prompt's references, and their advantages (with
+    scale_rewards="batch" the std is that of the whole batch on every rank). A reward function's error
+    stops every rank at this step (they agree on it before any other collective). `device` is where the
+    ranks' collectives run (the policy's: a CUDA device under nccl); default the CPU."""
+    device = device or torch.device("cpu")
+    completions = [generator.decode(s.token_ids) for s in samples]
+    groups = [completions[i * group_size : (i + 1) * group_size] for i in range(len(prompts))]
+    scorer.prefetch([(group, p.references, p.messages, p.record) for group, p in zip(groups, prompts)])
+    failed: RewardFunctionError | None = None
+    try:
+        parts, combined = _group_rewards(scorer, prompts, samples, completions, group_size)
+    except RewardFunctionError as error:
+        failed = error
+    if dist.enabled and dist.sum([float(failed is not None)], device)[0]:
+        failed = failed or RewardFunctionError("a reward function failed on another rank (its message is there)")
+    if failed is not None:
+        raise failed
+    rewards = torch.tensor(combined, dtype=torch.float32)
+    batch_std = dist.mean_std(combined, device)[1] if scale_rewards == "batch" and dist.enabled else None
+    advantages = group_advantages(rewards, group_size, scale_rewards, batch_std)  # type: ignore[arg-type]
+    zero_std = zero_std_groups(rewards, group_size)
+    keep = [row for row in range(len(samples)) if not (skip_zero_std and bool(zero_std[row // group_size]))]
+    return Rollout(prompts, samples, completions, rewards, parts, advantages, zero_std, group_size, keep)
+
+
+def _group_rewards(
+    scorer: Scorer, prompts: list[TrainPrompt], samples: list[Sample], completions: list[str], group_size: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Per metric, the values given (a None left out, as TRL's nanmean logs it), and the reward per sample: a
+    None counts as NaN in TRL's nansum over reward functions, so a sample no reward scored gets 0."""
+    parts: dict[str, list[float]] = {}
+    combined: list[float] = []
+    for i, prompt in enumerate(prompts):
+        rows = slice(i * group_size, (i + 1) * group_size)
+        ids = [s.token_ids for s in samples[rows]]
+        scores = scorer.score(
+            completions[rows], prompt.references, messages=prompt.messages, record=prompt.record, completion_ids=ids
+        )
+        for name, values in scores.items():
+            parts.setdefault(name, []).extend(v for v in values if v is not None)
+        combined.extend(0.0 if v is None else v for v in scores[scorer.score_key])
+    return parts, combined
+
+
+# --- 5-6. the loss inputs, then the updates ------------------------------------------------------------------
+
+
 def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig, dist: Distributed) -> UpdateStats:
     """Steps 5 and 6: the loss inputs fixed once (reference log-probs when beta > 0, the trainer's own
     log-probs as the ratio's old policy, the importance weights trainer/sampler when the correction is on),
@@ -131,7 +193,7 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
     return update_stats(updates, inputs, global_tokens, dist, device)
 
 
-# --- 5. the loss inputs, fixed before the first update ----------------------------------------------------
+# --- 5. the loss inputs, fixed before the first update -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -182,7 +244,7 @@ def detached_logprobs(policy: Policy, batch: PackedBatch, temperature: float) ->
         return completion_logprobs(policy.model, batch, temperature).detach()
 
 
-# --- 6. one optimizer update ------------------------------------------------------------------------------
+# --- 6. one optimizer update ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -288,62 +350,3 @@ def sampler_drift(inputs: list[LossInputs]) -> tuple[float, float, float, float,
             capped += float((mb.importance.capped() * counted).sum())
             weighed += float(counted.sum())
     return total, largest, mismatch, capped, weighed
-
-
-# --- 2-3. rewards and advantages ------------------------------------------------------------------------
-
-
-def score_rollout(
-    generator: Generator,
-    scorer: Scorer,
-    prompts: list[TrainPrompt],
-    samples: list[Sample],
-    *,
-    group_size: int,
-    scale_rewards: str,
-    skip_zero_std: bool,
-    dist: Distributed,
-    device: torch.device | None = None,
-) -> Rollout:
-    """Each group's completions scored against its prompt's references, and their advantages (with
-    scale_rewards="batch" the std is that of the whole batch on every rank). A reward function's error
-    stops every rank at this step (they agree on it before any other collective). `device` is where the
-    ranks' collectives run (the policy's: a CUDA device under nccl); default the CPU."""
-    device = device or torch.device("cpu")
-    completions = [generator.decode(s.token_ids) for s in samples]
-    groups = [completions[i * group_size : (i + 1) * group_size] for i in range(len(prompts))]
-    scorer.prefetch([(group, p.references, p.messages, p.record) for group, p in zip(groups, prompts)])
-    failed: RewardFunctionError | None = None
-    try:
-        parts, combined = _group_rewards(scorer, prompts, samples, completions, group_size)
-    except RewardFunctionError as error:
-        failed = error
-    if dist.enabled and dist.sum([float(failed is not None)], device)[0]:
-        failed = failed or RewardFunctionError("a reward function failed on another rank (its message is there)")
-    if failed is not None:
-        raise failed
-    rewards = torch.tensor(combined, dtype=torch.float32)
-    batch_std = dist.mean_std(combined, device)[1] if scale_rewards == "batch" and dist.enabled else None
-    advantages = group_advantages(rewards, group_size, scale_rewards, batch_std)  # type: ignore[arg-type]
-    zero_std = zero_std_groups(rewards, group_size)
-    keep = [row for row in range(len(samples)) if not (skip_zero_std and bool(zero_std[row // group_size]))]
-    return Rollout(prompts, samples, completions, rewards, parts, advantages, zero_std, group_size, keep)
-
-
-def _group_rewards(
-    scorer: Scorer, prompts: list[TrainPrompt], samples: list[Sample], completions: list[str], group_size: int
-) -> tuple[dict[str, list[float]], list[float]]:
-    """Per metric, the values given (a None left out, as TRL's nanmean logs it), and the reward per sample: a
-    None counts as NaN in TRL's nansum over reward functions, so a sample no reward scored gets 0."""
-    parts: dict[str, list[float]] = {}
-    combined: list[float] = []
-    for i, prompt in enumerate(prompts):
-        rows = slice(i * group_size, (i + 1) * group_size)
-        ids = [s.token_ids for s in samples[rows]]
-        scores = scorer.score(
-            completions[rows], prompt.references, messages=prompt.messages, record=prompt.record, completion_ids=ids
-        )
-        for name, values in scores.items():
-            parts.setdefault(name, []).extend(v for v in values if v is not None)
-        combined.extend(0.0 if v is None else v for v in scores[scorer.score_key])
-    return parts, combined
