@@ -106,6 +106,8 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @dataclass
 class LossParts:
+    """One micro-batch's share of an update's loss, and the statistics the step's record sums."""
+
     loss: torch.Tensor  # the scalar to backpropagate (already divided by the step's denominator)
     kl_sum: float  # sum of per-token KL over active tokens (0 when beta == 0)
     clipped_tokens: float  # active tokens where the clipped term was the one that counted (cispo: capped, A > 0)
