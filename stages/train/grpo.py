@@ -1,4 +1,4 @@
-"""One GRPO step on one page: `grpo_step` and `policy_update` read top to bottom, in the order they run.
+"""One GRPO step on one page: `grpo_step`, then the code of each of its phases in the order they run.
 
   1. sample: this rank's prompts, G completions of each (stages/train/rollouts.py);
   2. reward each completion against its prompt's references (the run's Scorer);
@@ -9,18 +9,20 @@
      and the importance weights trainer/sampler;
   6. `num_iterations` optimizer updates on those inputs (the loss: stages/train/loss.py; the backward
      pass and the optimizer step: stages/train/policy.py);
-  7. publish the adapter to an engine of its own; 8. the step's record, over every rank.
+  7. publish the adapter to an engine of its own; 8. the step's record, over every rank
+     (stages/train/step_metrics.py).
 
 Three log-probs of each sampled token meet here: the sampler's (recorded while sampling: the policy's own
 KV-cached decode, or an engine of its own, with async rollouts one step stale), the trainer's (a full
 forward pass of the current weights) and the reference's. The clipped ratio's old policy is the trainer's
 own forward before the step's first update, never the sampler's: a sampler in bf16, or vLLM's kernels,
 differ from the trainer's forward by rounding. That forward is the very computation the first update
-repeats (training mode, autocast, autograd on), so on the first update the ratio is exactly 1. Where the
-importance correction is on (by default where an engine of its own samples), the policy term is
-reweighted by the truncated ratio trainer/sampler (TRL's `vllm_importance_sampling_correction`); how far
-the sampler is from the trainer is logged every step as `logprob_drift_*`, `mismatch_kl` and
-`mismatch_clip_fraction`.
+repeats (training mode, autocast, autograd on), so on the first update the ratio is exactly 1 (with
+lora_dropout 0, the default: each pass draws its own dropout mask). It costs one forward pass per
+micro-batch per step, the price of fixing every input before the first update. Where the importance
+correction is on (by default where an engine of its own samples), the policy term is reweighted by the
+truncated ratio trainer/sampler (TRL's `vllm_importance_sampling_correction`); how far the sampler is from
+the trainer is logged every step as `logprob_drift_*`, `mismatch_kl` and `mismatch_clip_fraction`.
 """
 
 from __future__ import annotations
