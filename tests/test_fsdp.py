@@ -454,7 +454,8 @@ def test_an_idle_micro_batch_adds_nothing(tiny_model) -> None:
     idle = idle_batch(policy)
     pull = torch.full_like(idle.sampled_logp, -3.0)  # log-probs that would pull, were they counted
     inputs = LossInputs(idle.batch, idle.advantages, pull, pull, torch.zeros_like(pull), None)
-    parts = micro_batch_loss(policy, inputs, config.loss_config(), Denominator(1.0), config.sampling.temperature)
+    loss_config, temperature = config.loss_config(), config.sampling.temperature
+    parts, _ = micro_batch_loss(policy, idle, None, inputs, loss_config, Denominator(1.0), temperature)
     parts.loss.backward()
     assert float(parts.loss.detach()) == 0.0 and parts.kl_sum == 0.0
     grads = [p.grad for p in policy.trainable]

@@ -148,7 +148,7 @@ def _first_update_gradient(tiny_model, dtype: str, samples_from, records) -> tup
     from stages.train.config import TrainConfig
     from stages.train.data import prepare_prompts
     from stages.train.distributed import Distributed
-    from stages.train.grpo import loss_inputs, micro_batch_loss, score_rollout
+    from stages.train.grpo import micro_batch_loss, reference_logprobs, score_rollout
     from stages.train.loss import Denominator
     from stages.train.policy import load_policy
 
@@ -166,9 +166,9 @@ def _first_update_gradient(tiny_model, dtype: str, samples_from, records) -> tup
                          mask_truncated=False)  # fmt: skip
     policy.model.train()
     loss_config, temperature = config.loss_config(), config.sampling.temperature
-    [inputs] = loss_inputs(policy, [mb], loss_config, temperature)
+    [reference] = reference_logprobs(policy, [mb], loss_config, temperature)
     tokens = float(mb.batch.completion_mask.sum())
-    loss = micro_batch_loss(policy, inputs, loss_config, Denominator(tokens), temperature)
+    loss, _ = micro_batch_loss(policy, mb, reference, None, loss_config, Denominator(tokens), temperature)
     loss.loss.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
     return grads, loss.kl_sum / tokens

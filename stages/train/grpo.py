@@ -4,11 +4,11 @@
   2. reward each completion against its prompt's references (the run's Scorer);
   3. group-relative advantages (stages/train/loss.py);
   4. the rows that count, packed into micro-batches (stages/train/batches.py);
-  5. once, before any update, into an immutable `LossInputs` per micro-batch: the reference's log-probs
-     (the policy with its adapter scaled to zero), the trainer's own log-probs (the ratio's old policy)
+  5. once, before any update: the reference's log-probs (the policy with its adapter scaled to zero);
+  6. `num_iterations` optimizer updates (the loss: stages/train/loss.py; the backward pass and the
+     optimizer step: stages/train/policy.py); the first one's forward passes fix an immutable
+     `LossInputs` per micro-batch for all of them: the trainer's own log-probs (the ratio's old policy)
      and the importance weights trainer/sampler;
-  6. `num_iterations` optimizer updates on those inputs (the loss: stages/train/loss.py; the backward
-     pass and the optimizer step: stages/train/policy.py);
   7. publish the adapter to an engine of its own; 8. the step's record, over every rank
      (stages/train/step_metrics.py).
 
@@ -16,18 +16,19 @@ Three log-probs of each sampled token meet here: the sampler's (recorded while s
 KV-cached decode, or an engine of its own, with async rollouts one step stale), the trainer's (a full
 forward pass of the current weights) and the reference's. The clipped ratio's old policy is the trainer's
 own forward before the step's first update, never the sampler's: a sampler in bf16, or vLLM's kernels,
-differ from the trainer's forward by rounding. That forward is the very computation the first update
-repeats (training mode, autocast, autograd on), so on the first update the ratio is exactly 1 (with
-lora_dropout 0, the default: each pass draws its own dropout mask). It costs one forward pass per
-micro-batch per step, the price of fixing every input before the first update. Where the importance
-correction is on (by default where an engine of its own samples), the policy term is reweighted by the
-truncated ratio trainer/sampler (TRL's `vllm_importance_sampling_correction`); how far the sampler is from
-the trainer is logged every step as `logprob_drift_*`, `mismatch_kl` and `mismatch_clip_fraction`.
+differ from the trainer's forward by rounding. It is the first update's own forward pass, detached: on
+the first update the ratio is exactly 1, later updates reuse it as it is, and it costs no pass of its own
+(a separate pass before the updates would add a forward per micro-batch, about a third of the update's
+time on a CPU). Where the importance correction is on (by default where an engine of its own samples),
+the policy term is reweighted by the truncated ratio trainer/sampler (TRL's
+`vllm_importance_sampling_correction`); how far the sampler is from the trainer is logged every step as
+`logprob_drift_*`, `mismatch_kl` and `mismatch_clip_fraction`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -166,9 +167,9 @@ def _group_rewards(
 
 
 def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig, dist: Distributed) -> UpdateStats:
-    """Steps 5 and 6: the loss inputs fixed once (reference log-probs when beta > 0, the trainer's own
-    log-probs as the ratio's old policy, the importance weights trainer/sampler when the correction is on),
-    then `num_iterations` optimizer updates on them; returns their statistics over every rank."""
+    """Steps 5 and 6: the reference log-probs once (when beta > 0), then `num_iterations` optimizer updates,
+    the first of which fixes each micro-batch's `LossInputs` for them all; returns their statistics over
+    every rank."""
     device, loss_config, temperature = policy.device, config.loss_config(), config.sampling.temperature
     local_tokens = sum(int(mb.batch.completion_mask.sum()) for mb in batches)
     sequences, global_tokens = dist.sum([float(sum(len(mb.rows) for mb in batches)), float(local_tokens)], device)
@@ -186,21 +187,47 @@ def policy_update(policy: Policy, batches: list[MicroBatch], config: TrainConfig
     )
     policy.model.train()
     # 5. once, before any update
-    inputs = loss_inputs(policy, batches, loss_config, temperature)
-    # 6. num_iterations updates on the same inputs
-    updates = [
-        optimizer_update(policy, inputs, loss_config, denominator, temperature, dist, config.max_grad_norm)
-        for _ in range(config.num_iterations)
-    ]
+    references = reference_logprobs(policy, batches, loss_config, temperature)
+    # 6. num_iterations updates; the first one's forward passes fix the inputs of all of them
+    update = functools.partial(
+        optimizer_update,
+        policy,
+        batches,
+        references,
+        loss_config=loss_config,
+        denominator=denominator,
+        temperature=temperature,
+        dist=dist,
+        max_grad_norm=config.max_grad_norm,
+    )
+    first, inputs = update(fixed=None)
+    updates = [first] + [update(fixed=inputs)[0] for _ in range(config.num_iterations - 1)]
     return update_stats(updates, inputs, global_tokens, dist, device)
 
 
-# --- 5. the loss inputs, fixed before the first update -------------------------------------------------------
+# --- 5. the reference, before the first update ---------------------------------------------------------------
+
+
+def reference_logprobs(
+    policy: Policy, batches: list[MicroBatch], loss_config: LossConfig, temperature: float
+) -> list[torch.Tensor | None]:
+    """Each micro-batch's reference log-probs, the policy with its adapter scaled to zero, by the very forward
+    pass an update runs (same modules, kernels, training mode, autocast, autograd on), detached: where the
+    adapter is still zero (LoRA B starts at zero: step 1) the reference equals the policy to the last bit on
+    any hardware, and the KL penalty starts from exactly 0. None for each where beta is 0 (no KL term)."""
+    if loss_config.beta == 0.0:
+        return [None] * len(batches)
+    with adapter_scaled_to_zero(policy.model), policy.autocast():
+        return [completion_logprobs(policy.model, mb.batch, temperature).detach() for mb in batches]
+
+
+# --- 6. one optimizer update, on inputs the first update fixes -----------------------------------------------
 
 
 @dataclass(frozen=True)
 class LossInputs:
-    """A micro-batch's inputs to every update of the step, computed once before the first update."""
+    """A micro-batch's inputs to every update of the step: fixed by the step's first update, before its
+    backward pass, and the same for every update after it."""
 
     batch: PackedBatch
     advantages: torch.Tensor  # [rows]
@@ -213,40 +240,17 @@ class LossInputs:
     def sampling_weight(self) -> torch.Tensor | None:
         return None if self.importance is None else self.importance.weights
 
-
-def loss_inputs(
-    policy: Policy, batches: list[MicroBatch], loss_config: LossConfig, temperature: float
-) -> list[LossInputs]:
-    """Every micro-batch's `LossInputs`: the reference pass over all of them (when beta > 0), then the
-    trainer's own pass, then the importance weights (when the correction is on)."""
-    references: list[torch.Tensor | None] = [None] * len(batches)
-    if loss_config.beta != 0.0:
-        with adapter_scaled_to_zero(policy.model):
-            references = [detached_logprobs(policy, mb.batch, temperature) for mb in batches]
-    inputs = []
-    for mb, reference in zip(batches, references):
-        old = detached_logprobs(policy, mb.batch, temperature)
-        log_ratio = engine_log_ratio(old, mb.sampled_logp, mb.batch.completion_mask)
-        importance = None
-        if loss_config.importance_mode:
-            importance = engine_importance_weights(
-                log_ratio, loss_config.importance_mode, loss_config.importance_clip_max
-            )
-        inputs.append(LossInputs(mb.batch, mb.advantages, old, reference, log_ratio, importance))
-    return inputs
-
-
-def detached_logprobs(policy: Policy, batch: PackedBatch, temperature: float) -> torch.Tensor:
-    """The policy's completion log-probs by the very forward pass an update runs (same modules, kernels,
-    training mode, autocast, autograd on), detached. Under `adapter_scaled_to_zero` it is the reference:
-    where the adapter is still zero (LoRA B starts at zero: step 1) the reference equals the policy to the
-    last bit on any hardware, and the KL penalty starts from exactly 0. Without it, it is the old policy
-    of the step's ratio, equal to the first update's own log-probs to the last bit (the ratio is 1)."""
-    with policy.autocast():
-        return completion_logprobs(policy.model, batch, temperature).detach()
-
-
-# --- 6. one optimizer update ---------------------------------------------------------------------------------
+    @classmethod
+    def of(
+        cls, mb: MicroBatch, ref_logp: torch.Tensor | None, old_logp: torch.Tensor, loss_config: LossConfig
+    ) -> LossInputs:
+        """`mb`'s inputs, with `old_logp` the trainer's log-probs before the step's first update: the ratio's
+        old policy (never the sampler's: a sampler in bf16, or vLLM's kernels, differ from the trainer's
+        forward by rounding), and the reference the importance weights trainer/sampler are taken against."""
+        log_ratio = engine_log_ratio(old_logp, mb.sampled_logp, mb.batch.completion_mask)
+        mode, cap = loss_config.importance_mode, loss_config.importance_clip_max
+        importance = engine_importance_weights(log_ratio, mode, cap) if mode else None
+        return cls(mb.batch, mb.advantages, old_logp.detach(), ref_logp, log_ratio, importance)
 
 
 @dataclass(frozen=True)
@@ -261,44 +265,61 @@ class Update:
 
 def optimizer_update(
     policy: Policy,
-    inputs: list[LossInputs],
+    batches: list[MicroBatch],
+    references: list[torch.Tensor | None],
+    *,
+    fixed: list[LossInputs] | None,
     loss_config: LossConfig,
     denominator: Denominator,
     temperature: float,
     dist: Distributed,
     max_grad_norm: float,
-) -> Update:
-    """A forward and backward pass per micro-batch (their gradients summed), then one optimizer step."""
+) -> tuple[Update, list[LossInputs]]:
+    """A forward and backward pass per micro-batch (their gradients summed), then one optimizer step; returns
+    the update and the inputs its losses took. `fixed` None: this is the step's first update, and each
+    micro-batch's own forward pass, detached, is the old policy of its inputs (the ratio is exactly 1): the
+    weights as the step found them, at no pass of their own. TRL does the same with one update per step."""
     loss = kl_sum = clipped = 0.0
-    for i, mb in enumerate(inputs):
-        parts = micro_batch_loss(policy, mb, loss_config, denominator, temperature)
-        policy.backward(parts.loss, last=i == len(inputs) - 1)
+    used = []
+    for i, mb in enumerate(batches):
+        mb_fixed = None if fixed is None else fixed[i]
+        parts, inputs = micro_batch_loss(policy, mb, references[i], mb_fixed, loss_config, denominator, temperature)
+        policy.backward(parts.loss, last=i == len(batches) - 1)
         loss += float(parts.loss.detach())
         kl_sum += parts.kl_sum
         clipped += parts.clipped_tokens
+        used.append(inputs)
     grad_norm = policy.apply_gradients(dist, max_grad_norm)
     loss, kl_sum, clipped = dist.sum([loss, kl_sum, clipped], policy.device)
-    return Update(loss, kl_sum, clipped, grad_norm)
+    return Update(loss, kl_sum, clipped, grad_norm), used
 
 
 def micro_batch_loss(
-    policy: Policy, inputs: LossInputs, loss_config: LossConfig, denominator: Denominator, temperature: float
-) -> LossParts:
+    policy: Policy,
+    mb: MicroBatch,
+    reference: torch.Tensor | None,
+    fixed: LossInputs | None,
+    loss_config: LossConfig,
+    denominator: Denominator,
+    temperature: float,
+) -> tuple[LossParts, LossInputs]:
     """One micro-batch's share of an update's loss: the trainer's log-probs from a fresh forward pass (with
-    their gradient), against the step's fixed inputs."""
-    logp, entropy_mask = _policy_logprobs(policy.model, inputs.batch, temperature, loss_config, policy.autocast)
-    mask = inputs.batch.completion_mask
-    return grpo_loss(
+    their gradient) against the step's fixed inputs, and those inputs (`fixed`, or, on the first update,
+    made from this very pass)."""
+    logp, entropy_mask = _policy_logprobs(policy.model, mb.batch, temperature, loss_config, policy.autocast)
+    inputs = fixed if fixed is not None else LossInputs.of(mb, reference, logp, loss_config)
+    parts = grpo_loss(
         logp,
         inputs.old_logp,
         inputs.ref_logp,
         inputs.advantages,
-        mask,
+        inputs.batch.completion_mask,
         loss_config,
         denominator,
         inputs.sampling_weight,
         entropy_mask,
     )
+    return parts, inputs
 
 
 def _policy_logprobs(
