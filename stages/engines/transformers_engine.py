@@ -153,8 +153,9 @@ def sample(
     was_training = model.training
     model.eval()
     try:
+        forward = _Forward(model, cache_keyword(model), "logits_to_keep" in _forward_parameters(model), pad_id)
         with float32_logits(model):  # as the trainer computes them (stages/core/precision.py)
-            state = _decode(model, prompts, seeds, sampling, stop_ids=stop_ids, pad_id=pad_id)
+            state = _decode(forward, prompts, seeds, sampling, stop_ids)
     finally:
         model.train(was_training)
     return state.samples(n)
@@ -175,22 +176,15 @@ def _prefill(forward: _Forward, prompts: Sequence[Sequence[int]], n: int) -> tup
 
 
 def _decode(
-    model: PreTrainedModel,
-    prompts: TokenRows,
-    seeds: SeedRows,
-    sampling: SamplingParams,
-    *,
-    stop_ids: set[int],
-    pad_id: int,
+    forward: _Forward, prompts: TokenRows, seeds: SeedRows, sampling: SamplingParams, stop_ids: set[int]
 ) -> _DecodeState:
     """One prefill per prompt, its cache shared by its n samples, then token by token until every row stops:
     through the Llama-family decoder (stages/engines/decoder.py) where the model is one, else through the
     model's own forward."""
     import torch
 
+    model = forward.model
     device = next(model.parameters()).device
-    accepted = _forward_parameters(model)
-    forward = _Forward(model, cache_keyword(model), "logits_to_keep" in accepted, pad_id)
     fsdp = is_sharded(model)
     n = len(seeds[0])
     decoder = None if fsdp else Decoder.of(model, max(len(p) for p in prompts) + sampling.max_new_tokens)
