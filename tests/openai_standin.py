@@ -190,13 +190,6 @@ class Standin:
                 "tokens": words,
                 "top_logprobs": [{w: lp} for w, lp in zip(words, logprobs)],
             }
-        prompt_logprobs = None
-        if body.get("prompt_logprobs") is not None:
-            prompt_logprobs = [None] + [
-                {str(t): {"logprob": self.score(prompt[:i], t), "rank": 1, "decoded_token": f" t{t}"}}
-                for i, t in enumerate(prompt)
-                if i > 0
-            ]
         want_ids = bool(body.get("return_token_ids"))
         return {
             "index": index,
@@ -205,15 +198,10 @@ class Standin:
             "finish_reason": reason,
             "stop_reason": None,
             "token_ids": ids if want_ids else None,
-            "prompt_logprobs": prompt_logprobs,
+            "prompt_logprobs": None,
             "prompt_token_ids": prompt if want_ids else None,
             "routed_experts": None,
         }
-
-    @staticmethod
-    def score(prefix: list[int], token: int) -> float:
-        """The stand-in's log p(token | prefix) for prompt_logprobs (deterministic)."""
-        return -round(_rng(tuple(prefix), token).random() * 5, 6)
 
     def chat(self, body: dict[str, Any]) -> tuple[int, Any]:
         model = body.get("model") or self.base_models[0]

@@ -11,7 +11,7 @@ import pytest
 
 from stages.core.errors import ConfigError
 from stages.core.http import JsonClient, ServerError, origin, request_json
-from stages.engines.base import AdapterRef, SamplingParams
+from stages.engines.base import AdapterRef, EngineOptions, SamplingParams
 from stages.engines.server import ServerEngine
 from tests.conftest import free_port
 from tests.openai_standin import EOS, Standin
@@ -177,12 +177,6 @@ def test_text_only_mode(server):
     assert server.requests_to("/v1/chat/completions")[0]["body"]["messages"] == [{"role": "user", "content": "hi"}]
 
 
-def test_probe_logprobs_scores_given_tokens(server):
-    scores = engine(server).probe_logprobs([1, 2, 3], [40, 41])
-    assert scores == [Standin.score([1, 2, 3], 40), Standin.score([1, 2, 3, 40], 41)]
-    assert server.requests_to("/v1/completions")[0]["body"]["prompt"] == [1, 2, 3, 40, 41]
-
-
 # --- model discovery and the API key -----------------------------------------------------------------
 
 
@@ -218,7 +212,8 @@ def test_api_key_from_environment(server, monkeypatch):
 
 def test_base_url_must_end_in_v1(server):
     with pytest.raises(ConfigError, match="must end in /v1"):
-        ServerEngine(server.url.removesuffix("/v1"))
+        EngineOptions("server", [server.url.removesuffix("/v1")])
+    assert EngineOptions("server", [server.url + "/"]).server_url == [server.url + "/"]
 
 
 # --- adapters ------------------------------------------------------------------------------------------
@@ -232,7 +227,7 @@ def test_adapter_versions_load_switch_and_unload(server, tmp_path):
     eng.sample([PROMPTS[0]], [[1]], SamplingParams(4, 1.0))
     eng.set_adapter(v2)
     with_v2 = eng.sample([PROMPTS[0]], [[1]], SamplingParams(4, 1.0))
-    assert [m["id"] for m in eng.list_models()] == ["smol", "run-step2"]
+    assert [m["id"] for m in request_json("GET", server.url + "/models")["data"]] == ["smol", "run-step2"]
     eng.set_adapter(None)
     base = eng.sample([PROMPTS[0]], [[1]], SamplingParams(4, 1.0))
     calls = [

@@ -151,8 +151,8 @@ def test_a_request_the_server_refuses_is_an_error_not_a_failover(a, b):
 def test_a_url_given_twice_is_refused(a):
     with pytest.raises(UsageError, match="is given twice"):
         EngineOptions("server", [a.url, a.url])
-    with pytest.raises(ConfigError, match="is given twice"):
-        fleet(a, a)
+    with pytest.raises(UsageError, match="is given twice"):  # a final slash makes no other server
+        EngineOptions("server", [a.url, a.url + "/"])
 
 
 # --- adapters ---------------------------------------------------------------------------------------------
