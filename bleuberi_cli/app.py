@@ -45,18 +45,18 @@ def _root(
     State.verbose = verbose
 
 
-for name, module, command in (
-    ("split", split_cmd, split_cmd.split),
-    ("generate", generate_cmd, generate_cmd.generate),
-    ("score", score_cmd, score_cmd.score),
-    ("select", select_cmd, select_cmd.select),
-    ("train", train_cmd, train_cmd.train),
-    ("eval", eval_cmd, eval_cmd.eval_command),
-    ("run", run_cmd, run_cmd.run_command),
-    ("env", env_cmd, env_cmd.env_command),
+# Each command, its help, and the function typer runs for it (its options from its signature: cli_command).
+for name, help_text, function in (
+    ("split", split_cmd.HELP, split_cmd.split),
+    ("generate", generate_cmd.HELP, generate_cmd.generate),
+    ("score", score_cmd.HELP, score_cmd.score),
+    ("select", select_cmd.HELP, select_cmd.select),
+    ("train", train_cmd.HELP, train_cmd.train),
+    ("eval", eval_cmd.HELP, eval_cmd.eval_command),
+    ("run", run_cmd.HELP, run_cmd.run_command),
+    ("env", env_cmd.HELP, env_cmd.env_command),
 ):
-    essential = getattr(module, "ESSENTIAL", None)  # long commands: a short --help, and --help-all
-    app.command(name, help=module.HELP, cls=PanelledCommand.with_essentials(essential))(command)
+    app.command(name, help=help_text, cls=PanelledCommand)(function)
 
 
 def main() -> None:

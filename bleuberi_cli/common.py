@@ -76,6 +76,40 @@ QuietOpt = Annotated[
 ]
 
 
+def _set_verbose(value: bool) -> bool:
+    if value:  # `bleuberi CMD -v`: as `bleuberi -v CMD` (the root's option) would
+        State.verbose = True
+    return value
+
+
+# Every command takes -v after its name too (as `bleuberi -v CMD` before it); cli_command adds it.
+VerboseOpt = Annotated[
+    bool, typer.Option("-v", "--verbose", help="Show tracebacks with errors.", callback=_set_verbose)
+]
+HELP_ALL = "help_all"  # in the context's meta while --help-all prints the help
+
+
+def _print_all_help(ctx: typer.Context, value: bool) -> None:
+    if value:
+        ctx.meta[HELP_ALL] = True
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+# Every command takes it; one with a short --help then lists every option. Not listed in the full help
+# (the short help lists it by hand).
+HelpAllOpt = Annotated[
+    bool,
+    typer.Option(
+        "--help-all",
+        help="Show every option, by panel, and exit.",
+        is_eager=True,
+        hidden=True,
+        callback=_print_all_help,
+    ),
+]
+
+
 def say(message: str, *, quiet: bool = False) -> None:
     """One line of human information on stderr (never markup-interpreted)."""
     if not quiet:

@@ -1,31 +1,28 @@
-"""Command-line options made from a config dataclass (see stages/core/options.py), so each option is
+"""A command's options made from config dataclasses (see stages/core/declare.py), so each option is
 declared once, on its config field.
 
-    @app.command()
-    @with_config_options(TrainConfig)
-    def train(output_dir: ..., config: TrainConfig) -> None: ...
+    @cli_command({"config": TrainConfig, "reading": ReadOptions})
+    def train(output_dir: ..., config: TrainConfig, reading: ReadOptions) -> None: ...
 
-typer reads a command's parameters from its signature. The decorator gives the command the signature
-typer should see: the function's own parameters (minus `config`), then one option per config field
-(nested groups flattened); when the command runs, it builds the config from those options and passes
-it as `config`. A list option left empty, like any option left out, keeps the field's default.
+typer takes a command's options from the parameters of the function it runs, and nothing else in its
+public API adds one. So the decorator returns that function: it takes the command's own parameters
+(minus the configs), one option per config field (nested groups flattened) and -v/--help-all, which
+every command takes; it builds each config from its options' values and calls the command with them.
+An option left out, or a list option left empty, keeps the field's default.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import typer
 
-from bleuberi_cli.common import boundary
+from bleuberi_cli.common import HelpAllOpt, VerboseOpt, boundary
+from stages.core.declare import Leaf, build, leaves, name_options
 from stages.core.errors import UsageError
-from stages.core.options import Leaf, build, leaves, name_options
-
-CONFIG_PARAMETER = "config"
 
 
 def flags_of(leaf: Leaf) -> tuple[str, ...]:
@@ -85,51 +82,57 @@ def cli_leaves(config_class: type) -> list[Leaf]:
     return [leaf for leaf in leaves(config_class) if leaf.info.cli]
 
 
-def with_config_options(
-    config_class: type | None = None, **groups: type
+# Options every command takes after its name, last (before -h/--help); not the command's to see.
+COMMON = (
+    inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt),
+    inspect.Parameter("help_all", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=HelpAllOpt),
+)
+
+
+def cli_command(
+    configs: Mapping[str, type] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one option per field of `config_class` (it receives the built config as `config`) and
-    of each class in `groups` (received under its keyword: `reading=ReadOptions` -> `reading`)."""
-    if config_class is not None:
-        groups = {CONFIG_PARAMETER: config_class, **groups}
-    options = {name: cli_leaves(cls) for name, cls in groups.items()}
-    names = {group: {leaf.name for leaf in group_leaves} for group, group_leaves in options.items()}
-    fields = [leaf for group_leaves in options.values() for leaf in group_leaves]
-    field_names = {leaf.name for leaf in fields}
+    """The function typer runs for a command: the command's own options, one per field of each config class
+    in `configs` (by the parameter that receives it built: `{"config": TrainConfig, "reading": ReadOptions}`),
+    and -v/--help-all; it builds the configs and calls the command inside the error boundary."""
+    configs = dict(configs or {})
+    options = {name: cli_leaves(cls) for name, cls in configs.items()}
+    fields = [leaf for config_leaves in options.values() for leaf in config_leaves]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        # Not typing.get_type_hints: before Python 3.11 it wraps the hint of a parameter that defaults to None
-        # in Optional[...], which hides an Annotated option from typer (`-o` would be unknown).
+        # Not typing.get_type_hints: before Python 3.11 it wraps the hint of a parameter that defaults to None in
+        # Optional[...], which hides an Annotated option from typer (`-o` would be unknown).
         hints = inspect.get_annotations(command, eval_str=True)
         own = [
             p.replace(annotation=hints.get(p.name, p.annotation))
             for p in inspect.signature(command).parameters.values()
-            if p.name not in groups
+            if p.name not in configs
         ]
-        clash = {p.name for p in own} & field_names
-        if clash or len(field_names) < len(fields):
-            raise TypeError(f"{command.__name__}: an option is declared twice ({sorted(clash)} or in two groups)")
+        parameters = [*own, *(cli_parameter(leaf) for leaf in fields), *COMMON]
+        names = [p.name for p in parameters]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise TypeError(f"{command.__name__}: an option is declared twice: {twice}")
 
-        @functools.wraps(command)
-        def run(**kwargs: Any) -> Any:
-            built = {}
-            with boundary():  # a refused setting is the command's one-line usage error, naming its flag
-                for group, cls in groups.items():
-                    values = {k: v for k, v in kwargs.items() if k in names[group] and v is not None and v != []}
+        def run(**values: Any) -> Any:
+            with boundary():  # a refused setting, like any library error, is one line and an exit code
+                built = {}
+                for name, cls in configs.items():  # a loop, not a helper: a flag's value reaches its field sooner
+                    given = {leaf.name: values[leaf.name] for leaf in options[name]}
+                    given = {key: value for key, value in given.items() if value not in (None, [])}  # not given
                     try:
-                        built[group] = build(cls, values)
+                        built[name] = build(cls, given)
                     except UsageError as error:
-                        raise UsageError(
-                            name_options(str(error), fields, lambda leaf: flags_of(leaf)[0].split("/")[0])
-                        ) from None
-            rest = {k: v for k, v in kwargs.items() if k not in field_names}
-            return command(**rest, **built)
+                        raise UsageError(name_options(str(error), fields, first_flag)) from None
+                return command(**{p.name: values[p.name] for p in own}, **built)
 
-        parameters = [*own, *(cli_parameter(leaf) for leaf in fields)]
+        # typer reads the options from this signature (the only way its public API takes options made at run time).
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-        run.config_options = frozenset(field_names)  # type: ignore[attr-defined]  # what --help may defer
-        run.__annotations__ = {p.name: p.annotation for p in parameters}
-        del run.__wrapped__  # typer must read the signature above, not the function's own
+        run.__name__, run.__doc__ = command.__name__, command.__doc__
         return run
 
     return decorate
+
+
+def first_flag(leaf: Leaf) -> str:
+    """How an error names an option: its first flag (`--temperature`, `-n` for select's num)."""
+    return flags_of(leaf)[0].split("/")[0]

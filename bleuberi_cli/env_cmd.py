@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import boundary
+from bleuberi_cli.config_options import cli_command
 from stages.core.versions import package_version
 
 HELP = """Print the versions of bleuberi and its stack, and the device, for bug reports.
@@ -47,16 +47,16 @@ def env_report() -> dict[str, str]:
     return report
 
 
+@cli_command()
 def env_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record instead of aligned lines.")] = False,
 ) -> None:
-    with boundary():
-        report = env_report()
-        if as_json:
-            import orjson
+    report = env_report()
+    if as_json:
+        import orjson
 
-            sys.stdout.write(orjson.dumps(report).decode() + "\n")
-            return
-        width = max(map(len, report))
-        for key, value in report.items():
-            sys.stdout.write(f"{key:<{width}}  {value}\n")
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+        return
+    width = max(map(len, report))
+    for key, value in report.items():
+        sys.stdout.write(f"{key:<{width}}  {value}\n")

@@ -10,14 +10,13 @@ import typer
 from bleuberi_cli.common import (
     OutputOpt,
     QuietOpt,
-    boundary,
     emit_results,
     finished_work,
     progress,
     read_all_records,
     say,
 )
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
@@ -67,21 +66,8 @@ Examples:
   bleuberi eval --agreement -i examples/pairs.jsonl --report agreement.md > pairs.scored.jsonl
 """
 
-# What most evaluations set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = (
-    "model",
-    "adapters",
-    "answers",
-    "metrics",
-    "max_new_tokens",
-    "max_prompt_length",
-    "batch_size",
-    "backend",
-    "device",
-)
 
-
-@with_config_options(EvalConfig, reading=ReadOptions)
+@cli_command({"config": EvalConfig, "reading": ReadOptions})
 def eval_command(
     config: EvalConfig,
     reading: ReadOptions,
@@ -103,34 +89,33 @@ def eval_command(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        preflight(outputs=[Output(output), Output(report, "--report", example="report.md")])
-        if agreement:
-            from bleuberi_cli.agreement_cmd import agreement as measure
+    preflight(outputs=[Output(output), Output(report, "--report", example="report.md")])
+    if agreement:
+        from bleuberi_cli.agreement_cmd import agreement as measure
 
-            measure(reading, output, config, report=report, quiet=quiet)
-            return
-        systems = config.systems
-        preflight(
-            inputs=[reading.input, *(system.answers for system in systems if system.answers)],
-            models=[config.base_model, config.judges.judge_model],
-            adapters=[system.adapter for system in systems],
-            needs=[spec.needs() for spec in config.metric_specs],
-        )
-        from stages.eval.journal import AnswerJournal, finished_answers
+        measure(reading, output, config, report=report, quiet=quiet)
+        return
+    systems = config.systems
+    preflight(
+        inputs=[reading.input, *(system.answers for system in systems if system.answers)],
+        models=[config.base_model, config.judges.judge_model],
+        adapters=[system.adapter for system in systems],
+        needs=[spec.needs() for spec in config.metric_specs],
+    )
+    from stages.eval.journal import AnswerJournal, finished_answers
 
-        journaled = output or report  # the answers are journaled beside the file the eval writes
-        kept = finished_work(
-            journaled, resume=resume, quiet=quiet, what="answers", find=lambda target, _: finished_answers(target),
-            needs="-o FILE or --report FILE",
-        )  # fmt: skip
-        records = read_all_records(reading, quiet=quiet, purpose="evaluate", needed=True)
-        records, cuts = config.check_prompts(records)
-        for line in cuts.lines("held-out prompts") if cuts else []:
-            say(line, quiet=quiet)
-        if records:
-            with AnswerJournal(journaled, kept) if journaled else contextlib.nullcontext() as journal:
-                _evaluate(records, config, output, report, quiet=quiet, journal=journal)
+    journaled = output or report  # the answers are journaled beside the file the eval writes
+    kept = finished_work(
+        journaled, resume=resume, quiet=quiet, what="answers", find=lambda target, _: finished_answers(target),
+        needs="-o FILE or --report FILE",
+    )  # fmt: skip
+    records = read_all_records(reading, quiet=quiet, purpose="evaluate", needed=True)
+    records, cuts = config.check_prompts(records)
+    for line in cuts.lines("held-out prompts") if cuts else []:
+        say(line, quiet=quiet)
+    if records:
+        with AnswerJournal(journaled, kept) if journaled else contextlib.nullcontext() as journal:
+            _evaluate(records, config, output, report, quiet=quiet, journal=journal)
 
 
 def _evaluate(

@@ -8,13 +8,12 @@ from bleuberi_cli.common import (
     OutputOpt,
     QuietOpt,
     ResumeOpt,
-    boundary,
     finished_work,
     progress,
     read_all_records,
     say,
 )
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions
 from stages.generate import GenerateConfig
@@ -43,21 +42,8 @@ Examples:
 {NORMALISATION_HELP}
 """
 
-# What most generations set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = (
-    "model",
-    "adapter",
-    "num_samples",
-    "max_new_tokens",
-    "temperature",
-    "max_prompt_length",
-    "batch_size",
-    "backend",
-    "device",
-)
 
-
-@with_config_options(GenerateConfig, reading=ReadOptions)
+@cli_command({"config": GenerateConfig, "reading": ReadOptions})
 def generate(
     config: GenerateConfig,
     reading: ReadOptions,
@@ -65,38 +51,35 @@ def generate(
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        from stages.generate import generate_file
+    from stages.generate import generate_file
 
-        preflight(
-            inputs=[reading.input], outputs=[Output(output)], models=[config.model.model], adapters=[config.adapter]
+    preflight(inputs=[reading.input], outputs=[Output(output)], models=[config.model.model], adapters=[config.adapter])
+    kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
+
+    def load() -> Generator:
+        name = config.model.model
+        say(f"loading {name}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
+        return config.load(say=lambda m: say(m, quiet=quiet))
+
+    records = read_all_records(reading, quiet=quiet, purpose="generate", references_optional=True)
+    records, skipped = config.check_prompts(records)
+    with progress("generating", quiet=quiet, total=len(records), unit="prompts") as advance:
+        stats = generate_file(
+            records,
+            output,
+            load,
+            config.sampling,
+            config.batching,
+            kept=kept,
+            as_references=config.as_references,
+            on_todo=advance.set_total,
+            on_batch=lambda prompts, _tokens: advance(prompts),
         )
-        kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
-
-        def load() -> Generator:
-            name = config.model.model
-            say(f"loading {name}" + (f" + adapter {config.adapter}" if config.adapter else ""), quiet=quiet)
-            return config.load(say=lambda m: say(m, quiet=quiet))
-
-        records = read_all_records(reading, quiet=quiet, purpose="generate", references_optional=True)
-        records, skipped = config.check_prompts(records)
-        with progress("generating", quiet=quiet, total=len(records), unit="prompts") as advance:
-            stats = generate_file(
-                records,
-                output,
-                load,
-                config.sampling,
-                config.batching,
-                kept=kept,
-                as_references=config.as_references,
-                on_todo=advance.set_total,
-                on_batch=lambda prompts, _tokens: advance(prompts),
-            )
-        if records and not stats.records:
-            say(f"nothing to generate: every record is already in {output}", quiet=quiet)
-        for line in stats.prompt_lines(skipped):
-            say(line, quiet=quiet)
-        _report(stats, output, quiet=quiet)
+    if records and not stats.records:
+        say(f"nothing to generate: every record is already in {output}", quiet=quiet)
+    for line in stats.prompt_lines(skipped):
+        say(line, quiet=quiet)
+    _report(stats, output, quiet=quiet)
 
 
 def _report(stats: GenerateStats, output: str | None, *, quiet: bool) -> None:

@@ -1,68 +1,114 @@
 """`--help` that puts first what most runs need, and `--help-all` with everything.
 
 A command with many options (train has over a hundred) lists under `--help` only its inputs and outputs
-and the handful of options most runs set (its `ESSENTIAL` names), then says how many more there are and
-where they are: `--help-all` (every option, grouped under its panel) and docs/options.md. Its long
-description is cut to the first paragraph and the examples. The help is plain text (no rich boxes), and
-every command also takes -v/--verbose after its name, as `bleuberi -v CMD` does before it.
+and the handful of options most runs set (SHORT_HELP names them), then says how many
+more there are and where they are: `--help-all` (every option, grouped under its panel) and
+docs/options.md. Its long description is cut to the first paragraph and the examples. The help is plain
+text (no rich boxes). A command-line mistake is one line naming the option (`usage_line`).
 """
 
 from __future__ import annotations
 
 import sys
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 import typer
-import typer._click.exceptions as click_errors  # typer's own click: the errors its parser raises
+import typer._click.exceptions as click_errors  # typer's own click: the errors its parser raises (not public)
 import typer.core
 
-from bleuberi_cli.common import State
-from stages.core.options import check_value
+from bleuberi_cli.common import HELP_ALL
+from bleuberi_cli.config_options import cli_leaves
+from stages.core.declare import check_value
+from stages.core.records import ReadOptions
+from stages.eval.config import EvalConfig
+from stages.generate import GenerateConfig
+from stages.score import ScoreConfig
+from stages.train.config import TrainConfig
 
-VERBOSE_FLAGS = ("-v", "--verbose")
-VERBOSE_ROW = ("-v, --verbose", "Show tracebacks with errors.")
-HELP_ALL = "--help-all"
-HELP_ALL_ROW = (HELP_ALL, "Show every option, by panel, and exit.")
 IO_OPTIONS = ("input",)  # of the reading options, the one most runs set (the field maps are in --help-all)
+LAST = ("verbose", "help")  # the options every command takes, listed last
+
+
+@dataclass(frozen=True)
+class ShortHelp:
+    """What a long command's --help lists: its inputs and outputs (its own options, and -i), then the
+    `essential` options in this order; its configs' other options wait for --help-all."""
+
+    configs: tuple[type, ...]
+    essential: tuple[str, ...]
+
+
+# The commands with a short --help, and what most of their runs set (the others list every option).
+SHORT_HELP: dict[str, ShortHelp] = {
+    "generate": ShortHelp(
+        (GenerateConfig, ReadOptions),
+        (
+            "model",
+            "adapter",
+            "num_samples",
+            "max_new_tokens",
+            "temperature",
+            "max_prompt_length",
+            "batch_size",
+            "backend",
+            "device",
+        ),
+    ),
+    "score": ShortHelp((ScoreConfig, ReadOptions), ("metrics", "weights", "combine", "aggregate", "jobs")),
+    "train": ShortHelp(
+        (TrainConfig, ReadOptions),
+        (
+            "model",
+            "reward",
+            "algo",
+            "max_steps",
+            "learning_rate",
+            "num_generations",
+            "max_completion_length",
+            "per_device_train_batch_size",
+            "max_prompt_length",
+            "save_steps",
+            "beta",
+            "backend",
+            "dtype",
+        ),
+    ),
+    "eval": ShortHelp(
+        (EvalConfig, ReadOptions),
+        (
+            "model",
+            "adapters",
+            "answers",
+            "metrics",
+            "max_new_tokens",
+            "max_prompt_length",
+            "batch_size",
+            "backend",
+            "device",
+        ),
+    ),
+}
 
 
 class PanelledCommand(typer.core.TyperCommand):
-    """Plain-text help: with `essential` names, the short form above; else (and with --help-all) every
-    option under its panel (a config field's `panel`), the ungrouped ones first under "Options"."""
-
-    essential: tuple[str, ...] | None = None
-
-    @classmethod
-    def with_essentials(cls, names: tuple[str, ...] | None) -> type[PanelledCommand]:
-        return type(cls.__name__, (cls,), {"essential": names}) if names else cls
+    """Plain-text help: every option under its panel (a config field's `panel`), the ungrouped ones first
+    under "Options"; for a command in SHORT_HELP, the short form above (and with --help-all, every
+    option). A usage error: one line (`usage_line`), exit 2."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        taking_values = {
-            opt for param in self.get_params(ctx) if not getattr(param, "is_flag", True) for opt in param.opts
-        }
-        kept: list[str] = []
-        for i, arg in enumerate(args):
-            if arg == "--":
-                kept += args[i:]
-                break
-            if kept and kept[-1] in taking_values:  # some option's value
-                kept.append(arg)
-            elif arg in VERBOSE_FLAGS:
-                State.verbose = True
-            elif arg == HELP_ALL:  # every command takes it; one with a short --help then lists every option
-                ctx.meta["help_all"] = True
-                kept.append("--help")
-            else:
-                kept.append(arg)
+        # Overridden only for the one-line usage error: its parser raises typer's click errors, which typer's
+        # public API neither exports nor lets a command format.
+        given = list(args)  # the parser consumes its list: keep ours for the message
         try:
-            return super().parse_args(ctx, list(kept))  # the parser consumes its list: keep ours for messages
-        except click_errors.UsageError as error:  # one line naming the option and what it takes, exit 2
-            sys.stderr.write(f"bleuberi: error: {usage_line(error, kept)}\n")
+            return super().parse_args(ctx, args)
+        except click_errors.UsageError as error:
+            sys.stderr.write(f"bleuberi: error: {usage_line(error, given)}\n")
             raise typer.Exit(2) from None
 
     def _short(self, ctx: Any) -> bool:
-        return self.essential is not None and not ctx.meta.get("help_all")
+        return self.name in SHORT_HELP and not ctx.meta.get(HELP_ALL)
 
     def format_help_text(self, ctx: Any, formatter: Any) -> None:
         if not self._short(ctx):
@@ -77,35 +123,43 @@ class PanelledCommand(typer.core.TyperCommand):
     def format_options(self, ctx: Any, formatter: Any) -> None:
         records = [(param, param.get_help_record(ctx)) for param in self.get_params(ctx)]
         shown = [(param, record) for param, record in records if record is not None]
-        sections = self._short_sections(shown) if self._short(ctx) else _all_sections(shown)
+        if self._short(ctx):  # --help-all is hidden (the full help would list it): the short help lists it by hand
+            help_all = next(param for param in self.get_params(ctx) if param.name == "help_all")
+            sections = self._short_sections(shown, (help_all.opts[0], help_all.help))
+        else:
+            sections = _all_sections(shown)
         for title, rows in sections:
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
         if self._short(ctx):
-            hidden = len(shown) - sum(len(rows) for _, rows in sections) + 2  # -v and --help-all are not params
+            hidden = len(shown) - sum(len(rows) for _, rows in sections) + 1  # --help-all's row is not in `shown`
             formatter.write_paragraph()
             formatter.write_text(
                 f"{hidden} more options, under their panels: bleuberi {ctx.info_name} --help-all, or docs/options.md."
             )
 
-    def _short_sections(self, shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
+    def _short_sections(self, shown: list[tuple[Any, Any]], help_all: tuple[str, str]) -> list[tuple[str, list[Any]]]:
         """Inputs and outputs (the command's own options, and -i), the essential options in their order,
         then -v, --help-all and -h."""
-        essential = self.essential or ()
-        deferred = getattr(self.callback, "config_options", frozenset())  # a config's: --help-all has them
-        io, common, last = [], {}, []
+        layout = SHORT_HELP[self.name or ""]
+        deferred = {leaf.name for cls in layout.configs for leaf in cli_leaves(cls)}
+        io, common, last = [], {}, {}
         for param, record in shown:
-            if param.name == "help":
-                last.append(record)
-            elif param.name in essential:
+            if param.name in LAST:
+                last[param.name] = record
+            elif param.name in layout.essential:
                 common[param.name] = record
             elif param.name in IO_OPTIONS:
                 io.insert(0, record)  # where records come from, first
             elif param.name not in deferred:
                 io.append(record)
-        ordered = [common[name] for name in essential if name in common]
-        return [("Inputs and outputs", io), ("Most used", ordered), ("Options", [VERBOSE_ROW, HELP_ALL_ROW, *last])]
+        ordered = [common[name] for name in layout.essential if name in common]
+        return [
+            ("Inputs and outputs", io),
+            ("Most used", ordered),
+            ("Options", [last["verbose"], help_all, last["help"]]),
+        ]
 
 
 def _all_sections(shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
@@ -116,7 +170,6 @@ def _all_sections(shown: list[tuple[Any, Any]]) -> list[tuple[str, list[Any]]]:
             arguments.append(record)
         else:
             panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
-    panels["Options"].insert(-1, VERBOSE_ROW)  # before -h, --help
     return ([("Arguments", arguments)] if arguments else []) + list(panels.items())
 
 

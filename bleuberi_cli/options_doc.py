@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from bleuberi_cli.config_options import flags_of
-from stages.core.options import Leaf, leaves
+from stages.core.declare import Leaf, leaves
 from stages.core.records import ReadOptions
 from stages.run.config import DEMO, KEYS, SHARED, STAGE_CONFIGS
 from stages.split import SplitConfig

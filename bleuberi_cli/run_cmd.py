@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bleuberi_cli.common import QuietOpt, StepProgress, boundary, console, duration, say
+from bleuberi_cli.common import QuietOpt, StepProgress, console, duration, say
+from bleuberi_cli.config_options import cli_command
 
 if TYPE_CHECKING:
+    from stages.run.config import RunConfig
     from stages.run.recipe import RunResult
 
 HELP = """Run the BLEUBERI recipe (select, train, eval) end to end in one run folder.
@@ -39,6 +41,7 @@ Examples:
 """
 
 
+@cli_command()
 def run_command(
     config: Annotated[
         Path | None, typer.Argument(metavar="CONFIG.toml", help="Run configuration; default: the demo.")
@@ -58,47 +61,55 @@ def run_command(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        from stages.run.config_file import load_config, to_toml
+    from stages.run.config_file import load_config, to_toml
 
-        resolved = load_config(config, set_ or [], on_note=lambda note: say(f"note: {note}", quiet=quiet))
-        if print_config:
-            sys.stdout.write(to_toml(resolved))
-            return
-        from stages.core.errors import ConfigError
-        from stages.core.jsonl import JsonlWriter
-        from stages.core.preflight import Output, preflight
-        from stages.eval.report import eval_tables, print_tables
-        from stages.run.recipe import TRAINED_ADAPTER, empty_input, eval_config, headline, run_recipe
+    resolved = load_config(config, set_ or [], on_note=lambda note: say(f"note: {note}", quiet=quiet))
+    if print_config:
+        sys.stdout.write(to_toml(resolved))
+        return
+    from stages.core.jsonl import JsonlWriter
+    from stages.eval.report import eval_tables, print_tables
+    from stages.run.recipe import headline, run_recipe
 
-        run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
-        if problem := empty_input(resolved):  # the data files first: a missing one is named here
-            raise ConfigError(f"{problem}: a run needs records in data.pool and data.heldout")
-        evaluation = eval_config(resolved, TRAINED_ADAPTER)
-        specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
-        adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
-        preflight(
-            outputs=[Output(run_dir, folder=True)],
-            models=[resolved.model.model],
-            adapters=adapters,
-            needs=[spec.needs() for spec in specs],
+    run_dir = output_dir or Path("runs") / (config.stem if config else "demo")
+    _preflight(resolved, run_dir)
+    say(f"run folder: {run_dir}", quiet=quiet)
+    # One live display at a time (rich allows no more): the training step line, which select and
+    # eval use for their progress too (off a terminal: a line per batch).
+    steps = StepProgress(quiet)
+    with steps as show_step:
+        result = run_recipe(
+            resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_step=show_step, on_progress=steps.stage
         )
-        say(f"run folder: {run_dir}", quiet=quiet)
-        # One live display at a time (rich allows no more): the training step line, which select and
-        # eval use for their progress too (off a terminal: a line per batch).
-        steps = StepProgress(quiet)
-        with steps as show_step:
-            result = run_recipe(
-                resolved, run_dir, say=lambda m: say(m, quiet=quiet), on_train_step=show_step, on_progress=steps.stage
-            )
-        if not _terminal(sys.stdout):  # for a pipe or a file; a person reads the tables (and eval/report.json)
-            with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
-                stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
-        if not quiet:
-            print_tables(eval_tables(result.summary), console)
-            console.print(headline(result.summary, resolved), markup=False)
-            say(stage_times(result))
-            say(where_things_are(run_dir))
+    if not _terminal(sys.stdout):  # for a pipe or a file; a person reads the tables (and eval/report.json)
+        with JsonlWriter(None, tolerate_closed_stdout=True) as stdout:
+            stdout.write({"run_dir": str(run_dir), "ran": result.ran, "skipped": result.skipped, **result.summary})
+    if not quiet:
+        print_tables(eval_tables(result.summary), console)
+        console.print(headline(result.summary, resolved), markup=False)
+        say(stage_times(result))
+        say(where_things_are(run_dir))
+
+
+def _preflight(resolved: RunConfig, run_dir: Path) -> None:
+    """What a run needs, checked before any stage works: records in both data files, then the run folder,
+    the model, the adapters [eval] names and what every metric needs."""
+    from stages.core.errors import ConfigError
+    from stages.core.preflight import Output, preflight
+    from stages.run.config import empty_input
+    from stages.run.recipe import TRAINED_ADAPTER, eval_config
+
+    if problem := empty_input(resolved.data):  # the data files first: a missing one is named here
+        raise ConfigError(f"{problem}: a run needs records in data.pool and data.heldout")
+    evaluation = eval_config(resolved, TRAINED_ADAPTER)
+    specs = [*resolved.score.scorer.specs, *resolved.train.rewards, *evaluation.metric_specs]
+    adapters = [system.adapter for system in resolved.eval.systems]  # the trained one does not exist yet
+    preflight(
+        outputs=[Output(run_dir, folder=True)],
+        models=[resolved.model.model],
+        adapters=adapters,
+        needs=[spec.needs() for spec in specs],
+    )
 
 
 def _terminal(stream: object) -> bool:

@@ -9,14 +9,13 @@ from bleuberi_cli.common import (
     OutputOpt,
     QuietOpt,
     ResumeOpt,
-    boundary,
     finished_work,
     note_stdin,
     progress,
     report_reading,
     say,
 )
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
 from stages.core.records import NORMALISATION_HELP, ReadOptions, ReadStats
@@ -52,11 +51,8 @@ Examples:
 {NORMALISATION_HELP}
 """
 
-# What most scorings set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = ("metrics", "weights", "combine", "aggregate", "jobs")
 
-
-@with_config_options(ScoreConfig, reading=ReadOptions)
+@cli_command({"config": ScoreConfig, "reading": ReadOptions})
 def score(
     config: ScoreConfig,
     reading: ReadOptions,
@@ -64,38 +60,37 @@ def score(
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        scorer = config.scorer
-        preflight(inputs=[reading.input], outputs=[Output(output)], needs=[spec.needs() for spec in scorer.specs])
-        kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
-        done = kept.records if kept else {}
-        stats = ReadStats()
-        note_stdin(reading.input, quiet=quiet)
-        records = Timed(reading.records(require=("completions",), stats=stats))
-        order: list[str] = []  # the input's ids as they come: the file is put in that order at the end
-        tally = Tally(scorer.score_key, scorer.aggregate)
-        with (
-            open_writer(output, order=order if output else None) as writer,
-            progress("scoring", quiet=quiet) as advance,
-        ):
+    scorer = config.scorer
+    preflight(inputs=[reading.input], outputs=[Output(output)], needs=[spec.needs() for spec in scorer.specs])
+    kept = finished_work(output, resume=resume, quiet=quiet)  # first: what a killed run left
+    done = kept.records if kept else {}
+    stats = ReadStats()
+    note_stdin(reading.input, quiet=quiet)
+    records = Timed(reading.records(require=("completions",), stats=stats))
+    order: list[str] = []  # the input's ids as they come: the file is put in that order at the end
+    tally = Tally(scorer.score_key, scorer.aggregate)
+    with (
+        open_writer(output, order=order if output else None) as writer,
+        progress("scoring", quiet=quiet) as advance,
+    ):
 
-            def todo() -> Iterator[dict]:
-                for record in records:
-                    order.append(record["id"])
-                    if record["id"] not in done:
-                        yield record
-                        continue
-                    writer.write(done[record["id"]])  # finished by an earlier run: kept, not scored again
-                    tally.add(done[record["id"]])
+        def todo() -> Iterator[dict]:
+            for record in records:
+                order.append(record["id"])
+                if record["id"] not in done:
+                    yield record
+                    continue
+                writer.write(done[record["id"]])  # finished by an earlier run: kept, not scored again
+                tally.add(done[record["id"]])
 
-            for record in score_records(todo(), scorer, jobs=config.jobs):
-                writer.write(record)
-                tally.add(record)
-                advance(1)
-        report_reading(stats, quiet=quiet)
-        say(tally.line(records.waited, len(done)) + (f"; written to {output}" if output else ""), quiet=quiet)
-        if (usage := scorer.usage()) is not None:  # a judge: what it cost
-            say(f"judge: {usage.line()}", quiet=quiet)
+        for record in score_records(todo(), scorer, jobs=config.jobs):
+            writer.write(record)
+            tally.add(record)
+            advance(1)
+    report_reading(stats, quiet=quiet)
+    say(tally.line(records.waited, len(done)) + (f"; written to {output}" if output else ""), quiet=quiet)
+    if (usage := scorer.usage()) is not None:  # a judge: what it cost
+        say(f"judge: {usage.line()}", quiet=quiet)
 
 
 class Tally:

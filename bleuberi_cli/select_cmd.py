@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import OutputAtOnceOpt, QuietOpt, boundary, console, note_stdin, report_reading, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.common import OutputAtOnceOpt, QuietOpt, console, note_stdin, report_reading, say
+from bleuberi_cli.config_options import cli_command
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions, ReadStats
@@ -29,7 +29,7 @@ Examples:
 """
 
 
-@with_config_options(SelectConfig, reading=ReadOptions)
+@cli_command({"config": SelectConfig, "reading": ReadOptions})
 def select(
     config: SelectConfig,
     reading: ReadOptions,
@@ -40,25 +40,24 @@ def select(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        preflight(inputs=[reading.input], outputs=[Output(output), Output(plot, "--plot", example="scores.png")])
-        stats = ReadStats()
-        note_stdin(reading.input, quiet=quiet)
-        require = () if config.mode == "random" else ("score",)
-        pool = list(reading.records(require=require, stats=stats))
-        selection = select_records(pool, config)
-        if plot:
-            from stages.select import plot_histogram
+    preflight(inputs=[reading.input], outputs=[Output(output), Output(plot, "--plot", example="scores.png")])
+    stats = ReadStats()
+    note_stdin(reading.input, quiet=quiet)
+    require = () if config.mode == "random" else ("score",)
+    pool = list(reading.records(require=require, stats=stats))
+    selection = select_records(pool, config)
+    if plot:
+        from stages.select import plot_histogram
 
-            plot_histogram(selection, plot, config.mode)
-        with open_writer(output) as writer:
-            for record in selection.chosen:
-                writer.write(record)
-        report_reading(stats, quiet=quiet)
-        if shortfall := config.shortfall(len(pool)):
-            say(f"note: {shortfall}", quiet=quiet)
-        if not quiet:
-            _summary(len(pool), selection, config.mode, plot, output)
+        plot_histogram(selection, plot, config.mode)
+    with open_writer(output) as writer:
+        for record in selection.chosen:
+            writer.write(record)
+    report_reading(stats, quiet=quiet)
+    if shortfall := config.shortfall(len(pool)):
+        say(f"note: {shortfall}", quiet=quiet)
+    if not quiet:
+        _summary(len(pool), selection, config.mode, plot, output)
 
 
 def _summary(pool_size: int, selection, mode: str, plot: str | None, output: str | None) -> None:

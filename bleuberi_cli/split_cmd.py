@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import QuietOpt, boundary, read_all_records, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.common import QuietOpt, read_all_records, say
+from bleuberi_cli.config_options import cli_command
 from stages.core.errors import UsageError
 from stages.core.formats import open_writer
 from stages.core.preflight import Output, preflight
@@ -30,7 +30,7 @@ Examples:
 """
 
 
-@with_config_options(SplitConfig, reading=ReadOptions)
+@cli_command({"config": SplitConfig, "reading": ReadOptions})
 def split(
     config: SplitConfig,
     reading: ReadOptions,
@@ -44,24 +44,23 @@ def split(
     ],
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        if Path(pool).resolve() == Path(heldout).resolve():
-            raise UsageError(f"--pool and --heldout are the same file ({pool}): give each part its own")
-        if reading.input not in (None, "-") and Path(reading.input).resolve() in (
-            Path(p).resolve() for p in (pool, heldout)
-        ):
-            raise UsageError(f"{reading.input}: an output of split would replace its input: write the parts elsewhere")
-        preflight(inputs=[reading.input], outputs=[Output(pool, "--pool"), Output(heldout, "--heldout")])
-        records = read_all_records(reading, quiet=quiet, purpose="split", references_optional=True, needed=True)
-        if len(records) < 2:
-            raise UsageError(f"{len(records)} record: a split needs at least 2 (one for each part)")
-        trained_on, held = split_records(records, config)
-        for path, part in ((pool, trained_on), (heldout, held)):
-            with open_writer(path) as writer:
-                for record in part:
-                    writer.write(record)
-        say(
-            f"split {len(records)} records (seed {config.seed}): {len(trained_on)} to {pool}, {len(held)} held out "
-            f"to {heldout}; no id is in both",
-            quiet=quiet,
-        )
+    if Path(pool).resolve() == Path(heldout).resolve():
+        raise UsageError(f"--pool and --heldout are the same file ({pool}): give each part its own")
+    if reading.input not in (None, "-") and Path(reading.input).resolve() in (
+        Path(p).resolve() for p in (pool, heldout)
+    ):
+        raise UsageError(f"{reading.input}: an output of split would replace its input: write the parts elsewhere")
+    preflight(inputs=[reading.input], outputs=[Output(pool, "--pool"), Output(heldout, "--heldout")])
+    records = read_all_records(reading, quiet=quiet, purpose="split", references_optional=True, needed=True)
+    if len(records) < 2:
+        raise UsageError(f"{len(records)} record: a split needs at least 2 (one for each part)")
+    trained_on, held = split_records(records, config)
+    for path, part in ((pool, trained_on), (heldout, held)):
+        with open_writer(path) as writer:
+            for record in part:
+                writer.write(record)
+    say(
+        f"split {len(records)} records (seed {config.seed}): {len(trained_on)} to {pool}, {len(held)} held out "
+        f"to {heldout}; no id is in both",
+        quiet=quiet,
+    )

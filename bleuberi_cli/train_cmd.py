@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bleuberi_cli.common import QuietOpt, StepProgress, boundary, read_all_records, say
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.common import QuietOpt, StepProgress, read_all_records, say
+from bleuberi_cli.config_options import cli_command
 from stages.core.preflight import Output, preflight
 from stages.core.records import ReadOptions
 from stages.metrics import SPEC_HELP
@@ -52,22 +52,8 @@ Examples:
 """
 
 RUN = "Run folder"
-# What most runs set, first in --help (the rest: --help-all, docs/options.md)
-ESSENTIAL = (
-    "model",
-    "reward",
-    "algo",
-    "max_steps",
-    "learning_rate",
-    "num_generations",
-    "max_completion_length",
-    "per_device_train_batch_size",
-    "max_prompt_length",
-    "save_steps",
-    "beta",
-    "backend",
-    "dtype",
-)
+
+
 ReportToOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -80,7 +66,7 @@ ReportToOpt = Annotated[
 ]
 
 
-@with_config_options(TrainConfig, reading=ReadOptions)
+@cli_command({"config": TrainConfig, "reading": ReadOptions})
 def train(
     output_dir: Annotated[
         str,
@@ -117,27 +103,26 @@ def train(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    with boundary():
-        resume_folder = resume_from if resume_from not in (None, "latest") else None
-        needs = [spec.needs() for spec in config.rewards] if config.algorithm.samples else []
-        preflight(
-            inputs=[reading.input, resume_folder],
-            outputs=[Output(output_dir, folder=True), Output(merge_to, "--merge-to", folder=True)],
-            models=[config.model.model],
-            needs=needs,
+    resume_folder = resume_from if resume_from not in (None, "latest") else None
+    needs = [spec.needs() for spec in config.rewards] if config.algorithm.samples else []
+    preflight(
+        inputs=[reading.input, resume_folder],
+        outputs=[Output(output_dir, folder=True), Output(merge_to, "--merge-to", folder=True)],
+        models=[config.model.model],
+        needs=needs,
+    )
+    records = read_all_records(reading, quiet=quiet, purpose="train on", needed=True)
+    if records:
+        _run(
+            records,
+            config,
+            output_dir,
+            resume_from or ("latest" if resume else None),
+            overwrite,
+            report_to,
+            merge_to,
+            quiet,
         )
-        records = read_all_records(reading, quiet=quiet, purpose="train on", needed=True)
-        if records:
-            _run(
-                records,
-                config,
-                output_dir,
-                resume_from or ("latest" if resume else None),
-                overwrite,
-                report_to,
-                merge_to,
-                quiet,
-            )
 
 
 def _run(

@@ -13,7 +13,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 from stages.core import options
 from stages.core.errors import UsageError
@@ -34,12 +34,10 @@ class SelectConfig(options.Options):
         "hard (the lowest scores: the BLEUBERI recipe) | easy (the highest) | medium (around the median) "
         "| random (a seeded sample; needs no scores)",
     )
-    num: int | None = option(None, "how many records to keep", metavar="N", flags=("-n", "--num"))
+    # One of the two is given: a config that sets one drops a default of the other (a run's num).
+    num: int | None = option(None, "how many records to keep", metavar="N", flags=("-n", "--num"), excludes="fraction")
     fraction: float | None = option(None, "share of the pool to keep, in (0, 1]", metavar="F")
     seed: int = options.seed_option()
-
-    # One of each pair is given: a config that sets one replaces a default of the other (a run's num).
-    EXCLUSIVE: ClassVar[tuple[tuple[str, str], ...]] = (("num", "fraction"),)
 
     def __post_init__(self) -> None:
         options.check_literals(self)

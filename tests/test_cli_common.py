@@ -6,6 +6,7 @@ test_cli_contract.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import typer
 
 from bleuberi_cli.app import app
 from bleuberi_cli.common import OutputOpt
-from bleuberi_cli.config_options import with_config_options
+from bleuberi_cli.config_options import cli_command
 from tests.conftest import EXAMPLES, ROOT, write_jsonl
 
 SAMPLE = EXAMPLES / "sample.jsonl"
@@ -103,6 +104,6 @@ def test_an_option_that_defaults_to_none_keeps_its_flags_on_every_python() -> No
 
     def command(output: OutputOpt = None) -> None: ...  # as in every streaming command
 
-    decorated = with_config_options()(command)
-    hint = decorated.__annotations__["output"]
+    decorated = cli_command()(command)
+    hint = inspect.signature(decorated).parameters["output"].annotation  # what typer reads
     assert typing.get_origin(hint) is typing.Annotated and isinstance(typing.get_args(hint)[1], typer.models.OptionInfo)

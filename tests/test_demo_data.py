@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from stages.run.recipe import data_path
+from stages.run.config import data_path
 from tests.conftest import EXAMPLES, ROOT
 
 IGNORE = shutil.ignore_patterns("__pycache__", "*.egg-info")

@@ -8,18 +8,17 @@ from __future__ import annotations
 import pytest
 import typer.main
 
-from bleuberi_cli import eval_cmd, generate_cmd, score_cmd, train_cmd
 from bleuberi_cli.app import app
+from bleuberi_cli.help import SHORT_HELP
 from tests.conftest import demo_records, train_args, write_jsonl
 
-ESSENTIALS = {"train": train_cmd.ESSENTIAL, "eval": eval_cmd.ESSENTIAL, "generate": generate_cmd.ESSENTIAL}
-ESSENTIALS["score"] = score_cmd.ESSENTIAL
+ESSENTIALS = {command: layout.essential for command, layout in SHORT_HELP.items()}
 
 
 def _flags(command: str) -> dict[str, str]:
-    """Each option of a command by name: its first flag."""
+    """Each option of a command by name: its first flag (not --help-all: hidden, the short help names it)."""
     params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
-    return {param.name: param.opts[0] for param in params if param.opts}
+    return {param.name: param.opts[0] for param in params if param.opts and not getattr(param, "hidden", False)}
 
 
 def _option_lines(text: str) -> list[str]:

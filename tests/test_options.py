@@ -10,7 +10,8 @@ import pytest
 import typer.main
 
 from bleuberi_cli.app import app
-from stages.core.options import GROUP_KEY, META_KEY
+from bleuberi_cli.help import SHORT_HELP
+from stages.core.declare import GROUP_KEY, META_KEY
 from stages.core.records import ReadOptions
 from stages.eval.config import EvalConfig
 from stages.generate import GenerateConfig
@@ -29,6 +30,8 @@ OWN = {
     "select": {"output", "plot", "quiet"},
     "split": {"pool", "heldout", "quiet"},
 }
+# The options every command takes after its name: -v/--verbose and --help-all.
+EVERY = {"verbose", "help_all"}
 # Every command that reads records takes ReadOptions (where they come from, how their fields map).
 CONFIGS = {
     "train": (TrainConfig, ReadOptions),
@@ -64,7 +67,9 @@ def test_every_config_field_is_an_option_and_every_option_a_field(command) -> No
     options = command_options(command)
     fields_ = set().union(*(field_names(cls) for cls in CONFIGS[command]))
     assert fields_ <= options, fields_ - options
-    assert options - fields_ == OWN[command], options - fields_
+    assert options - fields_ == OWN[command] | EVERY, options - fields_
+    if command in SHORT_HELP:  # its short --help leaves these configs' options to --help-all
+        assert SHORT_HELP[command].configs == CONFIGS[command]
 
 
 @pytest.mark.parametrize(

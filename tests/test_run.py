@@ -23,7 +23,7 @@ def _declared_keys() -> set[str]:
     """Every key a run config may set, read off the commands: a table per stage with every option of its
     command (but where records come from and go, and what the top level or [engine] sets for every stage),
     the shared ones at the top level, [engine] and [data]."""
-    from tests.test_options import OWN, command_options
+    from tests.test_options import EVERY, OWN, command_options
 
     engine = {"backend", "server_url", "server_model", "api_key_env", "concurrency", "chat_only"}
     reading = {"input", "prompt_field", "reference_field", "id_field", "skip_invalid"}
@@ -31,7 +31,7 @@ def _declared_keys() -> set[str]:
     data = {"pool", "heldout", "max_pool", "max_heldout", "prompt_field", "reference_field", "id_field"}
     keys |= {f"data.{name}" for name in data}
     for stage in ("generate", "score", "select", "train", "eval"):
-        own = command_options(stage) - OWN[stage] - reading - TOP_LEVEL - engine
+        own = command_options(stage) - OWN[stage] - EVERY - reading - TOP_LEVEL - engine
         keys |= {f"{stage}.{name}" for name in own}
     return keys
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from bleuberi_cli.app import app
+from stages.core.declare import META_KEY, Leaf, literal_values, values_of
 from stages.core.errors import BleuberiError, UsageError
-from stages.core.options import META_KEY, Leaf, literal_values, values_of
 from stages.run.config import DEMO, KEYS, STAGE_CONFIGS, RunConfig, build
 from stages.run.recipe import stage_digests
 from tests.conftest import ROOT, write_jsonl
@@ -67,11 +67,11 @@ def test_a_run_stage_has_its_commands_defaults_but_where_the_demo_overlay_says(s
 
 def test_every_eval_option_is_a_run_key() -> None:
     """[eval] accepts every key `bleuberi eval` takes (the shared ones at the top level and in [engine])."""
-    from tests.test_options import OWN, command_options
+    from tests.test_options import EVERY, OWN, command_options
 
     reading = {"input", "prompt_field", "reference_field", "id_field", "skip_invalid"}
     for stage in STAGE_CONFIGS:
-        for name in command_options(stage) - OWN[stage] - reading:
+        for name in command_options(stage) - OWN[stage] - EVERY - reading:
             assert f"{stage}.{name}" in KEYS or name in KEYS or f"engine.{name}" in KEYS, (stage, name)
 
 
@@ -152,7 +152,7 @@ def test_every_setting_of_a_stage_that_runs_changes_its_hash() -> None:
 
 
 def test_the_data_joins_the_hashes_by_its_contents_not_its_name(tmp_path) -> None:
-    from stages.run.recipe import DEMO_DATA
+    from stages.run.config import DEMO_DATA
 
     copy = tmp_path / "pool.jsonl"
     copy.write_bytes((DEMO_DATA / "pool.jsonl").read_bytes())
@@ -270,3 +270,32 @@ def test_a_fraction_in_a_run_replaces_the_demos_count() -> None:
     assert load_config(None).select.num == DEMO["select.num"]
     with pytest.raises(UsageError, match="exactly one of"):
         load_config(None, ["select.fraction=0.25", "select.num=3"])
+
+
+def test_a_run_configuration_is_built_once_and_a_mistake_is_blamed_on_its_source(monkeypatch, tmp_path) -> None:
+    """A file and `--set` values make one RunConfig, built once; only a failed load builds the file's
+    values alone, to tell a mistake in the file (ConfigError, exit 1) from one in `--set` (exit 2)."""
+    from stages.core.errors import ConfigError
+    from stages.run import config_file
+
+    built: list[dict[str, Any]] = []
+
+    def counted(values: dict[str, Any]) -> RunConfig:
+        built.append(values)
+        return build(values)
+
+    monkeypatch.setattr(config_file, "build", counted)
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("[train]\nbeta = 0.1\n")
+    bad.write_text("[select]\nnum = 0\n")
+    config = config_file.load_config(good, ["select.num=5", "train.max_steps=7"])
+    assert (config.train.beta, config.select.num, config.train.max_steps) == (0.1, 5, 7)
+    assert len(built) == 1
+    built.clear()
+    with pytest.raises(UsageError, match=r"^--set: \[select\]: -n/--num must be >= 1"):
+        config_file.load_config(good, ["select.num=0"])  # the file alone is valid: the --set value is wrong
+    assert len(built) == 2
+    with pytest.raises(ConfigError, match=r"^\[select\]: -n/--num must be >= 1"):
+        config_file.load_config(bad, ["select.num=0"])  # the file alone is wrong: its own error
+    with pytest.raises(ConfigError, match="-n/--num must be >= 1"):
+        config_file.load_config(bad, ["train.bta=1"])  # an unknown --set key, but the file is wrong first

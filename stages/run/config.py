@@ -15,18 +15,20 @@ trust_remote_code), the prompt options (system_prompt, max_prompt_length), seed 
 
 Precedence: `--set key=value` > the config file > these defaults (stages/run/config_file.py reads
 them). Every key, its type and its comment come from the option declared on the config field
-(stages/core/options.py).
+(stages/core/declare.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
-from stages.core import options
+from stages.core import declare, options
+from stages.core.declare import Leaf, group, leaves, option
 from stages.core.errors import BleuberiError, ConfigError, ModelError, UsageError
-from stages.core.options import Leaf, ModelOptions, PromptOptions, group, leaves, option
-from stages.core.records import FieldOptions
+from stages.core.options import ModelOptions, PromptOptions
+from stages.core.records import FieldOptions, read_records
 from stages.engines.base import EngineOptions
 from stages.eval.config import EvalConfig
 from stages.generate import GenerateConfig
@@ -59,6 +61,9 @@ def demo(table: str | None) -> dict[str, Any]:
     return {key.partition(".")[2]: value for key, value in DEMO.items() if key.partition(".")[0] == table}
 
 
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
+
+
 @dataclass
 class DataSection:
     pool: str = option(
@@ -75,6 +80,35 @@ class DataSection:
         for name, value in (("max_pool", self.max_pool), ("max_heldout", self.max_heldout)):
             if value < 0:
                 raise UsageError(f"{name} must be >= 0, got {value}")
+
+
+def data_path(name: str) -> Path:
+    """`demo:pool` / `demo:heldout` -> the embedded demo files; anything else is a path (a file, or a
+    `datasets` save_to_disk folder)."""
+    if name.startswith("demo:"):
+        path = DEMO_DATA / f"{name.removeprefix('demo:')}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{name}: no such demo file (demo:pool and demo:heldout ship with bleuberi)")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_file() and not path.is_dir():
+        raise ConfigError(f"{name}: no such data file")
+    return path
+
+
+def read_data(path: Path, fields: FieldOptions, limit: int = 0) -> list[dict[str, Any]]:
+    """The records of a data file, in any input format, mapped by the [data] fields: the first `limit`
+    (0: all)."""
+    records = list(read_records(path, fields=fields.map))
+    return records[:limit] if limit > 0 else records
+
+
+def empty_input(data: DataSection) -> str | None:
+    """Which data file has no records (a run needs a pool and a held-out set), or None."""
+    for key, name in (("data.pool", data.pool), ("data.heldout", data.heldout)):
+        if next(iter(read_records(data_path(name), fields=data.fields.map)), None) is None:
+            return f"{key} ({name}) is empty"
+    return None
 
 
 @dataclass
@@ -96,7 +130,7 @@ class RunConfig:
         own checks."""
         shared = {leaf.name: leaf.get(self) for leaf in leaves(RunConfig, _defaults=self) if _is_shared(leaf)}
         for table in STAGES:
-            setattr(self, table, options.update(getattr(self, table), shared))
+            setattr(self, table, declare.update(getattr(self, table), shared))
         if self.generate.as_references:
             raise UsageError("generate.as_references cannot be used in a run: select ranks the base model's answers")
 
@@ -150,11 +184,11 @@ def build(values: dict[str, Any]) -> RunConfig:
         table = field.name in TABLES
         if field.name in ("data", *STAGES):
             continue
-        if options.group_of(field) is None:
+        if declare.group_of(field) is None:
             built[field.name] = shared[field.name] = top.get(field.name, field.default)
             continue
         built[field.name] = _table(field.name, values.get(field.name, {}) if table else top)
-        shared.update(options.values_of(built[field.name]))
+        shared.update(declare.values_of(built[field.name]))
     for table in ("data", *STAGES):
         built[table] = _table(table, {**shared, **values.get(table, {})})
     try:
@@ -167,7 +201,7 @@ def build(values: dict[str, Any]) -> RunConfig:
 
 def _table(name: str, values: dict[str, Any]) -> Any:
     try:
-        return options.build_group(RunConfig, name, values)
+        return declare.build_group(RunConfig, name, values)
     except ModelError:
         raise  # a model that is not there is bad input (exit 1), wherever it was named
     except BleuberiError as error:
@@ -175,7 +209,7 @@ def _table(name: str, values: dict[str, Any]) -> Any:
             raise ConfigError(str(error)) from None
         table_class = STAGE_CONFIGS.get(name)  # its checks name fields; a nesting may key one otherwise
         message = (
-            options.name_options(str(error), list(leaves(table_class)), lambda leaf: leaf.name)
+            declare.name_options(str(error), list(leaves(table_class)), lambda leaf: leaf.name)
             if table_class
             else str(error)
         )

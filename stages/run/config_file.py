@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.core.declare import Leaf, check_value, type_name
 from stages.core.errors import ConfigError, UsageError
-from stages.core.options import Leaf, check_value, type_name
 from stages.run.config import DEMO, KEYS, TABLES, RunConfig, build, stage_defaults
 
 if sys.version_info >= (3, 11):
@@ -144,30 +144,38 @@ def load_config(
     *,
     on_note: Callable[[str], None] = lambda note: None,
 ) -> RunConfig:
-    """Defaults, then the TOML file, then `--set` overrides; every key and type checked. A mistake in a
-    `--set` is a usage error (exit 2), one in the file a ConfigError (exit 1). `on_note` hears of renamed
-    keys that were read under their new names."""
+    """Defaults, then the TOML file, then `--set` overrides; every key and type checked, and the whole
+    configuration built once. A mistake in a `--set` is a usage error (exit 2), one in the file a
+    ConfigError (exit 1). `on_note` hears of renamed keys that were read under their new names."""
     parsed = [parse_override(spec, path) for spec in overrides]  # first: `--set KEY VALUE` reads VALUE as the file
     values: dict[str, Any] = {}
     notes: list[str] = []
     if path is not None:
         _read_file(path, values, notes)
-    if overrides:
-        build(values)  # the file alone must be valid: its errors are the file's (exit 1)
+    from_file = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    try:
         for key, value in parsed:
-            try:
-                set_key(values, key, value, "--set", notes)
-            except ConfigError as error:
-                raise UsageError(str(error)) from None
+            set_key(values, key, value, "--set", notes)
+    except ConfigError as error:
+        _blame_the_file(from_file)
+        raise UsageError(str(error)) from None
     try:
         config = build(values)
     except ConfigError as error:
         if not overrides:
             raise
-        raise UsageError(f"--set: {error}") from None  # the file alone was valid: the --set values broke it
+        _blame_the_file(from_file)
+        raise UsageError(f"--set: {error}") from None
     for note in notes:
         on_note(note)
     return config
+
+
+def _blame_the_file(from_file: dict[str, Any]) -> None:
+    """On a mistake with `--set` values: raise the file's own error when the file alone is wrong (exit 1,
+    as without them); return when it is valid, so the mistake is the `--set` values'. Only a failed load
+    builds this second configuration."""
+    build(from_file)
 
 
 def _toml_value(value: Any) -> str:

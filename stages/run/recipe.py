@@ -5,122 +5,51 @@
   2. train: GRPO with a LoRA on them (train/: adapter, checkpoints, metrics, reward curve);
   3. eval: base vs trained on the held-out set (eval/records.jsonl, eval/report.md, eval/report.json).
 
-Each stage's configuration (with the hash of its inputs and of the stage before it) is hashed and
-recorded in stages.json when the stage starts and when it finishes. A rerun skips finished stages
-whose hash is unchanged, continues an unfinished one where it stopped (generation appends, training
-resumes from its newest checkpoint), and redoes a stage, and all after it, whose hash changed.
+Each stage declares what it reads, beside the code that reads it: a frozen dataclass of inputs (its
+files, its settings, the hash of the stage before it), built from the run's configuration by its `of`,
+and the only thing the stage's function is given. Its hash is made of every declared input
+(stages/run/ledger.py) and recorded in stages.json when the stage starts and when it finishes. A rerun
+skips finished stages whose hash is unchanged, continues an unfinished one where it stopped (generation
+appends, training resumes from its newest checkpoint), and redoes a stage, and all after it, whose hash
+changed. `STAGES` is the table of the three.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 
-from stages.core import options
-from stages.core.errors import ConfigError, Interrupted
+from stages.core import declare
+from stages.core.errors import Interrupted
 from stages.core.files import atomic_path, remove_leftovers, remove_stale_temp_files
 from stages.core.jsonl import JsonlWriter
 from stages.core.lock import folder_lock
-from stages.core.records import read_records
+from stages.core.records import FieldOptions, read_records
 from stages.core.threads import apply_thread_budget, current_budget
 from stages.eval.config import EvalConfig
-from stages.run.config import RunConfig
+from stages.generate import GenerateConfig
+from stages.metrics import python_signatures
+from stages.run.config import RunConfig, data_path, read_data
 from stages.run.config_file import to_toml
+from stages.run.ledger import StageLedger, inputs_digest
+from stages.score import ScoreConfig
+from stages.select import SelectConfig
+from stages.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from stages.engines.generator import Generator
 
-STAGES = ("select", "train", "eval")
 TRAINED_ADAPTER = "train/adapter"  # in the run folder
-DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # package data: in every install, not only a clone
 
 Say = Callable[[str], None]
 # A stage's progress: (what, done, total, unit), e.g. ("select: answering the pool", 32, 208, "prompts").
 StageProgress = Callable[[str, int, int, str], None]
-
-
-def data_path(name: str) -> Path:
-    """`demo:pool` / `demo:heldout` -> the embedded demo files; anything else is a path (a file, or a
-    `datasets` save_to_disk folder)."""
-    if name.startswith("demo:"):
-        path = DEMO_DATA / f"{name.removeprefix('demo:')}.jsonl"
-        if not path.is_file():
-            raise ConfigError(f"{name}: no such demo file (demo:pool and demo:heldout ship with bleuberi)")
-        return path
-    path = Path(name).expanduser()
-    if not path.is_file() and not path.is_dir():
-        raise ConfigError(f"{name}: no such data file")
-    return path
-
-
-def read_data(config: RunConfig, name: str, **settings: Any) -> Iterator[dict[str, Any]]:
-    """The records of `data.pool` or `data.heldout`, in any input format, mapped by the [data] fields."""
-    return read_records(data_path(name), fields=config.data.fields.map, **settings)
-
-
-def empty_input(config: RunConfig) -> str | None:
-    """Which data file has no records (a run needs a pool and a held-out set), or None."""
-    for key, name in (("data.pool", config.data.pool), ("data.heldout", config.data.heldout)):
-        if next(iter(read_data(config, name)), None) is None:
-            return f"{key} ({name}) is empty"
-    return None
-
-
-def file_digest(path: Path) -> str:
-    """The contents' hash; for a folder (save_to_disk), every file's name and contents."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def stage_hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass
-class StageLedger:
-    """stages.json: {stage: {"hash", "done", "seconds"}}, rewritten atomically at every change."""
-
-    path: Path
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, run_dir: Path) -> StageLedger:
-        path = run_dir / "stages.json"
-        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
-
-    def status(self, stage: str, digest: str) -> str:
-        """done (skip), partial (continue), or new (start afresh)."""
-        entry = self.entries.get(stage)
-        if not entry or entry.get("hash") != digest:
-            return "new"
-        return "done" if entry.get("done") else "partial"
-
-    def mark(
-        self, stage: str, digest: str, *, done: bool, seconds: float | None = None, threads: int | None = None
-    ) -> None:
-        self.entries[stage] = {
-            "hash": digest,
-            "done": done,
-            **({"seconds": round(seconds, 1)} if seconds else {}),
-            **({"threads": threads} if threads else {}),  # the intra-op threads the stage ran with
-        }
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(self.entries, indent=2) + "\n")
 
 
 @dataclass
@@ -153,22 +82,46 @@ class StageCounter:
             self.on_progress(self.description, self.done, self.total, self.unit)
 
 
-def _head(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    return records[:limit] if limit > 0 else records
+@dataclass(frozen=True)
+class Hooks:
+    """What a stage tells the command as it works: lines, select's and eval's answers, training steps."""
+
+    say: Say = lambda message: None
+    on_progress: StageProgress | None = None
+    on_train_step: Callable[[dict], None] | None = None
 
 
-def run_select(
-    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
-) -> None:
+# ---- select: the base model answers the pool; the answers are scored; the hardest are kept ---------
+
+
+@dataclass(frozen=True)
+class SelectInputs:
+    """What select reads, each joining its hash (declaration order is hash order)."""
+
+    pool: Path  # by its contents
+    max_pool: int
+    fields: FieldOptions
+    generate: GenerateConfig
+    score: ScoreConfig
+    select: SelectConfig
+    code: tuple[str, ...]  # the signatures of the `py:` metrics' sources and the judge's template
+
+    @classmethod
+    def of(cls, config: RunConfig, after: str | None = None) -> SelectInputs:
+        data = config.data
+        code = tuple(python_signatures(config.score.scorer.specs))
+        return cls(data_path(data.pool), data.max_pool, data.fields, config.generate, config.score, config.select, code)
+
+
+def run_select(inputs: SelectInputs, run_dir: Path, resume: bool, hooks: Hooks) -> None:
     """[generate] the base model's answers to the pool, [score] them, [select] the records to train on."""
     from stages.core.journal import finished
     from stages.generate import generate_file
     from stages.score import score_records
     from stages.select import select_records
 
-    pool, skipped = config.generate.check_prompts(
-        _head(list(read_data(config, config.data.pool)), config.data.max_pool)
-    )
+    say = hooks.say
+    pool, skipped = inputs.generate.check_prompts(read_data(inputs.pool, inputs.fields, inputs.max_pool))
     generated = run_dir / "pool.generated.jsonl"
     if not resume:  # another configuration's answers, or a killed attempt's journal: not these
         generated.unlink(missing_ok=True)
@@ -177,19 +130,19 @@ def run_select(
     kept = finished(generated)
     if kept.count:
         say(f"select: {kept.kept_line('answers')}")
-    answers = StageCounter(on_progress, "select: answering the pool", len(pool), "prompts")
+    answers = StageCounter(hooks.on_progress, "select: answering the pool", len(pool), "prompts")
 
     def load() -> Generator:
         left = f"{answers.total} of {len(pool)}" if answers.total < len(pool) else str(len(pool))
         say(f"select: the base model answers the pool ({left} prompts)")
-        return config.generate.load()
+        return inputs.generate.load()
 
     stats = generate_file(
         pool,
         generated,
         load,
-        config.generate.sampling,
-        config.generate.batching,
+        inputs.generate.sampling,
+        inputs.generate.batching,
         kept=kept,
         on_todo=answers.start,
         on_batch=lambda prompts, _tokens: answers.add(prompts),
@@ -197,18 +150,18 @@ def run_select(
     for line in stats.prompt_lines(skipped):
         say(f"select: {line}")
     answered = {r["id"]: r for r in read_records(generated, require=("completions",))}
-    scorer = config.score.scorer
-    scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=config.score.jobs))
+    scorer = inputs.score.scorer
+    scored = list(score_records([answered[r["id"]] for r in pool], scorer, jobs=inputs.score.jobs))
     _write_jsonl(run_dir / "pool.scored.jsonl", scored)
     ranked = [r for r in scored if r["score"] is not None]  # None: a `py:` metric rewarded none of its answers
-    selection = select_records(ranked, config.select)
-    if shortfall := config.select.shortfall(len(ranked)):
+    selection = select_records(ranked, inputs.select)
+    if shortfall := inputs.select.shortfall(len(ranked)):
         say(f"select: note: {shortfall}")
     _write_jsonl(run_dir / "selected.jsonl", selection.chosen)
     mean = sum(selection.chosen_scores) / max(1, len(selection.chosen_scores))
     pool_mean = sum(selection.pool_scores) / max(1, len(selection.pool_scores))
     say(
-        f"select: kept {len(selection.chosen)} of {len(scored)} records ({config.select.mode}) "
+        f"select: kept {len(selection.chosen)} of {len(scored)} records ({inputs.select.mode}) "
         f"(mean {scorer.score_key} {mean:.4f}; pool {pool_mean:.4f})"
     )
 
@@ -219,9 +172,24 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             writer.write(record)
 
 
-def run_train(
-    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_step: Callable[[dict], None] | None
-) -> None:
+# ---- train: GRPO with a LoRA on the selected records -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What train reads, each joining its hash: selected.jsonl (by select's hash) and its settings."""
+
+    after: str  # select's hash: the records it selected
+    train: TrainConfig
+    code: tuple[str, ...]  # the signatures of the `py:` rewards' sources and the judge's template
+
+    @classmethod
+    def of(cls, config: RunConfig, after: str | None = None) -> TrainInputs:
+        assert after is not None, "train follows select"
+        return cls(after, config.train, tuple(python_signatures(config.train.rewards)))
+
+
+def run_train(inputs: TrainInputs, run_dir: Path, resume: bool, hooks: Hooks) -> None:
     from stages.train.checkpoint import list_checkpoints
     from stages.train.loop import train
 
@@ -232,12 +200,15 @@ def run_train(
     records = list(read_records(run_dir / "selected.jsonl"))
     train(
         records,
-        config.train,
+        inputs.train,
         out,
         resume="latest" if can_resume else None,
-        on_step=on_step,
-        on_message=lambda m: say(f"train: {m}"),
+        on_step=hooks.on_train_step,
+        on_message=lambda m: hooks.say(f"train: {m}"),
     )
+
+
+# ---- eval: base vs trained on the held-out set -----------------------------------------------------
 
 
 def trained_metrics(config: RunConfig) -> list[str]:
@@ -260,41 +231,64 @@ def eval_metrics(config: RunConfig) -> list[str]:
 def eval_config(config: RunConfig, adapter: str) -> EvalConfig:
     """The eval that runs: [eval], with the trained adapter as the system `trained` (before any adapters
     [eval] names) and the metrics of `eval_metrics`."""
-    return options.update(
+    return declare.update(
         config.eval, {"adapters": [f"{adapter}=trained", *config.eval.adapters], "metrics": eval_metrics(config)}
     )
 
 
-def run_eval(
-    config: RunConfig, run_dir: Path, *, resume: bool, say: Say, on_progress: StageProgress | None = None
-) -> None:
+@dataclass(frozen=True)
+class EvalInputs:
+    """What eval reads, each joining its hash: the trained adapter (by train's hash), the held-out set and
+    the eval's settings. The adapter is named relative to the run folder, so a moved folder keeps its
+    stages."""
+
+    after: str  # train's hash: the adapter it trained
+    heldout: Path  # by its contents
+    max_heldout: int
+    fields: FieldOptions
+    evaluation: EvalConfig  # with the trained adapter as TRAINED_ADAPTER, the system `trained`
+    code: tuple[str, ...]  # the signatures of the `py:` metrics' sources and the judge's template
+
+    @classmethod
+    def of(cls, config: RunConfig, after: str | None = None) -> EvalInputs:
+        assert after is not None, "eval follows train"
+        data, evaluation = config.data, eval_config(config, TRAINED_ADAPTER)
+        code = tuple(python_signatures(evaluation.metric_specs))
+        return cls(after, data_path(data.heldout), data.max_heldout, data.fields, evaluation, code)
+
+    def in_folder(self, run_dir: Path) -> EvalConfig:
+        """The eval with the trained adapter found in `run_dir` (the first system: `eval_config` puts it first)."""
+        return declare.update(
+            self.evaluation, {"adapters": [f"{run_dir / TRAINED_ADAPTER}=trained", *self.evaluation.adapters[1:]]}
+        )
+
+
+def run_eval(inputs: EvalInputs, run_dir: Path, resume: bool, hooks: Hooks) -> None:
     """[eval] with the trained adapter; its answers journaled beside eval/records.jsonl, so an interrupted
     eval continues with the answers it finished."""
     from stages.eval.evaluate import evaluate
     from stages.eval.journal import AnswerJournal, finished_answers, journal_path
     from stages.eval.report import eval_tables, write_report
 
-    evaluation = eval_config(config, str(run_dir / TRAINED_ADAPTER))
-    records, cuts = evaluation.check_prompts(
-        _head(list(read_data(config, config.data.heldout)), config.data.max_heldout)
-    )
+    evaluation = inputs.in_folder(run_dir)
+    records, cuts = evaluation.check_prompts(read_data(inputs.heldout, inputs.fields, inputs.max_heldout))
     for line in cuts.lines("held-out prompts") if cuts else []:
-        say(f"eval: {line}")
+        hooks.say(f"eval: {line}")
     folder = run_dir / "eval"
     output = folder / "records.jsonl"
     if not resume:
         remove_stale_temp_files(journal_path(output))  # a killed attempt's answers, of other settings
     kept = finished_answers(output)
     if kept.count:
-        say(f"eval: {kept.kept_line('answers')}")
-    answers = StageCounter(on_progress, "eval: answering the held-out set", 0, "answers")
+        hooks.say(f"eval: {kept.kept_line('answers')}")
+    answers = StageCounter(hooks.on_progress, "eval: answering the held-out set", 0, "answers")
     answers.start(len(records) * sum(1 for system in evaluation.systems if not system.answers))
     with AnswerJournal(output, kept) as journal:
         result = evaluate(
             records,
             evaluation,
             on_progress=lambda _system, n: answers.add(n),
-            on_message=lambda m: say(f"eval: {m}"),
+            on_message=lambda m: hooks.say(f"eval: {m}"),
             journal=journal,
         )
         _write_jsonl(output, result.records)
@@ -303,37 +297,42 @@ def run_eval(
     write_report(folder / "report.md", result.summary, tables)
 
 
-def stage_digests(config: RunConfig) -> tuple[str, str, str]:
-    """Each stage's hash: the settings of the configs that run (all but those that only say how it runs:
-    threads, a server's address), the contents of its input files, the `py:` rewards' sources and the hash
-    of the stage before it. The trained adapter is named relative to the run folder, so a moved folder
-    keeps its stages."""
-    from stages.metrics import python_signatures
+# ---- the table of stages, their hashes, the run ----------------------------------------------------
 
-    data = config.data
-    fields = [options.computed_values(data.fields)]
-    select_digest = stage_hash(
-        "select",
-        file_digest(data_path(data.pool)),
-        data.max_pool,
-        *fields,
-        *(options.computed_values(stage) for stage in (config.generate, config.score, config.select)),
-        *python_signatures(config.score.scorer.specs),
-    )
-    train_digest = stage_hash(
-        "train", select_digest, options.computed_values(config.train), *python_signatures(config.train.rewards)
-    )
-    evaluation = eval_config(config, TRAINED_ADAPTER)
-    eval_digest = stage_hash(
-        "eval",
-        train_digest,
-        file_digest(data_path(data.heldout)),
-        data.max_heldout,
-        *fields,
-        options.computed_values(evaluation),
-        *python_signatures(evaluation.metric_specs),
-    )
-    return select_digest, train_digest, eval_digest
+InputsT = TypeVar("InputsT")
+
+
+@dataclass(frozen=True)
+class Stage(Generic[InputsT]):
+    """One stage of a run: its inputs from the run's configuration (and the hash of the stage before it),
+    and the function that runs it on them alone."""
+
+    name: str
+    inputs: Callable[[RunConfig, str | None], InputsT]
+    run: Callable[[InputsT, Path, bool, Hooks], None]  # (inputs, run folder, resume, hooks)
+
+
+STAGES: tuple[Stage[Any], ...] = (
+    Stage("select", SelectInputs.of, run_select),
+    Stage("train", TrainInputs.of, run_train),
+    Stage("eval", EvalInputs.of, run_eval),
+)
+
+
+def planned(config: RunConfig) -> list[tuple[Stage[Any], Any, str]]:
+    """Each stage with its inputs and its hash, in order: each hash covers the one before it."""
+    plan: list[tuple[Stage[Any], Any, str]] = []
+    digest: str | None = None
+    for stage in STAGES:
+        inputs = stage.inputs(config, digest)
+        digest = inputs_digest(stage.name, inputs)
+        plan.append((stage, inputs, digest))
+    return plan
+
+
+def stage_digests(config: RunConfig) -> tuple[str, ...]:
+    """Each stage's hash (select, train, eval)."""
+    return tuple(digest for _stage, _inputs, digest in planned(config))
 
 
 def run_recipe(
@@ -347,62 +346,41 @@ def run_recipe(
     """The three stages into `run_dir`. `on_progress` follows select's and eval's answers as they finish."""
     run_dir = Path(run_dir)
     with folder_lock(run_dir):  # one run per folder at a time
-        result = _run_stages(config, run_dir, say, on_train_step, on_progress)
+        result = _run_stages(config, run_dir, Hooks(say, on_progress, on_train_step))
         # A finished run removes what killed attempts left behind (only our temporary names).
         for folder in (run_dir, run_dir / "eval", run_dir / "train", run_dir / "train" / "checkpoints"):
             remove_leftovers(folder)
     return result
 
 
-def _run_stages(
-    config: RunConfig,
-    run_dir: Path,
-    say: Say,
-    on_train_step: Callable[[dict], None] | None,
-    on_progress: StageProgress | None,
-) -> RunResult:
+def _run_stages(config: RunConfig, run_dir: Path, hooks: Hooks) -> RunResult:
     with atomic_path(run_dir / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
-    apply_thread_budget(config.model.threads, say=say)  # once, before any stage loads a model
+    apply_thread_budget(config.model.threads, say=hooks.say)  # once, before any stage loads a model
     ledger = StageLedger.open(run_dir)
-    select_digest, train_digest, eval_digest = stage_digests(config)
-    steps: dict[str, tuple[str, Callable[[bool], None]]] = {
-        "select": (
-            select_digest,
-            lambda resume: run_select(config, run_dir, resume=resume, say=say, on_progress=on_progress),
-        ),
-        "train": (
-            train_digest,
-            lambda resume: run_train(config, run_dir, resume=resume, say=say, on_step=on_train_step),
-        ),
-        "eval": (
-            eval_digest,
-            lambda resume: run_eval(config, run_dir, resume=resume, say=say, on_progress=on_progress),
-        ),
-    }
     ran, skipped, seconds = [], [], {}
-    for stage in STAGES:
-        digest, action = steps[stage]
-        status = ledger.status(stage, digest)
+    for stage, inputs, digest in planned(config):
+        name = stage.name
+        status = ledger.status(name, digest)
         if status == "done":
-            say(f"{stage}: up to date (stage hash {digest}), skipped")
-            skipped.append(stage)
+            hooks.say(f"{name}: up to date (stage hash {digest}), skipped")
+            skipped.append(name)
             continue
         if status == "partial":
-            say(f"{stage}: continuing an interrupted run (stage hash {digest})")
-        ledger.mark(stage, digest, done=False)
+            hooks.say(f"{name}: continuing an interrupted run (stage hash {digest})")
+        ledger.mark(name, digest, done=False)
         start = time.perf_counter()
         try:
-            action(status == "partial")
+            stage.run(inputs, run_dir, status == "partial", hooks)
         except (KeyboardInterrupt, Interrupted):
             raise Interrupted(
-                f"interrupted during {stage}; the work so far is kept in {run_dir}: "
+                f"interrupted during {name}; the work so far is kept in {run_dir}: "
                 f"run the same `bleuberi run` command (same config, -o {run_dir}) to continue"
             ) from None
         budget = current_budget()
-        seconds[stage] = time.perf_counter() - start
-        ledger.mark(stage, digest, done=True, seconds=seconds[stage], threads=budget.threads if budget else None)
-        ran.append(stage)
+        seconds[name] = time.perf_counter() - start
+        ledger.mark(name, digest, done=True, seconds=seconds[name], threads=budget.threads if budget else None)
+        ran.append(name)
     summary = orjson.loads((run_dir / "eval" / "report.json").read_bytes())
     return RunResult(run_dir, summary, ran, skipped, seconds)
 
