@@ -82,14 +82,16 @@ def trl_loss(logp, old, ref, advantages, mask, entropies, options: dict) -> torc
 
 def bleuberi_loss(logp, old, ref, advantages, mask, entropies, options: dict) -> torch.Tensor:
     config = LossConfig(
-        options["beta"],
-        options["epsilon"],
-        options["epsilon_high"],
-        options["loss_type"],
-        options["level"],
+        beta=options["beta"],
+        epsilon=options["epsilon"],
+        epsilon_high=options["epsilon_high"],
+        loss_type=options["loss_type"],
+        importance_sampling_level=options["level"],
         use_bias_correction_kl=options["bias"],
         delta=options["delta"],
         top_entropy_quantile=options["quantile"],
+        importance_mode=None,  # TRL's loss alone: no engine importance weights
+        importance_clip_max=3.0,
     )
     tokens = int(mask.sum())
     denominator = Denominator.for_step(

@@ -37,3 +37,17 @@ def test_the_architecture_tree_matches_the_folders() -> None:
     listed = tree_paths()
     assert modules - listed == set(), "modules missing from the module tree of docs/architecture.md"
     assert listed - modules == set(), "the module tree of docs/architecture.md names modules that do not exist"
+
+
+def test_the_step_walk_through_points_at_the_code_it_quotes() -> None:
+    """Each `path#Lnumber` anchor of docs/architecture.md is followed by the code found on that line."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    anchors = re.findall(r"`(stages/[\w/]+\.py)#L(\d+)`\s+`([^`]+)`", text)
+    assert len(anchors) >= 10  # the GRPO step's walk-through
+    wrong = []
+    for path, number, code in anchors:
+        lines = (ROOT / path).read_text().splitlines()
+        line = lines[int(number) - 1] if int(number) <= len(lines) else ""
+        if code not in line:
+            wrong.append(f"{path}#L{number}: {code!r} not in {line.strip()!r}")
+    assert wrong == []

@@ -259,7 +259,8 @@ from stages.train.logprobs import completion_logprobs, pack
 from stages.train.policy import load_policy
 from stages.train.sharding import gathered_adapter, whole_while_sampling
 from torch.distributed.tensor import DTensor
-from stages.train.update import MicroBatch, policy_update
+from stages.train.batches import MicroBatch
+from stages.train.grpo import policy_update
 
 model_dir, out = sys.argv[1], sys.argv[2]
 config = TrainConfig.of(
@@ -441,19 +442,19 @@ def test_a_batch_that_cannot_be_split_over_the_ranks_is_refused() -> None:
 
 def test_an_idle_micro_batch_adds_nothing(tiny_model) -> None:
     """What a rank without rows runs so that every rank runs as many forward passes: no loss, no gradient."""
+    from stages.train.batches import idle_batch
+    from stages.train.grpo import LossInputs, micro_batch_loss
     from stages.train.loss import Denominator
     from stages.train.policy import load_policy
-    from stages.train.update import Drift, SamplerCorrection, _micro_batch_loss, idle_batch
 
     config = TrainConfig.of(model=str(tiny_model), device="cpu", beta=0.04)
     policy = load_policy(config, torch.device("cpu"))
     for p in policy.trainable:  # LoRA B starts at 0, which would zero most gradients anyway
         torch.nn.init.normal_(p, std=0.5)
     idle = idle_batch(policy)
-    idle.ref_logp = torch.full_like(idle.sampled_logp, -3.0)  # a KL term that would pull, were it counted
-    parts = _micro_batch_loss(
-        policy, idle, config, config.loss_config(), Denominator(1.0), SamplerCorrection(), Drift(), 0
-    )
+    pull = torch.full_like(idle.sampled_logp, -3.0)  # log-probs that would pull, were they counted
+    inputs = LossInputs(idle.batch, idle.advantages, pull, pull, torch.zeros_like(pull), None)
+    parts = micro_batch_loss(policy, inputs, config.loss_config(), Denominator(1.0), config.sampling.temperature)
     parts.loss.backward()
     assert float(parts.loss.detach()) == 0.0 and parts.kl_sum == 0.0
     grads = [p.grad for p in policy.trainable]

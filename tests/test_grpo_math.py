@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from stages.train.loss import Denominator, LossConfig, group_advantages, grpo_loss, zero_std_groups
+from stages.train.config import LossConfig
+from stages.train.loss import Denominator, group_advantages, grpo_loss, zero_std_groups
 
 
 def test_group_advantages_by_hand() -> None:
@@ -38,7 +39,11 @@ ADV = torch.tensor([2.0, -1.0])
 
 
 def _loss(logp, old, ref=None, *, beta=0.0, loss_type="dapo", level="token", denominator=1.0):
-    config = LossConfig(beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level)
+    config = LossConfig(
+        beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level,
+        use_bias_correction_kl=False, delta=None, top_entropy_quantile=1.0, importance_mode=None,
+        importance_clip_max=3.0,
+    )  # fmt: skip
     return grpo_loss(logp, old, ref, ADV, MASK, config, Denominator(denominator))
 
 

@@ -106,8 +106,15 @@ def reference_loss(
     return total / n_tokens  # dapo, cispo; bnpo too with one micro-batch on one rank
 
 
+# the options the formulas above take as off, unless a test sets them (the importance correction is never on here)
+PLAIN = {"use_bias_correction_kl": False, "delta": None, "top_entropy_quantile": 1.0}
+
+
 def ours(logp, old, ref, *, loss_type="dapo", level="token", beta=0.04, eps=0.2, eps_high=0.28, **options):
-    config = LossConfig(beta, eps, eps_high, loss_type, level, **options)
+    config = LossConfig(
+        beta=beta, epsilon=eps, epsilon_high=eps_high, loss_type=loss_type, importance_sampling_level=level,
+        importance_mode=None, importance_clip_max=3.0, **{**PLAIN, **options},
+    )  # fmt: skip
     mask = torch.tensor(MASK, dtype=torch.float64)
     n_tokens = int(mask.sum())
     denominator = Denominator.for_step(
@@ -232,9 +239,19 @@ def test_sequence_ratios_with_token_level_losses_warn_like_trl() -> None:
 
 
 def test_loss_option_defaults_and_validation() -> None:
+    from dataclasses import MISSING, fields
+
+    from stages.engines.base import EngineOptions
+
+    # one set of defaults: TrainConfig's; the loss settings resolved from them declare none of their own
+    assert [f.name for f in fields(LossConfig) if f.default is not MISSING or f.default_factory is not MISSING] == []
     default = TrainConfig().loss_config()
     assert default.use_bias_correction_kl is False  # the paper's objective; TRL 1.16 defaults to True
     assert default.delta is None and default.top_entropy_quantile == 1.0
+    assert (default.beta, default.epsilon, default.epsilon_high, default.loss_type) == (0.04, 0.2, 0.2, "dapo")
+    assert default.importance_mode is None  # the policy samples itself: no correction
+    server = TrainConfig.of(engine=EngineOptions("server", ["http://127.0.0.1:9/v1"])).loss_config()
+    assert (server.importance_mode, server.importance_clip_max) == ("token_truncate", 3.0)
     assert TrainConfig.of(loss_type="cispo").loss_config().epsilon_high == 5.0
     assert TrainConfig.of(loss_type="cispo", epsilon_high=2.0).loss_config().epsilon_high == 2.0
     from stages.core.errors import UsageError

@@ -146,13 +146,13 @@ def test_the_float32_head_copy_is_made_once_and_follows_changes(dtype) -> None:
 def _first_update_gradient(tiny_model, dtype: str, samples_from, records) -> tuple[dict, float]:
     """The LoRA gradient of the first update of a GRPO step (num_iterations=2) in `dtype`, on the completions
     `samples_from` sampled, with this dtype's own sampler log-probs, and the step's KL to the reference."""
+    from stages.train.batches import micro_batches
     from stages.train.config import TrainConfig
     from stages.train.data import prepare_prompts
     from stages.train.distributed import Distributed
-    from stages.train.grpo import score_rollout
+    from stages.train.grpo import loss_inputs, micro_batch_loss, score_rollout
     from stages.train.loss import Denominator
     from stages.train.policy import load_policy
-    from stages.train.update import Drift, SamplerCorrection, _micro_batch_loss, micro_batches, reference_logprobs
 
     # epsilon far below the tiny model's bf16 drift: a ratio taken against the sampler's log-probs would clip
     config = TrainConfig.of(model=str(tiny_model), dtype=dtype, device="cpu", num_generations=4,
@@ -167,11 +167,10 @@ def _first_update_gradient(tiny_model, dtype: str, samples_from, records) -> tup
     [mb] = micro_batches(rollout, size=8, pad_id=policy.generator.pad_id, device=torch.device("cpu"),
                          mask_truncated=False)  # fmt: skip
     policy.model.train()
-    reference_logprobs(policy, [mb], config.sampling.temperature)
+    loss_config, temperature = config.loss_config(), config.sampling.temperature
+    [inputs] = loss_inputs(policy, [mb], loss_config, temperature)
     tokens = float(mb.batch.completion_mask.sum())
-    loss = _micro_batch_loss(
-        policy, mb, config, config.loss_config(), Denominator(tokens), SamplerCorrection.of(config), Drift(), 0
-    )
+    loss = micro_batch_loss(policy, inputs, loss_config, Denominator(tokens), temperature)
     loss.loss.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
     return grads, loss.kl_sum / tokens
@@ -231,26 +230,31 @@ def _rescored(policy, prompt: list[int], sample):
 def test_the_sampler_mismatch_is_measured_by_hand() -> None:
     """mismatch_kl is the k3 estimate of KL(sampler || trainer) on the sampled tokens, and
     mismatch_clip_fraction the share of importance weights the cap changed."""
-    from stages.train.loss import engine_importance_weights
-    from stages.train.update import Drift
+    from stages.train.grpo import LossInputs, sampler_drift
+    from stages.train.logprobs import pack
+    from stages.train.loss import engine_importance_weights, engine_log_ratio
 
     trainer = torch.tensor([[0.0, 0.1, 0.0]])
     sampler = torch.tensor([[0.1, 0.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: it counts nowhere
-    drift = Drift()
-    drift.add(trainer, sampler, mask)
-    weight = engine_importance_weights(trainer, sampler, mask, "token_truncate", 1.05)
-    drift.weights(weight, trainer, sampler, mask)
+    batch = pack([[5]], [[6, 7, 8]], 0, torch.device("cpu"))
+    batch.completion_mask = mask
+    log_ratio = engine_log_ratio(trainer, sampler, mask)
+
+    def drift(importance):
+        return sampler_drift([LossInputs(batch, torch.ones(1), trainer, None, log_ratio, importance)])
+
+    weight = engine_importance_weights(log_ratio, "token_truncate", 1.05)
+    total, largest, k3, clipped, weighed = drift(weight)
     # r = log trainer/sampler = -0.1 and 0.1: k3 = (e^-0.1 + 0.1 - 1) + (e^0.1 - 0.1 - 1)
-    assert drift.k3 == pytest.approx(math.exp(-0.1) + 0.1 - 1 + math.exp(0.1) - 0.1 - 1, rel=1e-5)
-    assert drift.total == pytest.approx(0.2, rel=1e-5) and drift.largest == pytest.approx(0.1, rel=1e-5)
+    assert k3 == pytest.approx(math.exp(-0.1) + 0.1 - 1 + math.exp(0.1) - 0.1 - 1, rel=1e-5)
+    assert total == pytest.approx(0.2, rel=1e-5) and largest == pytest.approx(0.1, rel=1e-5)
     # the weights e^-0.1 = 0.905 (kept) and e^0.1 = 1.105, cut to 1.05: one of the two
-    assert weight[0, :2].tolist() == pytest.approx([math.exp(-0.1), 1.05], rel=1e-5)
-    assert (drift.clipped, drift.weighed) == (1.0, 2.0)
-    masked = engine_importance_weights(trainer, sampler, mask, "sequence_mask", 1.05)
-    sequence = Drift()
-    sequence.weights(masked, trainer, sampler, mask)  # e^(0.1 - 0.1) = 1: within the cap, kept
-    assert masked.tolist() == [[1.0]] and (sequence.clipped, sequence.weighed) == (0.0, 1.0)
+    assert weight.weights[0, :2].tolist() == pytest.approx([math.exp(-0.1), 1.05], rel=1e-5)
+    assert (clipped, weighed) == (1.0, 2.0)
+    masked = engine_importance_weights(log_ratio, "sequence_mask", 1.05)
+    *_, clipped, weighed = drift(masked)  # e^(0.1 - 0.1) = 1: within the cap, kept
+    assert masked.weights.tolist() == [[1.0]] and (clipped, weighed) == (0.0, 1.0)
 
 
 def test_the_correction_is_on_by_default_where_an_engine_of_its_own_samples(tiny_model) -> None:

@@ -51,3 +51,45 @@ def test_a_missing_tracker_stops_before_any_work(runner, tiny_model, tmp_path) -
     assert not (out / "config.json").exists()
     bad = runner.invoke(app, train_args(data, out, tiny_model, max_steps=2, report_to="comet"))
     assert bad.exit_code == 1 and "--report-to comet: expected none or any of tensorboard" in bad.stderr
+
+
+def test_wandb_mlflow_and_trackio_get_the_config_each_step_and_the_end(tmp_path, monkeypatch) -> None:
+    """Each tracker's own calls, on stand-in modules that record them (the packages need accounts or servers)."""
+    import sys
+    import types
+
+    from stages.train.telemetry import Telemetry
+
+    calls: list[tuple] = []
+
+    def recorder(name: str):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs))
+
+    run = types.SimpleNamespace(log=recorder("wandb.run.log"), finish=recorder("wandb.run.finish"))
+    wandb = types.SimpleNamespace(init=lambda **kwargs: calls.append(("wandb.init", (), kwargs)) or run)
+    mlflow = types.SimpleNamespace(
+        **{f: recorder(f"mlflow.{f}") for f in ("start_run", "log_params", "log_metrics", "end_run")}
+    )
+    trackio = types.SimpleNamespace(**{f: recorder(f"trackio.{f}") for f in ("init", "log", "finish")})
+    for name, module in (("wandb", wandb), ("mlflow", mlflow), ("trackio", trackio)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("TRACKIO_PROJECT", raising=False)
+    out = tmp_path / "run-7"
+    telemetry = Telemetry(["wandb", "mlflow", "trackio"], out, {"beta": 0.04, "model": "m" * 600})
+    telemetry.log({"step": 3, "kl": 0.5, "rewards": {"bleu": {"mean": 0.25}}, "reward_combine": "sum"})
+    telemetry.close()
+    values = {"kl": 0.5, "rewards/bleu/mean": 0.25}  # flattened, numbers only, the step apart
+    config = {"beta": 0.04, "model": "m" * 600}
+    assert calls == [
+        ("wandb.init", (), {"project": "bleuberi", "name": "run-7", "dir": str(out), "config": config}),
+        ("mlflow.start_run", (), {"run_name": "run-7"}),
+        ("mlflow.log_params", ({"beta": "0.04", "model": "m" * 500},), {}),  # mlflow caps values at 500
+        ("trackio.init", (), {"project": "bleuberi", "name": "run-7", "config": config}),
+        ("wandb.run.log", (values,), {"step": 3}),
+        ("mlflow.log_metrics", (values,), {"step": 3}),
+        ("trackio.log", (values,), {"step": 3}),
+        ("wandb.run.finish", (), {}),
+        ("mlflow.end_run", (), {}),
+        ("trackio.finish", (), {}),
+    ]

@@ -357,7 +357,7 @@ def _train_args(model, data, out) -> list[str]:
     ("flag", "environ", "expected"), [(["--threads", "2"], {}, 2), ([], {"BLEUBERI_THREADS": "2"}, 2)]
 )
 def test_train_applies_and_records_the_count(runner, tiny_model, tmp_path, monkeypatch, flag, environ, expected):
-    import stages.train.update as update
+    import stages.train.grpo as update
     from bleuberi_cli.app import app
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the budget alone would give 1: the override must win

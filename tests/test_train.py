@@ -19,6 +19,7 @@ import sacrebleu
 import torch
 from safetensors.torch import load_file
 
+import stages.train.grpo as grpo_module
 from bleuberi_cli.app import app
 from stages.engines.base import Sample
 from stages.train.config import TrainConfig
@@ -464,7 +465,7 @@ def _check_loss_batches(
 ) -> None:
     """The loss batch of a scored rollout, with and without truncated completions masked: `n_cat` tokens
     in the reference with its end token, `n_dog` in the other sentence without."""
-    from stages.train.update import micro_batches
+    from stages.train.batches import micro_batches
 
     cpu = torch.device("cpu")
     [kept] = micro_batches(rollout, size=8, pad_id=pad, device=cpu, mask_truncated=True)
@@ -492,16 +493,14 @@ def _check_loss_batches(
 
 def test_skip_zero_std_in_a_training_run(tiny_model, tmp_path, monkeypatch) -> None:
     """Per step, the loss pass sees exactly the rows of groups whose rewards differ."""
-    import stages.train.update as update
-
     rows_seen: list[int] = []
-    original = update.grpo_loss
+    original = grpo_module.grpo_loss
 
     def spy(logp, *args, **kwargs):
         rows_seen.append(logp.shape[0])
         return original(logp, *args, **kwargs)
 
-    monkeypatch.setattr(update, "grpo_loss", spy)
+    monkeypatch.setattr(grpo_module, "grpo_loss", spy)
     per_step: list[tuple[float, int]] = []  # (share of zero-std groups, rows in the loss pass)
 
     def on_step(metrics: dict) -> None:
@@ -516,33 +515,74 @@ def test_skip_zero_std_in_a_training_run(tiny_model, tmp_path, monkeypatch) -> N
         assert rows == round(8 * (1 - share))  # 2 groups of 4 per step
 
 
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_old_log_probs_come_from_the_sampling_pass(word_model, tmp_path, monkeypatch, num_iterations) -> None:
-    """Each update's ratio exp(logp - old): the first is 1 (the policy that sampled is the one being
-    trained), later ones are not (the optimizer moved the policy; the old log-probs stay the sampler's)."""
-    import stages.train.update as update
+def test_the_ratios_old_policy_is_the_trainers_forward_before_the_first_update(tiny_model) -> None:
+    """Every update's ratio is taken against the trainer's own log-probs from before the step's first
+    update: not the sampler's (here 0.3 nats off, as a bf16 sampler or a stale engine is), not the
+    reference's (the adapter off), not recomputed at each update. The importance weights and the drift
+    are taken against the same log-probs. Expected values come from the model's plain full-vocabulary
+    forward, not from the trainer's chunked head."""
+    from stages.train.batches import MicroBatch
+    from stages.train.distributed import Distributed
+    from stages.train.grpo import policy_update
+    from stages.train.logprobs import pack
+    from stages.train.policy import load_policy
 
+    temperature, gap, cap = 0.9, 0.3, 2.0
+    config = TrainConfig.of(
+        model=str(tiny_model), device="cpu", num_iterations=2, beta=0.1, learning_rate=1e-2, temperature=temperature,
+        vllm_importance_sampling_correction=True, vllm_importance_sampling_clip_max=cap,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    policy = load_policy(config, torch.device("cpu"))
+    for name, p in policy.model.named_parameters():  # a trained adapter: the reference is not the policy
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    tokenizer = policy.generator.tokenizer
+    prompts = [tokenizer.encode("The cat sat"), tokenizer.encode("Jupiter is")]
+    completions = [tokenizer.encode(" on the mat."), tokenizer.encode(" the largest planet in the sky")]
+    batch = pack(prompts, completions, policy.generator.pad_id, torch.device("cpu"))
+    mask = batch.completion_mask.bool()
+
+    def full_softmax_logprobs() -> torch.Tensor:
+        out = torch.zeros(batch.completion_ids.shape)
+        with torch.no_grad():
+            for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+                logits = policy.model(input_ids=torch.tensor([prompt + completion])).logits[0] / temperature
+                picked = torch.log_softmax(logits[len(prompt) - 1 : -1].double(), -1)
+                out[row, : len(completion)] = picked.gather(-1, torch.tensor(completion)[:, None])[:, 0].float()
+        return out
+
+    policy.model.train()
+    before = full_softmax_logprobs()
+    with policy.model.disable_adapter():
+        reference = full_softmax_logprobs()
+    assert (before - reference)[mask].abs().max() > 1e-2  # the adapter matters: a mix-up would show
+    sampled = (before - gap) * mask  # the sampler's log-probs: 0.3 nats below the trainer's on every token
+    micro_batch = MicroBatch([0, 1], batch, torch.tensor([1.0, -1.0]), sampled)
     calls = []
-    original = update.grpo_loss
+    original = grpo_module.grpo_loss
 
-    def spy(logp, old_logp, ref_logp, advantages, mask, *args, **kwargs):
-        calls.append((logp.detach().clone(), old_logp.detach().clone(), advantages.clone(), mask.bool()))
-        return original(logp, old_logp, ref_logp, advantages, mask, *args, **kwargs)
+    def spy(logp, old_logp, ref_logp, *rest):
+        sampling_weight = rest[4]  # after advantages, mask, the loss settings and the denominator
+        calls.append((logp.detach().clone(), old_logp.clone(), ref_logp.clone(), sampling_weight.clone()))
+        return original(logp, old_logp, ref_logp, *rest)
 
-    monkeypatch.setattr(update, "grpo_loss", spy)
-    config = small_config(word_model, max_steps=1, num_iterations=num_iterations, reward=["chrf"], temperature=1.0)
-    train(LEARN_RECORDS, config, tmp_path / "run")
-    assert len(calls) == num_iterations  # one micro-batch, once per iteration
-    logp, old, advantages, mask = calls[0]
-    assert advantages.abs().sum() > 0 and mask.any()  # a real learning signal, so the update moves the policy
-    # the sampler's log-probs (KV-cached, token by token) equal the packed training forward's
-    assert (logp - old)[mask].abs().max() < 1e-4
-    if num_iterations == 1:
-        return
-    second_logp, second_old, _, second_mask = calls[1]
-    assert torch.equal(second_mask, mask)
-    assert torch.equal(second_old, old)  # the same old log-probs: the sampling pass's, not recomputed
-    assert (second_logp - second_old)[mask].abs().max() > 1e-3  # ratio != 1 after one optimizer step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpo_module, "grpo_loss", spy)
+        stats = policy_update(policy, [micro_batch], config, Distributed())
+    assert len(calls) == 2  # one micro-batch, two updates
+    (first, first_old, first_ref, first_weight), (second, second_old, second_ref, second_weight) = calls
+    for old, ref, weight in ((first_old, first_ref, first_weight), (second_old, second_ref, second_weight)):
+        assert torch.allclose(old[mask], before[mask], atol=1e-5)  # the trainer's, before any update
+        assert torch.allclose(ref[mask], reference[mask], atol=1e-5)
+        assert torch.allclose(weight[mask], torch.full_like(weight[mask], math.exp(gap)), rtol=1e-5)  # under the cap
+    assert torch.equal(first[mask], first_old[mask])  # the first update's own forward: the ratio is exactly 1
+    assert (second - second_old)[mask].abs().max() > 1e-3  # the first update moved the policy; old stayed
+    # the drift: |trainer - sampler| = 0.3 on each token; k3 = e^0.3 - 0.3 - 1 per token; no weight over the cap
+    assert stats.logprob_drift_mean == pytest.approx(gap, rel=1e-5)
+    assert stats.logprob_drift_max == pytest.approx(gap, rel=1e-5)
+    assert stats.mismatch_kl == pytest.approx(math.exp(gap) - gap - 1, rel=1e-4)
+    assert stats.mismatch_clip_fraction == 0.0
 
 
 def test_learning_rate_schedules() -> None:

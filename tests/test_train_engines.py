@@ -129,7 +129,7 @@ def test_async_rollouts_are_one_step_stale(engines, tiny_model, tmp_path) -> Non
     # step 2 with adapter 1; step 4 during step 3 with adapter 2: never more than one step behind.
     assert engine.calls == [None, 0, 0, 1, 2]
     assert len(result.metrics) == 4
-    # Off-policy samples: the clipped ratio is taken against the sampler's log-probs, so it moves off 1.
+    # Off-policy samples: the stale sampler's log-probs drift from the trainer's own (the ratio's old policy).
     assert any(step["logprob_drift_max"] > 1e-4 for step in result.metrics[1:])
 
 
@@ -157,23 +157,24 @@ def test_nucleus_sampling_refuses_a_behaviour_policy_from_the_engine(tiny_model)
 
 
 def test_engine_importance_weights_follow_trls_modes() -> None:
-    from stages.train.loss import engine_importance_weights
+    from stages.train.loss import engine_importance_weights, engine_log_ratio
 
     trainer = torch.tensor([[-1.0, -2.0, -0.5]])
     engine = torch.tensor([[-2.5, -2.0, -0.25]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
+    log_ratio = engine_log_ratio(trainer, engine, mask)
+    assert log_ratio.tolist() == [[1.5, 0.0, 0.0]]  # the masked token counts nowhere
     # per token: exp(1.5) = 4.48 (over the cap 3), exp(0) = 1, masked token: exp(0) = 1
-    truncated = engine_importance_weights(trainer, engine, mask, "token_truncate", 3.0)
-    assert torch.allclose(truncated, torch.tensor([[3.0, 1.0, 1.0]]))
-    masked = engine_importance_weights(trainer, engine, mask, "token_mask", 3.0)
-    assert torch.allclose(masked, torch.tensor([[0.0, 1.0, 1.0]]))
+    truncated = engine_importance_weights(log_ratio, "token_truncate", 3.0)
+    assert torch.allclose(truncated.weights, torch.tensor([[3.0, 1.0, 1.0]]))
+    assert truncated.capped().tolist() == [[True, False, False]]  # the ratio the cap changed
+    masked = engine_importance_weights(log_ratio, "token_mask", 3.0)
+    assert torch.allclose(masked.weights, torch.tensor([[0.0, 1.0, 1.0]]))
     # per sequence: exp(1.5 + 0) = 4.48 -> 3 (truncate) or 0 (mask), one weight for the row
-    assert torch.allclose(
-        engine_importance_weights(trainer, engine, mask, "sequence_truncate", 3.0), torch.tensor([[3.0]])
-    )
-    assert torch.allclose(
-        engine_importance_weights(trainer, engine, mask, "sequence_mask", 5.0), torch.tensor([[4.4817]]), atol=1e-4
-    )
+    sequence = engine_importance_weights(log_ratio, "sequence_truncate", 3.0)
+    assert torch.allclose(sequence.weights, torch.tensor([[3.0]])) and sequence.per_sequence
+    kept = engine_importance_weights(log_ratio, "sequence_mask", 5.0)
+    assert torch.allclose(kept.weights, torch.tensor([[4.4817]]), atol=1e-4) and not kept.capped().any()
 
 
 def test_rewards_under_several_ranks_need_no_model_in_the_engine(tiny_model) -> None:

@@ -20,16 +20,16 @@ def tiny_rm(tmp_path_factory):
 
 
 def test_bleu_plus_rm_reasoning_cispo_run(runner, tiny_model, tiny_rm, tmp_path, monkeypatch) -> None:
-    import stages.train.update as update
+    import stages.train.grpo as grpo
 
     losses = []  # what the loss function was called with: the options must reach the loss, not only config.json
-    original = update.grpo_loss
+    original = grpo.grpo_loss
 
     def spy(logp, old, ref, advantages, mask, config, denominator, sampling_weight=None, entropy_mask=None):
         losses.append((config, entropy_mask, mask))
         return original(logp, old, ref, advantages, mask, config, denominator, sampling_weight, entropy_mask)
 
-    monkeypatch.setattr(update, "grpo_loss", spy)
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
     data = write_jsonl(tmp_path / "in.jsonl", demo_records(count=4))
     out = tmp_path / "run"
     args = ["train", "-i", str(data), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]

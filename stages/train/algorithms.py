@@ -1,16 +1,13 @@
 """The algorithms `train` runs, behind one interface: GRPO (the paper's) and SFT (its supervised baseline).
 
-What differs between them is said here once: the settings each needs, what a step draws (prompts it
-samples, or reference answers it imitates) and how many per step, and the module that runs a step. A
-runner module has `items(prompts, generator, config)` (what the steps draw from) and `step(run, step)`
-(one optimizer step, returning its metrics); it is imported when a run starts, as engines are
-(stages/engines/base.py), so configs stay light.
+What differs between them is said here once: the settings each needs, and what a step draws (prompts it
+samples, or reference answers it imitates) and how many per step. Which code runs a step is plain code:
+`train_step` in stages/train/loop.py calls `grpo_step` (stages/train/grpo.py) or `sft_update`
+(stages/train/sft.py); `_plan` in stages/train/setup.py builds what the steps draw from.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import ClassVar, Literal, Protocol, get_args
 
 from stages.core.errors import UsageError
@@ -27,10 +24,11 @@ class StepSizes(Protocol):
 
 
 class Algorithm:
+    """What one algorithm needs and draws; `ALGORITHMS` holds one of each, by name."""
+
     name: ClassVar[str]
     noun: ClassVar[str]  # what a step draws: "prompts" or "examples"
     samples: ClassVar[bool]  # True: a step samples completions and rewards them (rollouts, rewards)
-    module: ClassVar[str]
 
     def check(self, sizes: StepSizes) -> None:
         """Settings this algorithm cannot run with: a usage error naming them."""
@@ -39,12 +37,9 @@ class Algorithm:
         """Items each step takes on each device."""
         return sizes.per_device_train_batch_size * sizes.grad_accum
 
-    def runner(self) -> ModuleType:
-        return importlib.import_module(self.module)
-
 
 class Grpo(Algorithm):
-    name, noun, samples, module = "grpo", "prompts", True, "stages.train.grpo"
+    name, noun, samples = "grpo", "prompts", True
 
     def check(self, sizes: StepSizes) -> None:
         if sizes.num_generations < 2:
@@ -63,7 +58,7 @@ class Grpo(Algorithm):
 class Sft(Algorithm):
     """One example per (prompt, reference) pair: nothing is sampled, so one example per completion slot."""
 
-    name, noun, samples, module = "sft", "examples", False, "stages.train.sft"
+    name, noun, samples = "sft", "examples", False
 
 
 ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (Grpo(), Sft())}

@@ -37,14 +37,20 @@ CISPO_EPSILON_MAX = 5.0
 
 @dataclass(frozen=True)
 class LossConfig:
-    beta: float = 0.04
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high (cispo: ratio weight <= epsilon_high)
-    loss_type: LossType = "dapo"
-    importance_sampling_level: ImportanceLevel = "token"
-    use_bias_correction_kl: bool = False  # weight the k3 KL term by the (differentiable) importance ratio
-    delta: float | None = None  # two-sided clipping: the unclipped ratio is capped at delta
-    top_entropy_quantile: float = 1.0  # policy term only on the top quantile of tokens by entropy
+    """The settings the GRPO loss reads, resolved from a TrainConfig by `TrainConfig.loss_config()` (whose
+    fields hold the defaults and the help: none are declared here)."""
+
+    beta: float
+    epsilon: float  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float  # upper clip: ratio <= 1 + epsilon_high (cispo: ratio weight <= epsilon_high)
+    loss_type: LossType
+    importance_sampling_level: ImportanceLevel
+    use_bias_correction_kl: bool  # weight the k3 KL term by the (differentiable) importance ratio
+    delta: float | None  # two-sided clipping: the unclipped ratio is capped at delta
+    top_entropy_quantile: float  # policy term only on the top quantile of tokens by entropy
+    # TRL's truncated importance sampling against the sampler's log-probs (None: off), capped at the max
+    importance_mode: ImportanceSamplingMode | None
+    importance_clip_max: float
 
 
 # --help panels
@@ -221,18 +227,20 @@ class TrainConfig(options.Options):
         return ALGORITHMS[self.algo]
 
     def loss_config(self) -> LossConfig:
-        """The loss settings, with epsilon_high resolved (None: epsilon; for cispo, CISPO_EPSILON_MAX)."""
+        """The loss settings, with epsilon_high resolved (None: epsilon; for cispo, CISPO_EPSILON_MAX) and the
+        importance correction's mode None where the correction is off."""
         default_high = CISPO_EPSILON_MAX if self.loss_type == "cispo" else self.epsilon
-        high = default_high if self.epsilon_high is None else self.epsilon_high
         return LossConfig(
-            self.beta,
-            self.epsilon,
-            high,
-            self.loss_type,
-            self.importance_sampling_level,
+            beta=self.beta,
+            epsilon=self.epsilon,
+            epsilon_high=default_high if self.epsilon_high is None else self.epsilon_high,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
             use_bias_correction_kl=self.use_bias_correction_kl,
             delta=self.delta,
             top_entropy_quantile=self.top_entropy_quantile,
+            importance_mode=self.vllm_importance_sampling_mode if self.importance_correction else None,
+            importance_clip_max=self.vllm_importance_sampling_clip_max,
         )
 
     @cached_property
@@ -277,10 +285,6 @@ class TrainConfig(options.Options):
         if self.vllm_importance_sampling_correction is not None:
             return self.vllm_importance_sampling_correction
         return not self.engine.samples_with_live_policy and self.sampling.top_p == 1.0
-
-    @property
-    def completions_per_step(self) -> int:
-        return self.per_device_train_batch_size * self.grad_accum
 
     @property
     def prompts_per_step(self) -> int:

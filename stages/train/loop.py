@@ -2,15 +2,17 @@
 (stages/train/setup.py), then the step loop, then the outputs.
 
 One GRPO step is one page, stages/train/grpo.py (the math is in stages/train/loss.py):
-  1. take this step's prompts (a fresh shuffle each epoch; each rank its own share);
-  2. sample G completions per prompt from the current policy or an engine on its newest adapter;
-  3. reward each completion with the chosen metrics against the record's references;
-  4. turn rewards into group-relative advantages;
-  5-6. micro-batches; reference log-probs with the adapter switched off (no second model), then
-     `num_iterations` clipped policy-gradient updates (stages/train/update.py);
+  1. take this step's prompts (a fresh shuffle each epoch; each rank its own share) and sample G
+     completions per prompt from the current policy or an engine on its newest adapter;
+  2-3. reward each completion with the chosen metrics against the record's references, and turn the
+     rewards into group-relative advantages;
+  4. micro-batches of the rows that count;
+  5. once, before any update: reference log-probs with the adapter scaled to zero (no second model),
+     the trainer's own log-probs (the ratio's old policy), the importance weights trainer/sampler;
+  6. `num_iterations` clipped policy-gradient updates on those;
   7. publish the adapter to an engine of its own; 8. the step's record.
-Every `save_steps` the loop writes an atomic, resumable checkpoint.
-"""
+An SFT step is `sft_update` (stages/train/sft.py). Every `save_steps` the loop writes an atomic, resumable
+checkpoint."""
 
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from stages.metrics.python import RewardFunctionError
 from stages.train.checkpoint import save_checkpoint
 from stages.train.config import TrainConfig
 from stages.train.distributed import require_launcher
+from stages.train.grpo import grpo_step
 from stages.train.outputs import StepLog, plot_metrics, save_adapter, save_merged, save_merged_from_disk
 from stages.train.setup import TrainRun, set_up
+from stages.train.sft import sft_update
 from stages.train.sharding import gathered_adapter
 from stages.train.telemetry import Telemetry, check_installed
 
@@ -222,7 +226,11 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     lr = lr_at(step, run.plan.steps, run.config)
     for group in run.policy.optimizer.param_groups:
         group["lr"] = lr
-    metrics = run.config.algorithm.runner().step(run, step)
+    if run.config.algo == "sft":
+        examples = run.plan.items_at(step)
+        metrics = sft_update(run.policy, examples, config=run.config, dist=run.dist)  # type: ignore[arg-type]
+    else:
+        metrics = grpo_step(run, step)
     return {
         "step": step + 1,
         "total_steps": run.plan.steps,

@@ -106,6 +106,8 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @dataclass
 class LossParts:
+    """One micro-batch's share of an update's loss, and the statistics the step's record sums."""
+
     loss: torch.Tensor  # the scalar to backpropagate (already divided by the step's denominator)
     kl_sum: float  # sum of per-token KL over active tokens (0 when beta == 0)
     clipped_tokens: float  # active tokens where the clipped term was the one that counted (cispo: capped, A > 0)
@@ -142,7 +144,7 @@ def grpo_loss(
     logp, old_logp, ref_logp, mask: [rows, completion_len]; advantages: [rows]. `mask` is 1 on the
     completion tokens that count (up to and including the first end-of-sequence token).
     `sampling_weight` ([rows, len] or [rows, 1]) multiplies the policy term only, as TRL applies its
-    engine-mismatch importance sampling (see `engine_importance_weights`). `entropy_mask` (from
+    engine-mismatch importance sampling (`engine_importance_weights(...).weights`). `entropy_mask` (from
     `high_entropy_mask`, with top_entropy_quantile < 1) restricts the policy term too, not the KL term.
     """
     mask = mask.to(logp.dtype)
@@ -166,8 +168,7 @@ def grpo_loss(
     kl = None
     if config.beta != 0.0:
         assert ref_logp is not None, "beta > 0 needs reference log-probs"
-        log_ref_ratio = ref_logp - logp
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        kl = k3(ref_logp - logp)
         if config.use_bias_correction_kl:
             kl = kl * ratio
         per_token = per_token + config.beta * kl
@@ -187,19 +188,44 @@ def grpo_loss(
     return LossParts(summed / denominator.value, *stats)
 
 
-def engine_importance_weights(
-    trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str, clip_max: float
-) -> torch.Tensor:
-    """TRL's correction for sampling with an engine whose log-probs differ from the trainer's.
+def k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(x) - x - 1 for x = log q/p on tokens sampled from p: Schulman's k3 estimate of KL(p || q) per
+    token (unbiased, never negative). The loss's KL term takes q the reference and p the policy; the
+    sampler-vs-trainer drift takes q the trainer and p the sampler."""
+    return torch.exp(log_ratio) - log_ratio - 1
 
-    ratio = exp(trainer - engine) per token (`token_*`) or exp(sum over the sequence) (`sequence_*`);
-    `*_truncate` clips it at clip_max, `*_mask` sets ratios above clip_max to 0. No gradient flows
-    through it: it reweights samples, it is not optimised.
+
+def engine_log_ratio(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(trainer / engine) per token, 0 on inactive tokens, without gradient: how far the log-probs
+    the sampler recorded are from the trainer's own."""
+    return ((trainer_logp - engine_logp) * mask).detach()
+
+
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """TRL's importance weights for sampling with an engine whose log-probs differ from the trainer's."""
+
+    ratio: torch.Tensor  # trainer/engine per token ([rows, len]), or per sequence ([rows, 1])
+    weights: torch.Tensor  # the ratio truncated at the cap (`*_truncate`), or 0 above it (`*_mask`)
+
+    @property
+    def per_sequence(self) -> bool:
+        return self.ratio.shape[-1] == 1
+
+    def capped(self) -> torch.Tensor:
+        """True where the cap changed the ratio: truncated (the weight is below the ratio) or masked (0)."""
+        return self.weights < self.ratio
+
+
+def engine_importance_weights(log_ratio: torch.Tensor, mode: str, clip_max: float) -> ImportanceWeights:
+    """TRL's correction for sampling with an engine whose log-probs differ from the trainer's, from
+    `engine_log_ratio`: ratio = exp(log ratio) per token (`token_*`) or exp(its sum over the sequence)
+    (`sequence_*`); `*_truncate` clips it at clip_max, `*_mask` sets ratios above clip_max to 0. No
+    gradient flows through it: it reweights samples, it is not optimised.
     """
-    diff = ((trainer_logp - engine_logp) * mask).detach()
     if mode.startswith("sequence"):
-        diff = diff.sum(-1, keepdim=True)
-    ratio = torch.exp(diff)
+        log_ratio = log_ratio.sum(-1, keepdim=True)
+    ratio = torch.exp(log_ratio)
     if mode.endswith("truncate"):
-        return torch.clamp(ratio, max=clip_max)
-    return ratio.masked_fill(ratio > clip_max, 0.0)
+        return ImportanceWeights(ratio, torch.clamp(ratio, max=clip_max))
+    return ImportanceWeights(ratio, ratio.masked_fill(ratio > clip_max, 0.0))

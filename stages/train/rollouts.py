@@ -9,8 +9,11 @@ kept until the engine has moved on; older ones are removed.
 
 With `async_rollouts`, step t+1's groups are sampled in a background thread while step t trains,
 with the adapter of step t-1: one step stale, never more, because the new adapter is published only
-after that sampling has finished. The update then takes its clipped ratio against the sampler's
-log-probs (the behaviour policy). With the option off, sampling waits for the newest adapter.
+after that sampling has finished. The update still takes its clipped ratio against the trainer's own
+log-probs from before the step's first update, never the sampler's; the sampler's log-probs (the
+behaviour policy) enter only through the importance weights trainer/sampler, where that correction is
+on (by default for an engine of its own), and the logged drift (stages/train/grpo.py). With the option
+off, sampling waits for the newest adapter.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ PROBE = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 class Rollouts:
-    """Samples G completions per prompt for each step, from the engine on the newest adapter."""
+    """Samples G completions per prompt for each step, from the engine on the newest adapter (with async
+    rollouts, on the adapter one step older: the next step is sampled while this one trains)."""
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from stages.train.outputs import write_json
 from stages.train.policy import Policy, load_policy
 from stages.train.rollouts import Rollouts
 from stages.train.run_folder import check_resume, prepare_fresh_run
+from stages.train.sft import sft_examples
 
 TRAINING_PACKAGES = ("bleuberi", "torch", "transformers", "peft", "sacrebleu", "safetensors")
 
@@ -105,7 +106,10 @@ def _plan(
     prompts, report = prepare_prompts(records, generator.encoder)
     for line in generator.encoder.cuts.lines():
         say(line)
-    items: list[Any] = config.algorithm.runner().items(prompts, generator, config)
+    # GRPO samples the prompts themselves; SFT imitates one reference answer per example
+    items: list[Any] = prompts
+    if config.algo == "sft":
+        items = sft_examples(prompts, generator, config.sampling.max_new_tokens)
     dist.check_split(len(items), config.prompts_per_step, config.algorithm.noun)
     steps = total_steps(
         len(items), config.prompts_per_step * dist.world_size, config.num_train_epochs, config.max_steps

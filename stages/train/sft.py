@@ -17,10 +17,11 @@ from stages.train.logprobs import completion_logprobs, pack
 
 if TYPE_CHECKING:
     from stages.train.policy import Policy
-    from stages.train.setup import TrainRun
 
 
 def sft_examples(prompts: list[TrainPrompt], generator: Generator, max_answer_length: int) -> list[SftExample]:
+    """What SFT steps draw from: one example per (prompt, reference), each answer the reference's tokens and
+    the end-of-sequence token, cut at `max_answer_length`."""
     eos = generator.tokenizer.eos_token_id
     examples = []
     for prompt in prompts:
@@ -30,17 +31,9 @@ def sft_examples(prompts: list[TrainPrompt], generator: Generator, max_answer_le
     return examples
 
 
-def items(prompts: list[TrainPrompt], generator: Generator, config: TrainConfig) -> list[SftExample]:
-    """What SFT steps draw from: one example per (prompt, reference), answers cut at the completion length."""
-    return sft_examples(prompts, generator, config.sampling.max_new_tokens)
-
-
-def step(run: TrainRun, index: int) -> dict[str, Any]:
-    """One optimizer step (0-based `index`) on its examples."""
-    return sft_update(run.policy, run.plan.items_at(index), config=run.config, dist=run.dist)
-
-
 def sft_update(policy: Policy, examples: list[SftExample], *, config: TrainConfig, dist: Distributed) -> dict[str, Any]:
+    """One optimizer step on this rank's `examples`: the answer tokens' mean negative log-likelihood over
+    every rank, one forward and backward pass per micro-batch; returns the step's metrics."""
     t0 = time.perf_counter()
     device = policy.device
     local_tokens = sum(len(e.answer_ids) for e in examples)

@@ -25,7 +25,7 @@ dtype, so no mixed-precision policy is needed (each unit gathers its bf16 base w
 LoRA as float32, and computes as the unsharded policy does).
 
 Every forward pass is collective: all ranks run the same number of them. The update pads the ranks'
-micro-batches to the same count (stages/train/update.py).
+micro-batches to the same count (`policy_update` in stages/train/grpo.py).
 
 Sampling with the live policy (the transformers engine) decodes one token per forward pass. Gathering
 every layer for every token is what a sharded model costs per forward pass, and for a decode step it is

@@ -9,7 +9,7 @@ pip command that installs it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,51 +64,49 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _Wandb:
-    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
-        import wandb
+class _Calls:
+    """A tracker driven by two of its package's functions: one logs a step's values (`log(values,
+    step=step)`, as wandb, mlflow and trackio take them), the other ends the run."""
 
-        self.wandb = wandb
-        project = os.environ.get("WANDB_PROJECT", "bleuberi")
-        self.run = wandb.init(project=project, name=output_dir.name, dir=str(output_dir), config=config)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class _Mlflow:
-    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
-        import mlflow
-
-        self.mlflow = mlflow
-        mlflow.start_run(run_name=output_dir.name)
-        mlflow.log_params({k: str(v)[:500] for k, v in config.items()})  # mlflow caps parameter values
+    def __init__(self, log: Callable[..., Any], finish: Callable[[], Any]) -> None:
+        self._log, self._finish = log, finish
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self.mlflow.log_metrics(values, step=step)
+        self._log(values, step=step)
 
     def close(self) -> None:
-        self.mlflow.end_run()
+        self._finish()
 
 
-class _Trackio:
-    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
-        import trackio
+def _wandb(output_dir: Path, config: dict[str, Any]) -> Reporter:
+    import wandb
 
-        self.trackio = trackio
-        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "bleuberi"), name=output_dir.name, config=config)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.trackio.log(values, step=step)
-
-    def close(self) -> None:
-        self.trackio.finish()
+    project = os.environ.get("WANDB_PROJECT", "bleuberi")
+    run = wandb.init(project=project, name=output_dir.name, dir=str(output_dir), config=config)
+    return _Calls(run.log, run.finish)
 
 
-_MAKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow, "trackio": _Trackio}
+def _mlflow(output_dir: Path, config: dict[str, Any]) -> Reporter:
+    import mlflow
+
+    mlflow.start_run(run_name=output_dir.name)
+    mlflow.log_params({k: str(v)[:500] for k, v in config.items()})  # mlflow caps parameter values
+    return _Calls(mlflow.log_metrics, mlflow.end_run)
+
+
+def _trackio(output_dir: Path, config: dict[str, Any]) -> Reporter:
+    import trackio
+
+    trackio.init(project=os.environ.get("TRACKIO_PROJECT", "bleuberi"), name=output_dir.name, config=config)
+    return _Calls(trackio.log, trackio.finish)
+
+
+_MAKERS: dict[str, Callable[[Path, dict[str, Any]], Reporter]] = {
+    "tensorboard": _TensorBoard,
+    "wandb": _wandb,
+    "mlflow": _mlflow,
+    "trackio": _trackio,
+}
 
 
 def check_installed(names: Sequence[str]) -> None:
