@@ -20,7 +20,8 @@ import time
 
 import sacrebleu
 
-from stages.score import Scorer, available_jobs, score_records
+from stages.core.threads import available_cores
+from stages.score import Scorer, score_records
 
 VOCAB = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
@@ -71,7 +72,7 @@ def main() -> None:
 
     records = make_workload(args.records)
     n = sum(len(r["completions"]) for r in records)
-    jobs = available_jobs()
+    jobs = available_cores()
 
     def baseline() -> list[float]:
         return [sacrebleu.sentence_bleu(c, r["references"]).score / 100 for r in records for c in r["completions"]]

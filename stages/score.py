@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,6 +30,7 @@ from stages.core.errors import UsageError
 from stages.core.models import Device
 from stages.core.options import check_choice, option
 from stages.core.records import prompt_messages
+from stages.core.threads import available_cores
 from stages.metrics import Batch, Metric, MetricSpec, Usage, parse_specs
 from stages.metrics.reasoning import extract_answer
 
@@ -55,13 +55,6 @@ def zscores(values: Sequence[float | None]) -> list[float | None]:
     mean = math.fsum(present) / n
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in present) / (n - 1))
     return [None if v is None else (v - mean) / (std + ZSCORE_EPS) for v in values]
-
-
-def available_jobs() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -370,7 +363,7 @@ def score_records(
     batched per record; a judge is handed each chunk of records first, to ask for all of them at once. A
     `py:` function is imported once by each worker (in its initializer) and called there.
     """
-    jobs = available_jobs() if jobs is None or jobs <= 0 else jobs
+    jobs = available_cores() if jobs is None or jobs <= 0 else jobs
     if scorer.in_process:
         jobs = 1
     chunks = _chunks(records, CHUNK_RECORDS)

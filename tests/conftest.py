@@ -125,6 +125,22 @@ def read_jsonl_text(text: str) -> list[dict]:
     return [orjson.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def sacrebleu_means(records: list[dict]) -> dict[str, float]:
+    """Per system of eval's records, the mean sentence BLEU (0..1) of its answers, computed by sacrebleu itself:
+    what eval's summary must report as `metrics.bleu.mean`."""
+    import statistics
+
+    import sacrebleu
+
+    systems = records[0]["evaluation"] if records else {}
+    return {
+        system: statistics.fmean(
+            sacrebleu.sentence_bleu(r["evaluation"][system]["completion"], r["references"]).score / 100 for r in records
+        )
+        for system in systems
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama checkpoint folder (built once per session)."""

@@ -5,7 +5,8 @@ It grades by a rule of its own, from the default template's sections: 10 when th
 reference, 5 when it shares a word with one (case-insensitive, punctuation aside), else 0; so a test knows each score
 without asking the metric. `reply` replaces the grader (garbage, other shapes); `hang` stalls every chat
 request that long; `redirect_to` answers every request with a 302 there. It keeps every request with its
-Authorization header and counts the chat requests it answers at once (`peak`).
+Authorization header and counts the chat requests it answers at once (`peak`); `gather` holds each chat
+request until that many have come at once, so a concurrent client shows its bound whatever the load.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class JudgeStandin:
         self.redirect_to: str | None = None
         self.requests: list[dict[str, Any]] = []  # {"path", "body", "auth"}
         self.in_flight = self.peak = 0
-        self.lock = threading.Lock()
+        self.gather = 0  # hold each chat request until this many are in flight at once (0: none held)
+        self.lock = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         # a short poll: close() returns at once (the default half second, times every test, adds up)
@@ -69,6 +71,11 @@ class JudgeStandin:
         with self.lock:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
+            self.lock.notify_all()
+            # a client that never sends `gather` requests at once is let through after a while: the test then
+            # fails on `peak` instead of hanging
+            if not self.lock.wait_for(lambda: self.peak >= self.gather, timeout=30):
+                self.gather = 0
         try:
             time.sleep(self.hang or self.slow)
             content = self.reply(body)

@@ -4,7 +4,8 @@ Replies have the JSON shape vLLM 0.32 returns (recorded from a real server: see 
 tokens are deterministic functions of (prompt ids, seed, adapter), so tests can check that seeds,
 adapters and token ids travel correctly. Faults are switched on per test: HTTP 500s, a slow reply, a
 non-JSON reply, a redirect, a dead vLLM engine, and dying mid-run (socket closed, then refused). It
-counts the requests it is answering at once (`peak_in_flight`), to check concurrency limits.
+counts the requests it is answering at once (`peak_in_flight`), to check concurrency limits; `gather` holds
+each request until that many have come at once, so a concurrent client shows it whatever the load.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Standin:
         self.runtime_lora = runtime_lora
         self.adapters: dict[str, str] = {}  # name -> path
         self.log: list[dict[str, Any]] = []  # every request: method, path, body, headers (lower-case keys)
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         # faults
         self.fail_next = 0  # this many requests get HTTP `fail_status`
         self.fail_status = 500
@@ -53,6 +54,7 @@ class Standin:
         self.die_after: int | None = None  # after this many more completions, close the socket and stop
         self.in_flight = 0  # requests being answered now, and the most at once (to check concurrency limits)
         self.peak_in_flight = 0
+        self.gather = 0  # hold each request until this many are in flight at once (0: none held)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -190,13 +192,6 @@ class Standin:
                 "tokens": words,
                 "top_logprobs": [{w: lp} for w, lp in zip(words, logprobs)],
             }
-        prompt_logprobs = None
-        if body.get("prompt_logprobs") is not None:
-            prompt_logprobs = [None] + [
-                {str(t): {"logprob": self.score(prompt[:i], t), "rank": 1, "decoded_token": f" t{t}"}}
-                for i, t in enumerate(prompt)
-                if i > 0
-            ]
         want_ids = bool(body.get("return_token_ids"))
         return {
             "index": index,
@@ -205,15 +200,10 @@ class Standin:
             "finish_reason": reason,
             "stop_reason": None,
             "token_ids": ids if want_ids else None,
-            "prompt_logprobs": prompt_logprobs,
+            "prompt_logprobs": None,
             "prompt_token_ids": prompt if want_ids else None,
             "routed_experts": None,
         }
-
-    @staticmethod
-    def score(prefix: list[int], token: int) -> float:
-        """The stand-in's log p(token | prefix) for prompt_logprobs (deterministic)."""
-        return -round(_rng(tuple(prefix), token).random() * 5, 6)
 
     def chat(self, body: dict[str, Any]) -> tuple[int, Any]:
         model = body.get("model") or self.base_models[0]
@@ -303,9 +293,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body)
 
     def _serve(self, body: Any) -> None:
-        with self.standin.lock:
-            self.standin.in_flight += 1
-            self.standin.peak_in_flight = max(self.standin.peak_in_flight, self.standin.in_flight)
+        standin = self.standin
+        with standin.lock:
+            standin.in_flight += 1
+            standin.peak_in_flight = max(standin.peak_in_flight, standin.in_flight)
+            standin.lock.notify_all()
+            # a client that never sends `gather` requests at once is let through after a while: the test then
+            # fails on `peak_in_flight` instead of hanging
+            if not standin.lock.wait_for(lambda: standin.peak_in_flight >= standin.gather, timeout=30):
+                standin.gather = 0
         try:
             self._answer(body)
         finally:

@@ -42,7 +42,7 @@ class Command:
     valid: Callable[[], list[dict]]  # a small valid input
     bad_field: tuple[bytes, str]  # a bad line 2 and the field its error must name
     empty_note: str  # what stderr says about an empty input
-    records_out: Callable[[int], int]  # how many stdout records a valid input of n records gives
+    records_out: Callable[[int], int] = lambda n: n  # how many stdout records a valid input of n records gives
     empty_exit: int = 0  # a filter in a pipe has nothing to do (0); a stage that needs records stops (1)
 
     def argv(self, data: Path, model: Path, out: Path) -> list[str]:
@@ -54,6 +54,7 @@ class Command:
 
 MISSING_REFERENCES = (b'{"id": "b", "prompt": "p", "completions": ["c"], "score": 0.1}', "references")
 BAD_PROMPT = (b'{"id": "b", "prompt": 7}', "prompt")  # for the stages that need no references (split, generate)
+SMALL_GENERATION = ["--model", "{model}", "--max-new-tokens", "2"]
 SCORED = {"id": "a", "prompt": "p", "references": ["r"], "completions": ["c"], "score": 0.5}
 RUN_SETTINGS = [
     "model={model}",
@@ -77,15 +78,8 @@ COMMANDS: dict[str, Command] = {
         lambda n: 0,  # the two parts go to their files
         empty_exit=1,
     ),
-    "generate": Command(
-        ["generate"],
-        ["--model", "{model}", "--max-new-tokens", "2"],
-        lambda: demo_records(count=2),
-        BAD_PROMPT,
-        "no records",
-        lambda n: n,
-    ),
-    "score": Command(["score"], [], lambda: _lines(SAMPLE, 2), MISSING_REFERENCES, "scored 0 records", lambda n: n),
+    "generate": Command(["generate"], SMALL_GENERATION, lambda: demo_records(count=2), BAD_PROMPT, "no records"),
+    "score": Command(["score"], [], lambda: _lines(SAMPLE, 2), MISSING_REFERENCES, "scored 0 records"),
     "select": Command(
         ["select"],
         ["-n", "1"],

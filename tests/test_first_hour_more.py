@@ -17,16 +17,18 @@ import pytest
 from bleuberi_cli.app import app
 from tests.conftest import ROOT, demo_records, write_jsonl
 
-# Runs a bleuberi command in which every generation batch after the first takes `BLEUBERI_TEST_SLOW` seconds:
-# long enough to kill the process between two batches without racing the clock.
-SLOW_BATCHES = """
+# Runs a bleuberi command whose generation batches after the first BLEUBERI_TEST_FAST say on stderr that they
+# start (SLOWED), then wait to be killed: a test kills it there, between two batches, without racing the clock.
+SLOWED = "TEST: a slowed batch started"
+SLOW_BATCHES = f"""
 import os, sys, time
 from stages.engines.generator import Generator
 sample_ids, calls = Generator.sample_ids, [0]
 def slow(self, *args, **kwargs):
     calls[0] += 1
-    if calls[0] > 1:
-        time.sleep(float(os.environ["BLEUBERI_TEST_SLOW"]))
+    if calls[0] > int(os.environ["BLEUBERI_TEST_FAST"]):
+        sys.stderr.write("{SLOWED}\\n"); sys.stderr.flush()
+        time.sleep(600)  # the test kills it long before
     return sample_ids(self, *args, **kwargs)
 Generator.sample_ids = slow
 from bleuberi_cli.app import app
@@ -35,20 +37,48 @@ app()
 """
 
 
-def slow_command(tmp_path: Path, args: list[str], *, slow: float, **kwargs) -> subprocess.Popen:
+def slow_command(tmp_path: Path, args: list[str], *, fast: int = 1) -> subprocess.Popen:
+    """The command in `args` with every generation batch after the first `fast` ones slowed (SLOW_BATCHES);
+    its stderr is read with `kill_at_slowed_batch` or `read_until`."""
     script = tmp_path / "slow_batches.py"
     script.write_text(SLOW_BATCHES)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BLEUBERI_TEST_SLOW": str(slow)}
-    return subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=env, **kwargs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BLEUBERI_TEST_FAST": str(fast)}
+    command = [sys.executable, str(script), *args]
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+def kill_at(proc: subprocess.Popen, marker: str) -> list[str]:
+    """Read `proc`'s stderr until `marker` (it said so: everything before it is done), then SIGKILL it.
+    Returns the lines read. No clock: a loaded machine only makes it take longer."""
+    try:
+        return read_until(proc, marker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def kill_at_slowed_batch(proc: subprocess.Popen) -> list[str]:
+    """Kill a `slow_command` as its first slowed batch starts: every batch before it has finished."""
+    return kill_at(proc, SLOWED)
+
+
+def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """`proc`'s stderr lines up to the first that holds `marker`; an AssertionError if it ends without one."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} never came; stderr: {lines}")
+
+
+def wait_while_running(proc: subprocess.Popen, condition) -> bool:
+    """Poll `condition` until it holds (True) or `proc` has ended (then whether it holds now)."""
+    while proc.poll() is None:
         if condition():
             return True
         time.sleep(0.02)
-    return False
+    return condition()
 
 
 def records_in(path: Path) -> list[dict]:
@@ -64,14 +94,8 @@ def test_a_kill_mid_pool_loses_at_most_one_batch_and_resume_equals_one_run(runne
     assert runner.invoke(app, [*args, "-o", str(whole)]).exit_code == 0
     cut = tmp_path / "cut.jsonl"
     # 12 prompts, batches of 3: all four batches fit one window, which used to come out only when all were done
-    proc = slow_command(tmp_path, [*args, "-o", str(cut), "--resume"], slow=60, stderr=subprocess.PIPE)
-    try:
-        landed = wait_for(lambda: len(journaled(cut)) >= 3, timeout=60)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert landed, "the first batch never reached the journal while the second was running"
-    kept = journaled(cut)
+    kill_at_slowed_batch(slow_command(tmp_path, [*args, "-o", str(cut), "--resume"]))
+    kept = journaled(cut)  # the first batch reached the journal before the second started
     assert len(kept) == 3 and not cut.exists()  # the first batch, whole; the kill took only the batch in progress
     assert {r["id"] for r in kept} < {r["id"] for r in records_in(whole)}
     resumed = runner.invoke(app, [*args, "-o", str(cut), "--resume"])
@@ -196,14 +220,20 @@ def test_a_run_off_a_terminal_shows_select_and_eval_progress_and_ends_with_where
 
 # --- Ctrl-C is acknowledged at once
 
-# `bleuberi train` whose steps each take a few seconds and say on stderr when they start and end.
+# `bleuberi train` whose steps say on stderr when they start and end, and end only once the test has made the
+# file $BLEUBERI_TEST_GO: a step is in progress for as long as the test needs, whatever the machine's load. A
+# minute is the most a step waits, so a Ctrl-C that is not acknowledged fails the test instead of hanging it.
 SLOW_STEPS = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from stages.train import loop
-train_step = loop.train_step
+train_step, go = loop.train_step, Path(os.environ["BLEUBERI_TEST_GO"])
 def slow(run, step):
     sys.stderr.write(f"TEST: step {step + 1} started\\n"); sys.stderr.flush()
-    time.sleep(4)
+    for _ in range(1200):
+        if go.exists():
+            break
+        time.sleep(0.05)
     sys.stderr.write(f"TEST: step {step + 1} ended\\n"); sys.stderr.flush()
     return train_step(run, step)
 loop.train_step = slow
@@ -211,6 +241,7 @@ from bleuberi_cli.app import app
 sys.argv = ["bleuberi", *sys.argv[1:]]
 app()
 """
+ACKNOWLEDGED = "bleuberi: Ctrl-C: finishing step 1 of 2, then saving a checkpoint; Ctrl-C again to stop now"
 
 
 def train_with_slow_steps(tiny_model: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -219,33 +250,27 @@ def train_with_slow_steps(tiny_model: Path, tmp_path: Path) -> tuple[subprocess.
     script.write_text(SLOW_STEPS)
     args = ["train", "-i", str(data), "-o", str(out), "--model", str(tiny_model), "--num-generations", "4",
             "--per-device-train-batch-size", "4", "--max-completion-length", "2", "--max-steps", "2"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BLEUBERI_TEST_GO": str(tmp_path / "go")}
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     return proc, out
 
 
-def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
-    lines = []
-    for line in proc.stderr:
-        lines.append(line.rstrip("\n"))
-        if marker in line:
-            return lines
-    raise AssertionError(f"{marker!r} never came; stderr: {lines}")
-
-
-def interrupt_step_1(tiny_model: Path, tmp_path: Path, *, wait_for: str) -> tuple[list[str], str, Path]:
-    """Ctrl-C once the first (slowed) step has started; then read stderr up to `wait_for`: if that is the
-    acknowledgement, Ctrl-C again. Returns the lines up to `wait_for`, the rest of stderr, and the run folder."""
+def interrupt_step_1(tiny_model: Path, tmp_path: Path, *, twice: bool) -> tuple[list[str], str, Path]:
+    """Ctrl-C once the first step has started, and read stderr up to the acknowledgement; then Ctrl-C again
+    (`twice`), or let the step end. Returns the lines up to the acknowledgement, the rest of stderr, and the
+    run folder."""
     proc, out = train_with_slow_steps(tiny_model, tmp_path)
     try:
         read_until(proc, "TEST: step 1 started")
         proc.send_signal(signal.SIGINT)
-        upto = read_until(proc, wait_for)
-        if wait_for == "Ctrl-C again to stop now":
+        upto = read_until(proc, ACKNOWLEDGED)
+        if twice:
             proc.send_signal(signal.SIGINT)
+        else:
+            (tmp_path / "go").touch()  # the step may end now
         rest = proc.stderr.read()
-        assert proc.wait(timeout=120) == 130
+        assert proc.wait() == 130
     finally:
         proc.kill()
     return upto, rest, out
@@ -253,16 +278,16 @@ def interrupt_step_1(tiny_model: Path, tmp_path: Path, *, wait_for: str) -> tupl
 
 @pytest.mark.slow
 def test_ctrl_c_is_acknowledged_during_the_step_not_after_it(tiny_model, tmp_path) -> None:
-    during, rest, out = interrupt_step_1(tiny_model, tmp_path, wait_for="TEST: step 1 ended")
-    expected = "bleuberi: Ctrl-C: finishing step 1 of 2, then saving a checkpoint; Ctrl-C again to stop now"
-    assert expected in during  # said while the step still ran
-    assert f"interrupted at step 1 of 2; saved {out / 'checkpoints' / 'step-1'}" in rest
+    during, rest, out = interrupt_step_1(tiny_model, tmp_path, twice=False)
+    assert "TEST: step 1 ended" not in during  # said while the step still ran
+    assert "TEST: step 1 ended" in rest  # the step was finished...
+    assert f"interrupted at step 1 of 2; saved {out / 'checkpoints' / 'step-1'}" in rest  # ...and saved
     assert (out / "checkpoints" / "step-1").is_dir()
 
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_losing_only_the_step_in_progress(tiny_model, tmp_path) -> None:
-    _, rest, out = interrupt_step_1(tiny_model, tmp_path, wait_for="Ctrl-C again to stop now")
+    _, rest, out = interrupt_step_1(tiny_model, tmp_path, twice=True)
     assert "TEST: step 1 ended" not in rest  # it did not wait for the step
     assert not (out / "checkpoints" / "step-1").exists()
 
@@ -277,10 +302,10 @@ def test_a_killed_score_leaves_a_temp_file_that_the_next_score_of_the_same_outpu
     proc = subprocess.Popen([sys.executable, "-m", "bleuberi_cli", "score", "-o", str(out)], cwd=ROOT,
                             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        assert wait_for(lambda: any(tmp_path.glob(".out.jsonl.*.tmp")), timeout=60)
+        assert wait_while_running(proc, lambda: any(tmp_path.glob(".out.jsonl.*.tmp")))
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        proc.wait()
         proc.stdin.close()
     [left] = tmp_path.glob(".out.jsonl.*.tmp")
     os.utime(left, (time.time() - 10, time.time() - 10))  # killed a while ago
@@ -518,18 +543,34 @@ def test_env_lists_the_default_encoder_package(runner) -> None:
 
 
 def test_score_counts_its_own_time_apart_from_waiting_on_the_stage_upstream(runner, monkeypatch) -> None:
+    """On a clock of the test's own: reading the record takes 1.2 s (a `generate` still answering), scoring
+    it 0.3 s; the summary says 0.30 s of work and the 1.2 s apart."""
+    from types import SimpleNamespace
+
+    from bleuberi_cli import score_cmd
     from stages.core.records import ReadOptions
+    from stages.score import Scorer
+
+    clock = [0.0]
+    monkeypatch.setattr(score_cmd, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def slow_upstream(*args, **kwargs):
-        time.sleep(1.2)  # a `generate` still answering
+        clock[0] += 1.2
         yield {"id": "a", "prompt": "p", "references": ["the cat"], "completions": ["the cat"]}
 
+    score_record = Scorer.score_record
+
+    def slow_scoring(self, record):
+        clock[0] += 0.3
+        return score_record(self, record)
+
     monkeypatch.setattr(ReadOptions, "records", slow_upstream)
+    monkeypatch.setattr(Scorer, "score_record", slow_scoring)
     result = runner.invoke(app, ["score"])
     assert result.exit_code == 0, result.stderr
-    summary = result.stderr.strip().splitlines()[-1]
-    work, _, rest = summary.removeprefix("scored 1 records (1 completions) in ").partition("s (and ")
-    assert float(work) < 1.0 and rest.startswith("1.2s reading or waiting for input)")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "scored 1 records (1 completions) in 0.30s (and 1.2s reading or waiting for input); mean bleu = 1.0000"
+    )
 
 
 def test_the_rate_and_time_left_leave_out_the_model_load_before_the_first_batch(monkeypatch) -> None:

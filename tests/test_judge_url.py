@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -248,14 +247,12 @@ def test_a_cache_that_cannot_be_written_is_said_once_and_left_off(judge, monkeyp
 
 def test_requests_run_concurrently_up_to_the_bound(judge, monkeypatch) -> None:
     monkeypatch.setenv("BLEUBERI_JUDGE_CONCURRENCY", "3")
-    judge.slow = 0.2
+    judge.gather = 3  # the first requests wait for each other: 3 in flight at once, however loaded the machine
+    judge.slow = 0.2  # each one then takes a while, so a client without a bound would send more meanwhile
     scorer = Scorer.from_names([f"judge-url:{judge.url}"])
     groups = [([f"answer {i} {j}" for j in range(2)], [REFERENCE], PROMPT, {"id": f"q{i}"}) for i in range(6)]
-    start = time.perf_counter()
     scorer.prefetch(groups)  # what score and train do: a chunk's or a step's groups at once
-    elapsed = time.perf_counter() - start
     assert judge.peak == 3 and len(judge.chats()) == 12
-    assert elapsed < 12 * 0.2  # one at a time would take at least this
     asked = len(judge.chats())
     for completions, refs, messages, record in groups:  # the scores read what was asked
         assert scorer.score(completions, refs, messages=messages, record=record)[scorer.score_key] == [0.0, 0.0]
@@ -279,7 +276,11 @@ def one_line(result) -> str:
     return lines[0]
 
 
-def test_a_judge_that_is_down_stops_score_and_train_before_anything_loads(runner, tmp_path, tiny_model) -> None:
+def test_a_judge_that_is_down_stops_score_and_train_before_anything_loads(
+    runner, tmp_path, tiny_model, monkeypatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
     url = f"http://127.0.0.1:{free_port()}/v1"
     path = write_jsonl(tmp_path / "gen.jsonl", rows([["Jupiter."]]))
     result = runner.invoke(
@@ -289,11 +290,10 @@ def test_a_judge_that_is_down_stops_score_and_train_before_anything_loads(runner
     assert "connection refused" in one_line(result) and url in one_line(result)
     data = write_jsonl(tmp_path / "train.jsonl", [{"id": "a", "prompt": "p", "references": ["r"]}])
     args = train_args(data, tmp_path / "run", tiny_model, reward=f"judge-url:{url}")
-    start = time.perf_counter()
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     trained = runner.invoke(app, args, env={"BLEUBERI_JUDGE_RETRIES": "0"})
     assert trained.exit_code == 1 and url in one_line(trained) and "connection refused" in one_line(trained)
     assert not (tmp_path / "run").exists()  # preflight: before the folder, the model, the first step
-    assert time.perf_counter() - start < 10
 
 
 def test_a_model_the_judge_does_not_serve_is_named_at_preflight(runner, judge, tmp_path) -> None:
@@ -305,15 +305,13 @@ def test_a_model_the_judge_does_not_serve_is_named_at_preflight(runner, judge, t
 
 
 def test_a_hanging_judge_times_out_in_one_line(runner, judge, tmp_path) -> None:
-    judge.hang = 5.0  # /models answers; each grade never comes in time
+    judge.hang = 5.0  # /models answers; each grade never comes in time (it would, after 5 s, without a timeout)
     path = write_jsonl(tmp_path / "gen.jsonl", rows([["Jupiter."]]))
-    start = time.perf_counter()
     result = runner.invoke(
         app, ["score", "-i", str(path), "-m", f"judge-url:{judge.url}"], env={"BLEUBERI_JUDGE_TIMEOUT": "0.5"}
     )
     assert result.exit_code == 1 and result.stdout == ""
     assert "timed out" in one_line(result) and judge.url in one_line(result)
-    assert time.perf_counter() - start < 4
 
 
 def test_garbage_replies_are_counted_nulls_never_zeros(runner, judge, tmp_path) -> None:

@@ -17,47 +17,15 @@ import pytest
 from bleuberi_cli.app import app
 from stages.core.journal import journal_records, journals
 from tests.conftest import ROOT, demo_records, write_jsonl
-from tests.test_first_hour_more import wait_for
+from tests.test_first_hour_more import kill_at, kill_at_slowed_batch, slow_command
 
 pytestmark = pytest.mark.slow
-
-# A bleuberi command whose generation batches after the first `BLEUBERI_TEST_FAST` take `BLEUBERI_TEST_SLOW`
-# seconds each: long enough to kill it between two batches without racing the clock.
-SLOW_BATCHES = """
-import os, sys, time
-from stages.engines.generator import Generator
-sample_ids, calls = Generator.sample_ids, [0]
-def slow(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] > int(os.environ["BLEUBERI_TEST_FAST"]):
-        time.sleep(float(os.environ["BLEUBERI_TEST_SLOW"]))
-    return sample_ids(self, *args, **kwargs)
-Generator.sample_ids = slow
-from bleuberi_cli.app import app
-sys.argv = ["bleuberi", *sys.argv[1:]]
-app()
-"""
-
-
-def slow_command(tmp_path: Path, args: list[str], *, fast: int = 1, **kwargs) -> subprocess.Popen:
-    script = tmp_path / "slow_batches.py"
-    script.write_text(SLOW_BATCHES)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BLEUBERI_TEST_SLOW": "60", "BLEUBERI_TEST_FAST": str(fast)}
-    return subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path, env=env, **kwargs)
 
 
 def _journaled(target: Path) -> list[dict]:
     """The records in the journals beside `target`, a live writer's too."""
     found = target.parent.glob(f".{target.name}.*.tmp")
     return [record for journal in sorted(found) for record in journal_records(journal)]
-
-
-def _kill_when(proc: subprocess.Popen, condition, timeout: float = 120) -> bool:
-    try:
-        return wait_for(condition, timeout)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
 
 
 def _first_line(stderr: str) -> str:
@@ -71,17 +39,13 @@ def test_a_killed_generate_keeps_its_batches_for_a_resume_added_after_the_kill(r
     whole = tmp_path / "whole.jsonl"
     assert runner.invoke(app, [*args, "-q", "-o", str(whole)]).exit_code == 0
     out = tmp_path / "out.jsonl"
-    proc = slow_command(tmp_path, [*args, "-q", "-o", str(out)], stderr=subprocess.DEVNULL)
-    assert _kill_when(proc, lambda: len(_journaled(out)) >= 3), "the first batch never reached the journal"
+    kill_at_slowed_batch(slow_command(tmp_path, [*args, "-q", "-o", str(out)]))
     assert not out.exists()  # never a half-done file
     assert len(_journaled(out)) == 3  # the first batch whole; the kill took only the batch in progress
 
     # a rerun without --resume says they are there (it is killed again before its first batch is done)
-    again = slow_command(tmp_path, [*args, "-o", str(out)], fast=0, stderr=subprocess.PIPE, text=True)
-    line = again.stderr.readline().strip()
-    again.send_signal(signal.SIGKILL)
-    again.wait(timeout=60)
-    assert line == (
+    said = kill_at_slowed_batch(slow_command(tmp_path, [*args, "-o", str(out)], fast=0))
+    assert said[0] == (
         f"{out}: 3 finished records of an earlier run are there (the journal a killed run left); "
         "add --resume to keep them (this run starts over)"
     )
@@ -94,11 +58,12 @@ def test_a_killed_generate_keeps_its_batches_for_a_resume_added_after_the_kill(r
 
 
 REWARDS = """
-import os, time
+import os, sys, time
 
 def slow_after(completions, id, **kwargs):
     if int(id[0].removeprefix("r")) >= int(os.environ["SLOW_FROM"]):
-        time.sleep(float(os.environ.get("SLOW_SECONDS", "0")))
+        sys.stderr.write("TEST: slowed at " + id[0] + "\\n"); sys.stderr.flush()
+        time.sleep(600)  # the test kills it long before
     return [float(len(c)) for c in completions]
 """
 
@@ -113,10 +78,9 @@ def test_a_killed_score_keeps_the_records_it_scored(runner, tmp_path, monkeypatc
     whole = tmp_path / "whole.jsonl"
     assert runner.invoke(app, [*args, "-q", "-o", str(whole)]).exit_code == 0
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLOW_FROM": "5", "SLOW_SECONDS": "60"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLOW_FROM": "5"}
     command = [sys.executable, "-m", "bleuberi_cli", *args, "-o", str(out)]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
-    assert _kill_when(proc, lambda: len(_journaled(out)) >= 5)
+    kill_at(subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True), "TEST: slowed at r5")
     assert [r["id"] for r in _journaled(out)] == ["r0", "r1", "r2", "r3", "r4"] and not out.exists()
 
     resumed = runner.invoke(app, [*args, "-o", str(out), "--resume"])
@@ -133,9 +97,8 @@ def test_a_killed_eval_keeps_the_answers_it_finished(runner, tiny_model, tmp_pat
     whole = tmp_path / "whole.jsonl"
     assert runner.invoke(app, [*args, "-q", "-o", str(whole)]).exit_code == 0
     out = tmp_path / "out.jsonl"
-    proc = slow_command(tmp_path, [*args, "-q", "-o", str(out)], stderr=subprocess.DEVNULL)
+    kill_at_slowed_batch(slow_command(tmp_path, [*args, "-q", "-o", str(out)]))
     answers = Path(f"{out}.answers")
-    assert _kill_when(proc, lambda: len(_journaled(answers)) >= 2), "the first batch never reached the journal"
     assert not out.exists() and len(_journaled(answers)) == 2
 
     resumed = runner.invoke(app, [*args, "-o", str(out), "--resume"])

@@ -25,11 +25,19 @@ bleu = get_metric("bleu")
 _rouge_ref = rouge_scorer.RougeScorer(["rougeL"])
 
 
+# Each metric's reference implementation, on the 0..1 scale.
+REFERENCE_SCORES = {
+    "chrf": lambda hypothesis, references: sacrebleu.sentence_chrf(hypothesis, references).score / 100,
+    "rouge-l": lambda hypothesis, references: _rouge_ref.score_multi(references, hypothesis)["rougeL"].fmeasure,
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_SCORES))
 @settings(max_examples=1500, deadline=None)
 @given(TEXT, REFS)
-def test_chrf_equals_sacrebleu(hypothesis: str, references: list[str]) -> None:
-    expected = sacrebleu.sentence_chrf(hypothesis, references).score / 100
-    assert abs(chrf.sentence_score(hypothesis, references) - expected) <= 1e-12
+def test_sentence_scores_equal_the_reference_implementation(name: str, hypothesis: str, references: list[str]) -> None:
+    expected = REFERENCE_SCORES[name](hypothesis, references)
+    assert abs(get_metric(name).sentence_score(hypothesis, references) - expected) <= 1e-12
 
 
 @settings(max_examples=200, deadline=None)
@@ -40,13 +48,6 @@ def test_chrf_corpus_equals_sacrebleu(pairs) -> None:
     streams = [[r[k] for r in refs] for k in range(2)]
     expected = CHRF().corpus_score(hyps, streams).score / 100
     assert abs(chrf.corpus_score(hyps, refs) - expected) <= 1e-12
-
-
-@settings(max_examples=1500, deadline=None)
-@given(TEXT, REFS)
-def test_rouge_l_equals_rouge_score(hypothesis: str, references: list[str]) -> None:
-    expected = _rouge_ref.score_multi(references, hypothesis)["rougeL"].fmeasure
-    assert abs(rouge.sentence_score(hypothesis, references) - expected) <= 1e-12
 
 
 def test_rouge_l_long_texts_use_the_bit_parallel_lcs_correctly() -> None:

@@ -15,7 +15,7 @@ from bleuberi_cli.app import app
 from stages.train.config import TrainConfig
 from stages.train.logprobs import completion_logprobs, pack
 from stages.train.loop import train
-from tests.conftest import demo_records, read_jsonl_text, write_jsonl
+from tests.conftest import demo_records, read_jsonl_text, sacrebleu_means, write_jsonl
 
 
 def test_two_bf16_grpo_steps_end_with_a_float32_adapter_that_loads_with_peft(tiny_model, tmp_path) -> None:
@@ -125,7 +125,9 @@ def test_generate_and_eval_in_bf16_give_valid_records(runner, tiny_model, tiny_a
     assert evaluated.exit_code == 0, evaluated.stderr
     summary = orjson.loads(report.read_bytes())
     assert list(summary["systems"]) == ["base", "lora", "base@len(lora)"]
-    assert all(0 <= s["metrics"]["bleu"]["mean"] <= 1 for s in summary["systems"].values())
+    expected = sacrebleu_means(read_jsonl_text(evaluated.stdout))  # the answers bf16 gave, scored by sacrebleu
+    means = {name: system["metrics"]["bleu"]["mean"] for name, system in summary["systems"].items()}
+    assert means == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

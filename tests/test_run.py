@@ -11,7 +11,7 @@ from stages.core.errors import ConfigError, Interrupted, UsageError
 from stages.run.config import RunConfig
 from stages.run.config_file import load_config
 from stages.run.recipe import run_recipe
-from tests.conftest import EXAMPLES, read_jsonl_text, run_args, tiny_overrides
+from tests.conftest import EXAMPLES, read_jsonl_text, run_args, sacrebleu_means, tiny_overrides
 
 # What the top level of a run config sets for every stage (the contract, written by hand).
 TOP_LEVEL = {"model", "device", "dtype", "threads", "trust_remote_code", "system_prompt", "max_prompt_length"}
@@ -219,11 +219,14 @@ def test_reduced_demo_run_on_the_default_model(runner, tmp_path) -> None:
     [record] = read_jsonl_text(result.stdout)
     assert record["model"] == "smollm2-135m" and record["prompts"] == 4
     base, trained = record["systems"]["base"], record["systems"]["trained"]
-    assert 0 <= base["metrics"]["bleu"]["mean"] <= 1 and 0 <= trained["metrics"]["bleu"]["mean"] <= 1
     assert "held-out (4 prompts), trained vs base: " in result.stderr  # the verdict line
     assert set(record["systems"]) == {"base", "trained", "base@len(trained)"}
     assert record["systems"]["trained"]["vs_base"]["bleu"]["difference"]["n"] == 4
     answers = read_jsonl_text((tmp_path / "demo/eval/records.jsonl").read_text())
+    expected = sacrebleu_means(answers)  # each system's answers, scored again by sacrebleu
+    means = {name: system["metrics"]["bleu"]["mean"] for name, system in record["systems"].items()}
+    assert means == pytest.approx(expected, abs=1e-12)
+    assert base["metrics"]["bleu"]["n"] == trained["metrics"]["bleu"]["n"] == 4
     assert all(a["evaluation"]["base"]["completion"] for a in answers)  # the real model answers something
     assert (tmp_path / "demo/train/reward.png").stat().st_size > 0
 

@@ -10,7 +10,7 @@ import sacrebleu
 
 from bleuberi_cli.app import app
 from stages.core.errors import UsageError
-from stages.score import CHUNK_RECORDS, Scorer, score_records
+from stages.score import Scorer, score_records
 from tests.conftest import EXAMPLES, read_jsonl_text, write_jsonl
 
 SAMPLE = EXAMPLES / "sample.jsonl"
@@ -49,14 +49,40 @@ def test_scorer_usage_errors(specs, weights, message) -> None:
         Scorer.from_names(specs, weights)
 
 
-def test_parallel_scoring_keeps_order_and_values() -> None:
+# A `py:` reward that says which process scored each completion.
+SCORED_BY = """
+import os
+
+def pid(completions, **kwargs):
+    return [os.getpid()] * len(completions)
+"""
+
+
+def test_parallel_scoring_spreads_chunks_over_processes_and_keeps_order_and_values(tmp_path, monkeypatch) -> None:
+    """-j 3 on 7 chunks of 4 records (the last one short): chunks 2 and 5 (every third) are scored in this
+    process, the other five by the two worker processes; the records come out in input order, with the
+    scores a serial run gives."""
+    import os
+
+    import stages.score
+
+    monkeypatch.setattr(stages.score, "CHUNK_RECORDS", 4)
+    (tmp_path / "scored_by.py").write_text(SCORED_BY)
     base = [orjson.loads(line) for line in SAMPLE.read_bytes().splitlines()]
-    records = [dict(base[i % len(base)], id=str(i)) for i in range(3 * CHUNK_RECORDS + 5)]
-    scorer = Scorer(["bleu", "chrf"])
+    records = [dict(base[i % len(base)], id=str(i)) for i in range(6 * 4 + 3)]
+    scorer = Scorer(["bleu", "chrf", f"py:{tmp_path / 'scored_by.py'}:pid"])
     serial = list(score_records([dict(r) for r in records], scorer, jobs=1))
-    parallel = list(score_records([dict(r) for r in records], scorer, jobs=2))
+    parallel = list(score_records([dict(r) for r in records], scorer, jobs=3))
     assert [r["id"] for r in parallel] == [r["id"] for r in records]
-    assert [r["scores"] for r in parallel] == [r["scores"] for r in serial]
+    spec = scorer.metric_names[2]
+    assert [r["scores"]["bleu"] for r in parallel] == [r["scores"]["bleu"] for r in serial]
+    assert [r["scores"]["chrf"] for r in parallel] == [r["scores"]["chrf"] for r in serial]
+    assert {pid for r in serial for pid in r["scores"][spec]} == {os.getpid()}
+    chunks = [{pid for r in parallel[start : start + 4] for pid in r["scores"][spec]} for start in range(0, 27, 4)]
+    assert all(len(pids) == 1 for pids in chunks)  # a chunk is scored in one process
+    by_chunk = [pids.pop() for pids in chunks]
+    assert [i for i, pid in enumerate(by_chunk) if pid == os.getpid()] == [2, 5]
+    assert 1 <= len(set(by_chunk) - {os.getpid()}) <= 2  # the others by workers (which ones: whoever was free)
 
 
 def test_score_command_adds_fields_and_keeps_others(runner) -> None:

@@ -85,10 +85,12 @@ def test_requests_are_spread_over_the_servers_and_each_sample_is_asked_once(a, b
 
 
 def test_concurrency_is_per_server(a, b):
-    """Counted by the servers, not timed: each holds its limit of 2 requests at once, and no more (a reply
-    takes 1 s, far longer than sending the next request takes)."""
+    """Counted by the servers, not timed: each holds its limit of 2 requests at once (each stand-in holds a
+    request until 2 have come, however loaded the machine), and no more (a reply then takes 1 s, far longer
+    than sending the next request takes)."""
+    engine = fleet(a, b, concurrency=2, timeout=60.0)  # no retry while a stand-in holds a request
+    a.gather = b.gather = 2  # after the engine has asked each for its models
     a.slow = b.slow = 1.0
-    engine = fleet(a, b, concurrency=2)
     engine.sample([PROMPTS[0]], [list(range(8))], SamplingParams(4, 1.0))
     assert a.peak_in_flight == 2 and b.peak_in_flight == 2
 
@@ -151,8 +153,8 @@ def test_a_request_the_server_refuses_is_an_error_not_a_failover(a, b):
 def test_a_url_given_twice_is_refused(a):
     with pytest.raises(UsageError, match="is given twice"):
         EngineOptions("server", [a.url, a.url])
-    with pytest.raises(ConfigError, match="is given twice"):
-        fleet(a, a)
+    with pytest.raises(UsageError, match="is given twice"):  # a final slash makes no other server
+        EngineOptions("server", [a.url, a.url + "/"])
 
 
 # --- adapters ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -149,50 +150,86 @@ def test_busy_cores_are_other_processes_cpu_time_over_the_window() -> None:
 
 LINUX = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc and flock")
 
-# A child that registers as a bleuberi process in FOLDER, then spins (busy) or sleeps (idle).
-REGISTERED = """
+# A child that registers as a bleuberi process in FOLDER (when given), then, until it is killed, waits on its
+# stdin ("idle": no CPU time from then on, though it spun SPIN seconds of CPU before, as a notebook that
+# trained an hour ago) or, told to go by a line on its stdin, spins ("busy"), and says "spun" once it has
+# spun for SPIN seconds of CPU. What the tests below see is CPU time, never how long anything took: a
+# loaded machine makes them slower, not wrong.
+SPIN = 0.5
+CHILD = f"""
 import sys, time
 from pathlib import Path
 from stages.core import neighbours
-neighbours.register(Path(sys.argv[1]))
+
+def spin():
+    start = time.process_time()
+    while time.process_time() - start < {SPIN}:
+        pass
+
+if sys.argv[2] == "idle":
+    spin()
+if sys.argv[1]:
+    neighbours.register(Path(sys.argv[1]))
 print("registered", flush=True)
-end = time.time() + 60
-while time.time() < end:
-    if sys.argv[2] == "idle":
-        time.sleep(0.05)
+if sys.argv[2] == "idle":
+    sys.stdin.read()
+sys.stdin.readline()
+spin()
+print("spun", flush=True)
+while True:
+    pass
 """
 
 
-def _registered_child(folder, mode: str) -> subprocess.Popen:
+def _child(folder, mode: str) -> subprocess.Popen:
     child = subprocess.Popen(
-        [sys.executable, "-c", REGISTERED, str(folder), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
+        [sys.executable, "-c", CHILD, str(folder or ""), mode],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
     assert child.stdout.readline().strip() == "registered"
     return child
 
 
+def _spin(child: subprocess.Popen) -> None:
+    """Tell a busy child to go, and wait until it has spun SPIN seconds of CPU."""
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "spun"
+
+
+def _stop(*children: subprocess.Popen) -> None:
+    for child in children:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
 @LINUX
-def test_a_busy_neighbour_is_measured(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(neighbours, "registry", lambda: tmp_path)  # no bleuberi peers: only the CPU sample
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def test_the_cpu_time_of_other_processes_is_measured_as_busy_cores() -> None:
+    """Between two snapshots, a child spun for SPIN CPU-seconds: the cores other processes kept busy, times the
+    window, hold at least that (others may add). Two ticks of slack: /proc/stat counts in whole ticks."""
+    before = neighbours.snapshot()
+    neighbour = _child(None, "busy")
     try:
-        time.sleep(0.3)
-        peers, busy = threads.look_around()
-        assert peers == 0 and busy >= 0.5  # the spinning child, at least (others may add)
+        _spin(neighbour)
+        after = neighbours.snapshot()
     finally:
-        neighbour.kill()
-        neighbour.wait()
+        _stop(neighbour)
+    others = busy_between(before, after) * (after.when - before.when)
+    assert others >= SPIN - 2 / os.sysconf("SC_CLK_TCK"), (others, SPIN)
 
 
 @LINUX
 def test_registered_peers_are_seen_while_alive(tmp_path) -> None:
-    child = _registered_child(tmp_path, "idle")
+    started = time.time()
+    child = _child(tmp_path, "idle")
     try:
         peers = neighbours.live_peers(tmp_path)
-        assert list(peers) == [child.pid] and peers[child.pid] < neighbours.RECENT_SECONDS
+        # its age: since it registered, which was after the test started it
+        assert list(peers) == [child.pid] and 0 <= peers[child.pid] <= time.time() - started
     finally:
-        child.kill()
-        child.wait()
+        _stop(child)
     assert neighbours.live_peers(tmp_path) == {}  # the lock died with it
     os.utime(tmp_path / str(child.pid), (0, 0))  # an old file whose lock nobody holds: removed
     assert neighbours.live_peers(tmp_path) == {} and not (tmp_path / str(child.pid)).exists()
@@ -200,16 +237,24 @@ def test_registered_peers_are_seen_while_alive(tmp_path) -> None:
 
 @LINUX
 def test_a_peer_counts_when_it_computes_or_has_just_started(tmp_path, monkeypatch) -> None:
+    """Two registered children, one waiting on its stdin, one spinning between the looks. Both count while
+    they are new; once they are not, only the one that used CPU between the looks. The window is set to one
+    second after the looks, in which the busy one spun SPIN > ACTIVE_SHARE x 1 s of CPU: the counts do not
+    depend on how long the looks took on a loaded machine."""
     monkeypatch.setattr(neighbours, "registry", lambda: tmp_path)
-    children = [_registered_child(tmp_path, "idle"), _registered_child(tmp_path, "busy")]
+    idle, busy = _child(tmp_path, "idle"), _child(tmp_path, "busy")
     try:
-        assert threads.look_around()[0] == 2  # both just registered: both count, busy or not
-        monkeypatch.setattr(neighbours, "RECENT_SECONDS", 0.0)  # as if they had registered long ago
-        assert threads.look_around()[0] == 1  # the idle one (a notebook that trained an hour ago) no longer
+        before = neighbours.look()
+        _spin(busy)
+        after = neighbours.look()
     finally:
-        for child in children:
-            child.kill()
-            child.wait()
+        _stop(idle, busy)
+    one_second = replace(after, cpu=replace(after.cpu, when=before.cpu.when + 1.0))
+    assert SPIN > neighbours.ACTIVE_SHARE
+    monkeypatch.setattr(neighbours, "RECENT_SECONDS", float("inf"))  # both just registered: both count, busy or not
+    assert neighbours.compare(before, one_second)[0] == 2
+    monkeypatch.setattr(neighbours, "RECENT_SECONDS", 0.0)  # as if they had registered long ago
+    assert neighbours.compare(before, one_second)[0] == 1  # not the idle one (a notebook that trained an hour ago)
 
 
 def test_apply_sets_torch_and_the_children_environment(monkeypatch) -> None:

@@ -17,7 +17,6 @@ import shlex
 import stat
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -93,41 +92,6 @@ def json_problem(error: orjson.JSONDecodeError, raw: bytes) -> str:
     if error.lineno > 1 or error.pos >= len(raw.rstrip()):
         return f"{error.msg}, at the end of the line"
     return f"{error.msg}, at column {error.colno}"
-
-
-@dataclass
-class ResumeState:
-    ids: set[str]
-    dropped_partial_line: bool
-
-
-def prepare_resume(path: str | os.PathLike[str]) -> ResumeState:
-    """Read the ids already in an output file and cut off a last line left half-written by a kill.
-
-    Complete lines that are not JSON objects with an `id` are errors: appending after them would hide
-    a damaged file.
-    """
-    target = Path(path)
-    if not target.exists():
-        return ResumeState(set(), False)
-    data = target.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    dropped = cut < len(data)
-    if dropped:
-        with open(target, "r+b") as f:
-            f.truncate(cut)
-    ids: set[str] = set()
-    for line_no, raw in enumerate(data[:cut].splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise InputError(str(target), line_no, "not valid JSON; cannot resume after a damaged line") from None
-        if not isinstance(value, dict) or not isinstance(value.get("id"), str):
-            raise InputError(str(target), line_no, "a record without a string id; cannot resume", "id")
-        ids.add(value["id"])
-    return ResumeState(ids, dropped)
 
 
 def put_in_order(

@@ -85,14 +85,18 @@ def _check_messages(value: Any, source: str, line: int, name: str = "messages") 
     return value
 
 
+def turns_before_answer(messages: list[Any]) -> list[Any]:
+    """The chat turns a model answers: `messages` without a final assistant turn (the record's answer)."""
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        return messages[:-1]
+    return messages
+
+
 def prompt_messages(record: dict[str, Any]) -> list[dict[str, str]]:
     """The chat turns a model answers: `prompt` as one user turn, or `messages` minus a final assistant turn."""
     if isinstance(record.get("prompt"), str):
         return [{"role": "user", "content": record["prompt"]}]
-    messages = record["messages"]
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": m["role"], "content": m["content"]} for m in turns_before_answer(record["messages"])]
 
 
 def prompt_text(record: dict[str, Any]) -> str:
@@ -147,7 +151,7 @@ def _normalise_prompt(record: dict[str, Any], source: str, line: int) -> None:
             raise InputError(source, line, "is empty", "prompt")
     elif "messages" in record:
         messages = _check_messages(record["messages"], source, line)
-        context = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        context = turns_before_answer(messages)
         if not any(m["role"] == "user" and m["content"].strip() for m in context):
             raise InputError(source, line, "has no user turn before the final answer", "messages")
         if "references" not in record and messages[-1]["role"] == "assistant" and not _has_alt_reference(record):

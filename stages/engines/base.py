@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.core.errors import ModelError, UsageError
+from stages.core.errors import ConfigError, ModelError, UsageError
 from stages.core.models import ResolvedModel
 from stages.core.options import option
 
@@ -258,17 +258,29 @@ class EngineOptions:
             raise UsageError(f"unknown backend {self.backend!r}; choose from {', '.join(ENGINES)}")
         if not isinstance(self.server_url, list):  # library callers: one URL as a string, or None for none
             object.__setattr__(self, "server_url", [self.server_url] if self.server_url else [])
-        if self.backend == "server" and not self.server_url:
-            raise UsageError("--backend server needs --server-url URL (the base URL, ending in /v1)")
-        repeated = sorted({url for url in self.server_url if self.server_url.count(url) > 1})
-        if repeated:  # it would get twice the requests of the others
-            raise UsageError(f"--server-url {repeated[0]} is given twice")
+        if self.backend == "server":
+            check_server_urls(self.server_url)
         if self.concurrency < 1:
             raise UsageError("--concurrency must be >= 1")
 
     @property
     def samples_with_live_policy(self) -> bool:
         return ENGINES[self.backend].samples_with_live_policy
+
+
+def check_server_urls(urls: Sequence[str]) -> None:
+    """The `server` engine's URLs: at least one, each a base URL ending in /v1, none given twice (with or
+    without a final slash: it would get twice the requests of the others)."""
+    if not urls:
+        raise UsageError("--backend server needs --server-url URL (the base URL, ending in /v1)")
+    seen: set[str] = set()
+    for url in urls:
+        base = url.rstrip("/")
+        if not base.endswith("/v1"):
+            raise ConfigError(f"server URL {url!r} must end in /v1 (e.g. http://127.0.0.1:8000/v1)")
+        if base in seen:
+            raise UsageError(f"--server-url {url} is given twice")
+        seen.add(base)
 
 
 def start_engine(options: EngineOptions, target: EngineTarget) -> Engine:

@@ -97,9 +97,7 @@ class ServerEngine:
         notice: Callable[[str], None] = print_notice,
     ) -> None:
         self.text_only = chat_only  # only /v1/chat/completions: text answers, no token ids
-        urls = check_urls([base_urls] if isinstance(base_urls, str) else list(base_urls))
-        if concurrency < 1:
-            raise ConfigError("server concurrency must be >= 1")
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)  # checked by EngineOptions
         api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
@@ -114,10 +112,6 @@ class ServerEngine:
         self._pool = ThreadPoolExecutor(concurrency * len(clients), thread_name_prefix="bleuberi-server")
 
     # --- models -------------------------------------------------------------------------------------
-
-    def list_models(self) -> list[dict[str, Any]]:
-        """/v1/models entries of a live server. vLLM lists loaded adapters too, with `parent` = the base's id."""
-        return self.fleet.call(_models_on)
 
     def _choose_model(self, model: str | None) -> str:
         """The model every server must list: `model`, else the one base model the first server lists."""
@@ -216,14 +210,6 @@ class ServerEngine:
 
         return self.fleet.call(on)
 
-    # --- checks -------------------------------------------------------------------------------------
-
-    def probe_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
-        """log p(completion token | everything before it) under softmax(logits), temperature 1, as the
-        served model (or loaded adapter) scores it: to check the server serves the trainer's model.
-        Uses vLLM's `prompt_logprobs`; falls back to `echo` + `logprobs` (OpenAI style)."""
-        return self.fleet.call(lambda client: _probe_on(client, self.served, prompt_ids, completion_ids))
-
     # --- adapters -----------------------------------------------------------------------------------
 
     def set_adapter(self, adapter: AdapterRef | None) -> None:
@@ -247,20 +233,6 @@ class ServerEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def check_urls(urls: list[str]) -> list[str]:
-    """At least one base URL, each ending in /v1, none given twice (it would get twice the load)."""
-    if not urls:
-        raise ConfigError("the server engine needs a server URL (ending in /v1)")
-    seen: set[str] = set()
-    for url in urls:
-        if not url.rstrip("/").endswith("/v1"):
-            raise ConfigError(f"server URL {url!r} must end in /v1 (e.g. http://127.0.0.1:8000/v1)")
-        if url.rstrip("/") in seen:
-            raise ConfigError(f"server URL {url!r} is given twice")
-        seen.add(url.rstrip("/"))
-    return urls
-
-
 def _models_on(client: JsonClient) -> list[dict[str, Any]]:
     reply = client.call("GET", "models")
     data = reply.get("data") if isinstance(reply, dict) else None
@@ -278,24 +250,6 @@ def _post(client: JsonClient, path: str, body: dict[str, Any]) -> Any:
                 error.url, error.cause + ENGINE_DIED_HINT, status=500, body=error.body, transient=True
             ) from None
         raise
-
-
-def _probe_on(client: JsonClient, served: str, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
-    ids = [*prompt_ids, *completion_ids]
-    body = {"model": served, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
-    choice = _first_choice(client, _post(client, "completions", body))
-    scored = choice.get("prompt_logprobs")
-    if isinstance(scored, list) and len(scored) == len(ids):
-        return [float(scored[i][str(ids[i])]["logprob"]) for i in range(len(prompt_ids), len(ids))]
-    body = {"model": served, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
-    choice = _first_choice(client, _post(client, "completions", body))
-    values = (choice.get("logprobs") or {}).get("token_logprobs") or []
-    if len(values) < len(ids) or any(v is None for v in values[len(prompt_ids) : len(ids)]):
-        raise ServerError(
-            client.url("completions"),
-            "the server cannot score given tokens (neither prompt_logprobs nor echo with logprobs)",
-        )
-    return [float(v) for v in values[len(prompt_ids) : len(ids)]]
 
 
 def _load(client: JsonClient, adapter: AdapterRef) -> None:

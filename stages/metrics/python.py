@@ -51,6 +51,7 @@ from typing import Any
 
 from stages.core.errors import BleuberiError, UsageError
 from stages.core.preflight import Needs
+from stages.core.records import turns_before_answer
 from stages.metrics.base import Batch, BatchMetric, Messages
 
 # Passed by name; a record field with one of these names is not passed as a column.
@@ -167,9 +168,7 @@ def prompt_of(record: Mapping[str, Any]) -> str | Messages | None:
     messages = record.get("messages")
     if not isinstance(messages, list):
         return None
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    return [dict(turn) for turn in messages]
+    return [dict(turn) for turn in turns_before_answer(messages)]
 
 
 def record_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
