@@ -94,9 +94,7 @@ def test_generate_into_head_stops_within_one_batch(tmp_path, tiny_model) -> None
     """Batches run longest first in a window of 16, and records leave in input order: the second record waits
     for the window's last batch. Before, generate went on until it could write that record; now it stops at
     the first batch after its reader left."""
-    done, err = _piped_into_a_one_line_reader(
-        [sys.executable, "-c", BATCHES_UNTIL_STOPPED, str(tiny_model)], tmp_path
-    )
+    done, err = _piped_into_a_one_line_reader([sys.executable, "-c", BATCHES_UNTIL_STOPPED, str(tiny_model)], tmp_path)
     assert done.returncode == 0, err.decode()
     # the reader leaves after the first record: generate stops at the next batch's end, or the one after it
     # when the reader took longer than that batch (16 before: it waited for the second record's batch)
