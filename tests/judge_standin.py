@@ -5,8 +5,8 @@ It grades by a rule of its own, from the default template's sections: 10 when th
 reference, 5 when it shares a word with one (case-insensitive, punctuation aside), else 0; so a test knows each score
 without asking the metric. `reply` replaces the grader (garbage, other shapes); `hang` stalls every chat
 request that long; `redirect_to` answers every request with a 302 there. It keeps every request with its
-Authorization header and counts the chat requests it answers at once (`peak`); `gather` holds each chat
-request until that many have come at once, so a concurrent client shows its bound whatever the load.
+Authorization header and counts the chat requests it answers at once (`in_flight.peak`); `in_flight.gather`
+holds each chat request until that many have come at once (tests/in_flight.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.conftest import reply as send
+from tests.in_flight import InFlight
 
 SECTION = re.compile(r"### Reference answer\n(?P<refs>.*)\n\n### Answer to grade\n(?P<answer>.*)\n\n### Rubric", re.S)
 
@@ -45,9 +46,8 @@ class JudgeStandin:
         self.slow = 0.0
         self.redirect_to: str | None = None
         self.requests: list[dict[str, Any]] = []  # {"path", "body", "auth"}
-        self.in_flight = self.peak = 0
-        self.gather = 0  # hold each chat request until this many are in flight at once (0: none held)
         self.lock = threading.Condition()
+        self.in_flight = InFlight(self.lock)  # chat requests answered at once
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         # a short poll: close() returns at once (the default half second, times every test, adds up)
@@ -68,20 +68,9 @@ class JudgeStandin:
             return 200, {"object": "list", "data": self.models}
         if path != "/v1/chat/completions":
             return 404, {"detail": "Not Found"}
-        with self.lock:
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-            self.lock.notify_all()
-            # a client that never sends `gather` requests at once is let through after a while: the test then
-            # fails on `peak` instead of hanging
-            if not self.lock.wait_for(lambda: self.peak >= self.gather, timeout=30):
-                self.gather = 0
-        try:
+        with self.in_flight.held():
             time.sleep(self.hang or self.slow)
             content = self.reply(body)
-        finally:
-            with self.lock:
-                self.in_flight -= 1
         message = {"role": "assistant", "content": content}
         return 200, {"object": "chat.completion", "model": body["model"], "choices": [{"index": 0, "message": message}]}
 

@@ -4,8 +4,8 @@ Replies have the JSON shape vLLM 0.32 returns (recorded from a real server: see 
 tokens are deterministic functions of (prompt ids, seed, adapter), so tests can check that seeds,
 adapters and token ids travel correctly. Faults are switched on per test: HTTP 500s, a slow reply, a
 non-JSON reply, a redirect, a dead vLLM engine, and dying mid-run (socket closed, then refused). It
-counts the requests it is answering at once (`peak_in_flight`), to check concurrency limits; `gather` holds
-each request until that many have come at once, so a concurrent client shows it whatever the load.
+counts the requests it is answering at once (`in_flight.peak`), to check concurrency limits;
+`in_flight.gather` holds each request until that many have come at once (tests/in_flight.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.in_flight import InFlight
 
 EOS = 2
 EOS_TEXT = "<|im_end|>"
@@ -52,9 +54,7 @@ class Standin:
         self.redirect_to: str | None = None  # reply 302 to this URL
         self.engine_dead = False  # every request gets vLLM's HTTP 500 for a dead engine
         self.die_after: int | None = None  # after this many more completions, close the socket and stop
-        self.in_flight = 0  # requests being answered now, and the most at once (to check concurrency limits)
-        self.peak_in_flight = 0
-        self.gather = 0  # hold each request until this many are in flight at once (0: none held)
+        self.in_flight = InFlight(self.lock)  # requests answered at once (to check concurrency limits)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -293,20 +293,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body)
 
     def _serve(self, body: Any) -> None:
-        standin = self.standin
-        with standin.lock:
-            standin.in_flight += 1
-            standin.peak_in_flight = max(standin.peak_in_flight, standin.in_flight)
-            standin.lock.notify_all()
-            # a client that never sends `gather` requests at once is let through after a while: the test then
-            # fails on `peak_in_flight` instead of hanging
-            if not standin.lock.wait_for(lambda: standin.peak_in_flight >= standin.gather, timeout=30):
-                standin.gather = 0
-        try:
+        with self.standin.in_flight.held():
             self._answer(body)
-        finally:
-            with self.standin.lock:
-                self.standin.in_flight -= 1
 
     def _answer(self, body: Any) -> None:
         path = self.path.split("?")[0]

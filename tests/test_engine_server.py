@@ -167,9 +167,9 @@ def test_requests_run_concurrently(server):
     """Counted by the server, not timed: every one of the 8 samples is in flight at once (the stand-in holds
     each request until 8 have come, however loaded the machine; a serial client fails on the count)."""
     eng = engine(server, concurrency=8, timeout=60.0)  # no retry while the stand-in holds a request
-    server.gather = 8  # after the engine has asked /v1/models
+    server.in_flight.gather = 8  # after the engine has asked /v1/models
     eng.sample([PROMPTS[0]], [list(range(8))], SamplingParams(4, 1.0))
-    assert server.peak_in_flight == 8
+    assert server.in_flight.peak == 8
 
 
 def test_text_only_mode(server):

@@ -247,12 +247,12 @@ def test_a_cache_that_cannot_be_written_is_said_once_and_left_off(judge, monkeyp
 
 def test_requests_run_concurrently_up_to_the_bound(judge, monkeypatch) -> None:
     monkeypatch.setenv("BLEUBERI_JUDGE_CONCURRENCY", "3")
-    judge.gather = 3  # the first requests wait for each other: 3 in flight at once, however loaded the machine
+    judge.in_flight.gather = 3  # the first requests wait for each other: 3 in flight at once, however loaded
     judge.slow = 0.2  # each one then takes a while, so a client without a bound would send more meanwhile
     scorer = Scorer.from_names([f"judge-url:{judge.url}"])
     groups = [([f"answer {i} {j}" for j in range(2)], [REFERENCE], PROMPT, {"id": f"q{i}"}) for i in range(6)]
     scorer.prefetch(groups)  # what score and train do: a chunk's or a step's groups at once
-    assert judge.peak == 3 and len(judge.chats()) == 12
+    assert judge.in_flight.peak == 3 and len(judge.chats()) == 12
     asked = len(judge.chats())
     for completions, refs, messages, record in groups:  # the scores read what was asked
         assert scorer.score(completions, refs, messages=messages, record=record)[scorer.score_key] == [0.0, 0.0]

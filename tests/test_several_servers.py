@@ -89,10 +89,10 @@ def test_concurrency_is_per_server(a, b):
     request until 2 have come, however loaded the machine), and no more (a reply then takes 1 s, far longer
     than sending the next request takes)."""
     engine = fleet(a, b, concurrency=2, timeout=60.0)  # no retry while a stand-in holds a request
-    a.gather = b.gather = 2  # after the engine has asked each for its models
+    a.in_flight.gather = b.in_flight.gather = 2  # after the engine has asked each for its models
     a.slow = b.slow = 1.0
     engine.sample([PROMPTS[0]], [list(range(8))], SamplingParams(4, 1.0))
-    assert a.peak_in_flight == 2 and b.peak_in_flight == 2
+    assert a.in_flight.peak == 2 and b.in_flight.peak == 2
 
 
 def test_a_server_that_dies_mid_run_is_left_out_once_and_the_others_answer_its_requests(a, b):
