@@ -7,9 +7,9 @@ One GRPO step is one page, stages/train/grpo.py (the math is in stages/train/los
   2-3. reward each completion with the chosen metrics against the record's references, and turn the
      rewards into group-relative advantages;
   4. micro-batches of the rows that count;
-  5. once, before any update: reference log-probs with the adapter scaled to zero (no second model),
-     the trainer's own log-probs (the ratio's old policy), the importance weights trainer/sampler;
-  6. `num_iterations` clipped policy-gradient updates on those;
+  5. once, before any update: reference log-probs with the adapter scaled to zero (no second model);
+  6. `num_iterations` clipped policy-gradient updates; the first one's own forward passes fix the
+     trainer's old log-probs (the ratio's old policy) and the importance weights trainer/sampler for all;
   7. publish the adapter to an engine of its own; 8. the step's record.
 An SFT step is `sft_update` (stages/train/sft.py). Every `save_steps` the loop writes an atomic, resumable
 checkpoint."""
