@@ -255,6 +255,7 @@ from stages.engines.base import SamplingParams
 from stages.engines.transformers_engine import sample
 from stages.train.config import TrainConfig
 from stages.train.distributed import Distributed
+import stages.train.logprobs
 from stages.train.logprobs import completion_logprobs, pack
 from stages.train.policy import load_policy
 from stages.train.sharding import gathered_adapter, whole_while_sampling
@@ -263,6 +264,9 @@ from stages.train.batches import MicroBatch
 from stages.train.grpo import policy_update
 
 model_dir, out = sys.argv[1], sys.argv[2]
+# A sharded policy runs every row whole (a rank must run as many forward passes as every other); so does the
+# whole one here, where the rows of a group would otherwise share their prompt's pass: one computation
+stages.train.logprobs._shared_prompt_pass = lambda decoder, batch: None
 config = TrainConfig.of(
     model=model_dir, device="cpu", dtype="bfloat16", parallel="fsdp", learning_rate=1e-2, max_grad_norm=1e3,
     num_generations=4, per_device_train_batch_size=4, max_completion_length=24, temperature=1.0, num_iterations=2,

@@ -50,3 +50,108 @@ def test_completion_logprobs_match_the_model_logits(tiny_model) -> None:
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
         assert torch.allclose(ours[row, : len(completion)], expected, atol=1e-5)
         assert (ours[row, len(completion) :] == 0).all()
+
+
+def test_pack_runs_each_distinct_prompt_once() -> None:
+    batch = pack([[5, 6], [7], [5, 6], [5, 6], [7, 7]], [[1], [2], [3], [4], [5]], pad_id=0, device=torch.device("cpu"))
+    assert batch.prompt_rows.tolist() == [0, 1, 4]  # the first row of [5, 6], of [7] and of [7, 7]
+    assert batch.prompt_of_row.tolist() == [0, 1, 0, 0, 2]
+
+
+def grouped_rows() -> tuple[list[list[int]], list[list[int]]]:
+    """Two prompts of different lengths, three completions of each (of different lengths), as GRPO packs them."""
+    prompts = [[1, 20, 30, 40, 2, 11], [1, 50, 2]]
+    completions = [[60, 70, 2], [61, 2], [62, 63, 64, 65], [80, 2], [81, 82, 83, 2], [84]]
+    return [prompts[row // 3] for row in range(6)], completions
+
+
+def lora_model(architecture: str = "llama", **settings: object) -> torch.nn.Module:
+    """A tiny random decoder with a LoRA whose B is not zero (so the adapter takes a gradient through A too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = AutoConfig.for_model(architecture, vocab_size=100, num_key_value_heads=2, **shape, **settings)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 0.5)
+    return model.train()
+
+
+def checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Activation checkpointing on or off, by the name this transformers has (5.23 renamed it)."""
+    base = model.base_model.model
+    name = "activation_checkpointing" if hasattr(base, "activation_checkpointing_enable") else "gradient_checkpointing"
+    if on:
+        getattr(base, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(base, f"{name}_disable")()
+
+
+def tokens_through_the_decoder(model: torch.nn.Module, run) -> int:
+    """How many token positions the embedding layer embedded while `run()` ran."""
+    seen = [0]
+
+    def count(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen[0] += args[0].numel()
+
+    handle = model.get_input_embeddings().register_forward_hook(count)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def row_by_row(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+    """Each row's completion log-probs from the model's own logits over that row alone: the reference."""
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        rows.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
+    return rows
+
+
+def check_against_row_by_row(model: torch.nn.Module, gradient_checkpointing: bool = False) -> int:
+    """Asserts our log-probs and their gradient equal the row-by-row reference; returns the tokens embedded."""
+    prompts, completions = grouped_rows()
+    batch = pack(prompts, completions, pad_id=0, device=torch.device("cpu"))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    ours: list[torch.Tensor] = []
+    embedded = tokens_through_the_decoder(model, lambda: ours.append(completion_logprobs(model, batch)))
+    upstream = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(3))
+    grad_ours = torch.autograd.grad((ours[0] * upstream).sum(), lora)
+    if gradient_checkpointing:
+        checkpointing(model, False)  # the reference: plain forward passes
+    reference = row_by_row(model, prompts, completions)
+    grad_reference = torch.autograd.grad(sum((r * upstream[i, : len(r)]).sum() for i, r in enumerate(reference)), lora)
+    for row, expected in enumerate(reference):
+        assert torch.allclose(ours[0][row, : len(expected)], expected, atol=1e-5)
+        assert (ours[0][row, len(expected) :] == 0).all()
+    for mine, theirs in zip(grad_ours, grad_reference):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
+    return embedded
+
+
+def test_a_group_runs_its_prompt_once_with_the_same_logprobs_and_gradient() -> None:
+    """Six rows of two prompts (widths 6 and 3, completions up to 4): the prompts go through the decoder
+    once each (2 x 6 positions, then 6 x 4 of completions), not once per row (6 x (6 + 4))."""
+    embedded = check_against_row_by_row(lora_model())
+    assert embedded == 2 * 6 + 6 * 4
+
+
+def test_activation_checkpointing_runs_every_row_whole() -> None:
+    """Checkpointing recomputes each layer without the cache, so the prompts cannot be shared: every row
+    runs whole, with the same values."""
+    model = lora_model()
+    checkpointing(model, True)
+    assert check_against_row_by_row(model, gradient_checkpointing=True) == 6 * (6 + 4)
+
+
+def test_a_sliding_window_model_runs_every_row_whole() -> None:
+    """A sliding-window cache keeps only the window's keys: sharing them would change what a completion sees."""
+    model = lora_model("mistral", sliding_window=3)
+    assert check_against_row_by_row(model) == 2 * 6 + 6 * (6 + 4)  # the prompt pass, then every row whole
+    assert check_against_row_by_row(model) == 6 * (6 + 4)  # remembered: no prompt pass of its own again

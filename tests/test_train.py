@@ -259,7 +259,9 @@ def test_gradient_checkpointing_keeps_less_for_backward_and_gives_the_same_updat
     a, b = adapter_tensors(plain.adapter), adapter_tensors(checkpointed.adapter)
     # the update did something (LoRA B starts at zero), so equal adapters mean equal updates
     assert any(t.abs().max() > 1e-4 for k, t in a.items() if "lora_B" in k)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # to float rounding: without checkpointing the rows of a group share their prompt's forward pass
+    # (stages/train/logprobs.py), with it every row runs whole; measured 1.4e-5 apart at most, of 0.18
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 @pytest.mark.slow
@@ -308,10 +310,14 @@ def test_two_processes_match_one_process(tiny_model, tmp_path, scale_rewards) ->
     double = subprocess.run(launcher, env=_env(), capture_output=True, timeout=300)
     assert double.returncode == 0, double.stderr
     a, b = adapter_tensors(tmp_path / "one" / "adapter"), adapter_tensors(tmp_path / "two" / "adapter")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # to float rounding, which AdamW's normalised steps (lr 5e-3) turn into up to 2e-5 here: one process runs
+    # both prompts of a micro-batch in one prompt pass, two processes one each (stages/train/logprobs.py)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     one = [orjson.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_bytes().splitlines()]
     two = [orjson.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_bytes().splitlines()]
     assert [r["reward_mean"] for r in one] == pytest.approx([r["reward_mean"] for r in two])
+    # the advantages' scale, which AdamW would hide from the adapter: the batch std is the whole batch's
+    assert [r["advantage_std"] for r in one] == pytest.approx([r["advantage_std"] for r in two], rel=1e-5)
     assert [r["advantage_std"] for r in one] == pytest.approx([r["advantage_std"] for r in two], abs=1e-5)
     assert any(r["advantage_std"] > 0 for r in one)  # some signal: the adapters moved
     assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in a.items() if "lora_B" in k)

@@ -172,7 +172,7 @@ def _same_random_state(device: torch.device) -> None:
     torch.set_rng_state(state.cpu())
 
 
-def _is_fsdp(module: torch.nn.Module) -> bool:
+def is_fsdp(module: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
@@ -232,7 +232,7 @@ def whole_while_sampling(model: Any) -> Iterator[None]:
     """Gather every FSDP unit of `model` once (collective), keep it whole through any number of forward
     passes, then free the gathered weights and restore resharding after each forward pass (the decoder, the
     outermost unit, keeps its weights between forward and backward, as fully_shard sets it by default)."""
-    units = [module for module in model.modules() if _is_fsdp(module)]  # outermost first
+    units = [module for module in model.modules() if is_fsdp(module)]  # outermost first
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -247,7 +247,7 @@ def whole_while_sampling(model: Any) -> Iterator[None]:
 def gradient_sync(model: Any, on: bool) -> None:
     """Whether the next backward pass reduce-scatters the gradients (off: each rank accumulates its own)."""
     for module in model.modules():
-        if _is_fsdp(module):
+        if is_fsdp(module):
             module.set_requires_gradient_sync(on, recurse=False)
 
 
