@@ -157,3 +157,38 @@ def test_prompts_prefilled_in_groups_give_what_one_prefill_gives(monkeypatch) ->
         patch.setattr(engine.Decoder, "of", classmethod(lambda cls, model, total: None))
         slow = sample(model, prompts, seeds, sampling, stop_ids=STOP, pad_id=0)
     assert_same(fast, slow)
+
+
+SYSTEM_TURN = [1, 30, 31, 32, 33, 34, 35, 36, 37, 2, 4]  # 11 tokens every prompt starts with, as a chat template's
+
+
+def test_shared_start_is_what_every_prompt_begins_with() -> None:
+    shared = engine._shared_start
+    assert shared([SYSTEM_TURN + [5, 6], SYSTEM_TURN + [7], SYSTEM_TURN + [5, 9, 9]]) == 11
+    assert shared([SYSTEM_TURN, SYSTEM_TURN + [7]]) == 10  # a prompt keeps one token of its own
+    assert shared([SYSTEM_TURN + [5], SYSTEM_TURN[:7] + [8, 8, 8, 8, 8]]) == 0  # 7 shared: under the minimum
+    assert shared([SYSTEM_TURN + [5, 6]]) == 0  # one prompt: nothing to share
+
+
+def test_a_start_every_prompt_shares_is_prefilled_once(monkeypatch) -> None:
+    """Prompts with a common system turn, in prefill groups of their own (PREFILL_TOKENS 12): the shared
+    start goes through the model once, each prompt's rest once per prompt, and the samples are those of the
+    model's forward over each whole prompt (the decoder switched off, which prefills every prompt whole)."""
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 12)
+    prompts = [SYSTEM_TURN + rest for rest in ([5, 9, 23, 41, 7], [60, 61, 62], [11, 3], [8])]
+    seeds = [[3 * p + k for k in range(2)] for p in range(len(prompts))]
+    model, sampling = tiny("llama"), SamplingParams(8, 1.0)
+    embedded = [0]
+
+    def count(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if args[0].dim() == 2:  # a prefill (a decode step of the decoder embeds one token per row, 1-d)
+            embedded[0] += args[0].numel()
+
+    model.get_input_embeddings().register_forward_hook(count)
+    fast = sample(model, prompts, seeds, sampling, stop_ids=STOP, pad_id=0)
+    assert embedded[0] == 11 + (2 * 5 + 2 * 2)  # the system turn once; the rests in groups of 2 rows: 5 and 2 wide
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.Decoder, "of", classmethod(lambda cls, model, total: None))
+        slow = sample(model, prompts, seeds, sampling, stop_ids=STOP, pad_id=0)
+    assert_same(fast, slow)
+    assert len({tuple(s.token_ids) for prompt in fast for s in prompt}) > 1
