@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from stages.engines import prefill
 from stages.engines import transformers_engine as engine
 from stages.engines.base import SamplingParams
 from stages.engines.decoder import Decoder
@@ -148,7 +149,7 @@ def test_the_vectorised_sampler_draws_from_the_distribution() -> None:
 def test_prompts_prefilled_in_groups_give_what_one_prefill_gives(monkeypatch) -> None:
     """Groups of prompts, each padded to its own longest, right-aligned in one cache: the same samples as the
     forward's single padded prefill (here a group holds at most 12 prompt tokens: three groups)."""
-    monkeypatch.setattr(engine, "PREFILL_TOKENS", 12)
+    monkeypatch.setattr(prefill, "PREFILL_TOKENS", 12)
     prompts = sorted(PROMPTS, key=len, reverse=True)
     seeds = [[3 * p + k for k in range(2)] for p in range(len(prompts))]
     model, sampling = tiny("llama"), SamplingParams(8, 1.0)
@@ -163,7 +164,7 @@ SYSTEM_TURN = [1, 30, 31, 32, 33, 34, 35, 36, 37, 2, 4]  # 11 tokens every promp
 
 
 def test_shared_start_is_what_every_prompt_begins_with() -> None:
-    shared = engine._shared_start
+    shared = prefill.shared_start
     assert shared([SYSTEM_TURN + [5, 6], SYSTEM_TURN + [7], SYSTEM_TURN + [5, 9, 9]]) == 11
     assert shared([SYSTEM_TURN, SYSTEM_TURN + [7]]) == 10  # a prompt keeps one token of its own
     assert shared([SYSTEM_TURN + [5], SYSTEM_TURN[:7] + [8, 8, 8, 8, 8]]) == 0  # 7 shared: under the minimum
@@ -174,7 +175,7 @@ def test_a_start_every_prompt_shares_is_prefilled_once(monkeypatch) -> None:
     """Prompts with a common system turn, in prefill groups of their own (PREFILL_TOKENS 12): the shared
     start goes through the model once, each prompt's rest once per prompt, and the samples are those of the
     model's forward over each whole prompt (the decoder switched off, which prefills every prompt whole)."""
-    monkeypatch.setattr(engine, "PREFILL_TOKENS", 12)
+    monkeypatch.setattr(prefill, "PREFILL_TOKENS", 12)
     prompts = [SYSTEM_TURN + rest for rest in ([5, 9, 23, 41, 7], [60, 61, 62], [11, 3], [8])]
     seeds = [[3 * p + k for k in range(2)] for p in range(len(prompts))]
     model, sampling = tiny("llama"), SamplingParams(8, 1.0)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import UsageError
 from stages.engines.base import AdapterRef, EngineOptions, EngineTarget, Sample, SamplingParams
-from stages.engines.decoder import Decoder, StaticCache, prefilled
+from stages.engines.decoder import Decoder, StaticCache
+from stages.engines.prefill import ModelForward, TokenRows, prefill, prefill_in_groups
 
-TokenRows = Sequence[Sequence[int]]  # one list of token ids per prompt
 SeedRows = Sequence[Sequence[int]]  # seeds[i][k]: the seed of prompt i's k-th sample
 
 if TYPE_CHECKING:
@@ -77,21 +76,6 @@ def _uniforms(seeds: SeedRows, steps: int, device: torch.device) -> torch.Tensor
             generator = torch.Generator(device=device).manual_seed(seed)
             rows.append(torch.rand(steps, generator=generator, device=device, dtype=torch.float64))
     return torch.stack(rows)
-
-
-def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Prompts as one left-padded batch: input ids, attention mask, position ids."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            attention[row, width - len(prompt) :] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
 
 class _DecodeState:
@@ -153,7 +137,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        forward = _Forward(model, cache_keyword(model), "logits_to_keep" in _forward_parameters(model), pad_id)
+        forward = ModelForward(model, cache_keyword(model), "logits_to_keep" in _forward_parameters(model), pad_id)
         with float32_logits(model):  # as the trainer computes them (stages/core/precision.py)
             state = _decode(forward, prompts, seeds, sampling, stop_ids)
     finally:
@@ -161,22 +145,8 @@ def sample(
     return state.samples(n)
 
 
-def _prefill(forward: _Forward, prompts: Sequence[Sequence[int]], n: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """One forward pass over the left-padded prompts. Returns the cache (one row per prompt), the next-token
-    logits and the attention mask, those two with one row per sample (each prompt's row repeated n times)."""
-    from transformers import DynamicCache
-
-    input_ids, attention, positions = _left_padded(prompts, forward.pad_id, next(forward.model.parameters()).device)
-    cache = DynamicCache(config=forward.model.config)
-    logits = forward(cache, input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[:, -1, :]
-    if n > 1:
-        logits = logits.repeat_interleave(n, dim=0)
-        attention = attention.repeat_interleave(n, dim=0)
-    return cache, logits, attention
-
-
 def _decode(
-    forward: _Forward, prompts: TokenRows, seeds: SeedRows, sampling: SamplingParams, stop_ids: set[int]
+    forward: ModelForward, prompts: TokenRows, seeds: SeedRows, sampling: SamplingParams, stop_ids: set[int]
 ) -> _DecodeState:
     """One prefill per prompt, its cache shared by its n samples, then token by token until every row stops:
     through the Llama-family decoder (stages/engines/decoder.py) where the model is one, else through the
@@ -194,132 +164,12 @@ def _decode(
         state = _DecodeState(len(prompts) * n, sampling.max_new_tokens, device)
         stop = torch.tensor(sorted(stop_ids), device=device)
         if decoder is not None:
-            logits, static, position = _prefill_in_groups(forward, decoder, prompts, n, sampling.max_new_tokens)
+            logits, static, position = prefill_in_groups(forward, decoder, prompts, n, sampling.max_new_tokens)
             _decoder_loop(decoder, static, logits, position, uniforms, state, stop, sampling)
         else:
-            cache, logits, attention = _prefill(forward, prompts, n)
+            cache, logits, attention = prefill(forward, prompts, n)
             _forward_loop(forward, cache, logits, attention, n, uniforms, state, stop, sampling)
     return state
-
-
-@dataclass(frozen=True)
-class _Forward:
-    """How this model's own forward pass is called: its cache argument's name, whether it can compute the
-    logits of the last position only, and the padding id."""
-
-    model: Any
-    cache_arg: str
-    last_logits_only: bool
-    pad_id: int
-
-    def __call__(self, cache: Any, **inputs: Any) -> Any:
-        extra = {"logits_to_keep": 1} if self.last_logits_only else {}
-        return self.model(use_cache=True, **{self.cache_arg: cache}, **inputs, **extra)
-
-
-# Prompt tokens (rows x longest prompt) per prefill pass of the decoder: prompts come longest first, so each
-# pass pads little, and its activations stay small however large the decode batch is. 2,048 rather than 4,096:
-# the demo pool's 208 prompts pad 16% less and prefill at the same matmul rate, ~10% less time on a 2-core CPU.
-PREFILL_TOKENS = 2048
-
-# Tokens every prompt of a batch must start with before they are prefilled once for all (a chat template's
-# system turn: 24 of the demo's ~43 tokens per prompt); shorter shared starts are not worth a pass of their own.
-SHARED_PREFIX_MIN = 8
-
-
-def _prefill_in_groups(
-    forward: _Forward, decoder: Decoder, prompts: TokenRows, n: int, new_tokens: int
-) -> tuple[torch.Tensor, StaticCache, torch.Tensor]:
-    """Prefill consecutive groups of prompts, each padded to its own longest prompt, into one cache for the
-    whole batch (every row right-aligned). The start every prompt shares (a system turn) is prefilled once,
-    and each group's prompts from where they differ. Returns the next-token logits, the cache and each
-    row's next position, one row per sample."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    shared = _shared_start(prompts)
-    prefix = _prefill_prefix(forward, prompts[0][:shared]) if shared else None
-    rests = [p[shared:] for p in prompts]
-    logits, static = [], None
-    for start, stop in _prefill_groups(rests):
-        if prefix is None:
-            cache, group_logits, attention = _prefill(forward, rests[start:stop], n)
-        else:
-            cache, group_logits, attention = _prefill_after(forward, prefix, rests[start:stop], n)
-        keys, values = prefilled(cache)
-        if n > 1:
-            keys = [k.repeat_interleave(n, dim=0) for k in keys]
-            values = [v.repeat_interleave(n, dim=0) for v in values]
-        if static is None:
-            shape = (len(keys), len(prompts) * n, keys[0].shape[1], keys[0].shape[3], width + new_tokens)
-            static = StaticCache(shape, width, keys[0].dtype, keys[0].device)
-        static.place(slice(start * n, stop * n), keys, values, attention)
-        logits.append(group_logits)
-    assert static is not None
-    position = torch.tensor([len(p) for p in prompts for _ in range(n)], device=static.valid.device)
-    return torch.cat(logits), static, position
-
-
-def _prefill_groups(prompts: TokenRows) -> list[tuple[int, int]]:
-    """Consecutive (start, stop) groups of at most PREFILL_TOKENS tokens once padded (one prompt at least)."""
-    groups, start = [], 0
-    while start < len(prompts):
-        stop = start + 1
-        while (
-            stop < len(prompts)
-            and (stop + 1 - start) * max(len(p) for p in prompts[start : stop + 1]) <= PREFILL_TOKENS
-        ):
-            stop += 1
-        groups.append((start, stop))
-        start = stop
-    return groups
-
-
-def _shared_start(prompts: TokenRows) -> int:
-    """How many tokens every prompt starts with, each keeping one of its own at least (its prefill gives the
-    next-token logits); 0 for one prompt, or a shared start under SHARED_PREFIX_MIN."""
-    if len(prompts) < 2:
-        return 0
-    first, shared = prompts[0], min(len(p) for p in prompts) - 1
-    for prompt in prompts[1:]:
-        same = 0
-        while same < shared and prompt[same] == first[same]:
-            same += 1
-        shared = same
-    return shared if shared >= SHARED_PREFIX_MIN else 0
-
-
-def _prefill_prefix(forward: _Forward, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's keys and values of `prefix`, one row, at positions 0, 1, ..."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=forward.model.config)
-    input_ids, attention, positions = _left_padded([prefix], forward.pad_id, next(forward.model.parameters()).device)
-    forward(cache, input_ids=input_ids, attention_mask=attention, position_ids=positions)
-    return list(zip(*prefilled(cache)))
-
-
-def _prefill_after(
-    forward: _Forward, prefix: list[tuple[torch.Tensor, torch.Tensor]], rests: TokenRows, n: int
-) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """`_prefill` of prompts that all start with the prefilled `prefix`, given the rest of each: the rests,
-    left-padded, attend to the prefix's keys and values (copied to each row) as if they followed it, the
-    padding between masked. The cache and attention mask cover prefix and rest."""
-    import torch
-    from transformers import DynamicCache
-
-    input_ids, attention, positions = _left_padded(rests, forward.pad_id, prefix[0][0].device)
-    rows, shared = len(rests), prefix[0][0].shape[2]
-    cache = DynamicCache(config=forward.model.config)
-    for layer, (keys, values) in enumerate(prefix):
-        cache.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(), layer)
-    attention = torch.cat([attention.new_ones((rows, shared)), attention], dim=-1)
-    logits = forward(cache, input_ids=input_ids, attention_mask=attention, position_ids=positions + shared).logits
-    logits = logits[:, -1, :]
-    if n > 1:
-        logits = logits.repeat_interleave(n, dim=0)
-        attention = attention.repeat_interleave(n, dim=0)
-    return cache, logits, attention
 
 
 def _decoder_loop(
@@ -349,7 +199,7 @@ def _decoder_loop(
 
 
 def _forward_loop(
-    forward: _Forward,
+    forward: ModelForward,
     cache: Any,
     logits: torch.Tensor,
     attention: torch.Tensor,
