@@ -58,3 +58,22 @@ def test_another_package_version_converts_beside_not_over(first_use, monkeypatch
     other = models.embedded_model_dir(models.DEFAULT_MODEL)
     assert calls == [other] and other != converted and other.parent == converted.parent
     assert (converted / "model.safetensors").is_file()  # the folder another environment uses is untouched
+
+
+def test_a_tokenizer_is_read_once_until_its_files_change(tmp_path) -> None:
+    """An eval asks for the tokenizer once per system and again for its length control: one read serves
+    them all, and a folder whose tokenizer files are written again is read again."""
+    import shutil
+
+    from tests.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model")
+    resolved = models.resolve_model(str(folder))
+    first = models.load_tokenizer(resolved)
+    assert models.load_tokenizer(resolved) is first
+    assert models.load_tokenizer(resolved, trust_remote_code=True) is not first  # another way to load it
+    other = build_tiny_model(tmp_path / "other", vocab_size=300)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(other / name, folder / name)
+    again = models.load_tokenizer(resolved)
+    assert again is not first and len(again) == len(models.load_tokenizer(models.resolve_model(str(other))))

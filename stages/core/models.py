@@ -13,6 +13,7 @@ Weights are only ever read from safetensors files, and remote code only runs wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -275,8 +276,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (pad = eos where it has none), read once per process and file version: an eval
+    asks for it once per system and again for its length control, and each read took 0.15-0.3 s (2-core
+    CPU). Callers do not change it."""
+    return _load_tokenizer(resolved.path, resolved.name, resolved.local_files_only, trust_remote_code, _stamp(resolved))
+
+
+def _stamp(resolved: ResolvedModel) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and mtime of a local folder's tokenizer files: a folder written again is read again."""
+    folder = Path(resolved.path)
+    if not folder.is_dir():
+        return ()
+    return tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if "token" in f.name
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(
+    path: str, name: str, local_files_only: bool, trust_remote_code: bool, stamp: tuple[tuple[str, int, int], ...]
+) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    resolved = ResolvedModel(name, path, local_files_only)
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
