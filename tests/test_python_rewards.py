@@ -431,6 +431,7 @@ def _train_args(model: Path, data: Path, out: Path, steps: int, *rewards: str) -
     args = ["train", "-i", str(data), "-o", str(out), "--model", str(model), "--num-generations", "4"]
     args += ["--per-device-train-batch-size", "8", "--max-completion-length", "8", "--max-steps", str(steps)]
     args += ["--save-steps", "10", "--lr", "5e-3", "-q"]
+    args += ["--threads", "2"]  # one count for every run a test compares bit for bit (docs/threads.md)
     for reward in rewards:
         args += ["--reward", reward]
     return args
