@@ -77,3 +77,16 @@ def test_a_tokenizer_is_read_once_until_its_files_change(tmp_path) -> None:
         shutil.copy(other / name, folder / name)
     again = models.load_tokenizer(resolved)
     assert again is not first and len(again) == len(models.load_tokenizer(models.resolve_model(str(other))))
+
+
+def test_a_chat_template_written_again_is_read_again(tmp_path) -> None:
+    """The chat template lives in its own file (chat_template.jinja): editing it must reach the next prompt."""
+    from tests.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model")
+    resolved = models.resolve_model(str(folder))
+    messages = [{"role": "user", "content": "hi"}]
+    before = models.load_tokenizer(resolved).apply_chat_template(messages, tokenize=False)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    after = models.load_tokenizer(resolved).apply_chat_template(messages, tokenize=False)
+    assert after == "<<hi>>" != before

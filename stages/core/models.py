@@ -283,13 +283,14 @@ def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False) 
 
 
 def _stamp(resolved: ResolvedModel) -> tuple[tuple[str, int, int], ...]:
-    """Name, size and mtime of a local folder's tokenizer files: a folder written again is read again."""
+    """Name, size and mtime of each file of a local folder: a folder written again is read again. Every
+    file, not only those named tokenizer*: the chat template has a file of its own (chat_template.jinja),
+    older tokenizers read vocab.json and merges.txt, and a stat costs microseconds."""
     folder = Path(resolved.path)
     if not folder.is_dir():
         return ()
-    return tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if "token" in f.name
-    )
+    files = ((entry.name, entry.stat()) for entry in os.scandir(folder) if entry.is_file())
+    return tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in files))
 
 
 @functools.lru_cache(maxsize=8)

@@ -57,10 +57,14 @@ def prefill(forward: ModelForward, prompts: Sequence[Sequence[int]], n: int) -> 
     input_ids, attention, positions = left_padded(prompts, forward.pad_id, next(forward.model.parameters()).device)
     cache = DynamicCache(config=forward.model.config)
     logits = forward(cache, input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[:, -1, :]
-    if n > 1:
-        logits = logits.repeat_interleave(n, dim=0)
-        attention = attention.repeat_interleave(n, dim=0)
-    return cache, logits, attention
+    return cache, *_per_sample(logits, attention, n)
+
+
+def _per_sample(logits: torch.Tensor, attention: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's next-token logits and attention mask, repeated for its n samples."""
+    if n == 1:
+        return logits, attention
+    return logits.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
 
 
 # Prompt tokens (rows x longest prompt) per prefill pass of the decoder: prompts come longest first, so each
@@ -163,8 +167,4 @@ def _prefill_after(
         cache.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(), layer)
     attention = torch.cat([attention.new_ones((rows, shared)), attention], dim=-1)
     logits = forward(cache, input_ids=input_ids, attention_mask=attention, position_ids=positions + shared).logits
-    logits = logits[:, -1, :]
-    if n > 1:
-        logits = logits.repeat_interleave(n, dim=0)
-        attention = attention.repeat_interleave(n, dim=0)
-    return cache, logits, attention
+    return cache, *_per_sample(logits[:, -1, :], attention, n)

@@ -118,15 +118,18 @@ def pack(
         input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention[row, width_p - len(prompt) : width_p + len(completion)] = 1
     completion_mask = attention[:, width_p:].clone()
-    distinct: dict[tuple[int, ...], int] = {}  # a prompt -> its index among the distinct ones
-    prompt_of_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+    first_row: dict[tuple[int, ...], int] = {}  # each distinct prompt -> the first row that has it
+    for row, prompt in enumerate(prompts):
+        first_row.setdefault(tuple(prompt), row)
+    distinct = {prompt: index for index, prompt in enumerate(first_row)}
+    prompt_of_row = [distinct[tuple(prompt)] for prompt in prompts]
     return PackedBatch(
         input_ids.to(device),
         attention.to(device),
         input_ids[:, width_p:].to(device),
         completion_mask.to(device),
         width_p,
-        torch.tensor([prompt_of_row.index(q) for q in range(len(distinct))], device=device),
+        torch.tensor(list(first_row.values()), device=device),
         torch.tensor(prompt_of_row, device=device),
     )
 
