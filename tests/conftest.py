@@ -229,13 +229,19 @@ def reply(handler, status: int, payload: bytes, **headers: str) -> None:
 
 def serve(handler: type):
     """A threading HTTP server on a free 127.0.0.1 port, serving `handler` from a daemon thread."""
-    import threading
     from http.server import ThreadingHTTPServer
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    # shutdown() waits for the serve loop's next poll: 0.5 s by default, on every server of every test
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    serve_in_background(server)
     return server
+
+
+def serve_in_background(server) -> None:
+    """Run `server.serve_forever` in a daemon thread, polling every 20 ms: shutdown() waits for the next
+    poll, 0.5 s by default, in the teardown of every test that starts a server."""
+    import threading
+
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
 
 def tiny_overrides(model) -> list[str]:

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.conftest import reply as send
+from tests.conftest import serve_in_background
 from tests.in_flight import InFlight
 
 SECTION = re.compile(r"### Reference answer\n(?P<refs>.*)\n\n### Answer to grade\n(?P<answer>.*)\n\n### Rubric", re.S)
@@ -50,8 +51,7 @@ class JudgeStandin:
         self.in_flight = InFlight(self.lock)  # chat requests answered at once
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
-        # a short poll: close() returns at once (the default half second, times every test, adds up)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        serve_in_background(self.server)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def chats(self) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import serve_in_background
 from tests.in_flight import InFlight
 
 EOS = 2
@@ -59,11 +60,9 @@ class Standin:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        # shutdown() waits for the serve loop's next poll (0.5 s by default, in each test's teardown)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def start(self) -> Standin:
-        self.thread.start()
+        serve_in_background(self.server)
         return self
 
     def stop(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +12,7 @@ import pytest
 
 from stages.eval.judges import HttpJudge, JudgeUnavailable, parse_verdict
 from stages.eval.summary import http_judge_rates
+from tests.conftest import serve_in_background
 
 
 class FakeJudgeServer:
@@ -56,14 +56,12 @@ class FakeJudgeServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        # a quick poll: shutdown() waits for the next one (0.5 s by default)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
 
 @pytest.fixture
 def server() -> Iterator[FakeJudgeServer]:
     fake = FakeJudgeServer()
-    fake.thread.start()
+    serve_in_background(fake.server)
     yield fake
     fake.server.shutdown()
     fake.server.server_close()
