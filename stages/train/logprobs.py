@@ -118,18 +118,21 @@ def pack(
         input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention[row, width_p - len(prompt) : width_p + len(completion)] = 1
     completion_mask = attention[:, width_p:].clone()
-    first_row: dict[tuple[int, ...], int] = {}  # each distinct prompt -> the first row that has it
+    distinct: dict[tuple[int, ...], int] = {}  # a prompt -> its index among the distinct ones
+    prompt_of_row: list[int] = []
+    first_rows: list[int] = []  # each distinct prompt's first row
     for row, prompt in enumerate(prompts):
-        first_row.setdefault(tuple(prompt), row)
-    distinct = {prompt: index for index, prompt in enumerate(first_row)}
-    prompt_of_row = [distinct[tuple(prompt)] for prompt in prompts]
+        index = distinct.setdefault(tuple(prompt), len(distinct))
+        if index == len(first_rows):  # a prompt seen for the first time
+            first_rows.append(row)
+        prompt_of_row.append(index)
     return PackedBatch(
         input_ids.to(device),
         attention.to(device),
         input_ids[:, width_p:].to(device),
         completion_mask.to(device),
         width_p,
-        torch.tensor(list(first_row.values()), device=device),
+        torch.tensor(first_rows, device=device),
         torch.tensor(prompt_of_row, device=device),
     )
 
